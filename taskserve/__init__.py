@@ -1,0 +1,48 @@
+"""taskserve: model deployments on Celery and Redis.
+
+Example::
+
+    import taskserve
+
+    @taskserve.deployment(num_replicas=2)
+    class Model:
+        def __call__(self, x):
+            return x * 2
+
+    Model.deploy()
+    print(Model.get_handle().remote(21).result(timeout=10))   # 42
+"""
+
+from .api import (
+    Deployment,
+    DeploymentStatus,
+    ReplicaInfo,
+    delete_deployment,
+    deployment,
+    get_deployment,
+    list_deployments,
+    scale_deployment,
+)
+from .connection import connect
+from .errors import DeploymentError, DeploymentNotFound, ReplicaError, TaskserveError
+from .handle import DeploymentHandle, Response
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Deployment",
+    "DeploymentError",
+    "DeploymentHandle",
+    "DeploymentNotFound",
+    "DeploymentStatus",
+    "ReplicaError",
+    "ReplicaInfo",
+    "Response",
+    "TaskserveError",
+    "connect",
+    "delete_deployment",
+    "deployment",
+    "get_deployment",
+    "list_deployments",
+    "scale_deployment",
+]

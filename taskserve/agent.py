@@ -1,0 +1,323 @@
+"""The node agent: runs the replica processes the controller assigns to its node.
+
+One agent per machine (or several with distinct ``--node-id``, which is how tests
+simulate a cluster). It registers the node's resources, heartbeats, and on each
+pass converges the processes to the records assigned to it:
+
+- a record that should run and has no process gets one (``STARTING``);
+- a record asked to stop gets SIGTERM (``DRAINING``), and SIGKILL after its
+  ``graceful_shutdown_timeout_s``;
+- a process that exits is recorded as ``STOPPED`` (it was drained) or ``FAILED``
+  (its constructor raised, or it crashed); the request a crashed replica was
+  serving is put back on its queue at once;
+- a record that names this node but was never started by this agent (the agent
+  restarted) is recorded as ``STOPPED`` so the controller replaces it.
+
+Example::
+
+    taskserve agent --address redis://10.0.0.5:6379/0 --num-cpus 8 --node-id gpu-box-1
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Optional
+
+import psutil
+
+from .celery_app import make_app
+from .replica import EXIT_CONSTRUCTOR_FAILED, INFLIGHT_FILE_ENV
+from .state import Node, Replica, ReplicaState, Resources
+from .store import Store, wait_for_events
+
+log = logging.getLogger("taskserve.agent")
+
+THREAD_LIMIT_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
+
+
+def replica_environment(base: dict[str, str], config: dict) -> dict[str, str]:
+    """The environment of a replica process.
+
+    The agent's own environment, with each thread limit defaulting to 1, then the
+    deployment's ``runtime_env["env_vars"]`` over it (later wins).
+
+    >>> env = replica_environment({"OMP_NUM_THREADS": "4"}, {"runtime_env": {"env_vars": {"A": "b"}}})
+    >>> env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"], env["A"]
+    ('4', '1', 'b')
+    """
+    env = dict(base)
+    for name in THREAD_LIMIT_VARS:
+        env.setdefault(name, "1")
+    env_vars = ((config.get("runtime_env") or {}).get("env_vars")) or {}
+    env.update(env_vars)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class ManagedProcess:
+    replica_id: str
+    deployment: str
+    popen: subprocess.Popen
+    log_file: IO[bytes]
+    inflight_path: Path
+    graceful_timeout_s: float
+    drain_deadline: Optional[float] = None
+    killed: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class NodeAgent:
+    """Keeps this node's replica processes matching their records in Redis."""
+
+    def __init__(
+        self,
+        store: Store,
+        address: str,
+        node_id: Optional[str] = None,
+        resources: Optional[Resources] = None,
+        labels: Optional[dict[str, str]] = None,
+        data_dir: Path = Path(".taskserve"),
+        heartbeat_ttl_s: float = 10.0,
+        resync_s: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.address = address
+        self.node_id = node_id or socket.gethostname()
+        self.resources = resources or default_resources()
+        self.labels = labels or {}
+        self.data_dir = Path(data_dir)
+        self.log_dir = self.data_dir / "logs"
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.resync_s = resync_s
+        self.processes: dict[str, ManagedProcess] = {}
+        self.stopping = threading.Event()
+        self._celery_app = None
+
+    @property
+    def node(self) -> Node:
+        return Node(
+            node_id=self.node_id,
+            total=self.resources,
+            labels=self.labels,
+            hostname=socket.gethostname(),
+            agent_pid=os.getpid(),
+        )
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT or :meth:`stop`, then drain every replica."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.store.register_node(self.node, self.heartbeat_ttl_s)
+        self._adopt_nothing()
+        log.info("node agent %s up: %s", self.node_id, self.resources)
+        pubsub = self.store.subscribe()
+        next_heartbeat = 0.0
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    if not self.store.heartbeat_node(self.node_id, self.heartbeat_ttl_s):
+                        log.warning("node %s had expired; registering again", self.node_id)
+                        self.store.register_node(self.node, self.heartbeat_ttl_s)
+                    next_heartbeat = now + min(1.0, self.heartbeat_ttl_s / 4)
+                self.reconcile()
+                wait_for_events(pubsub, self.resync_s)
+        finally:
+            pubsub.close()
+            self.shutdown()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _adopt_nothing(self) -> None:
+        """Records left on this node by an earlier agent have no process any more."""
+        for record in self.store.replicas_on_node(self.node_id):
+            if not record.is_gone:
+                self.store.update_replica(
+                    record.replica_id, state=ReplicaState.STOPPED,
+                    message="its node agent restarted; the process is gone",
+                )
+        self.store.notify(f"node:{self.node_id}")
+
+    def reconcile(self) -> None:
+        records = {r.replica_id: r for r in self.store.replicas_on_node(self.node_id)}
+        changed = self._reap_exited(records)
+        for replica_id, record in records.items():
+            process = self.processes.get(replica_id)
+            if record.desired == "run":
+                if process is None and record.state == ReplicaState.PENDING:
+                    self._spawn(record)
+                    changed = True
+                elif process is None and record.state in (ReplicaState.STARTING, ReplicaState.RUNNING):
+                    # Recorded as alive, but this agent has no such process.
+                    self.store.update_replica(replica_id, state=ReplicaState.STOPPED, message="process not found on its node")
+                    changed = True
+            else:
+                if process is not None:
+                    changed |= self._drain(process, record)
+                elif not record.is_gone:
+                    self.store.update_replica(replica_id, state=ReplicaState.STOPPED)
+                    changed = True
+        # Processes whose record the controller already forgot.
+        for replica_id, process in list(self.processes.items()):
+            if replica_id not in records:
+                self._drain(process, None)
+        if changed:
+            self.store.notify(f"node:{self.node_id}")
+
+    # ------------------------------------------------------------------ processes
+
+    def _spawn(self, record: Replica) -> None:
+        config = json.loads(record.config)
+        log_path = self.log_dir / f"{record.replica_id}.log"
+        log_file = open(log_path, "ab")
+        inflight_path = self.log_dir / f"{record.replica_id}.inflight"
+        env = replica_environment(dict(os.environ), config)
+        env[INFLIGHT_FILE_ENV] = str(inflight_path)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "taskserve.replica", "--address", self.address, "--replica-id", record.replica_id],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C in the agent's terminal must not reach replicas
+        )
+        self.processes[record.replica_id] = ManagedProcess(
+            replica_id=record.replica_id,
+            deployment=record.deployment,
+            popen=popen,
+            log_file=log_file,
+            inflight_path=inflight_path,
+            graceful_timeout_s=float(config.get("graceful_shutdown_timeout_s") or 20),
+        )
+        self.store.update_replica(record.replica_id, state=ReplicaState.STARTING, pid=popen.pid, message="")
+        log.info("started replica %s (pid %s), log %s", record.replica_id, popen.pid, log_path)
+
+    def _drain(self, process: ManagedProcess, record: Optional[Replica]) -> bool:
+        now = time.monotonic()
+        if process.drain_deadline is None:
+            process.drain_deadline = now + process.graceful_timeout_s
+            _signal(process.popen, signal.SIGTERM)
+            if record is not None and record.state != ReplicaState.DRAINING:
+                self.store.update_replica(process.replica_id, state=ReplicaState.DRAINING)
+            log.info("draining replica %s", process.replica_id)
+            return True
+        if now >= process.drain_deadline and not process.killed:
+            log.warning("replica %s did not drain within %.0fs; killing it", process.replica_id, process.graceful_timeout_s)
+            _signal(process.popen, signal.SIGKILL)
+            process.killed = True
+        return False
+
+    def _reap_exited(self, records: dict[str, Replica]) -> bool:
+        changed = False
+        for replica_id, process in list(self.processes.items()):
+            code = process.popen.poll()
+            if code is None:
+                continue
+            del self.processes[replica_id]
+            process.log_file.close()
+            changed = True
+            record = records.get(replica_id)
+            drained = process.drain_deadline is not None
+            if not drained or process.killed:
+                self._restore_inflight(process)
+            try:
+                process.inflight_path.unlink()
+            except FileNotFoundError:
+                pass
+            if record is None:
+                continue
+            if drained:
+                state, failure, message = ReplicaState.STOPPED, "", ""
+            elif code == EXIT_CONSTRUCTOR_FAILED or record.failure == "start":
+                fresh = self.store.get_replica(replica_id)
+                state, failure = ReplicaState.FAILED, "start"
+                message = fresh.message if fresh and fresh.message else _log_tail(self.log_dir / f"{replica_id}.log")
+            else:
+                state, failure = ReplicaState.FAILED, "crash"
+                message = f"replica process exited with code {code}"
+                log.warning("replica %s died (exit code %s)", replica_id, code)
+            self.store.update_replica(replica_id, state=state, failure=failure, message=message)
+            records[replica_id] = Replica.from_fields({**record.to_fields(), "state": state.value, "failure": failure})
+        return changed
+
+    def _restore_inflight(self, process: ManagedProcess) -> None:
+        """Put the message a dead replica was serving back at the head of its queue."""
+        try:
+            tag = process.inflight_path.read_bytes().decode().strip()
+        except FileNotFoundError:
+            return
+        if not tag:
+            return
+        if self._celery_app is None:
+            self._celery_app = make_app(self.address)
+        with self._celery_app.connection_for_write() as connection:
+            connection.default_channel.qos.restore_by_tag(tag, leftmost=True)
+        log.info("restored the request replica %s was serving", process.replica_id)
+
+    def shutdown(self) -> None:
+        """Drain every replica (within their graceful timeouts), then leave the cluster."""
+        for process in list(self.processes.values()):
+            self._drain(process, self.store.get_replica(process.replica_id))
+        while self.processes:
+            records = {r.replica_id: r for r in self.store.replicas_on_node(self.node_id)}
+            self._reap_exited(records)
+            for process in list(self.processes.values()):
+                self._drain(process, None)
+            time.sleep(0.05)
+        for record in self.store.replicas_on_node(self.node_id):
+            if not record.is_gone:
+                self.store.update_replica(record.replica_id, state=ReplicaState.STOPPED, message="its node agent stopped")
+        self.store.unregister_node(self.node_id)
+        log.info("node agent %s stopped", self.node_id)
+
+
+def default_resources() -> Resources:
+    """What this machine offers: its cores, its GPUs (``nvidia-smi -L``), its memory."""
+    return Resources(
+        num_cpus=float(os.cpu_count() or 1),
+        num_gpus=float(_count_gpus()),
+        memory=int(psutil.virtual_memory().total),
+    )
+
+
+def _count_gpus() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def _signal(popen: subprocess.Popen, signum: int) -> None:
+    try:
+        popen.send_signal(signum)
+    except ProcessLookupError:
+        pass
+
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

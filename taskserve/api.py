@@ -1,0 +1,452 @@
+"""The Python API: ``@deployment``, ``Deployment`` and friends (SPEC.md §1).
+
+Example::
+
+    import taskserve
+
+    @taskserve.deployment(num_replicas=2)
+    class Echo:
+        def __call__(self, text):
+            return text
+
+    Echo.deploy()                                   # blocks until 2 replicas serve
+    print(Echo.get_handle().remote("hi").result())  # hi
+    Echo.options(num_replicas=3).deploy()           # starts one more, keeps the others
+    Echo.delete()
+"""
+
+from __future__ import annotations
+
+import getpass
+import inspect
+import logging
+import secrets
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .code import pack, unpack
+from .connection import current_store
+from .errors import DeploymentError, DeploymentNotFound
+from .handle import DeploymentHandle
+from .spec import DeploymentOptions, check_name, replica_spec_hash, validate_options
+from .state import DeploymentState, Goal
+from .store import Store, wait_for_events
+
+log = logging.getLogger("taskserve.deploy")
+
+
+def _show_progress() -> None:
+    """Print deploy progress lines to stderr unless the program set up logging itself."""
+    if log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("taskserve: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """One replica as ``status()`` reports it."""
+
+    replica_id: str
+    version: str
+    state: str
+    node_id: str
+    pid: Optional[int]
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    """A consistent snapshot of a deployment: its state, why, and its replicas."""
+
+    name: str
+    status: str
+    message: str
+    version: str
+    num_replicas: int
+    generation: int
+    replicas: list[ReplicaInfo] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "message": self.message,
+            "version": self.version,
+            "num_replicas": self.num_replicas,
+            "generation": self.generation,
+            "replicas": [info.__dict__ for info in self.replicas],
+        }
+
+
+class Deployment:
+    """A class or function with the options it is deployed with.
+
+    Made by :func:`deployment`, :meth:`options` or :func:`get_deployment`;
+    immutable: ``options()`` returns a new one.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        options: DeploymentOptions,
+        init_args: tuple = (),
+        init_kwargs: Optional[dict] = None,
+        *,
+        _code_sha: Optional[str] = None,
+        _goal: Optional[Goal] = None,
+    ) -> None:
+        self._target = target
+        self._options = options
+        self._init_args = tuple(init_args)
+        self._init_kwargs = dict(init_kwargs or {})
+        self._code_sha = _code_sha       # set when the code is still only in Redis
+        self._goal = _goal
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def name(self) -> str:
+        assert self._options.name is not None
+        return self._options.name
+
+    @property
+    def num_replicas(self) -> int:
+        return self._options.num_replicas
+
+    @property
+    def version(self) -> Optional[str]:
+        return self._options.version
+
+    @property
+    def user_config(self) -> Any:
+        return self._options.user_config
+
+    @property
+    def init_args(self) -> tuple:
+        self._load_code()
+        return self._init_args
+
+    @property
+    def init_kwargs(self) -> dict:
+        self._load_code()
+        return dict(self._init_kwargs)
+
+    @property
+    def func_or_class(self) -> Any:
+        self._load_code()
+        return self._target
+
+    @property
+    def config(self) -> DeploymentOptions:
+        """All options, validated."""
+        return self._options
+
+    def _load_code(self) -> None:
+        if self._code_sha is None:
+            return
+        blob = current_store().get_code(self._code_sha)
+        try:
+            self._target, self._init_args, self._init_kwargs = unpack(blob)
+        except Exception as error:
+            raise DeploymentError(
+                f"cannot load the code of deployment {self.name!r} here ({error}); "
+                "import what it needs in this process, or deploy it again from its source"
+            ) from None
+        self._code_sha = None
+
+    @property
+    def _kind(self) -> str:
+        if self._goal is not None and self._code_sha is not None:
+            return self._goal.kind
+        return "class" if inspect.isclass(self._target) else "function"
+
+    # ------------------------------------------------------------------ options
+
+    def options(self, **changes: Any) -> "Deployment":
+        """A copy with some options changed (``init_args``/``init_kwargs`` too).
+
+        >>> Echo.options(num_replicas=3).num_replicas          # doctest: +SKIP
+        3
+        """
+        init_args = changes.pop("init_args", None)
+        init_kwargs = changes.pop("init_kwargs", None)
+        options = validate_options(changes, base=self._options)
+        copy = Deployment(
+            self._target,
+            options,
+            self._init_args if init_args is None else tuple(init_args),
+            self._init_kwargs if init_kwargs is None else dict(init_kwargs),
+            _code_sha=self._code_sha,
+            _goal=self._goal,
+        )
+        copy._check_static()
+        return copy
+
+    def _check_static(self) -> None:
+        """Checks that need only the options and the class, run by decorator and options()."""
+        if self._code_sha is not None:
+            return
+        if self._options.user_config is not None:
+            if self._kind == "function":
+                raise ValueError(
+                    f"deployment {self.name!r} is a function, which cannot take a user_config; "
+                    "make it a class with a reconfigure(self, config) method"
+                )
+            if not callable(getattr(self._target, "reconfigure", None)):
+                raise ValueError(
+                    f"deployment {self.name!r} has a user_config but {self._target.__name__} has no "
+                    "reconfigure(self, config) method; add one, or drop user_config"
+                )
+
+    # ------------------------------------------------------------------ deploy
+
+    def deploy(self, *init_args: Any, timeout: Optional[float] = None, **init_kwargs: Any) -> None:
+        """Create or update the deployment and wait until the rollout is done.
+
+        Constructor arguments given here replace the ones given before. Raises
+        :class:`DeploymentError` if the rollout fails or ``timeout`` seconds pass.
+        """
+        _show_progress()
+        self._load_code()
+        if init_args or init_kwargs:
+            args, kwargs = tuple(init_args), dict(init_kwargs)
+        else:
+            args, kwargs = self._init_args, self._init_kwargs
+        self._check_static()
+        self._check_constructor(args, kwargs)
+        code_sha, blob, init_sha = pack(self._target, args, kwargs)
+        store = current_store()
+        options = self._options
+        version = options.version or secrets.token_hex(4)
+        spec_hash = replica_spec_hash(options, version, init_sha)
+        new_options = options.model_dump()
+
+        def make_goal(previous: Optional[Goal]) -> Optional[Goal]:
+            if (
+                previous is not None
+                and not previous.deleting
+                and options.version is not None
+                and previous.user_version == options.version
+                and previous.spec_hash == spec_hash
+                and previous.options == new_options
+            ):
+                return None  # same version, same options: nothing to do
+            same_spec = previous is not None and not previous.deleting and previous.spec_hash == spec_hash
+            return Goal(
+                name=self.name,
+                generation=(previous.generation + 1) if previous else 1,
+                version=version,
+                spec_hash=spec_hash,
+                num_replicas=options.num_replicas,
+                options=new_options,
+                # Same version and spec: new replicas must run what the others run.
+                code_sha=previous.code_sha if same_spec else code_sha,
+                init_sha=init_sha,
+                kind=self._kind,
+                created_at=time.time(),
+                user_version=options.version,
+            )
+
+        goal = store.write_goal(self.name, make_goal, code=(code_sha, blob), event=_event("deploy"))
+        if goal is None:
+            log.info("%s: version %s is already deployed with these options; nothing to do", self.name, version)
+            return
+        log.info("%s: deploying version %s (generation %d)", self.name, goal.version, goal.generation)
+        wait_for_rollout(store, self.name, goal.generation, timeout)
+        self._goal = goal
+
+    def _check_constructor(self, args: tuple, kwargs: dict) -> None:
+        if self._kind == "function":
+            if args or kwargs:
+                raise TypeError(
+                    f"deployment {self.name!r} is a function, which takes no constructor "
+                    "arguments; pass them in each request instead"
+                )
+            return
+        try:
+            inspect.signature(self._target).bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(
+                f"cannot construct {self._target.__name__} with args={args!r} kwargs={kwargs!r}: {error}; "
+                "pass deploy() the arguments its __init__ takes"
+            ) from None
+        except ValueError:
+            pass  # no signature to check (a builtin); the replica will tell
+
+    # ------------------------------------------------------------------ the rest
+
+    def delete(self, timeout: Optional[float] = None) -> None:
+        """Drain every replica and forget the deployment; waits until it is gone."""
+        delete_deployment(self.name, timeout=timeout)
+
+    def get_handle(self) -> DeploymentHandle:
+        """A handle that sends requests to this deployment."""
+        goal = current_store().require_goal(self.name)
+        return DeploymentHandle(self.name, goal.options.get("serializer", "json"))
+
+    def status(self) -> DeploymentStatus:
+        """One consistent snapshot of the deployment and its replicas."""
+        return deployment_status(self.name)
+
+    @classmethod
+    def _from_goal(cls, goal: Goal) -> "Deployment":
+        options = DeploymentOptions(**goal.options)
+        return cls(None, options, _code_sha=goal.code_sha, _goal=goal)
+
+    def __repr__(self) -> str:
+        return f"Deployment(name={self.name!r}, num_replicas={self.num_replicas}, version={self.version!r})"
+
+
+def deployment(_target: Any = None, **options: Any) -> Any:
+    """Turn a class or function into a :class:`Deployment`.
+
+    Usable bare (``@deployment``) or with options (``@deployment(num_replicas=2)``);
+    the name defaults to the class or function name.
+    """
+
+    def wrap(target: Any) -> Deployment:
+        if not callable(target):
+            raise TypeError(f"@taskserve.deployment decorates a class or function, not {target!r}")
+        validated = validate_options({**options, "name": options.get("name") or getattr(target, "__name__", None)})
+        made = Deployment(target, validated)
+        made._check_static()
+        return made
+
+    if _target is not None:
+        if options:
+            raise TypeError("use @taskserve.deployment or @taskserve.deployment(option=value, ...)")
+        return wrap(_target)
+    validate_options(options)  # fail at the decorator line, before the class body matters
+    return wrap
+
+
+def get_deployment(name: str) -> Deployment:
+    """The deployment as last deployed; :class:`DeploymentNotFound` if there is none."""
+    if not isinstance(name, str):
+        raise TypeError(f"a deployment name is a string, not {name!r}")
+    goal = current_store().get_goal(name)
+    if goal is None or goal.deleting:
+        raise DeploymentNotFound(name)
+    return Deployment._from_goal(goal)
+
+
+def list_deployments() -> dict[str, Deployment]:
+    """Every deployment, by name."""
+    return {goal.name: Deployment._from_goal(goal) for goal in current_store().list_goals() if not goal.deleting}
+
+
+def deployment_status(name: str) -> DeploymentStatus:
+    store = current_store()
+    goal, health, replicas = store.snapshot(name)
+    if goal is None or goal.deleting:
+        raise DeploymentNotFound(name)
+    status = health.status.value if health.observed_generation == goal.generation else DeploymentState.UPDATING.value
+    message = health.message if health.observed_generation == goal.generation else "waiting for the controller"
+    return DeploymentStatus(
+        name=name,
+        status=status,
+        message=message,
+        version=goal.version,
+        num_replicas=goal.num_replicas,
+        generation=goal.generation,
+        replicas=[
+            ReplicaInfo(r.replica_id, r.version, r.state.value, r.node_id, r.pid, r.message)
+            for r in sorted(replicas, key=lambda r: (r.created_at, r.replica_id))
+        ],
+    )
+
+
+def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: Optional[float] = None) -> None:
+    """Set a deployment's replica count without touching its code: a scale only.
+
+    What ``taskserve scale NAME N`` does; running replicas keep running.
+    """
+    validate_options({"num_replicas": num_replicas})
+    store = current_store()
+
+    def rescale(previous: Optional[Goal]) -> Optional[Goal]:
+        if previous is None or previous.deleting:
+            raise DeploymentNotFound(name)
+        if previous.num_replicas == num_replicas:
+            return None
+        options = {**previous.options, "num_replicas": num_replicas}
+        return Goal(**{**previous.__dict__, "num_replicas": num_replicas, "options": options,
+                       "generation": previous.generation + 1, "created_at": time.time()})
+
+    goal = store.write_goal(name, rescale, event=_event("scale"))
+    if goal is not None and wait:
+        wait_for_rollout(store, name, goal.generation, timeout)
+
+
+def delete_deployment(name: str, timeout: Optional[float] = None) -> None:
+    """Drain every replica of ``name`` and forget it; waits until it is gone."""
+    check_name(name)
+    store = current_store()
+
+    def mark_deleting(previous: Optional[Goal]) -> Optional[Goal]:
+        if previous is None or previous.deleting:
+            raise DeploymentNotFound(name)
+        return Goal(**{**previous.__dict__, "deleting": True, "generation": previous.generation + 1})
+
+    store.write_goal(name, mark_deleting, event=_event("delete"))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pubsub = store.subscribe()
+    try:
+        while store.get_goal(name) is not None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeploymentError(f"deployment {name!r} was not deleted within {timeout}s; its replicas are still draining")
+            wait_for_events(pubsub, 0.5)
+    finally:
+        pubsub.close()
+
+
+def wait_for_rollout(store: Store, name: str, generation: int, timeout: Optional[float]) -> None:
+    """Wait until the controller reports generation ``generation`` done or failed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pubsub = store.subscribe()
+    last_message = None
+    try:
+        while True:
+            goal = store.get_goal(name)
+            if goal is None or goal.deleting:
+                raise DeploymentError(f"deployment {name!r} was deleted while it was deploying")
+            if goal.generation > generation:
+                raise DeploymentError(
+                    f"deployment {name!r} was changed by another deploy (generation {goal.generation}) "
+                    "before this one finished; the later one wins"
+                )
+            health = store.get_health(name)
+            if health.observed_generation == generation:
+                if health.outcome == "done":
+                    log.info("%s: version %s is healthy", name, goal.version)
+                    return
+                if health.outcome == "failed":
+                    raise DeploymentError(
+                        f"deploying {name!r} failed: {health.message}\n\nReplica traceback:\n{health.last_error.rstrip()}"
+                    )
+                if health.message != last_message:
+                    log.info("%s: %s", name, health.message)
+                    last_message = health.message
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"deployment {name!r} did not finish within {timeout}s: {health.message or 'no progress'}"
+                )
+            remaining = 0.5 if deadline is None else max(0.01, min(0.5, deadline - time.monotonic()))
+            wait_for_events(pubsub, remaining)
+    finally:
+        pubsub.close()
+
+
+def _event(action: str) -> dict:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return {"action": action, "by": f"{user}@{socket.gethostname()}", "argv": " ".join(sys.argv[:3])}

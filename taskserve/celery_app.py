@@ -1,0 +1,55 @@
+"""The Celery configuration shared by callers (handles) and replicas.
+
+Requests are Celery tasks named :data:`TASK_NAME` on the deployment's own queue
+(``taskserve.<name>``); results go to the same Redis. Replicas acknowledge a
+message only after serving it (``acks_late``) and take one at a time
+(prefetch 1), so a message a replica did not finish goes back to the queue.
+
+Example::
+
+    app = make_app("redis://127.0.0.1:6379/0")
+    app.send_task(TASK_NAME, args=("__call__", ["hi"], {}), queue="taskserve.echo")
+"""
+
+from __future__ import annotations
+
+import functools
+
+from celery import Celery
+
+TASK_NAME = "taskserve.call"
+
+# How long the Redis transport waits before handing an unacknowledged message to
+# another consumer. Replicas that die are restored sooner by their node agent.
+VISIBILITY_TIMEOUT_S = 3600
+
+
+def make_app(address: str, serializer: str = "json") -> Celery:
+    """A Celery app on the cluster's Redis that speaks ``serializer`` ("json" or "pickle")."""
+    app = Celery("taskserve", broker=address, backend=address, set_as_current=False)
+    app.conf.update(
+        task_serializer=serializer,
+        result_serializer=serializer,
+        accept_content=[serializer],
+        result_accept_content=[serializer],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_create_missing_queues=True,
+        result_expires=3600,
+        result_extended=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+    )
+    return app
+
+
+@functools.lru_cache(maxsize=None)
+def client_app(address: str, serializer: str) -> Celery:
+    """The one caller-side app per address and serializer in this process."""
+    return make_app(address, serializer)

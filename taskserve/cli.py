@@ -1,0 +1,441 @@
+"""The ``taskserve`` command line (SPEC.md §6).
+
+Example::
+
+    taskserve up                                 # Redis + controller + agent, serving workers/echo.py
+    taskserve call echo '"hi"'                   # "hi"
+    taskserve deploy my_script.py:Model --num-replicas 2
+    taskserve status Model
+    taskserve scale Model 4
+    taskserve delete Model
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from . import api
+from .connection import ADDRESS_ENV, address_files, connect, resolve_address
+from .errors import TaskserveError
+from .processes import die_with_parent
+
+console = Console()
+errors = Console(stderr=True)
+
+ADDRESS_OPTION = click.option(
+    "--address", envvar=ADDRESS_ENV, default=None,
+    help=f"Redis URL of the cluster (default: ${ADDRESS_ENV}, then the address `taskserve up` wrote).",
+)
+
+EXAMPLE_DEPLOYMENT = Path(__file__).resolve().parent.parent / "workers" / "echo.py"
+
+
+class TaskserveGroup(click.Group):
+    """Turns every foreseeable error into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            raise SystemExit(130)
+        except (TaskserveError, KeyError, ValueError, TypeError, TimeoutError, LookupError, OSError,
+                redis.RedisError, RuntimeError) as error:
+            text = str(error) if not isinstance(error, KeyError) or isinstance(error, TaskserveError) else str(error.args[0])
+            first, _, rest = text.partition("\n")
+            errors.print(f"[red]error:[/red] {first}", markup=True, highlight=False)
+            if rest.strip() and os.environ.get("TASKSERVE_DEBUG"):
+                errors.print(rest, markup=False, highlight=False)
+            raise SystemExit(1)
+
+
+@click.group(cls=TaskserveGroup)
+@click.version_option(package_name="taskserve")
+def main() -> None:
+    """taskserve: model deployments on Celery and Redis."""
+
+
+def _connect(address: Optional[str]) -> None:
+    connect(address)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@main.command()
+@click.option("--redis-url", default=None, help="Use this Redis instead of starting one.")
+@click.option("--redis-port", type=int, default=None, help="Port of the embedded Redis (default: a free one).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".taskserve"), show_default=True,
+              help="Where the embedded Redis keeps its append-only file, and the logs.")
+@click.option("--num-cpus", type=float, default=None, help="CPUs the local agent offers (default: all cores).")
+@click.option("--num-gpus", type=float, default=None, help="GPUs the local agent offers (default: nvidia-smi's count).")
+@click.option("--example/--no-example", default=True, show_default=True,
+              help="Deploy the example in workers/echo.py so a first request can be sent.")
+def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_cpus: Optional[float],
+       num_gpus: Optional[float], example: bool) -> None:
+    """Run a whole cluster here: Redis, a controller and a node agent."""
+    from .redis_server import RedisServer
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_data_dir(data_dir)  # noqa: F841 (held until this process exits)
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    server = None
+    if redis_url is None:
+        server = RedisServer(port=redis_port, data_dir=data_dir).start()
+        redis_url = server.url
+    address = resolve_address(redis_url)
+    children: list[subprocess.Popen] = []
+    written = _write_address_files(address, data_dir)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        agent_args = ["agent", "--data-dir", str(data_dir)]
+        if num_cpus is not None:
+            agent_args += ["--num-cpus", str(num_cpus)]
+        if num_gpus is not None:
+            agent_args += ["--num-gpus", str(num_gpus)]
+        for name, args in (("controller", ["controller"]), ("agent", agent_args)):
+            log_file = open(log_dir / f"{name}.log", "ab")
+            children.append(subprocess.Popen(
+                [sys.executable, "-m", "taskserve", *args, "--address", address],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent, start_new_session=True,
+            ))
+        store = connect(address)
+        _wait_for_node(store, children, timeout_s=30)
+        console.print(f"taskserve is up at [bold]{address}[/bold]  (logs: {log_dir}/)")
+        if example:
+            _deploy_example(stop)
+        console.print("Try: [bold]taskserve call echo '\"hi\"'[/bold]   Stop: Ctrl-C")
+        while not stop.wait(0.5):
+            for child in children:
+                if child.poll() is not None:
+                    raise RuntimeError(f"{child.args[3]} exited with code {child.returncode}; see {log_dir}/")
+    finally:
+        console.print("stopping taskserve...")
+        for child in reversed(children):          # the agent first: it drains its replicas
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        if server is not None:
+            server.stop()
+        for path in written:
+            if path.is_file() and path.read_text().strip() == address:
+                path.unlink()
+
+
+def _wait_for_node(store: Any, children: list[subprocess.Popen], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(node.alive for node in store.list_nodes()):
+        if time.monotonic() > deadline or any(child.poll() is not None for child in children):
+            raise RuntimeError("the node agent did not start; see its log in the data dir's logs/")
+        time.sleep(0.05)
+
+
+def _lock_data_dir(data_dir: Path) -> Any:
+    """Hold a lock on the data dir so that two `taskserve up` never share one Redis file."""
+    import fcntl
+
+    handle = open(data_dir / "up.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RuntimeError(
+            f"another `taskserve up` is running with the data dir {data_dir}; "
+            "stop it first, or pass a different --data-dir"
+        ) from None
+    return handle
+
+
+def _write_address_files(address: str, data_dir: Path) -> list[Path]:
+    paths = [data_dir / "address", address_files()[1]]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(address + "\n")
+    return paths
+
+
+def _deploy_example(stop: threading.Event) -> None:
+    if not EXAMPLE_DEPLOYMENT.is_file():
+        console.print("(no workers/echo.py next to the package; skipping the example deployment)")
+        return
+    example = _load_target(f"{EXAMPLE_DEPLOYMENT}:Echo")
+    try:
+        example.deploy(timeout=120)
+    except TaskserveError as error:
+        errors.print(f"[red]error:[/red] the example deployment did not start: {error}", markup=True)
+        return
+    console.print(f"deployed [bold]{example.name}[/bold] from {EXAMPLE_DEPLOYMENT}")
+
+
+@main.command()
+@ADDRESS_OPTION
+@click.option("--resync", type=float, default=1.0, show_default=True, help="Seconds between full passes.")
+def controller(address: Optional[str], resync: float) -> None:
+    """Run a controller (one leads; others stand by)."""
+    from .connection import make_store
+    from .controller import Controller
+
+    _log_to_stderr()
+    url = resolve_address(address)
+    ctl = Controller(make_store(url), resync_s=resync)
+    _stop_on_signals(ctl.stop)
+    ctl.run()
+
+
+@main.command()
+@ADDRESS_OPTION
+@click.option("--node-id", default=None, help="Name of this node (default: the hostname).")
+@click.option("--num-cpus", type=float, default=None, help="CPUs to offer (default: all cores).")
+@click.option("--num-gpus", type=float, default=None, help="GPUs to offer (default: nvidia-smi's count).")
+@click.option("--memory", type=int, default=None, help="Bytes of memory to offer (default: all).")
+@click.option("--labels", multiple=True, help="k=v labels of this node, repeatable.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".taskserve"), show_default=True)
+@click.option("--heartbeat-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds without a heartbeat after which the node counts as dead.")
+def agent(address: Optional[str], node_id: Optional[str], num_cpus: Optional[float], num_gpus: Optional[float],
+          memory: Optional[int], labels: tuple[str, ...], data_dir: Path, heartbeat_timeout: float) -> None:
+    """Run a node agent: it starts and stops this machine's replicas."""
+    from .agent import NodeAgent, default_resources
+    from .connection import make_store
+    from .state import Resources
+
+    _log_to_stderr()
+    url = resolve_address(address)
+    defaults = default_resources()
+    resources = Resources(
+        num_cpus=defaults.num_cpus if num_cpus is None else num_cpus,
+        num_gpus=defaults.num_gpus if num_gpus is None else num_gpus,
+        memory=defaults.memory if memory is None else memory,
+    )
+    label_map = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"invalid label {item!r}: use key=value")
+        label_map[key] = value
+    node_agent = NodeAgent(make_store(url), url, node_id=node_id, resources=resources, labels=label_map,
+                           data_dir=data_dir, heartbeat_ttl_s=heartbeat_timeout)
+    _stop_on_signals(node_agent.stop)
+    node_agent.run()
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _stop_on_signals(stop: Any) -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop())
+
+
+# --------------------------------------------------------------------------- deployments
+
+
+def _load_target(reference: str) -> api.Deployment:
+    """``FILE.py:ATTR`` or ``MODULE:ATTR`` -> a Deployment (a bare class or function is wrapped)."""
+    where, sep, attr = reference.rpartition(":")
+    if not sep or not where or not attr:
+        raise ValueError(f"invalid target {reference!r}: use FILE.py:ATTR or MODULE:ATTR")
+    if where.endswith(".py"):
+        path = Path(where).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"no file {where!r}; give the path of a Python file, like my_model.py:Model")
+        sys.path.insert(0, str(path.parent))
+        module_name = f"_taskserve_deploy_{path.stem}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(where)
+    if not hasattr(module, attr):
+        raise AttributeError(f"{where} has no attribute {attr!r}")
+    target = getattr(module, attr)
+    return target if isinstance(target, api.Deployment) else api.deployment(target)
+
+
+@main.command()
+@click.argument("target")
+@ADDRESS_OPTION
+@click.option("--name", default=None, help="Deploy under this name.")
+@click.option("--num-replicas", type=int, default=None)
+@click.option("--version", "version", default=None)
+@click.option("--user-config", default=None, help="JSON passed to reconfigure().")
+@click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
+def deploy(target: str, address: Optional[str], name: Optional[str], num_replicas: Optional[int],
+           version: Optional[str], user_config: Optional[str], timeout: Optional[float]) -> None:
+    """Deploy TARGET (FILE.py:ATTR or MODULE:ATTR) and wait until it serves."""
+    _connect(address)
+    chosen = _load_target(target)
+    changes: dict[str, Any] = {}
+    if name is not None:
+        changes["name"] = name
+    if num_replicas is not None:
+        changes["num_replicas"] = num_replicas
+    if version is not None:
+        changes["version"] = version
+    if user_config is not None:
+        changes["user_config"] = _parse_json(user_config, "--user-config")
+    if changes:
+        chosen = chosen.options(**changes)
+    chosen.deploy(timeout=timeout)
+    console.print(f"deployed [bold]{chosen.name}[/bold]: {chosen.num_replicas} replicas")
+
+
+@main.command(name="list")
+@ADDRESS_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_command(address: Optional[str], as_json: bool) -> None:
+    """List deployments."""
+    _connect(address)
+    statuses = [api.deployment_status(name) for name in api.list_deployments()]
+    if as_json:
+        click.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
+        return
+    _print_deployments(statuses)
+
+
+@main.command()
+@click.argument("name", required=False)
+@ADDRESS_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(name: Optional[str], address: Optional[str], as_json: bool) -> None:
+    """Show every deployment and node, or one deployment and its replicas."""
+    _connect(address)
+    if name is None:
+        statuses = [api.deployment_status(n) for n in api.list_deployments()]
+        if as_json:
+            click.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
+            return
+        _print_deployments(statuses)
+        _print_nodes()
+        return
+    snapshot = api.deployment_status(name)
+    if as_json:
+        click.echo(json.dumps(snapshot.to_dict(), indent=2))
+        return
+    console.print(f"[bold]{snapshot.name}[/bold]  {_colored(snapshot.status)}  version {snapshot.version}  "
+                  f"replicas {snapshot.num_replicas}  generation {snapshot.generation}")
+    if snapshot.message:
+        console.print(snapshot.message, markup=False, highlight=False)
+    table = Table("replica", "version", "state", "node", "pid", "message")
+    for replica in snapshot.replicas:
+        table.add_row(replica.replica_id, replica.version, _colored(replica.state), replica.node_id or "-",
+                      str(replica.pid or "-"), _first_line(replica.message))
+    console.print(table)
+
+
+def _print_deployments(statuses: list[api.DeploymentStatus]) -> None:
+    if not statuses:
+        console.print("no deployments; deploy one with `taskserve deploy FILE.py:ATTR`")
+        return
+    table = Table("deployment", "status", "running", "version", "message")
+    for snapshot in statuses:
+        running = sum(1 for r in snapshot.replicas if r.state == "RUNNING")
+        table.add_row(snapshot.name, _colored(snapshot.status), f"{running}/{snapshot.num_replicas}",
+                      snapshot.version, _first_line(snapshot.message))
+    console.print(table)
+
+
+def _print_nodes() -> None:
+    from .connection import current_store
+    from .planner import node_capacities
+
+    store = current_store()
+    nodes = store.list_nodes()
+    free = {c.node_id: c.free for c in node_capacities(nodes, store.all_replicas())}
+    table = Table("node", "alive", "CPUs used/total", "GPUs used/total", "host")
+    for node in nodes:
+        left = free.get(node.node_id, node.total)
+        table.add_row(node.node_id, "yes" if node.alive else "no",
+                      f"{node.total.num_cpus - left.num_cpus:g}/{node.total.num_cpus:g}",
+                      f"{node.total.num_gpus - left.num_gpus:g}/{node.total.num_gpus:g}", node.hostname)
+    console.print(table)
+
+
+def _colored(state: str) -> str:
+    color = {"HEALTHY": "green", "RUNNING": "green", "UPDATING": "yellow", "STARTING": "yellow",
+             "PENDING": "yellow", "DRAINING": "yellow", "UNHEALTHY": "red", "FAILED": "red"}.get(state)
+    return f"[{color}]{state}[/{color}]" if color else state
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1][:120] if lines else ""
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} is not valid JSON ({error.msg}): {text!r}; quote strings, like '\"hi\"'") from None
+
+
+@main.command()
+@click.argument("name")
+@click.argument("payload", required=False)
+@ADDRESS_OPTION
+@click.option("--method", default="__call__", show_default=True, help="Method to call.")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def call(name: str, payload: Optional[str], address: Optional[str], method: str, timeout: float) -> None:
+    """Send one request to NAME; PAYLOAD (JSON) is its one argument."""
+    _connect(address)
+    handle = api.get_deployment(name).get_handle()
+    if method != "__call__":
+        handle = getattr(handle, method)
+    args = [] if payload is None else [_parse_json(payload, "PAYLOAD")]
+    result = handle.remote(*args).result(timeout=timeout)
+    click.echo(json.dumps(result))
+
+
+@main.command()
+@click.argument("name")
+@click.argument("num_replicas", type=int)
+@ADDRESS_OPTION
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--timeout", type=float, default=None)
+def scale(name: str, num_replicas: int, address: Optional[str], wait: bool, timeout: Optional[float]) -> None:
+    """Set NAME's replica count; running replicas keep running."""
+    _connect(address)
+    api.scale_deployment(name, num_replicas, wait=wait, timeout=timeout)
+    console.print(f"{name}: {num_replicas} replicas" + ("" if wait else " (scaling)"))
+
+
+@main.command()
+@click.argument("name")
+@ADDRESS_OPTION
+@click.option("--timeout", type=float, default=None)
+def delete(name: str, address: Optional[str], timeout: Optional[float]) -> None:
+    """Drain NAME's replicas and forget it."""
+    _connect(address)
+    api.delete_deployment(name, timeout=timeout)
+    console.print(f"deleted {name}")
+
+
+if __name__ == "__main__":
+    main()

