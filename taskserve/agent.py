@@ -247,7 +247,8 @@ class NodeAgent:
                 continue
             if drained:
                 state, failure, message = ReplicaState.STOPPED, "", ""
-            elif code == EXIT_CONSTRUCTOR_FAILED or record.failure == "start":
+            elif code == EXIT_CONSTRUCTOR_FAILED or record.state in (ReplicaState.PENDING, ReplicaState.STARTING):
+                # It never served: a failed start, whether its constructor raised or not.
                 fresh = self.store.get_replica(replica_id)
                 state, failure = ReplicaState.FAILED, "start"
                 message = fresh.message if fresh and fresh.message else _log_tail(self.log_dir / f"{replica_id}.log")

@@ -35,8 +35,9 @@ from .connection import ADDRESS_ENV, address_files, connect, resolve_address
 from .errors import TaskserveError
 from .processes import die_with_parent
 
-console = Console()
-errors = Console(stderr=True)
+# Piped output is not cut to 80 columns, so scripts can grep it.
+console = Console(width=None if sys.stdout.isatty() else 200)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 ADDRESS_OPTION = click.option(
     "--address", envvar=ADDRESS_ENV, default=None,
@@ -404,11 +405,11 @@ def _parse_json(text: str, what: str) -> Any:
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 def call(name: str, payload: Optional[str], address: Optional[str], method: str, timeout: float) -> None:
     """Send one request to NAME; PAYLOAD (JSON) is its one argument."""
+    args = [] if payload is None else [_parse_json(payload, "PAYLOAD")]
     _connect(address)
     handle = api.get_deployment(name).get_handle()
     if method != "__call__":
         handle = getattr(handle, method)
-    args = [] if payload is None else [_parse_json(payload, "PAYLOAD")]
     result = handle.remote(*args).result(timeout=timeout)
     click.echo(json.dumps(result))
 

@@ -109,6 +109,10 @@ class ReplicaProcess:
     def serve(self, dispatcher: Dispatcher) -> int:
         serializer = self.config.get("serializer", "json")
         concurrency = int(self.config.get("max_concurrent_queries") or 1)
+        if serializer == "pickle" and hasattr(os, "getuid") and os.getuid() == 0:
+            # Celery refuses pickle under root unless told; the deployment asked for it.
+            os.environ.setdefault("C_FORCE_ROOT", "1")
+            log.warning("serving pickled requests as root: anyone who can write to this Redis can run code here")
         app = make_app(self.address, serializer)
         inflight = _InflightFile(self.inflight_path)
 

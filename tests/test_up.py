@@ -1,0 +1,94 @@
+"""`taskserve up` from a user's point of view: one command, a working cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+
+from taskserve.redis_server import free_port
+
+from .conftest import REPO, wait_until
+
+ISSUE_SCRIPT = textwrap.dedent("""
+    import taskserve
+
+    @taskserve.deployment(name="my_deployment", num_replicas=1)
+    class SimpleDeployment:
+        def __init__(self, greeting="hello"):
+            self.greeting = greeting
+        def __call__(self, name):
+            return f"{self.greeting} {name}"
+        def pid(self):
+            import os; return os.getpid()
+
+    SimpleDeployment.deploy()                         # blocks until the replica serves
+    h = SimpleDeployment.get_handle()
+    print(h.remote("world").result(timeout=10))       # hello world
+    SimpleDeployment.options(num_replicas=2).deploy() # scales to 2
+    print(taskserve.list_deployments())
+    print(taskserve.get_deployment("my_deployment").num_replicas)  # 2
+""")
+
+
+def start_up(workdir, port):
+    env = {k: v for k, v in os.environ.items() if k != "TASKSERVE_ADDRESS"}
+    env["HOME"] = str(workdir)          # the address file goes under this HOME
+    env["PYTHONPATH"] = str(REPO)
+    log = open(workdir / "up.log", "ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "taskserve", "up", "--redis-port", str(port), "--num-cpus", "4"],
+        cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    return process, env
+
+
+def cli(env, cwd, *args):
+    return subprocess.run([sys.executable, "-m", "taskserve", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+
+
+def test_up_serves_the_example_runs_the_script_and_stops_everything(tmp_path):
+    port = free_port()
+    up, env = start_up(tmp_path, port)
+    try:
+        wait_until(lambda: cli(env, tmp_path, "call", "echo", '"hi"').stdout.strip() == '"hi"',
+                   timeout=90, interval=0.5, message="the example deployment to answer")
+        # The address file lets a script in any directory find the cluster.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "script.py").write_text(ISSUE_SCRIPT)
+        script = subprocess.run([sys.executable, "script.py"], capture_output=True, text=True,
+                                cwd=elsewhere, env=env, timeout=180)
+        assert script.returncode == 0, script.stderr
+        lines = script.stdout.strip().splitlines()
+        assert lines[0] == "hello world" and lines[-1] == "2"
+        assert "my_deployment" in lines[1] and "echo" in lines[1]
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 5       # redis, controller, agent, 1 echo + 2 my_deployment replicas
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=90)
+    for child in children:
+        wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE,
+                   timeout=30, message=f"{child.pid} to exit")
+    assert not (tmp_path / ".taskserve" / "address").exists()
+
+    # The append-only file keeps the deployments across a restart.
+    up, env = start_up(tmp_path, port)
+    try:
+        wait_until(lambda: cli(env, tmp_path, "call", "my_deployment", '"again"').stdout.strip() == '"hello again"',
+                   timeout=90, interval=0.5, message="my_deployment to serve after a restart")
+        listed = json.loads(cli(env, tmp_path, "list", "--json").stdout)
+        assert {item["name"] for item in listed} == {"echo", "my_deployment"}
+        # A second `up` on the same data dir is refused with one line.
+        second = cli(env, tmp_path, "up", "--redis-port", str(free_port()))
+        assert second.returncode == 1 and "another `taskserve up` is running" in second.stderr
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=90)
