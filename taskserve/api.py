@@ -172,8 +172,9 @@ class Deployment:
     def options(self, **changes: Any) -> "Deployment":
         """A copy with some options changed (``init_args``/``init_kwargs`` too).
 
-        >>> Echo.options(num_replicas=3).num_replicas          # doctest: +SKIP
-        3
+        Example::
+
+            Echo.options(num_replicas=3).deploy()     # scales; the original Echo is unchanged
         """
         init_args = changes.pop("init_args", None)
         init_kwargs = changes.pop("init_kwargs", None)

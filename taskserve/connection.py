@@ -6,7 +6,9 @@ address file that ``taskserve up`` writes (``./.taskserve/address``, then
 
 Example::
 
-    taskserve.connect("redis://127.0.0.1:6379/0")
+    Example::
+
+        taskserve.connect("redis://127.0.0.1:6379/0")
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ def connect(address: Optional[str] = None) -> Store:
 
     Every API call connects this way on first use, so calling it is optional.
 
-    >>> taskserve.connect("redis://127.0.0.1:6379/0")   # doctest: +SKIP
+    Example::
+
+        taskserve.connect("redis://127.0.0.1:6379/0")
     """
     global _store, _address
     url = resolve_address(address)

@@ -2,11 +2,9 @@
 
 Example::
 
-    >>> handle = taskserve.get_deployment("echo").get_handle()       # doctest: +SKIP
-    >>> handle.remote("hi").result(timeout=10)                       # doctest: +SKIP
-    'hi'
-    >>> handle.pid.remote().result()                                 # doctest: +SKIP
-    41237
+    handle = taskserve.get_deployment("echo").get_handle()
+    handle.remote("hi").result(timeout=10)      # 'hi'
+    handle.pid.remote().result()                # 41237, the replica's process id
 """
 
 from __future__ import annotations
