@@ -20,7 +20,10 @@ from .api import (
     delete_deployment,
     deployment,
     get_deployment,
+    history,
     list_deployments,
+    restart_deployment,
+    rollback_deployment,
     scale_deployment,
 )
 from .connection import connect
@@ -43,6 +46,9 @@ __all__ = [
     "delete_deployment",
     "deployment",
     "get_deployment",
+    "history",
     "list_deployments",
+    "restart_deployment",
+    "rollback_deployment",
     "scale_deployment",
 ]

@@ -263,16 +263,17 @@ class NodeAgent:
     def _restore_inflight(self, process: ManagedProcess) -> None:
         """Put the message a dead replica was serving back at the head of its queue."""
         try:
-            tag = process.inflight_path.read_bytes().decode().strip()
+            tags = process.inflight_path.read_bytes().decode().split()
         except FileNotFoundError:
             return
-        if not tag:
+        if not tags:
             return
         if self._celery_app is None:
             self._celery_app = make_app(self.address)
         with self._celery_app.connection_for_write() as connection:
-            connection.default_channel.qos.restore_by_tag(tag, leftmost=True)
-        log.info("restored the request replica %s was serving", process.replica_id)
+            for tag in tags:
+                connection.default_channel.qos.restore_by_tag(tag, leftmost=True)
+        log.info("put back %d request(s) replica %s held when it died", len(tags), process.replica_id)
 
     def shutdown(self) -> None:
         """Drain every replica (within their graceful timeouts), then leave the cluster."""

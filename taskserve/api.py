@@ -24,13 +24,14 @@ import secrets
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from .code import pack, unpack
 from .connection import current_store
 from .errors import DeploymentError, DeploymentNotFound
 from .handle import DeploymentHandle
+from .history import previous_goal
 from .spec import DeploymentOptions, check_name, replica_spec_hash, validate_options
 from .state import DeploymentState, Goal
 from .store import Store, wait_for_events
@@ -253,6 +254,7 @@ class Deployment:
                 kind=self._kind,
                 created_at=time.time(),
                 user_version=options.version,
+                restart_nonce=previous.restart_nonce if same_spec else "",
             )
 
         goal = store.write_goal(self.name, make_goal, code=(code_sha, blob), event=_event("deploy"))
@@ -378,12 +380,71 @@ def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: O
         if previous.num_replicas == num_replicas:
             return None
         options = {**previous.options, "num_replicas": num_replicas}
-        return Goal(**{**previous.__dict__, "num_replicas": num_replicas, "options": options,
-                       "generation": previous.generation + 1, "created_at": time.time()})
+        return replace(previous, num_replicas=num_replicas, options=options,
+                       generation=previous.generation + 1, created_at=time.time())
 
     goal = store.write_goal(name, rescale, event=_event("scale"))
     if goal is not None and wait:
         wait_for_rollout(store, name, goal.generation, timeout)
+
+
+def restart_deployment(name: str, wait: bool = True, timeout: Optional[float] = None) -> None:
+    """Replace every replica of ``name`` in rolling batches, at the same version.
+
+    What ``taskserve restart NAME`` does, to refresh a worker pool.
+    """
+    store = current_store()
+
+    def restart(previous: Optional[Goal]) -> Goal:
+        if previous is None or previous.deleting:
+            raise DeploymentNotFound(name)
+        return replace(previous, restart_nonce=secrets.token_hex(4), generation=previous.generation + 1,
+                       created_at=time.time())
+
+    goal = store.write_goal(name, restart, event=_event("restart"))
+    if wait and goal is not None:
+        wait_for_rollout(store, name, goal.generation, timeout)
+
+
+def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool = True,
+                        timeout: Optional[float] = None) -> str:
+    """Roll ``name`` back to its previous goal (or the newest one of ``to_version``).
+
+    A rolling update like any other; the replica count stays as it is. Returns the
+    version rolled back to.
+    """
+    store = current_store()
+    history = store.history(name)
+
+    def roll_back(current: Optional[Goal]) -> Goal:
+        if current is None or current.deleting:
+            raise DeploymentNotFound(name)
+        target = previous_goal(history, current, version=to_version)
+        if target is None:
+            versions = sorted({e["goal"]["version"] for e in history if e.get("goal")} - {current.version})
+            if to_version is not None:
+                raise ValueError(
+                    f"deployment {name!r} has no version {to_version!r} in its history; "
+                    f"known versions: {', '.join(versions) or 'none'}"
+                )
+            raise ValueError(f"deployment {name!r} has no earlier version to roll back to")
+        return replace(target, generation=current.generation + 1, num_replicas=current.num_replicas,
+                       options={**target.options, "num_replicas": current.num_replicas},
+                       created_at=time.time(), deleting=False)
+
+    goal = store.write_goal(name, roll_back, event=_event("rollback"))
+    assert goal is not None
+    if wait:
+        wait_for_rollout(store, name, goal.generation, timeout)
+    return goal.version
+
+
+def history(name: str) -> list[dict]:
+    """Every goal change of ``name``, oldest first (action, by, at, version, outcome)."""
+    store = current_store()
+    if store.get_goal(name) is None:
+        raise DeploymentNotFound(name)
+    return store.history(name)
 
 
 def delete_deployment(name: str, timeout: Optional[float] = None) -> None:
@@ -394,7 +455,7 @@ def delete_deployment(name: str, timeout: Optional[float] = None) -> None:
     def mark_deleting(previous: Optional[Goal]) -> Optional[Goal]:
         if previous is None or previous.deleting:
             raise DeploymentNotFound(name)
-        return Goal(**{**previous.__dict__, "deleting": True, "generation": previous.generation + 1})
+        return replace(previous, deleting=True, generation=previous.generation + 1)
 
     store.write_goal(name, mark_deleting, event=_event("delete"))
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -419,6 +480,12 @@ def wait_for_rollout(store: Store, name: str, generation: int, timeout: Optional
             if goal is None or goal.deleting:
                 raise DeploymentError(f"deployment {name!r} was deleted while it was deploying")
             if goal.generation > generation:
+                for entry in reversed(store.history(name)):
+                    if entry.get("rollback_of") == generation:
+                        raise DeploymentError(
+                            f"deploying {name!r} failed and was rolled back to version {entry['version']}: "
+                            f"{entry.get('reason', '')}\n\nReplica traceback:\n{entry.get('error', '').rstrip()}"
+                        )
                 raise DeploymentError(
                     f"deployment {name!r} was changed by another deploy (generation {goal.generation}) "
                     "before this one finished; the later one wins"

@@ -325,9 +325,15 @@ def list_command(address: Optional[str], as_json: bool) -> None:
 @click.argument("name", required=False)
 @ADDRESS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(name: Optional[str], address: Optional[str], as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="Follow NAME's rollout with a progress bar until it is done.")
+def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bool) -> None:
     """Show every deployment and node, or one deployment and its replicas."""
     _connect(address)
+    if watch:
+        if name is None:
+            raise ValueError("--watch follows one deployment: give its NAME")
+        _watch(name)
+        return
     if name is None:
         statuses = [api.deployment_status(n) for n in api.list_deployments()]
         if as_json:
@@ -349,6 +355,34 @@ def status(name: Optional[str], address: Optional[str], as_json: bool) -> None:
         table.add_row(replica.replica_id, replica.version, _colored(replica.state), replica.node_id or "-",
                       str(replica.pid or "-"), _first_line(replica.message))
     console.print(table)
+
+
+def _watch(name: str) -> None:
+    """A progress bar of replicas running the current version, until the rollout ends."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .connection import current_store
+    from .store import wait_for_events
+
+    store = current_store()
+    pubsub = store.subscribe()
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[message]}"), console=console) as progress:
+            task = progress.add_task(name, total=None, message="")
+            while True:
+                snapshot = api.deployment_status(name)
+                updated = sum(1 for r in snapshot.replicas if r.version == snapshot.version and r.state == "RUNNING")
+                progress.update(task, total=max(1, snapshot.num_replicas), completed=updated,
+                                description=f"{name} → {snapshot.version}", message=_first_line(snapshot.message))
+                if snapshot.status != "UPDATING":
+                    break
+                wait_for_events(pubsub, 0.5)
+    finally:
+        pubsub.close()
+    console.print(f"{name}: {_colored(snapshot.status)} {snapshot.message}".rstrip())
+    if snapshot.status == "UNHEALTHY":
+        raise SystemExit(1)
 
 
 def _print_deployments(statuses: list[api.DeploymentStatus]) -> None:
@@ -425,6 +459,53 @@ def scale(name: str, num_replicas: int, address: Optional[str], wait: bool, time
     _connect(address)
     api.scale_deployment(name, num_replicas, wait=wait, timeout=timeout)
     console.print(f"{name}: {num_replicas} replicas" + ("" if wait else " (scaling)"))
+
+
+@main.command()
+@click.argument("name")
+@ADDRESS_OPTION
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--timeout", type=float, default=None)
+def restart(name: str, address: Optional[str], wait: bool, timeout: Optional[float]) -> None:
+    """Replace every replica of NAME in rolling batches, at the same version."""
+    _connect(address)
+    api.restart_deployment(name, wait=wait, timeout=timeout)
+    console.print(f"{name}: " + ("every replica restarted" if wait else "restarting"))
+
+
+@main.command()
+@click.argument("name")
+@ADDRESS_OPTION
+@click.option("--to", "to_version", default=None, help="Roll back to this version (default: the previous one).")
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--timeout", type=float, default=None)
+def rollback(name: str, address: Optional[str], to_version: Optional[str], wait: bool, timeout: Optional[float]) -> None:
+    """Roll NAME back to its previous version: a rolling update."""
+    _connect(address)
+    version = api.rollback_deployment(name, to_version=to_version, wait=wait, timeout=timeout)
+    console.print(f"{name}: " + (f"rolled back to version {version}" if wait else f"rolling back to version {version}"))
+
+
+@main.command()
+@click.argument("name")
+@ADDRESS_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def history(name: str, address: Optional[str], as_json: bool) -> None:
+    """Every goal change of NAME: version, who, when, outcome."""
+    _connect(address)
+    entries = api.history(name)
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in e.items() if k != "goal"} for e in entries], indent=2))
+        return
+    table = Table("generation", "action", "version", "replicas", "by", "at", "outcome")
+    for entry in entries:
+        goal = entry.get("goal") or {}
+        outcome = entry.get("outcome", "")
+        table.add_row(str(entry.get("generation")), entry.get("action", ""), entry.get("version", ""),
+                      str(goal.get("num_replicas", "")), entry.get("by", ""),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.get("at", 0))),
+                      {"done": "[green]done[/green]", "failed": "[red]failed[/red]"}.get(outcome, outcome))
+    console.print(table)
 
 
 @main.command()

@@ -33,6 +33,7 @@ from .planner import (
     reserve,
 )
 from .state import DeploymentHealth, DeploymentState, Goal, Replica
+from .history import previous_goal
 from .store import Store, wait_for_events
 
 log = logging.getLogger("taskserve.controller")
@@ -93,6 +94,10 @@ class Controller:
                 outcome = "done"
             elif result.failed:
                 outcome = "failed"
+            if outcome != health.outcome:
+                self.store.record_outcome(goal.name, goal.generation, outcome, result.message)
+                if outcome == "failed":
+                    self._roll_back(goal, result.message, result.last_error)
             self.store.set_health(
                 goal.name,
                 replace(
@@ -107,6 +112,33 @@ class Controller:
                     outcome_generation=goal.generation,
                 ),
             )
+
+    def _roll_back(self, failed: Goal, message: str, error: str) -> None:
+        """Restore the goal before a failed rollout, so the previous version serves on.
+
+        A first deploy has nothing to go back to and stays UNHEALTHY; neither does
+        an automatic rollback that failed itself (no rollback loops).
+        """
+        history = self.store.history(failed.name)
+        if any(e.get("generation") == failed.generation and e.get("action") == "auto-rollback" for e in history):
+            return
+        previous = previous_goal(history, failed)
+        if previous is None:
+            return
+
+        def restore(current: Goal | None) -> Goal | None:
+            if current is None or current.generation != failed.generation:
+                return None  # someone deployed meanwhile; their goal wins
+            return replace(previous, generation=current.generation + 1, num_replicas=current.num_replicas,
+                           options={**previous.options, "num_replicas": current.num_replicas},
+                           created_at=time.time(), deleting=False)
+
+        event = {"action": "auto-rollback", "by": self.controller_id, "rollback_of": failed.generation,
+                 "reason": message, "error": error}
+        restored = self.store.write_goal(failed.name, restore, event=event)
+        if restored is not None:
+            log.warning("%s: version %s failed (%s); rolled back to version %s",
+                        failed.name, failed.version, message, restored.version)
 
     def _apply(self, goal: Goal, replicas: list[Replica], actions: list) -> None:
         records = {r.replica_id: r for r in replicas}

@@ -4,7 +4,7 @@
 start, stop or place lives here, so it can be read in one place and tested with
 plain tables:
 
-- replicas whose ``spec_hash`` differs from the goal's are outdated and are
+- replicas whose ``spec_hash`` differs from the goal's ``replica_spec`` are outdated and are
   replaced in batches: at no moment are more than
   ``max(1, floor(max_unavailable * n))`` of the ``n`` target replicas unavailable;
 - with ``max_surge`` new replicas start before old ones stop while nodes have room;
@@ -134,11 +134,11 @@ def retry_delay(failed_starts: int) -> float:
     """Seconds to wait before the next start after ``failed_starts`` failures.
 
     >>> [retry_delay(n) for n in (0, 1, 2, 3, 10)]
-    [0.0, 0.5, 1.0, 2.0, 30.0]
+    [0.0, 0.25, 0.5, 1.0, 10.0]
     """
     if failed_starts <= 0:
         return 0.0
-    return min(30.0, 0.5 * 2 ** (failed_starts - 1))
+    return min(10.0, 0.25 * 2 ** (failed_starts - 1))
 
 
 def place(
@@ -206,7 +206,7 @@ def plan(
     for replica in replicas:
         lost = replica.node_id and replica.node_id not in live_nodes and not replica.is_gone
         if replica.is_gone or lost:
-            failed_start = replica.failure == "start" and replica.spec_hash == goal.spec_hash
+            failed_start = replica.failure == "start" and replica.spec_hash == goal.replica_spec
             result.actions.append(
                 ForgetReplica(
                     replica.replica_id,
@@ -227,8 +227,8 @@ def plan(
     target = goal.num_replicas
     active = [r for r in present if r.desired == "run"]
     stopping = [r for r in present if r.desired != "run"]
-    current = [r for r in active if r.spec_hash == goal.spec_hash]
-    outdated = [r for r in active if r.spec_hash != goal.spec_hash]
+    current = [r for r in active if r.spec_hash == goal.replica_spec]
+    outdated = [r for r in active if r.spec_hash != goal.replica_spec]
     running = [r for r in active if r.is_available]
 
     threshold = failure_threshold(target)
@@ -244,6 +244,11 @@ def plan(
             spread[replica.node_id] = spread.get(replica.node_id, 0) + 1
 
     to_stop: list[Replica] = []
+
+    # 0. Replicas whose health check keeps failing are replaced (drained, not killed).
+    unhealthy = [r for r in current if r.unhealthy]
+    to_stop += unhealthy
+    current = [r for r in current if not r.unhealthy]
 
     # 1. Surplus replicas of the current spec (a scale-down): drain the least
     #    useful first (not placed, then starting, then the newest running).
@@ -312,7 +317,7 @@ def plan(
                 Replica(
                     replica_id=new_id(),
                     deployment=goal.name,
-                    spec_hash=goal.spec_hash,
+                    spec_hash=goal.replica_spec,
                     version=goal.version,
                     node_id=node_id or "",
                     state=ReplicaState.PENDING,
@@ -345,7 +350,7 @@ def plan(
             result.message += f"; {len(outdated_left)} replicas of the previous version keep serving"
     else:
         updated = len(current_running)
-        if any(r.spec_hash != goal.spec_hash for r in present):
+        if any(r.spec_hash != goal.replica_spec for r in present):
             text = f"rolling to {goal.version}: {updated}/{target} replicas updated"
         elif len(active) > target or stopping:
             text = f"scaling to {target}: {len(stopping) + len(to_stop)} draining"

@@ -22,6 +22,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -43,19 +45,51 @@ EXIT_CONSTRUCTOR_FAILED = 3
 INFLIGHT_FILE_ENV = "TASKSERVE_INFLIGHT_FILE"
 
 
+HEALTH_FAILURES_TO_REPLACE = 3
+
+
 class Dispatcher:
     """Calls the user's object for each request.
+
+    With one request at a time (``max_concurrent_queries=1``), requests and the
+    object's own upkeep (``check_health``) take turns under one lock.
 
     >>> dispatcher = Dispatcher(lambda name: f"hi {name}", kind="function")
     >>> dispatcher("__call__", ["bob"], {})
     'hi bob'
     """
 
-    def __init__(self, target: Any, kind: str) -> None:
+    def __init__(self, target: Any, kind: str, exclusive: bool = True) -> None:
         self.target = target
         self.kind = kind
+        self.lock = threading.Lock() if exclusive else None
 
     def __call__(self, method: str, args: list, kwargs: dict) -> Any:
+        if self.lock is None:
+            return self._call(method, args, kwargs)
+        with self.lock:
+            return self._call(method, args, kwargs)
+
+    def check_health(self, wait_s: float) -> bool | None:
+        """Run the object's ``check_health()``: True if it passed, None if it was busy.
+
+        Raises what ``check_health`` raised.
+        """
+        check = getattr(self.target, "check_health", None) if self.kind == "class" else None
+        if check is None:
+            return True
+        if self.lock is not None and not self.lock.acquire(timeout=wait_s):
+            return None  # serving a long request; not a failure
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                asyncio.run(_await(result))
+            return True
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _call(self, method: str, args: list, kwargs: dict) -> Any:
         if method == "__call__":
             function = self.target
         elif self.kind == "function":
@@ -99,7 +133,35 @@ class ReplicaProcess:
         target, init_args, init_kwargs = unpack(self.store.get_code(self.record.code_sha))
         kind = self.config.get("kind", "class")
         instance = construct(target, kind, init_args, init_kwargs)
-        return Dispatcher(instance, kind)
+        exclusive = int(self.config.get("max_concurrent_queries") or 1) == 1
+        return Dispatcher(instance, kind, exclusive=exclusive)
+
+    def watch_health(self, dispatcher: Dispatcher) -> None:
+        """Call ``check_health()`` every period; after 3 failures in a row, ask to be replaced."""
+        if dispatcher.kind != "class" or not callable(getattr(dispatcher.target, "check_health", None)):
+            return
+        period = float(self.config.get("health_check_period_s") or 10)
+
+        def loop() -> None:
+            failures = 0
+            while True:
+                time.sleep(period)
+                try:
+                    passed = dispatcher.check_health(wait_s=period)
+                except Exception as error:
+                    failures += 1
+                    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+                    log.warning("check_health failed (%d in a row):\n%s", failures, text)
+                    if failures == HEALTH_FAILURES_TO_REPLACE:
+                        self.store.update_replica(
+                            self.replica_id, unhealthy=True,
+                            message=f"check_health failed {failures} times in a row: {text}")
+                        self.store.notify(f"replica:{self.record.deployment}")
+                    continue
+                if passed:
+                    failures = 0
+
+        threading.Thread(target=loop, name="check_health", daemon=True).start()
 
     def fail_start(self, error: BaseException) -> None:
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
@@ -118,15 +180,19 @@ class ReplicaProcess:
 
         @app.task(name=TASK_NAME, acks_late=True)
         def call(method: str, args: list, kwargs: dict) -> Any:
-            tag = call.request.delivery_info.get("delivery_tag") if call.request.delivery_info else None
-            inflight.write(tag)
-            try:
-                return _envelope(dispatcher, method, args, kwargs)
-            finally:
-                inflight.write(None)
+            return _envelope(dispatcher, method, args, kwargs)
+
+        @signals.task_received.connect(weak=False)
+        def on_received(request: Any = None, **_: Any) -> None:
+            inflight.add(request.id, request.message.delivery_tag)
+
+        @signals.task_postrun.connect(weak=False)
+        def on_done(task_id: str = "", **_: Any) -> None:
+            inflight.remove(task_id)
 
         @signals.worker_ready.connect(weak=False)
         def on_ready(**_: Any) -> None:
+            self.watch_health(dispatcher)
             self.store.update_replica(self.replica_id, state=ReplicaState.RUNNING, pid=os.getpid(), message="")
             self.store.notify(f"replica:{self.record.deployment}")
             log.info("replica %s serves %s", self.replica_id, queue_name(self.record.deployment))
@@ -165,16 +231,33 @@ def _envelope(dispatcher: Dispatcher, method: str, args: list, kwargs: dict) -> 
 
 
 class _InflightFile:
-    """A tiny file the agent reads after a crash; writing it costs no network trip."""
+    """The delivery tags of the messages this replica holds, in a small local file.
+
+    The agent reads it after a crash to put those messages back at once; keeping
+    it costs a local write per request, not a network round trip.
+    """
 
     def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600) if path else None
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600) if path else None
+        self.tags: dict[str, str] = {}
+        self.lock = threading.Lock()
 
-    def write(self, tag: Any) -> None:
-        if self.fd is None:
-            return
-        data = (str(tag) if tag else "").encode().ljust(64)
-        os.pwrite(self.fd, data, 0)
+    def add(self, task_id: str, tag: Any) -> None:
+        if self.fd is not None and tag:
+            with self.lock:
+                self.tags[task_id] = str(tag)
+                self._write()
+
+    def remove(self, task_id: str) -> None:
+        if self.fd is not None:
+            with self.lock:
+                if self.tags.pop(task_id, None) is not None:
+                    self._write()
+
+    def _write(self) -> None:
+        data = "\n".join(self.tags.values()).encode()
+        os.pwrite(self.fd, data.ljust(64), 0)
+        os.ftruncate(self.fd, max(64, len(data)))
 
 
 def main(argv: list[str] | None = None) -> int:

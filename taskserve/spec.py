@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 SERIALIZERS = ("json", "pickle")
 
@@ -35,7 +35,7 @@ def check_name(name: Any) -> str:
     >>> check_name("resnet-50.v2")
     'resnet-50.v2'
     """
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"invalid deployment name {name!r}: use 1 to 64 letters, digits, "
             "'-', '_' or '.'"
@@ -49,22 +49,22 @@ class DeploymentOptions(BaseModel):
     ``name`` may be None until the decorator fills it from the class name.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     name: Optional[str] = None
     num_replicas: int = Field(default=1, ge=0, le=10_000)
     version: Optional[str] = None
     user_config: Any = None
-    num_cpus: Union[int, float] = Field(default=1, ge=0)
-    num_gpus: Union[int, float] = Field(default=0, ge=0)
-    memory: Optional[int] = Field(default=None, ge=0)
+    num_cpus: Union[int, float] = Field(default=1, ge=0, le=100_000)
+    num_gpus: Union[int, float] = Field(default=0, ge=0, le=10_000)
+    memory: Optional[int] = Field(default=None, ge=0, le=2**60)
     runtime_env: Optional[dict] = None
     route_prefix: Optional[str] = None
     max_concurrent_queries: int = Field(default=1, ge=1, le=1000)
-    max_unavailable: Union[int, float] = Field(default=0.2, ge=0)
-    max_surge: Union[int, float] = Field(default=0, ge=0)
-    graceful_shutdown_timeout_s: Union[int, float] = Field(default=20, ge=0)
-    health_check_period_s: Union[int, float] = Field(default=10, gt=0)
+    max_unavailable: Union[int, float] = Field(default=0.2, ge=0, le=10_000)
+    max_surge: Union[int, float] = Field(default=0, ge=0, le=10_000)
+    graceful_shutdown_timeout_s: Union[int, float] = Field(default=20, ge=0, le=86_400)
+    health_check_period_s: Union[int, float] = Field(default=10, gt=0, le=86_400)
     serializer: Literal["json", "pickle"] = "json"
 
     @field_validator("name")
@@ -153,12 +153,14 @@ def validate_options(options: dict[str, Any], base: Optional[DeploymentOptions] 
 
 
 def _one_sentence(error: ValidationError, values: dict[str, Any]) -> Exception:
-    first = error.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "options"
+    details = error.errors()
+    field = str(details[0]["loc"][0]) if details[0]["loc"] else "options"
+    # For a number that may be int or float, the float branch's error says more.
+    first = [d for d in details if d["loc"] and str(d["loc"][0]) == field][-1] if details[0]["loc"] else details[0]
     value = values.get(field)
     reason = first["msg"].removeprefix("Value error, ")
     hint = _FIX_HINTS.get(field)
-    if repr(value) in reason:
+    if first["type"] == "value_error" and repr(value) in reason:
         message = reason
     else:
         message = f"invalid {field}={value!r}: {reason}" + (f"; {hint}" if hint else "")
@@ -219,8 +221,8 @@ def replica_spec_hash(options: DeploymentOptions, version: str, init_sha: str) -
         {
             "version": version,
             "init": init_sha,
-            "num_cpus": options.num_cpus,
-            "num_gpus": options.num_gpus,
+            "num_cpus": float(options.num_cpus),   # 1 and 1.0 are the same request
+            "num_gpus": float(options.num_gpus),
             "memory": options.memory,
             "runtime_env": options.runtime_env,
             "max_concurrent_queries": options.max_concurrent_queries,

@@ -82,6 +82,12 @@ class Goal:
     deleting: bool = False
     created_at: float = 0.0
     user_version: Optional[str] = None  # the version the user set, None if generated
+    restart_nonce: str = ""             # changed by `taskserve restart`: same version, new processes
+
+    @property
+    def replica_spec(self) -> str:
+        """What a replica of this goal runs; replicas with another value are outdated."""
+        return f"{self.spec_hash}.{self.restart_nonce}" if self.restart_nonce else self.spec_hash
 
     @property
     def resources(self) -> Resources:
@@ -121,12 +127,13 @@ class Replica:
     num_cpus: float = 0.0
     num_gpus: float = 0.0
     memory: int = 0
+    unhealthy: bool = False              # check_health() failed 3 times in a row
     code_sha: str = ""                   # what the process loads (see taskserve.code)
     config: str = "{}"                   # JSON: the goal options the process needs
 
     @property
     def is_available(self) -> bool:
-        return self.state == ReplicaState.RUNNING and self.desired == "run"
+        return self.state == ReplicaState.RUNNING and self.desired == "run" and not self.unhealthy
 
     @property
     def is_gone(self) -> bool:
@@ -143,6 +150,8 @@ class Replica:
             value = getattr(self, item.name)
             if isinstance(value, Enum):
                 value = value.value
+            elif isinstance(value, bool):
+                value = "1" if value else ""
             fields[item.name] = "" if value is None else str(value)
         return fields
 
@@ -163,6 +172,7 @@ class Replica:
             num_cpus=float(fields.get("num_cpus") or 0),
             num_gpus=float(fields.get("num_gpus") or 0),
             memory=int(fields.get("memory") or 0),
+            unhealthy=fields.get("unhealthy") == "1",
             code_sha=fields.get("code_sha", ""),
             config=fields.get("config") or "{}",
         )

@@ -227,7 +227,32 @@ class Store:
         return blob
 
     def history(self, name: str) -> list[dict]:
+        """Every goal change of ``name``, oldest first."""
         return [json.loads(item) for item in self.redis.lrange(self.history_key(name), 0, -1)]
+
+    def record_outcome(self, name: str, generation: int, outcome: str, message: str = "") -> None:
+        """Note how the goal change of ``generation`` ended ("done" or "failed")."""
+        key = self.history_key(name)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    items = pipe.lrange(key, 0, -1)
+                    for index in range(len(items) - 1, -1, -1):
+                        entry = json.loads(items[index])
+                        if entry.get("generation") == generation:
+                            break
+                    else:
+                        return
+                    if entry.get("outcome") == outcome:
+                        return
+                    entry.update(outcome=outcome, outcome_message=message, outcome_at=time.time())
+                    pipe.multi()
+                    pipe.lset(key, index, json.dumps(entry))
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
 
     # ------------------------------------------------------------------ health
 
@@ -266,6 +291,8 @@ class Store:
         """Set some fields of a replica record if it still exists; True if it did."""
         args: list[str] = []
         for field, value in fields.items():
+            if isinstance(value, bool):
+                value = "1" if value else ""
             args += [field, "" if value is None else str(getattr(value, "value", value))]
         return bool(self._update_replica(keys=[self.replica_key(replica_id)], args=args))
 

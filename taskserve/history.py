@@ -1,0 +1,43 @@
+"""Reading a deployment's history of goals: what to roll back to.
+
+Each entry is what :meth:`taskserve.store.Store.write_goal` recorded: the action
+("deploy", "scale", "restart", "rollback", "auto-rollback", "delete"), who, when,
+the generation and the whole goal, and once known its outcome ("done"/"failed").
+
+Example::
+
+    >>> from taskserve.state import Goal
+    >>> def goal(generation, version):
+    ...     return Goal(name="m", generation=generation, version=version, spec_hash=version,
+    ...                 num_replicas=1, options={}, code_sha="c", init_sha="i")
+    >>> history = [{"generation": g.generation, "action": "deploy", "goal": g.__dict__}
+    ...            for g in (goal(1, "v1"), goal(2, "v2"))]
+    >>> previous_goal(history, goal(3, "v2")).version
+    'v1'
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .state import Goal
+
+
+def previous_goal(history: list[dict], current: Goal, version: str | None = None) -> Goal | None:
+    """The newest goal in ``history`` before ``current`` that ran other replicas.
+
+    With ``version``, the newest one of that version instead.
+    """
+    for entry in reversed(history):
+        goal_data = entry.get("goal")
+        if not goal_data or entry.get("generation", 0) >= current.generation or entry.get("action") == "delete":
+            continue
+        if entry.get("outcome") == "failed":
+            continue
+        candidate = Goal(**goal_data)
+        if version is not None:
+            if candidate.version == version:
+                return candidate
+        elif candidate.spec_hash != current.spec_hash:   # a restart is not a version
+            return candidate
+    return None

@@ -1,0 +1,385 @@
+"""Unit tests of deployment option validation (taskserve/spec.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taskserve.spec import (
+    OPTION_NAMES,
+    DeploymentOptions,
+    check_json_value,
+    check_name,
+    replica_spec_hash,
+    stable_hash,
+    validate_options,
+)
+
+# --------------------------------------------------------------------------- good options
+
+
+def test_defaults_match_the_spec():
+    options = validate_options({})
+    assert options.num_replicas == 1
+    assert options.version is None
+    assert options.user_config is None
+    assert options.num_cpus == 1 and options.num_gpus == 0 and options.memory is None
+    assert options.max_concurrent_queries == 1
+    assert options.max_unavailable == 0.2 and options.max_surge == 0
+    assert options.graceful_shutdown_timeout_s == 20 and options.health_check_period_s == 10
+    assert options.serializer == "json"
+
+
+def test_good_options_are_kept():
+    options = validate_options(
+        {
+            "name": "resnet-50.v2",
+            "num_replicas": 0,
+            "version": "v1",
+            "user_config": {"threshold": 0.5, "labels": ["a", "b"], "nested": {"x": None, "y": True}},
+            "num_cpus": 0.5,
+            "num_gpus": 0.25,
+            "memory": 2**30,
+            "runtime_env": {"pip": ["numpy==1.26"], "env_vars": {"OMP_NUM_THREADS": "4"}, "working_dir": "."},
+            "route_prefix": "/resnet",
+            "max_concurrent_queries": 1000,
+            "max_unavailable": 1,
+            "max_surge": 0.25,
+            "graceful_shutdown_timeout_s": 0,
+            "health_check_period_s": 0.5,
+            "serializer": "pickle",
+        }
+    )
+    assert options.name == "resnet-50.v2"
+    assert options.num_gpus == 0.25
+    assert options.max_unavailable == 1 and isinstance(options.max_unavailable, int)
+    assert options.runtime_env["env_vars"] == {"OMP_NUM_THREADS": "4"}
+    assert options.user_config["nested"] == {"x": None, "y": True}
+
+
+def test_options_update_a_base_and_leave_it_unchanged():
+    base = validate_options({"num_replicas": 3, "version": "v1"})
+    changed = validate_options({"num_replicas": 5}, base)
+    assert (changed.num_replicas, changed.version) == (5, "v1")
+    assert base.num_replicas == 3
+    with pytest.raises(Exception):
+        base.num_replicas = 4   # frozen
+
+
+def test_tuples_are_accepted_in_user_config():
+    assert validate_options({"user_config": {"shape": (1, 2)}}).user_config == {"shape": (1, 2)}
+
+
+# --------------------------------------------------------------------------- bad options
+
+
+BAD_OPTIONS = [
+    # (option, value, exception type, a fragment of the message)
+    ("num_replicas", -1, ValueError, "greater than or equal to 0"),
+    ("num_replicas", 10_001, ValueError, "less than or equal to 10000"),
+    ("num_replicas", "3", TypeError, "valid integer"),
+    ("num_replicas", 2.0, TypeError, "valid integer"),
+    ("num_replicas", True, TypeError, "valid integer"),
+    ("num_replicas", None, TypeError, "valid integer"),
+    ("num_cpus", -0.5, ValueError, "greater than or equal to 0"),
+    ("num_cpus", "1", TypeError, ""),
+    ("num_cpus", float("nan"), ValueError, ""),
+    ("num_gpus", -1, ValueError, "greater than or equal to 0"),
+    ("memory", -1, ValueError, "greater than or equal to 0"),
+    ("memory", 1.5, TypeError, "valid integer"),
+    ("version", "", ValueError, "a version is 1 to 128 characters"),
+    ("version", "x" * 129, ValueError, "a version is 1 to 128 characters"),
+    ("version", 3, TypeError, "valid string"),
+    ("route_prefix", "api", ValueError, "a route_prefix starts with '/'"),
+    ("route_prefix", 5, TypeError, "valid string"),
+    ("max_concurrent_queries", 0, ValueError, "greater than or equal to 1"),
+    ("max_concurrent_queries", 1001, ValueError, "less than or equal to 1000"),
+    ("max_unavailable", -0.1, ValueError, "greater than or equal to 0"),
+    ("max_unavailable", True, TypeError, ""),
+    ("max_unavailable", "20%", TypeError, ""),
+    ("max_surge", -1, ValueError, "greater than or equal to 0"),
+    ("graceful_shutdown_timeout_s", -1, ValueError, "greater than or equal to 0"),
+    ("health_check_period_s", -1, ValueError, "greater than 0"),
+    ("health_check_period_s", 0.0, ValueError, "greater than 0"),
+    ("serializer", "yaml", TypeError, "'json' or 'pickle'"),
+    ("runtime_env", "x", TypeError, "valid dictionary"),
+    ("runtime_env", {"conda": "env.yaml"}, ValueError,
+     "unknown runtime_env key 'conda'; the keys are 'pip', 'env_vars' and 'working_dir'"),
+    ("runtime_env", {"env_vars": {"A": 1}}, ValueError, "runtime_env['env_vars'] maps strings to strings"),
+    ("runtime_env", {"env_vars": ["A=1"]}, ValueError, "runtime_env['env_vars'] maps strings to strings"),
+]
+
+
+@pytest.mark.parametrize("option, value, error, fragment", BAD_OPTIONS,
+                         ids=[f"{o}={v!r}"[:40] for o, v, _, _ in BAD_OPTIONS])
+def test_bad_option_gives_one_clear_error_naming_it(option, value, error, fragment):
+    with pytest.raises(error) as info:
+        validate_options({option: value})
+    assert type(info.value) is error
+    message = str(info.value)
+    assert message.startswith(f"invalid {option}={value!r}: "), message
+    assert fragment in message
+    assert "\n" not in message                          # one sentence, no pydantic dump
+    assert "pydantic" not in message and "For further information" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__   # `from None`
+
+
+@pytest.mark.parametrize(
+    "option, value, hint",
+    [
+        ("num_replicas", -1, "use a whole number from 0 to 10000"),
+        ("max_unavailable", -1, "use a fraction like 0.2 or a count like 1"),
+        ("max_surge", -0.5, "use a fraction like 0.25 or a count like 1; 0 disables surge"),
+        ("serializer", "xml", "use 'json' or 'pickle'"),
+        ("memory", "1GB", "use a whole number of bytes >= 0, or None"),
+    ],
+)
+def test_bad_option_message_says_how_to_fix_it(option, value, hint):
+    with pytest.raises((TypeError, ValueError)) as info:
+        validate_options({option: value})
+    assert str(info.value).endswith(hint)
+
+
+def test_bad_option_over_a_base_names_the_new_value():
+    base = validate_options({"num_replicas": 3})
+    with pytest.raises(ValueError, match=r"^invalid num_cpus=-2: "):
+        validate_options({"num_cpus": -2}, base)
+
+
+@pytest.mark.parametrize(
+    "typo, suggestion",
+    [
+        ("num_replica", "num_replicas"),
+        ("numreplicas", "num_replicas"),
+        ("user_conf", "user_config"),
+        ("maxsurge", "max_surge"),
+        ("num_gpu", "num_gpus"),
+        ("max_unavaliable", "max_unavailable"),
+        ("route_prefx", "route_prefix"),
+    ],
+)
+def test_unknown_option_suggests_the_close_name(typo, suggestion):
+    with pytest.raises(TypeError) as info:
+        validate_options({typo: 1})
+    assert str(info.value) == f"unknown deployment option {typo!r}; did you mean {suggestion!r}?"
+
+
+def test_unknown_option_without_close_name_lists_the_options():
+    with pytest.raises(TypeError) as info:
+        validate_options({"xyzzy": 1})
+    message = str(info.value)
+    assert message.startswith("unknown deployment option 'xyzzy'; the options are ")
+    for name in OPTION_NAMES:
+        assert name in message
+
+
+def test_unknown_option_is_reported_before_bad_values():
+    with pytest.raises(TypeError, match="unknown deployment option 'replicas'"):
+        validate_options({"num_cpus": -1, "replicas": 2})
+
+
+def test_bad_user_config_names_the_key_path():
+    with pytest.raises(TypeError) as info:
+        validate_options({"user_config": {"weights": [1, 2, {3}]}})
+    assert str(info.value).startswith("user_config['weights'][2] is a set, which JSON cannot hold")
+
+
+# --------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a", "A", "0", "model", "resnet-50.v2", "my_model", "a.b-c_d", "x" * 64, "-", ".", "_", "UPPER_lower-09"],
+)
+def test_good_names(name):
+    assert check_name(name) == name
+    assert validate_options({"name": name}).name == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "x" * 65, "a b", "a/b", "a:b", "ünïcode", "a*", "tab\tname", "\nname", "name!", "@x", None, 5, b"bytes"],
+)
+def test_bad_names(name):
+    with pytest.raises(ValueError) as info:
+        check_name(name)
+    assert str(info.value) == (
+        f"invalid deployment name {name!r}: use 1 to 64 letters, digits, '-', '_' or '.'"
+    )
+
+
+@pytest.mark.parametrize("name", ["", "a b", "x" * 65, "a/b"])
+def test_bad_name_through_options(name):
+    with pytest.raises(ValueError) as info:
+        validate_options({"name": name})
+    assert str(info.value) == f"invalid deployment name {name!r}: use 1 to 64 letters, digits, '-', '_' or '.'"
+
+
+def test_name_of_wrong_type_through_options_is_a_type_error():
+    with pytest.raises(TypeError, match=r"^invalid name=5: "):
+        validate_options({"name": 5})
+
+
+@given(st.text(alphabet="abcXYZ019-_.", min_size=1, max_size=64))
+@settings(max_examples=60, deadline=None)
+def test_property_names_of_allowed_characters_pass(name):
+    assert check_name(name) == name
+
+
+def _has_other_character(name: str) -> bool:
+    return any(not (c.isascii() and (c.isalnum() or c in "-_.")) for c in name)
+
+
+# A name ending in "\n" is left out here: check_name accepts "abc\n" (its pattern ends in
+# "$", which also matches before a final newline); that is reported, not tested.
+@given(st.text(min_size=1, max_size=70).filter(lambda s: _has_other_character(s) and not s.endswith("\n")))
+@settings(max_examples=60, deadline=None)
+def test_property_names_with_other_characters_fail(name):
+    with pytest.raises(ValueError):
+        check_name(name)
+
+
+# --------------------------------------------------------------------------- check_json_value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, True, 0, -3, 1.5, "text", [], {}, [1, "a", None], {"a": {"b": [1, 2, {"c": 3.0}]}}, (1, 2), ({"x": (1,)},)],
+)
+def test_json_values_pass(value):
+    assert check_json_value(value, "user_config") is None
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"weights": [1, 2, {3}]},
+         "user_config['weights'][2] is a set, which JSON cannot hold; "
+         "use lists, dicts, strings, numbers, booleans or None"),
+        ({3},
+         "user_config is a set, which JSON cannot hold; use lists, dicts, strings, numbers, booleans or None"),
+        ([0, [1, b"raw"]],
+         "user_config[1][1] is a bytes, which JSON cannot hold; use lists, dicts, strings, numbers, booleans or None"),
+        ({"a": {"b": object()}},
+         "user_config['a']['b'] is a object, which JSON cannot hold; use lists, dicts, strings, numbers, booleans or None"),
+        ({"a": [{1: "x"}]},
+         "user_config['a'][0] has the key 1, which JSON cannot hold; use string keys"),
+        ({"lr": float("nan")}, "user_config['lr'] is nan, which JSON cannot hold; use a finite number"),
+        ([float("inf")], "user_config[0] is inf, which JSON cannot hold; use a finite number"),
+        ({"x": [float("-inf")]}, "user_config['x'][0] is -inf, which JSON cannot hold; use a finite number"),
+        ({"ok": 1, "bad": {1, 2}, "also_bad": set()},   # the first bad one is named
+         "user_config['bad'] is a set, which JSON cannot hold; use lists, dicts, strings, numbers, booleans or None"),
+        ({"it's": {0.5}},
+         "user_config[\"it's\"] is a set, which JSON cannot hold; use lists, dicts, strings, numbers, booleans or None"),
+    ],
+)
+def test_json_value_errors_name_the_key_path(value, message):
+    with pytest.raises(TypeError) as info:
+        check_json_value(value, "user_config")
+    assert str(info.value) == message
+
+
+def test_json_value_path_prefix_is_used():
+    with pytest.raises(TypeError, match=r"^args\[0\]\['k'\] is a complex"):
+        check_json_value([{"k": 1j}], "args")
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(JSON)
+@settings(max_examples=80, deadline=None)
+def test_property_json_values_pass(value):
+    check_json_value(value, "user_config")
+    assert validate_options({"user_config": value}).user_config == value
+
+
+@given(JSON, st.sampled_from([{1}, b"x", object(), float("nan"), 1j]))
+@settings(max_examples=80, deadline=None)
+def test_property_a_bad_leaf_anywhere_is_found(value, bad):
+    wrapped = {"outer": [value, {"deep": bad}]}
+    with pytest.raises(TypeError) as info:
+        check_json_value(wrapped, "user_config")
+    assert str(info.value).startswith("user_config['outer'][1]['deep'] ")
+
+
+# --------------------------------------------------------------------------- replica_spec_hash
+
+
+def spec_hash(version="v1", init="init-a", **options):
+    return replica_spec_hash(validate_options(options), version, init)
+
+
+def test_spec_hash_is_stable_and_short():
+    assert spec_hash() == spec_hash()
+    assert len(spec_hash()) == 16
+    assert int(spec_hash(), 16) >= 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"version": "v2"},
+        {"init": "init-b"},
+        {"num_cpus": 2},
+        {"num_cpus": 0.5},
+        {"num_gpus": 1},
+        {"memory": 2**30},
+        {"runtime_env": {"pip": ["numpy"]}},
+        {"runtime_env": {"env_vars": {"A": "1"}}},
+        {"max_concurrent_queries": 4},
+        {"serializer": "pickle"},
+    ],
+)
+def test_spec_hash_changes_with_what_a_process_runs(change):
+    assert spec_hash(**change) != spec_hash()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"num_replicas": 7},
+        {"num_replicas": 0},
+        {"user_config": {"threshold": 0.9}},
+        {"max_unavailable": 0.5},
+        {"max_surge": 1},
+        {"route_prefix": "/other"},
+        {"graceful_shutdown_timeout_s": 60},
+        {"health_check_period_s": 1},
+        {"name": "renamed"},
+    ],
+)
+def test_spec_hash_ignores_scale_config_and_rollout_options(change):
+    assert spec_hash(**change) == spec_hash()
+
+
+@given(
+    num_replicas=st.integers(min_value=0, max_value=10_000),
+    user_config=JSON,
+    version=st.text(min_size=1, max_size=10),
+)
+@settings(max_examples=60, deadline=None)
+def test_property_spec_hash_independent_of_scale_and_user_config(num_replicas, user_config, version):
+    base = spec_hash(version=version)
+    assert spec_hash(version=version, num_replicas=num_replicas, user_config=user_config) == base
+
+
+@given(st.text(min_size=1, max_size=10), st.text(min_size=1, max_size=10))
+@settings(max_examples=60, deadline=None)
+def test_property_spec_hash_tells_versions_apart(a, b):
+    assert (spec_hash(version=a) == spec_hash(version=b)) == (a == b)
+
+
+def test_stable_hash_ignores_key_order():
+    assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
+    assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+
+
+def test_deployment_options_model_rejects_extra_fields():
+    with pytest.raises(Exception):
+        DeploymentOptions(num_replica=2)

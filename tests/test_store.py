@@ -1,0 +1,539 @@
+"""Unit tests of the Redis store (taskserve/store.py) against fakeredis.
+
+``Store.update_replica`` runs a Lua script; fakeredis runs Lua only when the ``lupa``
+package is installed, so the tests of that method are skipped without it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import fakeredis
+import pytest
+import redis
+
+from taskserve.errors import DeploymentNotFound
+from taskserve.state import DeploymentHealth, DeploymentState, Goal, Node, Replica, ReplicaState, Resources
+from taskserve.store import HISTORY_LIMIT, Store, queue_name, wait_for_events
+
+NAME = "echo"
+
+
+def _lua_works() -> bool:
+    try:
+        fakeredis.FakeRedis().eval("return 1", 0)
+    except redis.ResponseError:
+        return False
+    return True
+
+
+needs_lua = pytest.mark.skipif(
+    not _lua_works(), reason="fakeredis runs Lua scripts only with the lupa package, which is not installed"
+)
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def client(server) -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=server)
+
+
+@pytest.fixture
+def store(client) -> Store:
+    return Store(client)
+
+
+def next_goal(version: str = "v1", *, deleting: bool = False, num_replicas: int = 1, name: str = NAME):
+    """A make_goal callback: the previous goal's generation plus one."""
+
+    def make_goal(previous: Optional[Goal]) -> Goal:
+        return Goal(
+            name=name,
+            generation=(previous.generation + 1) if previous else 1,
+            version=version,
+            spec_hash=f"spec-{version}",
+            num_replicas=num_replicas,
+            options={"num_cpus": 1, "max_unavailable": 0.2, "user_config": {"k": [1, 2]}},
+            code_sha="code-" + version,
+            init_sha="init",
+            deleting=deleting,
+            user_version=version,
+        )
+
+    return make_goal
+
+
+def make_replica(replica_id: str, node_id: str = "node-a", deployment: str = NAME, **changes) -> Replica:
+    fields = dict(
+        replica_id=replica_id,
+        deployment=deployment,
+        spec_hash="spec-v1",
+        version="v1",
+        node_id=node_id,
+        state=ReplicaState.STARTING,
+        pid=4242,
+        message="loading",
+        created_at=12.5,
+        num_cpus=0.5,
+        num_gpus=0.25,
+        memory=1024,
+        code_sha="code-v1",
+        config='{"kind": "class"}',
+    )
+    fields.update(changes)
+    return Replica(**fields)
+
+
+def notifications(pubsub) -> list[str]:
+    """The notifications published so far (the subscribe confirmation reads as one None)."""
+    seen: list[str] = []
+    misses = 0
+    while misses < 2:
+        message = pubsub.get_message(timeout=0.02)
+        if message is None:
+            misses += 1
+        else:
+            misses = 0
+            seen.append(message["data"].decode())
+    return seen
+
+
+# --------------------------------------------------------------------------- goals
+
+
+def test_write_goal_creates_then_increments_the_generation(store):
+    assert store.get_goal(NAME) is None
+    first = store.write_goal(NAME, next_goal("v1"))
+    assert first.generation == 1
+    assert store.get_goal(NAME) == first
+    second = store.write_goal(NAME, next_goal("v2"))
+    assert second.generation == 2
+    assert store.get_goal(NAME) == second
+    assert store.get_goal(NAME).options == {"num_cpus": 1, "max_unavailable": 0.2, "user_config": {"k": [1, 2]}}
+    assert store.list_goals() == [second]
+    assert store.deployment_exists(NAME)
+    assert store.require_goal(NAME) == second
+
+
+def test_make_goal_sees_the_previous_goal(store):
+    seen = []
+
+    def make_goal(previous):
+        seen.append(previous)
+        return next_goal("v2")(previous)
+
+    store.write_goal(NAME, next_goal("v1"))
+    store.write_goal(NAME, make_goal)
+    assert [g.version for g in seen] == ["v1"]
+
+
+def test_list_goals_is_sorted_by_name(store):
+    for name in ("zeta", "alpha", "mid"):
+        store.write_goal(name, next_goal("v1", name=name))
+    assert [g.name for g in store.list_goals()] == ["alpha", "mid", "zeta"]
+
+
+def test_write_goal_stores_the_code(store, client):
+    store.write_goal(NAME, next_goal("v1"), code=("sha-1", b"\x80pickled"))
+    assert store.get_code("sha-1") == b"\x80pickled"
+    assert client.smembers(Store.codes_key(NAME)) == {b"sha-1"}
+    with pytest.raises(LookupError, match="code nope is missing from Redis; deploy the deployment again"):
+        store.get_code("nope")
+
+
+def test_make_goal_returning_none_writes_nothing(store, client):
+    calls = []
+
+    def refuse(previous):
+        calls.append(previous)
+        return None
+
+    pubsub = store.subscribe()
+    assert store.write_goal(NAME, refuse, code=("sha-1", b"blob"), event={"action": "deploy"}) is None
+    assert calls == [None]
+    assert client.keys("*") == []
+    assert notifications(pubsub) == []
+
+    written = store.write_goal(NAME, next_goal("v1"), event={"action": "deploy"})
+    before = {key: client.dump(key) for key in client.keys("*")}
+    notifications(pubsub)
+    assert store.write_goal(NAME, refuse, code=("sha-2", b"blob2"), event={"action": "deploy"}) is None
+    assert calls[-1] == written
+    assert {key: client.dump(key) for key in client.keys("*")} == before
+    assert store.get_goal(NAME) == written
+    assert len(store.history(NAME)) == 1
+    assert notifications(pubsub) == []
+
+
+def test_write_goal_notifies(store):
+    pubsub = store.subscribe()
+    store.write_goal(NAME, next_goal("v1"))
+    assert notifications(pubsub) == [f"goal:{NAME}"]
+
+
+def test_concurrent_writer_between_watch_and_exec_retries_and_the_later_goal_wins(store, server):
+    other = Store(fakeredis.FakeRedis(server=server))
+    store.write_goal(NAME, next_goal("v1"), event={"action": "deploy"})
+    seen: list[Goal] = []
+
+    def make_goal(previous):
+        seen.append(previous)
+        if len(seen) == 1:
+            # Another client writes while this one is between WATCH and EXEC.
+            other.write_goal(NAME, next_goal("theirs"), event={"action": "scale"})
+        return next_goal("mine")(previous)
+
+    written = store.write_goal(NAME, make_goal, event={"action": "deploy"})
+    assert [g.version for g in seen] == ["v1", "theirs"]
+    assert [g.generation for g in seen] == [1, 2]
+    assert written.generation == 3 == seen[0].generation + 2
+    assert written.version == "mine"
+    assert store.get_goal(NAME) == written
+    assert [(e["generation"], e["version"], e["action"]) for e in store.history(NAME)] == [
+        (1, "v1", "deploy"),
+        (2, "theirs", "scale"),
+        (3, "mine", "deploy"),
+    ]
+
+
+def test_concurrent_raw_write_of_the_key_is_not_overwritten_blindly(store, server):
+    other = fakeredis.FakeRedis(server=server)
+    store.write_goal(NAME, next_goal("v1"))
+    calls = []
+
+    def make_goal(previous):
+        calls.append(previous.generation)
+        if len(calls) == 1:
+            theirs = next_goal("theirs")(next_goal("x")(next_goal("x")(None)))   # generation 3
+            other.set(Store.goal_key(NAME), theirs.to_json())
+        return next_goal("mine")(previous)
+
+    written = store.write_goal(NAME, make_goal)
+    assert calls == [1, 3]
+    assert written.generation == 4 and store.get_goal(NAME).generation == 4
+
+
+def test_history_records_each_event_newest_last(store):
+    store.write_goal(NAME, next_goal("v1"), event={"action": "deploy", "by": "alice"})
+    store.write_goal(NAME, next_goal("v1", num_replicas=3), event={"action": "scale"})
+    store.write_goal(NAME, next_goal("v2"))   # no event: not recorded
+    store.write_goal(NAME, next_goal("v3"), event={"action": "rollback"})
+    history = store.history(NAME)
+    assert [(e["action"], e["generation"], e["version"]) for e in history] == [
+        ("deploy", 1, "v1"),
+        ("scale", 2, "v1"),
+        ("rollback", 4, "v3"),
+    ]
+    assert history[0]["by"] == "alice"
+    assert Goal(**history[1]["goal"]) == next_goal("v1", num_replicas=3)(next_goal("v1")(None))
+    assert all(isinstance(e["at"], float) for e in history)
+    assert history[0]["at"] <= history[1]["at"] <= history[2]["at"]
+
+
+def test_history_keeps_the_last_entries_only(store):
+    for i in range(HISTORY_LIMIT + 5):
+        store.write_goal(NAME, next_goal(f"v{i}"), event={"action": "deploy"})
+    history = store.history(NAME)
+    assert len(history) == HISTORY_LIMIT
+    assert history[0]["generation"] == 6 and history[-1]["generation"] == HISTORY_LIMIT + 5
+
+
+def test_history_of_unknown_deployment_is_empty(store):
+    assert store.history("nope") == []
+
+
+def test_require_goal_raises_for_missing_and_deleting(store):
+    with pytest.raises(DeploymentNotFound) as info:
+        store.require_goal(NAME)
+    assert isinstance(info.value, KeyError) and info.value.name == NAME
+    store.write_goal(NAME, next_goal("v1", deleting=True))
+    assert not store.deployment_exists(NAME)
+    with pytest.raises(DeploymentNotFound):
+        store.require_goal(NAME)
+
+
+# --------------------------------------------------------------------------- forget_deployment
+
+
+def test_forget_deployment_removes_every_key_of_a_deleted_deployment(store, client):
+    store.write_goal(NAME, next_goal("v1"), code=("sha-1", b"one"), event={"action": "deploy"})
+    store.write_goal(NAME, next_goal("v2"), code=("sha-2", b"two"))
+    store.write_goal("other", next_goal("v1", name="other"), code=("sha-other", b"x"))
+    store.set_health(NAME, DeploymentHealth(status=DeploymentState.HEALTHY))
+    store.create_replica(make_replica("echo-1"))
+    deleting = store.write_goal(NAME, next_goal("v2", deleting=True), event={"action": "delete"})
+
+    assert store.forget_deployment(NAME, deleting.generation) is True
+    assert store.get_goal(NAME) is None
+    assert store.history(NAME) == []
+    assert store.get_health(NAME) == DeploymentHealth()
+    for key in (Store.goal_key(NAME), Store.health_key(NAME), Store.codes_key(NAME), Store.replicas_key(NAME),
+                Store.history_key(NAME), Store.code_key("sha-1"), Store.code_key("sha-2")):
+        assert not client.exists(key), key
+    assert client.smembers(Store.DEPLOYMENTS_KEY) == {b"other"}
+    assert store.get_code("sha-other") == b"x"               # other deployments keep theirs
+    assert [g.name for g in store.list_goals()] == ["other"]
+
+
+def test_forget_deployment_refuses_when_the_generation_changed(store):
+    store.write_goal(NAME, next_goal("v1"))
+    deleting = store.write_goal(NAME, next_goal("v1", deleting=True))
+    assert deleting.generation == 2
+    assert store.forget_deployment(NAME, 1) is False
+    assert store.get_goal(NAME) == deleting
+
+    # Deployed again after the delete: the newer goal survives.
+    again = store.write_goal(NAME, next_goal("v2"))
+    assert store.forget_deployment(NAME, deleting.generation) is False
+    assert store.get_goal(NAME) == again
+    assert store.deployment_exists(NAME)
+
+
+def test_forget_deployment_refuses_a_goal_that_is_not_deleting(store):
+    goal = store.write_goal(NAME, next_goal("v1"))
+    assert store.forget_deployment(NAME, goal.generation) is False
+    assert store.get_goal(NAME) == goal
+    assert store.forget_deployment("missing", 1) is False
+
+
+def test_forget_deployment_notifies(store):
+    goal = store.write_goal(NAME, next_goal("v1", deleting=True))
+    pubsub = store.subscribe()
+    assert store.forget_deployment(NAME, goal.generation)
+    assert notifications(pubsub) == [f"deleted:{NAME}"]
+
+
+# --------------------------------------------------------------------------- health
+
+
+def test_health_is_written_only_while_the_deployment_exists(store, client):
+    health = DeploymentHealth(status=DeploymentState.UNHEALTHY, message="constructor failed 3 times: boom",
+                              observed_generation=1, failed_starts=3, last_error="boom", last_failure_at=1.5,
+                              outcome_generation=1, outcome="failed")
+    store.set_health(NAME, health)
+    assert not client.exists(Store.health_key(NAME))
+    assert store.get_health(NAME) == DeploymentHealth()
+
+    store.write_goal(NAME, next_goal("v1"))
+    pubsub = store.subscribe()
+    store.set_health(NAME, health)
+    assert store.get_health(NAME) == health
+    store.set_health(NAME, health)          # unchanged: no second notification
+    assert notifications(pubsub) == [f"health:{NAME}"]
+
+
+# --------------------------------------------------------------------------- replicas
+
+
+def test_create_replica_round_trips_every_field(store, client):
+    replica = make_replica("echo-1")
+    store.create_replica(replica)
+    assert store.get_replica("echo-1") == replica
+    assert store.replicas_of(NAME) == [replica]
+    assert store.replicas_on_node("node-a") == [replica]
+    assert client.smembers(Store.node_replicas_key("node-a")) == {b"echo-1"}
+
+
+def test_unplaced_replica_is_on_no_node_until_placed(store, client):
+    store.create_replica(make_replica("echo-p", node_id="", state=ReplicaState.PENDING, pid=None,
+                                      message="needs 4 CPUs"))
+    assert client.keys(Store.node_replicas_key("*")) == []
+    assert store.get_replica("echo-p").pid is None
+
+    store.place_replica("echo-p", "node-b")
+    placed = store.get_replica("echo-p")
+    assert (placed.node_id, placed.message, placed.state) == ("node-b", "", ReplicaState.PENDING)
+    assert store.replicas_on_node("node-b") == [placed]
+
+
+def test_forget_replica_removes_record_and_memberships(store, client):
+    keep, drop = make_replica("echo-1"), make_replica("echo-2")
+    store.create_replica(keep)
+    store.create_replica(drop)
+    store.forget_replica(drop)
+    assert store.get_replica("echo-2") is None
+    assert not client.exists(Store.replica_key("echo-2"))
+    assert store.replicas_of(NAME) == [keep]
+    assert store.replicas_on_node("node-a") == [keep]
+
+
+def test_replicas_of_skips_ids_without_record(store, client):
+    store.create_replica(make_replica("echo-1"))
+    client.sadd(Store.replicas_key(NAME), "echo-ghost")
+    assert [r.replica_id for r in store.replicas_of(NAME)] == ["echo-1"]
+
+
+def test_all_replicas_covers_every_deployment(store):
+    store.write_goal("a", next_goal("v1", name="a"))
+    store.write_goal("b", next_goal("v1", name="b"))
+    store.create_replica(make_replica("a-1", deployment="a"))
+    store.create_replica(make_replica("b-1", deployment="b", node_id="node-b"))
+    store.create_replica(make_replica("b-2", deployment="b", node_id=""))
+    store.create_replica(make_replica("orphan-1", deployment="orphan"))   # no goal: not listed
+    assert [r.replica_id for r in store.all_replicas()] == ["a-1", "b-1", "b-2"]
+
+
+@needs_lua
+def test_update_replica_sets_fields_of_an_existing_record(store):
+    store.create_replica(make_replica("echo-1"))
+    assert store.update_replica("echo-1", state=ReplicaState.RUNNING, pid=None, desired="stop") is True
+    updated = store.get_replica("echo-1")
+    assert updated.state == ReplicaState.RUNNING
+    assert updated.pid is None
+    assert updated.desired == "stop"
+    assert updated.message == "loading"     # untouched fields stay
+
+
+@needs_lua
+def test_update_of_a_forgotten_replica_returns_false_and_does_not_recreate_it(store, client):
+    replica = make_replica("echo-1")
+    store.create_replica(replica)
+    store.forget_replica(replica)
+    assert store.update_replica("echo-1", state=ReplicaState.RUNNING) is False
+    assert not client.exists(Store.replica_key("echo-1"))
+    assert store.get_replica("echo-1") is None
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+def test_snapshot_reads_goal_health_and_replicas(store, client):
+    goal = store.write_goal(NAME, next_goal("v1"))
+    health = DeploymentHealth(status=DeploymentState.HEALTHY, observed_generation=1)
+    store.set_health(NAME, health)
+    replicas = [make_replica("echo-2"), make_replica("echo-1", node_id="node-b", state=ReplicaState.RUNNING)]
+    for replica in replicas:
+        store.create_replica(replica)
+    client.sadd(Store.replicas_key(NAME), "echo-ghost")     # an id whose record is gone
+    assert store.snapshot(NAME) == (goal, health, sorted(replicas, key=lambda r: r.replica_id))
+
+
+def test_snapshot_of_unknown_deployment(store):
+    assert store.snapshot("nope") == (None, DeploymentHealth(), [])
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+def make_node(node_id: str, **changes) -> Node:
+    fields = dict(node_id=node_id, total=Resources(8, 1, 2**33), labels={"zone": "a"}, hostname="host-" + node_id,
+                  agent_pid=99)
+    fields.update(changes)
+    return Node(**fields)
+
+
+def test_registered_node_is_alive_until_its_alive_key_goes(store, client):
+    node = make_node("node-a")
+    store.register_node(node, ttl_s=10)
+    assert store.list_nodes() == [node]
+    assert 0 < client.pttl(Store.node_alive_key("node-a")) <= 10_000
+
+    client.delete(Store.node_alive_key("node-a"))      # the TTL ran out
+    [dead] = store.list_nodes()
+    assert dead.alive is False
+    assert dead == Node(**{**node.__dict__, "alive": False})
+
+
+def test_heartbeat_extends_a_live_node_and_reports_an_expired_one(store, client):
+    store.register_node(make_node("node-a"), ttl_s=1)
+    assert store.heartbeat_node("node-a", ttl_s=30) is True
+    assert 1_000 < client.pttl(Store.node_alive_key("node-a")) <= 30_000
+
+    client.delete(Store.node_alive_key("node-a"))
+    assert store.heartbeat_node("node-a", ttl_s=30) is False
+    assert not client.exists(Store.node_alive_key("node-a"))   # not revived by a heartbeat
+    assert store.list_nodes()[0].alive is False
+
+
+def test_list_nodes_mixes_alive_and_dead_sorted(store, client):
+    for node_id in ("node-c", "node-a", "node-b"):
+        store.register_node(make_node(node_id), ttl_s=10)
+    client.delete(Store.node_alive_key("node-b"))
+    assert [(n.node_id, n.alive) for n in store.list_nodes()] == [
+        ("node-a", True), ("node-b", False), ("node-c", True)
+    ]
+
+
+def test_forget_dead_nodes_keeps_live_busy_and_kept_ones(store, client):
+    for node_id in ("node-alive", "node-busy", "node-idle", "node-kept"):
+        store.register_node(make_node(node_id), ttl_s=10)
+    for node_id in ("node-busy", "node-idle", "node-kept"):
+        client.delete(Store.node_alive_key(node_id))
+    store.create_replica(make_replica("echo-1", node_id="node-busy"))
+    assert store.forget_dead_nodes(keep=["node-kept"]) == ["node-idle"]
+    assert [n.node_id for n in store.list_nodes()] == ["node-alive", "node-busy", "node-kept"]
+
+
+def test_unregister_node(store, client):
+    store.register_node(make_node("node-a"), ttl_s=10)
+    store.register_node(make_node("node-b"), ttl_s=10)
+    pubsub = store.subscribe()
+    store.unregister_node("node-a")
+    assert [n.node_id for n in store.list_nodes()] == ["node-b"]
+    assert not client.exists(Store.node_alive_key("node-a"))
+    assert notifications(pubsub) == ["node:node-a"]
+
+
+def test_no_nodes(store):
+    assert store.list_nodes() == []
+    assert store.forget_dead_nodes() == []
+
+
+# --------------------------------------------------------------------------- controller lease
+
+
+def test_lease_has_one_holder_at_a_time(store, client, server):
+    other = Store(fakeredis.FakeRedis(server=server))
+    assert store.acquire_lease("controller-a", ttl_s=5) is True
+    assert other.acquire_lease("controller-b", ttl_s=5) is False
+    assert 0 < client.pttl(Store.LEASE_KEY) <= 5_000
+
+    # The holder renews (and extends) its lease.
+    assert store.acquire_lease("controller-a", ttl_s=60) is True
+    assert 5_000 < client.pttl(Store.LEASE_KEY) <= 60_000
+    assert other.acquire_lease("controller-b", ttl_s=5) is False
+
+    # Only the holder can release it.
+    other.release_lease("controller-b")
+    assert client.get(Store.LEASE_KEY) == b"controller-a"
+    store.release_lease("controller-a")
+    assert not client.exists(Store.LEASE_KEY)
+    assert other.acquire_lease("controller-b", ttl_s=5) is True
+    assert store.acquire_lease("controller-a", ttl_s=5) is False
+
+
+def test_lease_passes_on_once_it_expired(store, client):
+    assert store.acquire_lease("controller-a", ttl_s=5)
+    client.delete(Store.LEASE_KEY)                     # the holder stopped renewing
+    assert store.acquire_lease("controller-b", ttl_s=5) is True
+    assert store.acquire_lease("controller-a", ttl_s=5) is False
+    store.release_lease("controller-a")                # a late release does not steal it
+    assert client.get(Store.LEASE_KEY) == b"controller-b"
+
+
+# --------------------------------------------------------------------------- notifications, names
+
+
+def test_wait_for_events(store):
+    pubsub = store.subscribe()
+    assert wait_for_events(pubsub, 0.05) is False
+    store.notify("a")
+    store.notify("b")
+    assert wait_for_events(pubsub, 1.0) is True
+    assert wait_for_events(pubsub, 0.05) is False     # the backlog was swallowed
+
+
+def test_queue_name():
+    assert queue_name("echo") == "taskserve.echo"
+
+
+def test_goal_record_is_json(store, client):
+    goal = store.write_goal(NAME, next_goal("v1"))
+    data = json.loads(client.get(Store.goal_key(NAME)))
+    assert data["generation"] == 1 and data["name"] == NAME
+    assert Goal.from_json(client.get(Store.goal_key(NAME))) == goal
