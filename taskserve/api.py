@@ -32,7 +32,7 @@ from .connection import current_store
 from .errors import DeploymentError, DeploymentNotFound
 from .handle import DeploymentHandle
 from .history import previous_goal
-from .spec import DeploymentOptions, check_name, replica_spec_hash, validate_options
+from .spec import DeploymentOptions, check_json_value, check_name, replica_spec_hash, validate_options
 from .state import DeploymentState, Goal
 from .store import Store, wait_for_events
 
@@ -60,6 +60,7 @@ class ReplicaInfo:
     node_id: str
     pid: Optional[int]
     message: str = ""
+    config_hash: str = ""       # the user_config this replica runs ("" when there is none)
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ class Deployment:
                 created_at=time.time(),
                 user_version=options.version,
                 restart_nonce=previous.restart_nonce if same_spec else "",
+                has_reconfigure=self._kind == "class" and callable(getattr(self._target, "reconfigure", None)),
             )
 
         goal = store.write_goal(self.name, make_goal, code=(code_sha, blob), event=_event("deploy"))
@@ -360,7 +362,7 @@ def deployment_status(name: str) -> DeploymentStatus:
         num_replicas=goal.num_replicas,
         generation=goal.generation,
         replicas=[
-            ReplicaInfo(r.replica_id, r.version, r.state.value, r.node_id, r.pid, r.message)
+            ReplicaInfo(r.replica_id, r.version, r.state.value, r.node_id, r.pid, r.message, r.applied_config_hash)
             for r in sorted(replicas, key=lambda r: (r.created_at, r.replica_id))
         ],
     )
@@ -384,6 +386,34 @@ def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: O
                        generation=previous.generation + 1, created_at=time.time())
 
     goal = store.write_goal(name, rescale, event=_event("scale"))
+    if goal is not None and wait:
+        wait_for_rollout(store, name, goal.generation, timeout)
+
+
+def reconfigure_deployment(name: str, user_config: Any, wait: bool = True, timeout: Optional[float] = None) -> None:
+    """Give every replica of ``name`` a new ``user_config`` in place: no restart.
+
+    What ``taskserve reconfigure NAME JSON`` does. Replicas switch in the same
+    batches as a rollout; if ``reconfigure`` rejects the config, the replicas that
+    switched go back and this raises :class:`DeploymentError`.
+    """
+    check_json_value(user_config, "user_config")
+    store = current_store()
+
+    def reconfigure(previous: Optional[Goal]) -> Optional[Goal]:
+        if previous is None or previous.deleting:
+            raise DeploymentNotFound(name)
+        if not previous.has_reconfigure:
+            raise ValueError(
+                f"deployment {name!r} has no reconfigure(self, config) method, so it cannot take a "
+                "user_config; add one and deploy it again"
+            )
+        if previous.options.get("user_config") == user_config:
+            return None
+        return replace(previous, options={**previous.options, "user_config": user_config},
+                       generation=previous.generation + 1, created_at=time.time())
+
+    goal = store.write_goal(name, reconfigure, event=_event("reconfigure"))
     if goal is not None and wait:
         wait_for_rollout(store, name, goal.generation, timeout)
 

@@ -350,10 +350,10 @@ def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bo
                   f"replicas {snapshot.num_replicas}  generation {snapshot.generation}")
     if snapshot.message:
         console.print(snapshot.message, markup=False, highlight=False)
-    table = Table("replica", "version", "state", "node", "pid", "message")
+    table = Table("replica", "version", "state", "node", "pid", "user_config", "message")
     for replica in snapshot.replicas:
         table.add_row(replica.replica_id, replica.version, _colored(replica.state), replica.node_id or "-",
-                      str(replica.pid or "-"), _first_line(replica.message))
+                      str(replica.pid or "-"), replica.config_hash or "-", _first_line(replica.message))
     console.print(table)
 
 
@@ -459,6 +459,20 @@ def scale(name: str, num_replicas: int, address: Optional[str], wait: bool, time
     _connect(address)
     api.scale_deployment(name, num_replicas, wait=wait, timeout=timeout)
     console.print(f"{name}: {num_replicas} replicas" + ("" if wait else " (scaling)"))
+
+
+@main.command()
+@click.argument("name")
+@click.argument("user_config")
+@ADDRESS_OPTION
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--timeout", type=float, default=None)
+def reconfigure(name: str, user_config: str, address: Optional[str], wait: bool, timeout: Optional[float]) -> None:
+    """Give NAME's replicas a new USER_CONFIG (JSON) in place, without a restart."""
+    config = _parse_json(user_config, "USER_CONFIG")
+    _connect(address)
+    api.reconfigure_deployment(name, config, wait=wait, timeout=timeout)
+    console.print(f"{name}: " + ("every replica runs the new user_config" if wait else "reconfiguring"))
 
 
 @main.command()

@@ -26,6 +26,7 @@ from .planner import (
     ForgetDeployment,
     ForgetReplica,
     PlaceReplica,
+    SetReplicaConfig,
     StartReplica,
     StopReplica,
     node_capacities,
@@ -153,6 +154,8 @@ class Controller:
             elif isinstance(action, StopReplica):
                 self.store.update_replica(action.replica_id, desired="stop")
                 notify = True
+            elif isinstance(action, SetReplicaConfig):
+                self.store.set_replica_config(action.replica_id, action.user_config, action.config_hash)
             elif isinstance(action, ForgetReplica):
                 record = records.get(action.replica_id)
                 if record is not None:

@@ -24,7 +24,7 @@ from .state import Goal
 
 
 def previous_goal(history: list[dict], current: Goal, version: str | None = None) -> Goal | None:
-    """The newest goal in ``history`` before ``current`` that ran other replicas.
+    """The newest goal in ``history`` before ``current`` that ran other code or config.
 
     With ``version``, the newest one of that version instead.
     """
@@ -38,6 +38,6 @@ def previous_goal(history: list[dict], current: Goal, version: str | None = None
         if version is not None:
             if candidate.version == version:
                 return candidate
-        elif candidate.spec_hash != current.spec_hash:   # a restart is not a version
-            return candidate
+        elif (candidate.spec_hash, candidate.user_config_hash) != (current.spec_hash, current.user_config_hash):
+            return candidate   # another version or user_config; a restart alone is neither
     return None

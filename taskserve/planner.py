@@ -62,6 +62,15 @@ class StopReplica:
 
 
 @dataclass(frozen=True)
+class SetReplicaConfig:
+    """Ask a replica to run another ``user_config`` (``reconfigure`` in place)."""
+
+    replica_id: str
+    user_config: str          # JSON
+    config_hash: str
+
+
+@dataclass(frozen=True)
 class ForgetReplica:
     """Remove the record of a replica that is gone (stopped, failed, lost)."""
 
@@ -76,7 +85,7 @@ class ForgetDeployment:
     """A deleted deployment has no replica left: remove its keys."""
 
 
-Action = Union[StartReplica, PlaceReplica, StopReplica, ForgetReplica, ForgetDeployment]
+Action = Union[StartReplica, PlaceReplica, StopReplica, SetReplicaConfig, ForgetReplica, ForgetDeployment]
 
 
 @dataclass(frozen=True)
@@ -286,6 +295,22 @@ def plan(
             result.actions.append(ForgetReplica(replica.replica_id))
     outdated_left = [r for r in outdated if r.replica_id not in stopped_ids]
 
+    # 2b. user_config in place: a replica reconfiguring is unavailable, so running
+    #     ones switch in the same batches as a rollout. One that rejects the new
+    #     config stops the update.
+    config_json = json.dumps(goal.options.get("user_config"), sort_keys=True)
+    goal_config = goal.user_config_hash
+    config_failed = [r for r in current if r.config_hash == goal_config and r.config_error]
+    stale = [r for r in current if r.config_hash != goal_config]
+    reconfiguring = [r for r in current if r.config_hash == goal_config and r.applied_config_hash != goal_config
+                     and r.state == ReplicaState.RUNNING and not r.config_error]
+    if not config_failed:
+        stale_serving = sorted((r for r in stale if r.is_available), key=lambda r: r.created_at)
+        available_after = sum(1 for r in active if r.is_available and r.replica_id not in stopped_ids)
+        allowed = len(stale_serving) if target == 0 else max(0, available_after - min_available)
+        for replica in [r for r in stale if not r.is_available] + stale_serving[:allowed]:
+            result.actions.append(SetReplicaConfig(replica.replica_id, config_json, goal_config))
+
     # 3. Place replicas waiting for room, then start what is missing.
     pending_reason = ""
     for replica in sorted(current, key=lambda r: r.created_at):
@@ -328,6 +353,8 @@ def plan(
                     memory=need.memory,
                     code_sha=goal.code_sha,
                     config=replica_config(goal),
+                    user_config=config_json,
+                    config_hash=goal_config,
                 )
             )
         )
@@ -336,12 +363,18 @@ def plan(
     current_running = [r for r in current if r.is_available]
     done = (
         len(current_running) == target
+        and not stale
         and not outdated_left
         and not [r for r in stopping + to_stop]
         and not result.actions
     )
     if done:
         result.status, result.message = DeploymentState.HEALTHY, ""
+    elif config_failed:
+        result.status = DeploymentState.UNHEALTHY
+        result.failed = True
+        result.last_error = config_failed[0].config_error
+        result.message = f"reconfigure failed on {config_failed[0].replica_id}: {_last_line(result.last_error)}"
     elif gave_up:
         result.status = DeploymentState.UNHEALTHY
         result.failed = True
@@ -352,6 +385,9 @@ def plan(
         updated = len(current_running)
         if any(r.spec_hash != goal.replica_spec for r in present):
             text = f"rolling to {goal.version}: {updated}/{target} replicas updated"
+        elif stale or reconfiguring:
+            synced = sum(1 for r in current if r.applied_config_hash == goal_config)
+            text = f"reconfiguring: {synced}/{len(current)} replicas run the new user_config"
         elif len(active) > target or stopping:
             text = f"scaling to {target}: {len(stopping) + len(to_stop)} draining"
         else:
@@ -367,7 +403,7 @@ def plan(
 def replica_config(goal: Goal) -> str:
     """The goal options a replica process needs, as the JSON its record carries."""
     keys = ("serializer", "max_concurrent_queries", "graceful_shutdown_timeout_s",
-            "health_check_period_s", "runtime_env", "user_config")
+            "health_check_period_s", "runtime_env")
     config = {key: goal.options.get(key) for key in keys}
     config["kind"] = goal.kind
     return json.dumps(config, sort_keys=True)

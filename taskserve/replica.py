@@ -25,7 +25,10 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import redis
 
 from celery import signals
 
@@ -33,7 +36,7 @@ from .celery_app import TASK_NAME, make_app
 from .code import unpack
 from .connection import make_store
 from .processes import die_with_parent
-from .state import ReplicaState
+from .state import Replica, ReplicaState
 from .store import Store, queue_name
 
 log = logging.getLogger("taskserve.replica")
@@ -47,47 +50,114 @@ INFLIGHT_FILE_ENV = "TASKSERVE_INFLIGHT_FILE"
 
 HEALTH_FAILURES_TO_REPLACE = 3
 
+# How often a replica re-reads its record even without a wake-up, so one that
+# missed a reconfigure message catches up.
+CONTROL_HEARTBEAT_S = 1.0
+
+
+class RequestGate:
+    """Keeps the object's upkeep (``reconfigure``, ``check_health``) apart from requests.
+
+    Requests enter shared (several at once when ``max_concurrent_queries > 1``);
+    upkeep enters alone, after the requests in hand finished and before new ones start.
+
+    >>> gate = RequestGate()
+    >>> with gate.request():
+    ...     gate.try_exclusive(timeout=0.01)
+    False
+    >>> gate.try_exclusive(timeout=0.01)
+    True
+    >>> gate.release_exclusive()
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._serving = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        with self._condition:
+            while self._exclusive or self._waiting_exclusive:
+                self._condition.wait()
+            self._serving += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._serving -= 1
+                self._condition.notify_all()
+
+    def try_exclusive(self, timeout: Optional[float] = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            self._waiting_exclusive += 1
+            try:
+                while self._exclusive or self._serving:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._condition.wait(remaining)
+                self._exclusive = True
+                return True
+            finally:
+                self._waiting_exclusive -= 1
+                self._condition.notify_all()
+
+    def release_exclusive(self) -> None:
+        with self._condition:
+            self._exclusive = False
+            self._condition.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        self.try_exclusive()
+        try:
+            yield
+        finally:
+            self.release_exclusive()
+
 
 class Dispatcher:
     """Calls the user's object for each request.
-
-    With one request at a time (``max_concurrent_queries=1``), requests and the
-    object's own upkeep (``check_health``) take turns under one lock.
 
     >>> dispatcher = Dispatcher(lambda name: f"hi {name}", kind="function")
     >>> dispatcher("__call__", ["bob"], {})
     'hi bob'
     """
 
-    def __init__(self, target: Any, kind: str, exclusive: bool = True) -> None:
+    def __init__(self, target: Any, kind: str) -> None:
         self.target = target
         self.kind = kind
-        self.lock = threading.Lock() if exclusive else None
+        self.gate = RequestGate()
 
     def __call__(self, method: str, args: list, kwargs: dict) -> Any:
-        if self.lock is None:
-            return self._call(method, args, kwargs)
-        with self.lock:
+        with self.gate.request():
             return self._call(method, args, kwargs)
 
-    def check_health(self, wait_s: float) -> bool | None:
+    def has(self, method: str) -> bool:
+        return self.kind == "class" and callable(getattr(self.target, method, None))
+
+    def check_health(self, wait_s: float) -> Optional[bool]:
         """Run the object's ``check_health()``: True if it passed, None if it was busy.
 
         Raises what ``check_health`` raised.
         """
-        check = getattr(self.target, "check_health", None) if self.kind == "class" else None
-        if check is None:
+        if not self.has("check_health"):
             return True
-        if self.lock is not None and not self.lock.acquire(timeout=wait_s):
+        if not self.gate.try_exclusive(timeout=wait_s):
             return None  # serving a long request; not a failure
         try:
-            result = check()
-            if inspect.isawaitable(result):
-                asyncio.run(_await(result))
+            _run(self.target.check_health())
             return True
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            self.gate.release_exclusive()
+
+    def reconfigure(self, user_config: Any) -> None:
+        """Call ``reconfigure(user_config)`` with no request in flight."""
+        with self.gate.exclusive():
+            _run(self.target.reconfigure(user_config))
 
     def _call(self, method: str, args: list, kwargs: dict) -> Any:
         if method == "__call__":
@@ -98,10 +168,14 @@ class Dispatcher:
             raise AttributeError(f"method {method!r} is private; only public methods can be called")
         else:
             function = getattr(self.target, method)
-        result = function(*args, **kwargs)
-        if inspect.isawaitable(result):
-            result = asyncio.run(_await(result))
-        return result
+        return _run(function(*args, **kwargs))
+
+
+def _run(result: Any) -> Any:
+    """The value of ``result``, awaiting it if the user's method was ``async``."""
+    if inspect.isawaitable(result):
+        return asyncio.run(_await(result))
+    return result
 
 
 async def _await(awaitable: Any) -> Any:
@@ -128,17 +202,74 @@ class ReplicaProcess:
         self.record = record
         self.config = json.loads(record.config)
         self.inflight_path = os.environ.get(INFLIGHT_FILE_ENV, "")
+        self.applied_config_hash = ""
+        self.draining = False
 
     def load(self) -> Dispatcher:
+        """Construct the object and give it its user_config: all before any request."""
         target, init_args, init_kwargs = unpack(self.store.get_code(self.record.code_sha))
         kind = self.config.get("kind", "class")
-        instance = construct(target, kind, init_args, init_kwargs)
-        exclusive = int(self.config.get("max_concurrent_queries") or 1) == 1
-        return Dispatcher(instance, kind, exclusive=exclusive)
+        dispatcher = Dispatcher(construct(target, kind, init_args, init_kwargs), kind)
+        record = self.store.get_replica(self.replica_id) or self.record
+        if record.config_hash:
+            dispatcher.reconfigure(json.loads(record.user_config))
+        self.applied_config_hash = record.config_hash
+        self.store.update_replica(self.replica_id, applied_config_hash=record.config_hash)
+        return dispatcher
+
+    def follow_config(self, dispatcher: Dispatcher) -> None:
+        """Apply each new user_config the controller gives this replica, in place.
+
+        Woken by a control message, and re-reading the record every second anyway.
+        """
+        rejected = ""
+
+        def loop() -> None:
+            nonlocal rejected
+            while not self.draining:
+                try:
+                    self.store.wait_for_control(self.replica_id, CONTROL_HEARTBEAT_S)
+                    record = self.store.get_replica(self.replica_id)
+                except redis.RedisError as error:
+                    log.warning("cannot read this replica's record (%s); retrying", error)
+                    time.sleep(CONTROL_HEARTBEAT_S)
+                    continue
+                if record is None or self.draining:
+                    return
+                if record.config_hash in (self.applied_config_hash, rejected):
+                    continue
+                if self.apply_config(dispatcher, record):
+                    rejected = ""
+                else:
+                    rejected = record.config_hash
+
+        threading.Thread(target=loop, name="follow_config", daemon=True).start()
+
+    def apply_config(self, dispatcher: Dispatcher, record: Replica) -> bool:
+        """Run ``reconfigure`` with the record's user_config; record the outcome."""
+        self.store.update_replica(self.replica_id, state=ReplicaState.RECONFIGURING)
+        self.store.notify(f"replica:{self.record.deployment}")
+        try:
+            dispatcher.reconfigure(json.loads(record.user_config))
+        except Exception as error:
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            log.error("reconfigure rejected user_config %s:\n%s", record.config_hash, text)
+            fields = {"config_error": text}
+            ok = False
+        else:
+            log.info("reconfigured to user_config %s", record.config_hash)
+            self.applied_config_hash = record.config_hash
+            fields = {"applied_config_hash": record.config_hash, "config_error": ""}
+            ok = True
+        if not self.draining:
+            fields["state"] = ReplicaState.RUNNING
+        self.store.update_replica(self.replica_id, **fields)
+        self.store.notify(f"replica:{self.record.deployment}")
+        return ok
 
     def watch_health(self, dispatcher: Dispatcher) -> None:
         """Call ``check_health()`` every period; after 3 failures in a row, ask to be replaced."""
-        if dispatcher.kind != "class" or not callable(getattr(dispatcher.target, "check_health", None)):
+        if not dispatcher.has("check_health"):
             return
         period = float(self.config.get("health_check_period_s") or 10)
 
@@ -193,12 +324,14 @@ class ReplicaProcess:
         @signals.worker_ready.connect(weak=False)
         def on_ready(**_: Any) -> None:
             self.watch_health(dispatcher)
+            self.follow_config(dispatcher)
             self.store.update_replica(self.replica_id, state=ReplicaState.RUNNING, pid=os.getpid(), message="")
             self.store.notify(f"replica:{self.record.deployment}")
             log.info("replica %s serves %s", self.replica_id, queue_name(self.record.deployment))
 
         @signals.worker_shutting_down.connect(weak=False)
         def on_shutdown(**_: Any) -> None:
+            self.draining = True
             self.store.update_replica(self.replica_id, state=ReplicaState.DRAINING)
 
         worker = app.Worker(

@@ -14,10 +14,25 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
+
+
+def config_hash(user_config: Any) -> str:
+    """A short stable hash of a JSON-able ``user_config``.
+
+    >>> config_hash({"b": 1, "a": 2}) == config_hash({"a": 2, "b": 1})
+    True
+    >>> config_hash(None)     # no user_config: nothing to reconfigure
+    ''
+    """
+    if user_config is None:
+        return ""
+    text = json.dumps(user_config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class ReplicaState(str, Enum):
@@ -83,6 +98,12 @@ class Goal:
     created_at: float = 0.0
     user_version: Optional[str] = None  # the version the user set, None if generated
     restart_nonce: str = ""             # changed by `taskserve restart`: same version, new processes
+    has_reconfigure: bool = False       # the class defines reconfigure(self, config)
+
+    @property
+    def user_config_hash(self) -> str:
+        """Identifies the goal's ``user_config``; replicas report the one they run."""
+        return config_hash(self.options.get("user_config"))
 
     @property
     def replica_spec(self) -> str:
@@ -128,12 +149,21 @@ class Replica:
     num_gpus: float = 0.0
     memory: int = 0
     unhealthy: bool = False              # check_health() failed 3 times in a row
+    user_config: str = "null"            # JSON of the user_config the replica should run
+    config_hash: str = ""                # hash of that user_config (written by the controller)
+    applied_config_hash: str = ""        # the one reconfigure() last accepted (written by the replica)
+    config_error: str = ""               # traceback of reconfigure() rejecting config_hash
     code_sha: str = ""                   # what the process loads (see taskserve.code)
     config: str = "{}"                   # JSON: the goal options the process needs
 
     @property
     def is_available(self) -> bool:
-        return self.state == ReplicaState.RUNNING and self.desired == "run" and not self.unhealthy
+        return (
+            self.state == ReplicaState.RUNNING
+            and self.desired == "run"
+            and not self.unhealthy
+            and self.applied_config_hash == self.config_hash
+        )
 
     @property
     def is_gone(self) -> bool:
@@ -173,6 +203,10 @@ class Replica:
             num_gpus=float(fields.get("num_gpus") or 0),
             memory=int(fields.get("memory") or 0),
             unhealthy=fields.get("unhealthy") == "1",
+            user_config=fields.get("user_config") or "null",
+            config_hash=fields.get("config_hash", ""),
+            applied_config_hash=fields.get("applied_config_hash", ""),
+            config_error=fields.get("config_error", ""),
             code_sha=fields.get("code_sha", ""),
             config=fields.get("config") or "{}",
         )

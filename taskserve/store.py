@@ -13,6 +13,7 @@ key                                    type      what
 ``{p}:codes:{name}``                   set       code shas a deployment refers to
 ``{p}:replicas:{name}``                set       replica ids of a deployment
 ``{p}:replica:{replica_id}``           hash      one replica (see Replica)
+``{p}:control:{replica_id}``           list      wake-ups for a replica to re-read its record
 ``{p}:node-replicas:{node_id}``        set       replica ids assigned to a node
 ``{p}:nodes``                          hash      node id -> node record (JSON)
 ``{p}:node-alive:{node_id}``           string    exists while the node agent heartbeats
@@ -105,6 +106,10 @@ class Store:
     @staticmethod
     def replica_key(replica_id: str) -> str:
         return f"{PREFIX}:replica:{replica_id}"
+
+    @staticmethod
+    def control_key(replica_id: str) -> str:
+        return f"{PREFIX}:control:{replica_id}"
 
     @staticmethod
     def node_replicas_key(node_id: str) -> str:
@@ -296,9 +301,27 @@ class Store:
             args += [field, "" if value is None else str(getattr(value, "value", value))]
         return bool(self._update_replica(keys=[self.replica_key(replica_id)], args=args))
 
+    def set_replica_config(self, replica_id: str, user_config: str, config_hash: str) -> bool:
+        """Give a replica a new user_config and wake it; it acknowledges by writing
+        ``applied_config_hash`` (or ``config_error``) to its record."""
+        if not self.update_replica(replica_id, user_config=user_config, config_hash=config_hash, config_error=""):
+            return False
+        with self.redis.pipeline() as pipe:
+            pipe.rpush(self.control_key(replica_id), "config")
+            pipe.expire(self.control_key(replica_id), 600)
+            pipe.execute()
+        return True
+
+    def wait_for_control(self, replica_id: str, timeout_s: float) -> bool:
+        """Block until the replica is woken or ``timeout_s`` passes; True if woken."""
+        woken = self.redis.blpop([self.control_key(replica_id)], timeout=timeout_s)
+        if woken:
+            self.redis.delete(self.control_key(replica_id))   # one re-read covers every wake-up
+        return bool(woken)
+
     def forget_replica(self, replica: Replica) -> None:
         with self.redis.pipeline() as pipe:
-            pipe.delete(self.replica_key(replica.replica_id))
+            pipe.delete(self.replica_key(replica.replica_id), self.control_key(replica.replica_id))
             pipe.srem(self.replicas_key(replica.deployment), replica.replica_id)
             if replica.node_id:
                 pipe.srem(self.node_replicas_key(replica.node_id), replica.replica_id)
