@@ -223,3 +223,21 @@ def test_constructor_failure_fails_the_first_deploy(connected, unique_name):
     status = taskserve.get_deployment(unique_name).status()
     assert status.status == "UNHEALTHY" and "model file missing" in status.message
     broken.delete()
+
+
+def test_max_concurrent_queries_serves_requests_at_once(connected, unique_name):
+    class Meeting:
+        def __init__(self):
+            import threading
+            self.barrier = threading.Barrier(3)
+
+        def __call__(self):
+            # Passes only if three requests wait here at the same time.
+            self.barrier.wait(timeout=20)
+            return os.getpid()
+
+    model = taskserve.deployment(Meeting).options(name=unique_name, max_concurrent_queries=3)
+    model.deploy()
+    responses = [model.get_handle().remote() for _ in range(3)]
+    assert len({response.result(timeout=30) for response in responses}) == 1
+    model.delete()

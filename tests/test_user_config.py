@@ -22,15 +22,20 @@ class Tunable:
     def __init__(self) -> None:
         self.config = None
         self.seen = []
+        self.reconfiguring = False
 
     def reconfigure(self, config) -> None:
         if config.get("fail"):
             raise ValueError(f"cannot use {config}")
+        self.reconfiguring = True
         time.sleep(config.get("sleep", 0))
         self.config = config
         self.seen.append(config)
+        self.reconfiguring = False
 
     def __call__(self, request_id=None):
+        if self.reconfiguring:
+            raise RuntimeError("a request ran while reconfigure was running")
         return [self.config, request_id, os.getpid()]
 
     def history(self):
