@@ -51,21 +51,28 @@ THREAD_LIMIT_VARS = (
 )
 
 
-def replica_environment(base: dict[str, str], config: dict) -> dict[str, str]:
+def replica_environment(base: dict[str, str], config: dict, gpu_ids: list[int]) -> dict[str, str]:
     """The environment of a replica process.
 
     The agent's own environment, with each thread limit defaulting to 1, then the
-    deployment's ``runtime_env["env_vars"]`` over it (later wins).
+    deployment's ``runtime_env["env_vars"]`` over it (later wins). The GPUs the
+    replica holds are its ``CUDA_VISIBLE_DEVICES`` (empty for a CPU replica),
+    counted within the agent's own ``CUDA_VISIBLE_DEVICES`` when that is set.
 
-    >>> env = replica_environment({"OMP_NUM_THREADS": "4"}, {"runtime_env": {"env_vars": {"A": "b"}}})
-    >>> env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"], env["A"]
-    ('4', '1', 'b')
+    >>> env = replica_environment({"OMP_NUM_THREADS": "4", "CUDA_VISIBLE_DEVICES": "2,3"},
+    ...                           {"runtime_env": {"env_vars": {"A": "b"}}}, gpu_ids=[1])
+    >>> env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"], env["A"], env["CUDA_VISIBLE_DEVICES"]
+    ('4', '1', 'b', '3')
     """
     env = dict(base)
     for name in THREAD_LIMIT_VARS:
         env.setdefault(name, "1")
     env_vars = ((config.get("runtime_env") or {}).get("env_vars")) or {}
     env.update(env_vars)
+    node_gpus = [item for item in base.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(
+        node_gpus[gpu_id] if gpu_id < len(node_gpus) else str(gpu_id) for gpu_id in gpu_ids
+    )
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -190,7 +197,7 @@ class NodeAgent:
         log_path = self.log_dir / f"{record.replica_id}.log"
         log_file = open(log_path, "ab")
         inflight_path = self.log_dir / f"{record.replica_id}.inflight"
-        env = replica_environment(dict(os.environ), config)
+        env = replica_environment(dict(os.environ), config, record.gpu_id_list)
         env[INFLIGHT_FILE_ENV] = str(inflight_path)
         popen = subprocess.Popen(
             [sys.executable, "-m", "taskserve.replica", "--address", self.address, "--replica-id", record.replica_id],

@@ -149,7 +149,7 @@ class Controller:
                 self.store.create_replica(action.replica)
                 notify = True
             elif isinstance(action, PlaceReplica):
-                self.store.place_replica(action.replica_id, action.node_id)
+                self.store.place_replica(action.replica_id, action.node_id, action.gpu_ids)
                 notify = True
             elif isinstance(action, StopReplica):
                 self.store.update_replica(action.replica_id, desired="stop")

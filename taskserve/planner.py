@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState, Resources
@@ -48,10 +48,11 @@ class StartReplica:
 
 @dataclass(frozen=True)
 class PlaceReplica:
-    """Assign a pending replica to a node that now has room."""
+    """Assign a pending replica to a node that now has room (and GPUs by id)."""
 
     replica_id: str
     node_id: str
+    gpu_ids: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,33 @@ Action = Union[StartReplica, PlaceReplica, StopReplica, SetReplicaConfig, Forget
 
 @dataclass(frozen=True)
 class NodeCapacity:
-    """A live node and the resources still free on it."""
+    """A live node and the resources still free on it.
+
+    ``gpu_free`` is the free share of each GPU by id; left empty, the node's free
+    GPUs count as whole GPUs from id 0 (and a final fraction).
+    """
 
     node_id: str
     free: Resources
+    gpu_free: tuple[float, ...] = ()
+
+    def gpus(self) -> tuple[float, ...]:
+        if self.gpu_free or self.free.num_gpus <= 0:
+            return self.gpu_free
+        whole = int(self.free.num_gpus + 1e-9)
+        rest = self.free.num_gpus - whole
+        return (1.0,) * whole + ((rest,) if rest > 1e-9 else ())
+
+    def take(self, need: Resources, gpu_ids: Sequence[int]) -> "NodeCapacity":
+        """This node after a replica needing ``need`` took the GPUs ``gpu_ids``."""
+        gpus = list(self.gpus())
+        if need.num_gpus > 0 and not gpu_ids:
+            gpu_ids = assign_gpus(need.num_gpus, gpus) or ()
+        share = need.num_gpus if need.num_gpus < 1 else 1.0
+        for gpu_id in gpu_ids:
+            if gpu_id < len(gpus):
+                gpus[gpu_id] -= share
+        return NodeCapacity(self.node_id, self.free - need, tuple(gpus))
 
 
 @dataclass
@@ -150,6 +174,25 @@ def retry_delay(failed_starts: int) -> float:
     return min(10.0, 0.25 * 2 ** (failed_starts - 1))
 
 
+def assign_gpus(need: float, gpu_free: Sequence[float]) -> Optional[tuple[int, ...]]:
+    """The GPU ids for a replica needing ``need`` GPUs, or None if they are not free.
+
+    A fraction shares one GPU (the fullest one it fits on, so fractions pack); a
+    whole number takes that many GPUs that are entirely free.
+
+    >>> assign_gpus(0.5, [1.0, 0.5]), assign_gpus(2, [1.0, 0.5, 1.0]), assign_gpus(0.6, [0.5, 0.5])
+    ((1,), (0, 2), None)
+    """
+    if need <= 0:
+        return ()
+    if need < 1:
+        fits = [(free, gpu_id) for gpu_id, free in enumerate(gpu_free) if free + 1e-9 >= need]
+        return (min(fits)[1],) if fits else None
+    count = math.ceil(need - 1e-9)
+    whole = [gpu_id for gpu_id, free in enumerate(gpu_free) if free >= 1 - 1e-9]
+    return tuple(whole[:count]) if len(whole) >= count else None
+
+
 def place(
     need: Resources,
     nodes: Sequence[NodeCapacity],
@@ -162,7 +205,10 @@ def place(
     >>> place(Resources(4), [NodeCapacity("a", Resources(2)), NodeCapacity("b", Resources(1))], {})
     (None, 'needs 4 CPUs; the largest free is 2 on a')
     """
-    fitting = [node for node in nodes if need.fits_in(node.free)]
+    fitting = [
+        node for node in nodes
+        if need.fits_in(node.free) and assign_gpus(need.num_gpus, node.gpus()) is not None
+    ]
     if fitting:
         best = min(fitting, key=lambda n: (spread.get(n.node_id, 0), -n.free.num_cpus, n.node_id))
         return best.node_id, ""
@@ -180,6 +226,8 @@ def _missing(need: Resources, nodes: Sequence[NodeCapacity]) -> str:
         largest = max(nodes, key=free_of)
         if wanted > free_of(largest) + 1e-9:
             return f"needs {fmt(wanted)} {label}; the largest free is {fmt(free_of(largest))} on {largest.node_id}"
+    if any(need.fits_in(node.free) for node in nodes):
+        return f"needs {_num(need.num_gpus)} GPUs; the free GPU shares are split over several GPUs"
     return "no single node has all of the resources at once"
 
 
@@ -246,7 +294,7 @@ def plan(
     backing_off = failed_starts > 0 and now < last_failure_at + retry_delay(failed_starts)
     result.failed_starts, result.last_error, result.last_failure_at = failed_starts, last_error, last_failure_at
 
-    free = {node.node_id: node.free for node in nodes}
+    free = {node.node_id: node for node in nodes}
     spread: dict[str, int] = {}
     for replica in active:
         if replica.node_id:
@@ -316,13 +364,14 @@ def plan(
     for replica in sorted(current, key=lambda r: r.created_at):
         if replica.node_id:
             continue
-        node_id, reason = place(replica.resources, _capacities(free), spread)
+        node_id, reason = place(replica.resources, list(free.values()), spread)
         if node_id is None:
             pending_reason = reason
             continue
-        free[node_id] = free[node_id] - replica.resources
+        gpu_ids = assign_gpus(replica.num_gpus, free[node_id].gpus()) or ()
+        free[node_id] = free[node_id].take(replica.resources, gpu_ids)
         spread[node_id] = spread.get(node_id, 0) + 1
-        result.actions.append(PlaceReplica(replica.replica_id, node_id))
+        result.actions.append(PlaceReplica(replica.replica_id, node_id, _ids(gpu_ids)))
 
     missing = target - len(current)
     room = target + surge - (len(current) + len(outdated_left))
@@ -331,11 +380,13 @@ def plan(
         starts = 0
     need = goal.resources
     for _ in range(starts):
-        node_id, reason = place(need, _capacities(free), spread)
+        node_id, reason = place(need, list(free.values()), spread)
+        gpu_ids: tuple[int, ...] = ()
         if node_id is None:
             pending_reason = reason
         else:
-            free[node_id] = free[node_id] - need
+            gpu_ids = assign_gpus(need.num_gpus, free[node_id].gpus()) or ()
+            free[node_id] = free[node_id].take(need, gpu_ids)
             spread[node_id] = spread.get(node_id, 0) + 1
         result.actions.append(
             StartReplica(
@@ -355,6 +406,7 @@ def plan(
                     config=replica_config(goal),
                     user_config=config_json,
                     config_hash=goal_config,
+                    gpu_ids=_ids(gpu_ids),
                 )
             )
         )
@@ -435,8 +487,8 @@ def _surge_blocked(current: list[Replica], goal: Goal, nodes: Sequence[NodeCapac
     return not any(goal.resources.fits_in(node.free) for node in nodes)
 
 
-def _capacities(free: dict[str, Resources]) -> list[NodeCapacity]:
-    return [NodeCapacity(node_id, resources) for node_id, resources in sorted(free.items())]
+def _ids(gpu_ids: Sequence[int]) -> str:
+    return ",".join(str(gpu_id) for gpu_id in gpu_ids)
 
 
 def _last_line(error: str) -> str:
@@ -448,24 +500,32 @@ def node_capacities(nodes: Iterable, replicas: Iterable[Replica]) -> list[NodeCa
     """Free resources of each live node: its total less what its replicas reserve.
 
     ``nodes`` are :class:`taskserve.state.Node`; a replica holds its resources
-    until it has exited.
+    (and its GPUs, by id) until it has exited.
     """
-    used: dict[str, Resources] = {}
-    for replica in replicas:
-        if replica.node_id and not replica.is_gone:
-            used[replica.node_id] = used.get(replica.node_id, Resources()) + replica.resources
-    return [
-        NodeCapacity(node.node_id, node.total - used.get(node.node_id, Resources()))
-        for node in nodes
-        if node.alive
-    ]
+    replicas = [r for r in replicas if r.node_id and not r.is_gone]
+    capacities = []
+    for node in nodes:
+        if not node.alive:
+            continue
+        capacity = NodeCapacity(node.node_id, node.total)
+        capacity = NodeCapacity(node.node_id, node.total, capacity.gpus())
+        for replica in replicas:
+            if replica.node_id == node.node_id:
+                capacity = capacity.take(replica.resources, replica.gpu_id_list)
+        capacities.append(capacity)
+    return capacities
 
 
 def reserve(capacities: list[NodeCapacity], actions: Iterable[Action], need: Resources) -> list[NodeCapacity]:
     """Capacities after the starts and placements in ``actions`` took ``need`` each."""
-    taken: dict[str, Resources] = {}
+    by_node = {capacity.node_id: capacity for capacity in capacities}
     for action in actions:
-        node_id = action.replica.node_id if isinstance(action, StartReplica) else getattr(action, "node_id", "")
-        if isinstance(action, (StartReplica, PlaceReplica)) and node_id:
-            taken[node_id] = taken.get(node_id, Resources()) + need
-    return [replace(c, free=c.free - taken.get(c.node_id, Resources())) for c in capacities]
+        if isinstance(action, StartReplica):
+            node_id, gpu_ids = action.replica.node_id, action.replica.gpu_id_list
+        elif isinstance(action, PlaceReplica):
+            node_id, gpu_ids = action.node_id, [int(i) for i in action.gpu_ids.split(",") if i]
+        else:
+            continue
+        if node_id in by_node:
+            by_node[node_id] = by_node[node_id].take(need, gpu_ids)
+    return [by_node[capacity.node_id] for capacity in capacities]

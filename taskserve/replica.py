@@ -182,6 +182,25 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+def align_thread_pools() -> None:
+    """Give OpenCV and PyTorch the same thread limit as OMP_NUM_THREADS.
+
+    Both size their own pools when imported, so one imported before the limit
+    changed (say by ``os.environ`` in ``__init__``) would keep its old size.
+    """
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    if not limit.isdigit():
+        return
+    threads = int(limit)
+    if "cv2" in sys.modules and hasattr(sys.modules["cv2"], "setNumThreads"):
+        sys.modules["cv2"].setNumThreads(threads)
+        log.info("OpenCV imported: cv2.setNumThreads(%d) to match OMP_NUM_THREADS", threads)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "set_num_threads") and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        log.info("PyTorch imported: torch.set_num_threads(%d) to match OMP_NUM_THREADS", threads)
+
+
 def construct(target: Any, kind: str, init_args: tuple, init_kwargs: dict) -> Any:
     """The object requests are served by: an instance of a class, or the function."""
     if kind == "function":
@@ -210,6 +229,7 @@ class ReplicaProcess:
         target, init_args, init_kwargs = unpack(self.store.get_code(self.record.code_sha))
         kind = self.config.get("kind", "class")
         dispatcher = Dispatcher(construct(target, kind, init_args, init_kwargs), kind)
+        align_thread_pools()
         record = self.store.get_replica(self.replica_id) or self.record
         if record.config_hash:
             dispatcher.reconfigure(json.loads(record.user_config))

@@ -153,6 +153,7 @@ class Replica:
     config_hash: str = ""                # hash of that user_config (written by the controller)
     applied_config_hash: str = ""        # the one reconfigure() last accepted (written by the replica)
     config_error: str = ""               # traceback of reconfigure() rejecting config_hash
+    gpu_ids: str = ""                    # "0,1": the node's GPUs this replica holds
     code_sha: str = ""                   # what the process loads (see taskserve.code)
     config: str = "{}"                   # JSON: the goal options the process needs
 
@@ -172,6 +173,10 @@ class Replica:
     @property
     def resources(self) -> Resources:
         return Resources(self.num_cpus, self.num_gpus, self.memory)
+
+    @property
+    def gpu_id_list(self) -> list[int]:
+        return [int(gpu_id) for gpu_id in self.gpu_ids.split(",") if gpu_id]
 
     def to_fields(self) -> dict[str, str]:
         """The Redis hash fields of this record."""
@@ -207,6 +212,7 @@ class Replica:
             config_hash=fields.get("config_hash", ""),
             applied_config_hash=fields.get("applied_config_hash", ""),
             config_error=fields.get("config_error", ""),
+            gpu_ids=fields.get("gpu_ids", ""),
             code_sha=fields.get("code_sha", ""),
             config=fields.get("config") or "{}",
         )

@@ -286,9 +286,9 @@ class Store:
                 pipe.sadd(self.node_replicas_key(replica.node_id), replica.replica_id)
             pipe.execute()
 
-    def place_replica(self, replica_id: str, node_id: str) -> None:
+    def place_replica(self, replica_id: str, node_id: str, gpu_ids: str = "") -> None:
         with self.redis.pipeline() as pipe:
-            pipe.hset(self.replica_key(replica_id), mapping={"node_id": node_id, "message": ""})
+            pipe.hset(self.replica_key(replica_id), mapping={"node_id": node_id, "gpu_ids": gpu_ids, "message": ""})
             pipe.sadd(self.node_replicas_key(node_id), replica_id)
             pipe.execute()
 

@@ -57,19 +57,21 @@ class Cluster:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         return env
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "taskserve", *args, "--address", self.url],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(), cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**self.env(), **(env or {})},
+            cwd=REPO,
         )
         self.processes[name] = process
         return process
 
-    def start_agent(self, node_id: str, num_cpus: float = 16, *extra: str) -> subprocess.Popen:
+    def start_agent(self, node_id: str, num_cpus: float = 16, *extra: str,
+                    env: Optional[dict[str, str]] = None) -> subprocess.Popen:
         process = self.start(
             f"agent-{node_id}", "agent", "--node-id", node_id, "--num-cpus", str(num_cpus),
-            "--data-dir", str(self.workdir / node_id), *extra,
+            "--data-dir", str(self.workdir / node_id), *extra, env=env,
         )
         store = taskserve.connect(self.url)
         wait_until(lambda: any(n.node_id == node_id and n.alive for n in store.list_nodes()),
@@ -95,13 +97,14 @@ class Cluster:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.workdir.glob("*.log"))
 
 
-def start_cluster(workdir: Path, agents: tuple[str, ...] = ("node-a",), num_cpus: float = 16) -> Cluster:
+def start_cluster(workdir: Path, agents: tuple[str, ...] = ("node-a",), num_cpus: float = 16,
+                  *agent_args: str) -> Cluster:
     workdir.mkdir(parents=True, exist_ok=True)
     cluster = Cluster(RedisServer().start(), workdir)
     taskserve.connect(cluster.url)
     cluster.start("controller", "controller", "--resync", "0.5")
     for node_id in agents:
-        cluster.start_agent(node_id, num_cpus)
+        cluster.start_agent(node_id, num_cpus, *agent_args)
     return cluster
 
 

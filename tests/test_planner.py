@@ -102,6 +102,7 @@ def rep(
     num_cpus: float = 1,
     num_gpus: float = 0,
     memory: int = 0,
+    gpu_ids: str = "",
 ) -> Replica:
     return Replica(
         replica_id=replica_id,
@@ -117,6 +118,7 @@ def rep(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         memory=memory,
+        gpu_ids=gpu_ids,
     )
 
 
@@ -245,10 +247,26 @@ def test_node_capacities_subtract_reservations_and_skip_dead_nodes():
         rep("r7", node_id="node-dead", num_cpus=1),
     ]
     result = node_capacities(nodes, replicas)
-    assert result == [
-        NodeCapacity("node-a", Resources(5, 1.5, 850)),
-        NodeCapacity("node-b", Resources(2.5, 0, 1000)),
+    assert [(c.node_id, c.free) for c in result] == [
+        ("node-a", Resources(5, 1.5, 850)),
+        ("node-b", Resources(2.5, 0, 1000)),
     ]
+    assert result[0].gpu_free == (0.5, 1.0)     # r1's half GPU is on GPU 0
+
+
+def test_gpu_ids_pack_fractions_and_take_whole_gpus():
+    goal = replace(make_goal(3), options={**make_goal(3).options, "num_cpus": 0, "num_gpus": 0.5})
+    result = run_plan(goal, [], nodes=[cap("node-a", 8, 2)])
+    ids = sorted(start.replica.gpu_ids for start in of_type(result, StartReplica))
+    assert ids == ["0", "0", "1"]           # two halves share GPU 0, the third goes to GPU 1
+    whole = replace(make_goal(1), options={**make_goal(1).options, "num_cpus": 0, "num_gpus": 2})
+    [start] = of_type(run_plan(whole, [], nodes=[cap("node-a", 8, 3)]), StartReplica)
+    assert start.replica.gpu_ids == "0,1"
+    taken = node_capacities([Node("node-a", Resources(8, 2, 100))],
+                            [rep("r1", node_id="node-a", num_gpus=0.6, gpu_ids="0"),
+                             rep("r2", node_id="node-a", num_gpus=0.6, gpu_ids="1")])
+    assert place(Resources(0, 0.6), taken, {}) == (
+        None, "needs 0.6 GPUs; the free GPU shares are split over several GPUs")
 
 
 def test_reserve_takes_need_for_each_placed_start_and_placement():
@@ -263,7 +281,9 @@ def test_reserve_takes_need_for_each_placed_start_and_placement():
         ForgetReplica("x6"),
     ]
     result = reserve(capacities, actions, need)
-    assert result == [cap("node-a", 2, 0, 80), cap("node-b", 3, -0.5, 90), cap("node-c", 4, 0, 100)]
+    assert [(c.node_id, c.free) for c in result] == [
+        ("node-a", Resources(2, 0, 80)), ("node-b", Resources(3, -0.5, 90)), ("node-c", Resources(4, 0, 100))]
+    assert result[0].gpu_free == (0.0,)       # both halves on GPU 0
     # The input is not modified.
     assert capacities[0] == cap("node-a", 4, 1, 100)
 
@@ -508,7 +528,8 @@ def test_replica_config_carries_the_options_a_replica_needs():
     goal = replace(make_goal(1), options={**make_goal(1).options, "user_config": {"a": 1}, "serializer": "pickle"})
     [start] = of_type(run_plan(goal, []), StartReplica)
     config = json.loads(start.replica.config)
-    assert config["user_config"] == {"a": 1}
+    assert json.loads(start.replica.user_config) == {"a": 1}
+    assert start.replica.config_hash == goal.user_config_hash != ""
     assert config["serializer"] == "pickle"
     assert config["kind"] == "class"
     assert start.replica.code_sha == "code"
