@@ -29,7 +29,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Optional
 
@@ -37,10 +38,14 @@ import psutil
 
 from .celery_app import make_app
 from .replica import EXIT_CONSTRUCTOR_FAILED, INFLIGHT_FILE_ENV
-from .state import Node, Replica, ReplicaState, Resources
+from .runtime_env import EnvironmentCache, env_key, unpack_working_dir
+from .state import Node, Replica, ReplicaState, Resources, package_sha
 from .store import Store, wait_for_events
 
 log = logging.getLogger("taskserve.agent")
+
+INSTALLING_MESSAGE = "installing runtime env"
+FAILED_BUILD_MEMORY_S = 30.0   # a failed install is not retried sooner for the same pip list
 
 THREAD_LIMIT_VARS = (
     "OMP_NUM_THREADS",
@@ -87,7 +92,6 @@ class ManagedProcess:
     graceful_timeout_s: float
     drain_deadline: Optional[float] = None
     killed: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class NodeAgent:
@@ -114,6 +118,10 @@ class NodeAgent:
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.resync_s = resync_s
         self.processes: dict[str, ManagedProcess] = {}
+        self.envs = EnvironmentCache(self.data_dir / "envs")
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="runtime-env")
+        self.builds: dict[str, Future] = {}
+        self.build_finished: dict[str, float] = {}
         self.stopping = threading.Event()
         self._celery_app = None
 
@@ -171,8 +179,7 @@ class NodeAgent:
             process = self.processes.get(replica_id)
             if record.desired == "run":
                 if process is None and record.state == ReplicaState.PENDING:
-                    self._spawn(record)
-                    changed = True
+                    changed |= self._spawn(record)
                 elif process is None and record.state in (ReplicaState.STARTING, ReplicaState.RUNNING):
                     # Recorded as alive, but this agent has no such process.
                     self.store.update_replica(replica_id, state=ReplicaState.STOPPED, message="process not found on its node")
@@ -192,16 +199,33 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ processes
 
-    def _spawn(self, record: Replica) -> None:
+    def _spawn(self, record: Replica) -> bool:
+        """Start the replica's process, unless its runtime env is still building.
+
+        Returns True if the record changed.
+        """
         config = json.loads(record.config)
+        runtime_env = config.get("runtime_env") or {}
+        try:
+            python = self._python_for(record, runtime_env.get("pip"))
+            if python is None:
+                return False
+            working_dir = self._working_dir_for(runtime_env)
+        except Exception as error:  # the install or the unpack failed: a failed start
+            self.store.update_replica(record.replica_id, state=ReplicaState.FAILED, failure="start",
+                                      message=str(error))
+            return True
         log_path = self.log_dir / f"{record.replica_id}.log"
         log_file = open(log_path, "ab")
         inflight_path = self.log_dir / f"{record.replica_id}.inflight"
         env = replica_environment(dict(os.environ), config, record.gpu_id_list)
-        env[INFLIGHT_FILE_ENV] = str(inflight_path)
+        env[INFLIGHT_FILE_ENV] = str(inflight_path.resolve())
+        if working_dir is not None:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(working_dir), env.get("PYTHONPATH")]))
         popen = subprocess.Popen(
-            [sys.executable, "-m", "taskserve.replica", "--address", self.address, "--replica-id", record.replica_id],
+            [str(python), "-m", "taskserve.replica", "--address", self.address, "--replica-id", record.replica_id],
             env=env,
+            cwd=working_dir,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -217,6 +241,38 @@ class NodeAgent:
         )
         self.store.update_replica(record.replica_id, state=ReplicaState.STARTING, pid=popen.pid, message="")
         log.info("started replica %s (pid %s), log %s", record.replica_id, popen.pid, log_path)
+        return True
+
+    def _python_for(self, record: Replica, pip: Optional[list[str]]) -> Optional[Path]:
+        """The Python to run the replica with; None while its environment builds."""
+        if not pip:
+            return Path(sys.executable)
+        key = env_key(pip)
+        if self.envs.ready(key):
+            return self.envs.python_of(key)
+        build = self.builds.get(key)
+        if build is not None and build.done() and build.exception() is not None \
+                and time.monotonic() - self.build_finished.get(key, 0) > FAILED_BUILD_MEMORY_S:
+            build = None  # try a failed install again after a while
+        if build is None:
+            build = self.executor.submit(self.envs.ensure, pip, lambda line: log.info("[env %s] %s", key, line))
+            build.add_done_callback(lambda _: self._build_done(key))
+            self.builds[key] = build
+        if not build.done():
+            if record.message != INSTALLING_MESSAGE:
+                self.store.update_replica(record.replica_id, message=INSTALLING_MESSAGE)
+            return None
+        return build.result()     # raises the installer's error
+
+    def _build_done(self, key: str) -> None:
+        self.build_finished[key] = time.monotonic()
+        self.store.notify(f"node:{self.node_id}")   # wakes this agent's loop too
+
+    def _working_dir_for(self, runtime_env: dict) -> Optional[Path]:
+        sha = package_sha(runtime_env)
+        if sha is None:
+            return None
+        return unpack_working_dir(self.data_dir / "working_dirs", sha, lambda: self.store.get_code(sha))
 
     def _drain(self, process: ManagedProcess, record: Optional[Replica]) -> bool:
         now = time.monotonic()
@@ -295,6 +351,7 @@ class NodeAgent:
         for record in self.store.replicas_on_node(self.node_id):
             if not record.is_gone:
                 self.store.update_replica(record.replica_id, state=ReplicaState.STOPPED, message="its node agent stopped")
+        self.executor.shutdown(wait=False, cancel_futures=True)
         self.store.unregister_node(self.node_id)
         log.info("node agent %s stopped", self.node_id)
 

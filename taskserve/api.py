@@ -32,6 +32,7 @@ from .connection import current_store
 from .errors import DeploymentError, DeploymentNotFound
 from .handle import DeploymentHandle
 from .history import previous_goal
+from .runtime_env import resolve as resolve_runtime_env
 from .spec import DeploymentOptions, check_json_value, check_name, replica_spec_hash, validate_options
 from .state import DeploymentState, Goal
 from .store import Store, wait_for_events
@@ -225,8 +226,9 @@ class Deployment:
         self._check_static()
         self._check_constructor(args, kwargs)
         code_sha, blob, init_sha = pack(self._target, args, kwargs)
+        runtime_env, packages = resolve_runtime_env(self._options.runtime_env)
+        options = self._options.model_copy(update={"runtime_env": runtime_env})
         store = current_store()
-        options = self._options
         version = options.version or secrets.token_hex(4)
         spec_hash = replica_spec_hash(options, version, init_sha)
         new_options = options.model_dump()
@@ -259,7 +261,7 @@ class Deployment:
                 has_reconfigure=self._kind == "class" and callable(getattr(self._target, "reconfigure", None)),
             )
 
-        goal = store.write_goal(self.name, make_goal, code=(code_sha, blob), event=_event("deploy"))
+        goal = store.write_goal(self.name, make_goal, blobs=[(code_sha, blob), *packages], event=_event("deploy"))
         if goal is None:
             log.info("%s: version %s is already deployed with these options; nothing to do", self.name, version)
             return

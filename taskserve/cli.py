@@ -533,5 +533,71 @@ def delete(name: str, address: Optional[str], timeout: Optional[float]) -> None:
     console.print(f"deleted {name}")
 
 
+@main.group()
+def env() -> None:
+    """Runtime environments cached on this machine (built by its node agent)."""
+
+
+DATA_DIR_OPTION = click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".taskserve"),
+                               show_default=True, help="The node agent's data dir.")
+
+
+def _environments_in_use() -> dict[str, list[str]]:
+    """env key -> names of the deployments whose pip list it serves."""
+    from .connection import current_store
+    from .runtime_env import env_key
+
+    used: dict[str, list[str]] = {}
+    for goal in current_store().list_goals():
+        pip = (goal.options.get("runtime_env") or {}).get("pip")
+        if pip:
+            used.setdefault(env_key(pip), []).append(goal.name)
+    return used
+
+
+@env.command(name="list")
+@ADDRESS_OPTION
+@DATA_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def env_list(address: Optional[str], data_dir: Path, as_json: bool) -> None:
+    """List the cached environments and the deployments that use them."""
+    from .runtime_env import EnvironmentCache
+
+    _connect(address)
+    used = _environments_in_use()
+    environments = EnvironmentCache(data_dir / "envs").list()
+    if as_json:
+        click.echo(json.dumps([{"key": item.key, "requirements": item.requirements, "path": str(item.path),
+                                "size_bytes": item.size_bytes, "created_at": item.created_at,
+                                "used_by": used.get(item.key, [])} for item in environments], indent=2))
+        return
+    if not environments:
+        console.print(f"no runtime environments in {data_dir / 'envs'}")
+        return
+    table = Table("env", "requirements", "size", "created", "used by")
+    for item in environments:
+        table.add_row(item.key, " ".join(item.requirements), f"{item.size_bytes / 2**20:.1f} MB",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(item.created_at)),
+                      ", ".join(used.get(item.key, [])) or "-")
+    console.print(table)
+
+
+@env.command(name="prune")
+@ADDRESS_OPTION
+@DATA_DIR_OPTION
+def env_prune(address: Optional[str], data_dir: Path) -> None:
+    """Remove the cached environments no deployment uses."""
+    from .runtime_env import EnvironmentCache
+
+    _connect(address)
+    used = _environments_in_use()
+    cache = EnvironmentCache(data_dir / "envs")
+    removed = [item for item in cache.list() if item.key not in used]
+    for item in removed:
+        cache.remove(item.key)
+    console.print(f"removed {len(removed)} unused runtime environment(s)"
+                  + (f": {', '.join(item.key for item in removed)}" if removed else ""))
+
+
 if __name__ == "__main__":
     main()

@@ -448,6 +448,9 @@ def plan(
             text = f"waiting: constructor failed {failed_starts} times: {_last_line(last_error)}; " + text
         if pending_reason:
             text += f"; pending: {pending_reason}"
+        waiting = sorted({r.message for r in current if r.node_id and r.state == ReplicaState.PENDING and r.message})
+        if waiting:
+            text += "; " + "; ".join(waiting)
         result.message = text
     return result
 

@@ -103,6 +103,13 @@ class DeploymentOptions(BaseModel):
                 f"unknown runtime_env key {sorted(unknown)[0]!r}; "
                 "the keys are 'pip', 'env_vars' and 'working_dir'"
             )
+        pip = value.get("pip")
+        if pip is not None and not isinstance(pip, str) and not (
+            isinstance(pip, list) and all(isinstance(item, str) for item in pip)
+        ):
+            raise ValueError("runtime_env['pip'] is a list of requirement strings or the path of a requirements file")
+        if value.get("working_dir") is not None and not isinstance(value["working_dir"], str):
+            raise ValueError("runtime_env['working_dir'] is the path of a local directory")
         env_vars = value.get("env_vars", {})
         if not isinstance(env_vars, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()

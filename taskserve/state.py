@@ -21,6 +21,21 @@ from enum import Enum
 from typing import Any, Optional
 
 
+PACKAGE_SCHEME = "taskserve-pkg://"
+
+
+def package_sha(runtime_env: Optional[dict]) -> Optional[str]:
+    """The sha of the uploaded working_dir a resolved runtime_env refers to.
+
+    >>> package_sha({"working_dir": "taskserve-pkg://ab12.zip"})
+    'ab12'
+    """
+    working_dir = (runtime_env or {}).get("working_dir") or ""
+    if working_dir.startswith(PACKAGE_SCHEME):
+        return working_dir[len(PACKAGE_SCHEME):].removesuffix(".zip")
+    return None
+
+
 def config_hash(user_config: Any) -> str:
     """A short stable hash of a JSON-able ``user_config``.
 
@@ -99,6 +114,11 @@ class Goal:
     user_version: Optional[str] = None  # the version the user set, None if generated
     restart_nonce: str = ""             # changed by `taskserve restart`: same version, new processes
     has_reconfigure: bool = False       # the class defines reconfigure(self, config)
+
+    def blob_shas(self) -> set[str]:
+        """The uploaded blobs this goal needs: its code and its working_dir package."""
+        package = package_sha(self.options.get("runtime_env"))
+        return {self.code_sha} | ({package} if package else set())
 
     @property
     def user_config_hash(self) -> str:

@@ -9,7 +9,8 @@ key                                    type      what
 ``{p}:goal:{name}``                    string    the deployment's goal (JSON, see Goal)
 ``{p}:health:{name}``                  string    the controller's conclusion (JSON)
 ``{p}:history:{name}``                 list      every goal change, newest last (JSON)
-``{p}:code:{sha256}``                  string    pickled class/function and init args
+``{p}:code:{sha256}``                  string    pickled class/function and init args, or a
+                                                 zipped working_dir
 ``{p}:codes:{name}``                   set       code shas a deployment refers to
 ``{p}:replicas:{name}``                set       replica ids of a deployment
 ``{p}:replica:{replica_id}``           hash      one replica (see Replica)
@@ -19,6 +20,9 @@ key                                    type      what
 ``{p}:node-alive:{node_id}``           string    exists while the node agent heartbeats
 ``{p}:controller-lease``               string    the leading controller's id, with a TTL
 ``{p}:events``                         channel   change notifications (wake-ups only)
+``taskserve.{name}``                   list      Celery's queue of a deployment (kombu's)
+``celery-task-meta-{task_id}``         string    Celery's result of a request, also published
+                                                 on the channel of the same name
 =====================================  ========  ==========================================
 
 Example::
@@ -43,6 +47,7 @@ from .state import DeploymentHealth, Goal, Node, Replica
 PREFIX = "taskserve"
 EVENTS_CHANNEL = f"{PREFIX}:events"
 QUEUE_PREFIX = f"{PREFIX}."
+RESULT_KEY_PREFIX = "celery-task-meta-"   # Celery's, see celery.backends.base.KeyValueStoreBackend
 
 HISTORY_LIMIT = 50
 
@@ -64,6 +69,16 @@ def queue_name(deployment: str) -> str:
     'taskserve.echo'
     """
     return QUEUE_PREFIX + deployment
+
+
+def result_key(task_id: str) -> str:
+    """Where Celery's Redis backend stores a request's result, and the channel it
+    publishes it on when it does.
+
+    >>> result_key("d9b1")
+    'celery-task-meta-d9b1'
+    """
+    return RESULT_KEY_PREFIX + task_id
 
 
 def _text(value: Optional[bytes]) -> Optional[str]:
@@ -161,16 +176,18 @@ class Store:
         self,
         name: str,
         make_goal: Callable[[Optional[Goal]], Optional[Goal]],
-        code: Optional[tuple[str, bytes]] = None,
+        blobs: Iterable[tuple[str, bytes]] = (),
         event: Optional[dict] = None,
     ) -> Optional[Goal]:
         """Replace a deployment's goal atomically and return the goal written.
 
         ``make_goal(previous)`` builds the new goal from the one in Redis (None if
         there is none); it is called again if another client wrote in between, so
-        the later writer wins cleanly. It returns None to write nothing. ``code`` is
-        ``(sha, blob)`` to store alongside; ``event`` is recorded in the history.
+        the later writer wins cleanly. It returns None to write nothing. ``blobs``
+        are ``(sha, bytes)`` uploads (code, working_dir packages); those the new goal
+        refers to are stored with it. ``event`` is recorded in the history.
         """
+        blobs = list(blobs)
         key = self.goal_key(name)
         with self.redis.pipeline() as pipe:
             while True:
@@ -183,10 +200,10 @@ class Store:
                         pipe.unwatch()
                         return None
                     pipe.multi()
-                    if code is not None:
-                        sha, blob = code
-                        pipe.set(self.code_key(sha), blob)
-                        pipe.sadd(self.codes_key(name), sha)
+                    for sha, blob in blobs:
+                        if sha in goal.blob_shas():
+                            pipe.set(self.code_key(sha), blob)
+                            pipe.sadd(self.codes_key(name), sha)
                     pipe.set(key, goal.to_json())
                     pipe.sadd(self.DEPLOYMENTS_KEY, name)
                     if event is not None:
@@ -212,7 +229,9 @@ class Store:
                 if goal is None or not goal.deleting or goal.generation != generation:
                     pipe.unwatch()
                     return False
-                shas = [_text(s) for s in pipe.smembers(self.codes_key(name))]
+                others = [self.codes_key(_text(n)) for n in pipe.smembers(self.DEPLOYMENTS_KEY) if _text(n) != name]
+                shared = {_text(s) for s in pipe.sunion(others)} if others else set()
+                shas = [_text(s) for s in pipe.smembers(self.codes_key(name)) if _text(s) not in shared]
                 pipe.multi()
                 pipe.delete(key, self.health_key(name), self.codes_key(name),
                             self.replicas_key(name), self.history_key(name))
@@ -258,6 +277,14 @@ class Store:
                     return
                 except redis.WatchError:
                     continue
+
+    def queue_depths(self, names: Iterable[str]) -> dict[str, int]:
+        """How many requests wait in each deployment's queue (not yet taken by a replica)."""
+        names = list(names)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.llen(queue_name(name))
+            return dict(zip(names, pipe.execute()))
 
     # ------------------------------------------------------------------ health
 

@@ -139,9 +139,10 @@ def test_list_goals_is_sorted_by_name(store):
 
 
 def test_write_goal_stores_the_code(store, client):
-    store.write_goal(NAME, next_goal("v1"), code=("sha-1", b"\x80pickled"))
-    assert store.get_code("sha-1") == b"\x80pickled"
-    assert client.smembers(Store.codes_key(NAME)) == {b"sha-1"}
+    store.write_goal(NAME, next_goal("v1"), blobs=[("code-v1", b"\x80pickled"), ("unreferenced", b"x")])
+    assert store.get_code("code-v1") == b"\x80pickled"
+    assert client.smembers(Store.codes_key(NAME)) == {b"code-v1"}
+    assert not client.exists(Store.code_key("unreferenced"))     # only what the goal refers to
     with pytest.raises(LookupError, match="code nope is missing from Redis; deploy the deployment again"):
         store.get_code("nope")
 
@@ -154,7 +155,7 @@ def test_make_goal_returning_none_writes_nothing(store, client):
         return None
 
     pubsub = store.subscribe()
-    assert store.write_goal(NAME, refuse, code=("sha-1", b"blob"), event={"action": "deploy"}) is None
+    assert store.write_goal(NAME, refuse, blobs=[("code-v1", b"blob")], event={"action": "deploy"}) is None
     assert calls == [None]
     assert client.keys("*") == []
     assert notifications(pubsub) == []
@@ -162,7 +163,7 @@ def test_make_goal_returning_none_writes_nothing(store, client):
     written = store.write_goal(NAME, next_goal("v1"), event={"action": "deploy"})
     before = {key: client.dump(key) for key in client.keys("*")}
     notifications(pubsub)
-    assert store.write_goal(NAME, refuse, code=("sha-2", b"blob2"), event={"action": "deploy"}) is None
+    assert store.write_goal(NAME, refuse, blobs=[("code-v2", b"blob2")], event={"action": "deploy"}) is None
     assert calls[-1] == written
     assert {key: client.dump(key) for key in client.keys("*")} == before
     assert store.get_goal(NAME) == written
@@ -261,9 +262,10 @@ def test_require_goal_raises_for_missing_and_deleting(store):
 
 
 def test_forget_deployment_removes_every_key_of_a_deleted_deployment(store, client):
-    store.write_goal(NAME, next_goal("v1"), code=("sha-1", b"one"), event={"action": "deploy"})
-    store.write_goal(NAME, next_goal("v2"), code=("sha-2", b"two"))
-    store.write_goal("other", next_goal("v1", name="other"), code=("sha-other", b"x"))
+    store.write_goal(NAME, next_goal("v1"), blobs=[("code-v1", b"one")], event={"action": "deploy"})
+    store.write_goal(NAME, next_goal("v2"), blobs=[("code-v2", b"two")])
+    store.write_goal("other", next_goal("v3", name="other"), blobs=[("code-v3", b"x")])
+    store.write_goal("shares", next_goal("v2", name="shares"), blobs=[("code-v2", b"two")])
     store.set_health(NAME, DeploymentHealth(status=DeploymentState.HEALTHY))
     store.create_replica(make_replica("echo-1"))
     deleting = store.write_goal(NAME, next_goal("v2", deleting=True), event={"action": "delete"})
@@ -273,11 +275,12 @@ def test_forget_deployment_removes_every_key_of_a_deleted_deployment(store, clie
     assert store.history(NAME) == []
     assert store.get_health(NAME) == DeploymentHealth()
     for key in (Store.goal_key(NAME), Store.health_key(NAME), Store.codes_key(NAME), Store.replicas_key(NAME),
-                Store.history_key(NAME), Store.code_key("sha-1"), Store.code_key("sha-2")):
+                Store.history_key(NAME), Store.code_key("code-v1")):
         assert not client.exists(key), key
-    assert client.smembers(Store.DEPLOYMENTS_KEY) == {b"other"}
-    assert store.get_code("sha-other") == b"x"               # other deployments keep theirs
-    assert [g.name for g in store.list_goals()] == ["other"]
+    assert client.smembers(Store.DEPLOYMENTS_KEY) == {b"other", b"shares"}
+    assert store.get_code("code-v3") == b"x"                 # other deployments keep theirs,
+    assert store.get_code("code-v2") == b"two"               # shared blobs included
+    assert [g.name for g in store.list_goals()] == ["other", "shares"]
 
 
 def test_forget_deployment_refuses_when_the_generation_changed(store):
