@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -70,13 +71,17 @@ class RedisServer:
                      "--appendfsync", "everysec", "--logfile", "redis.log"]
         else:
             args += ["--appendonly", "no"]
+        # Errors at start go to a file, read only if the server exits: a pipe nobody
+        # reads could fill up and block the server.
+        self._errors = tempfile.TemporaryFile()
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True)
+                                        stderr=self._errors, start_new_session=True)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
-                error = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                self._errors.seek(0)
+                error = self._errors.read().decode(errors="replace")
                 raise RuntimeError(f"redis-server exited at start on port {self.port}: {error.strip()}")
             try:
                 client.ping()

@@ -354,6 +354,10 @@ class ReplicaProcess:
             self.draining = True
             self.store.update_replica(self.replica_id, state=ReplicaState.DRAINING)
 
+        # Celery logs every request and its result at INFO: costly per request, and
+        # results may be private. Startup and errors still reach the log.
+        for per_request in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(per_request).setLevel(logging.WARNING)
         worker = app.Worker(
             hostname=f"{self.replica_id}@{socket.gethostname()}",
             queues=[queue_name(self.record.deployment)],
@@ -394,6 +398,7 @@ class _InflightFile:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600) if path else None
         self.tags: dict[str, str] = {}
         self.lock = threading.Lock()
+        self.size = 0
 
     def add(self, task_id: str, tag: Any) -> None:
         if self.fd is not None and tag:
@@ -408,9 +413,11 @@ class _InflightFile:
                     self._write()
 
     def _write(self) -> None:
+        # One pwrite per change: the file keeps its size and blanks pad the tags.
         data = "\n".join(self.tags.values()).encode()
-        os.pwrite(self.fd, data.ljust(64), 0)
-        os.ftruncate(self.fd, max(64, len(data)))
+        if len(data) > self.size:
+            self.size = max(64, 2 * len(data))
+        os.pwrite(self.fd, data.ljust(self.size), 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,571 @@
+"""Request round trip: a taskserve deployment against bare Celery, on one Redis.
+
+What it measures
+----------------
+Everything runs on this machine, against one embedded Redis that the script
+starts (no persistence):
+
+* **taskserve** — a controller and a node agent (``--num-cpus 8``) as
+  subprocesses, and an echo deployment ``bench_echo`` (``__call__(x) -> x``,
+  ``num_cpus=0.5``) deployed through the public API with 1 and then 2 replicas
+  (no ``version``, so the second deploy rolls both replicas). Requests go
+  through ``handle.remote(i).result(timeout=10)``.
+* **Celery** (the baseline) — a bare Celery app on the same Redis (broker and
+  result backend, JSON, ``task_acks_late=True``, ``worker_prefetch_multiplier=1``)
+  with one ``echo`` task, served by 1 and then 2 ``celery worker --pool solo
+  --concurrency 1 -Q bench_raw --without-mingle --without-gossip
+  --without-heartbeat`` processes. Requests go through
+  ``app.send_task(...).get(timeout=10)``; ``send_task`` is what the taskserve
+  handle itself calls, so the difference is taskserve's own layers.
+
+For each replica count, both paths are warmed up (``--warmup``, default 200
+sequential requests each), then measured with ``--requests`` (default 5000)
+requests per path in two ways:
+
+* **sequential**: one call after the other; each call's round trip (enqueue,
+  served, result read back) is timed. Reported as p50 and p99 in milliseconds,
+  and as requests per second over the whole loop.
+* **pipelined**: all calls enqueued first (``remote``/``send_task``), then all
+  results collected in order; reported as requests per second.
+
+Over both modes it also reads the CPU time the serving processes (replicas or
+Celery workers, from ``/proc`` via psutil) and this client process spent, per
+request. Wall-clock figures move with whatever else the machine runs; CPU per
+request moves much less, so it is the steadier measure of what each path costs.
+
+The requests are split into ``--rounds`` (default 5) equal blocks and the two
+paths take turns block by block (taskserve first in odd rounds, Celery first in
+even ones), so a background load that comes and goes during the run hits both
+paths alike. Latencies of all blocks are pooled; throughput is all requests over
+all the time spent. ``--rounds 1`` measures each path in one go.
+
+How to read the ratios
+----------------------
+``p50 ratio = taskserve p50 / Celery p50`` (lower is better; target <= 1.15)
+and ``throughput ratio = taskserve req/s / Celery req/s`` (higher is better;
+target >= 0.90), per replica count, for sequential and pipelined throughput.
+Both paths share the same Redis, machine and client code, so a ratio near 1.0
+means taskserve adds nothing measurable on top of Celery. Sequential figures
+are dominated by the round trip through Redis; pipelined ones by the CPU the
+workers spend per request. On a 2-core machine the client, Redis and the workers
+compete for the cores, so 2 replicas need not be faster than 1: compare the
+ratios, not absolute numbers across machines. The per-round lines show how
+much the figures move between blocks; the worker CPU ratio (no target) says
+how much more work a taskserve replica does per request than a Celery worker.
+
+Usage::
+
+    python scripts/bench_requests.py [--requests 5000] [--warmup 200] [--rounds 5]
+                                     [--replicas 1 2] [--celery-loglevel INFO]
+
+Everything it starts (deployment, workers, agent, controller, Redis) is stopped
+on exit, Ctrl-C or error. Logs go to a temporary directory that is removed on
+success and kept (its path printed) on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterator, Optional
+
+import celery
+import kombu
+import psutil
+import redis
+
+import taskserve
+from taskserve.processes import die_with_parent
+from taskserve.redis_server import RedisServer
+
+DEPLOYMENT_NAME = "bench_echo"
+RAW_QUEUE = "bench_raw"
+RAW_MODULE = "bench_raw_app"
+RAW_TASK = "bench_raw.echo"
+RESULT_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+P50_TARGET = 1.15
+THROUGHPUT_TARGET = 0.90
+
+
+@taskserve.deployment(name=DEPLOYMENT_NAME, num_replicas=1, num_cpus=0.5)
+class BenchEcho:
+    def __call__(self, x: Any) -> Any:
+        return x
+
+
+# --------------------------------------------------------------------------- measuring
+
+# ``send(i)`` enqueues request ``i``; ``collect(pending)`` waits for its value.
+Send = Callable[[int], Any]
+Collect = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Client:
+    """One way of calling the echo: taskserve's handle or bare Celery."""
+
+    path: str
+    send: Send
+    collect: Collect
+    worker_pids: list[int]
+
+
+@dataclass
+class Samples:
+    """What the measured blocks of one path added up to."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    sequential_requests: int = 0
+    sequential_s: float = 0.0
+    pipelined_requests: int = 0
+    pipelined_s: float = 0.0
+    worker_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One path at one replica count."""
+
+    path: str
+    replicas: int
+    p50_ms: float
+    p99_ms: float
+    sequential_rps: float
+    pipelined_rps: float
+    worker_cpu_us: float
+    client_cpu_us: float
+
+    @classmethod
+    def from_samples(cls, path: str, replicas: int, samples: Samples) -> "Measurement":
+        latencies = sorted(samples.latencies_s)
+        requests = samples.sequential_requests + samples.pipelined_requests
+        return cls(
+            path=path,
+            replicas=replicas,
+            p50_ms=statistics.median(latencies) * 1000,
+            p99_ms=percentile(latencies, 0.99) * 1000,
+            sequential_rps=samples.sequential_requests / samples.sequential_s,
+            pipelined_rps=samples.pipelined_requests / samples.pipelined_s,
+            worker_cpu_us=samples.worker_cpu_s / requests * 1e6,
+            client_cpu_us=samples.client_cpu_s / requests * 1e6,
+        )
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list.
+
+    >>> percentile([1.0, 2.0, 3.0, 4.0], 0.5)
+    2.0
+    >>> percentile([float(i) for i in range(1, 101)], 0.99)
+    99.0
+    """
+    index = max(0, min(len(sorted_values) - 1, int(round(fraction * len(sorted_values))) - 1))
+    return sorted_values[index]
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` as ``parts`` near-equal positive block sizes.
+
+    >>> split(10, 3)
+    [4, 3, 3]
+    """
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def run_sequential(client: Client, count: int) -> tuple[list[float], float]:
+    """``count`` round trips one after another: (latencies in seconds, total seconds)."""
+    send, collect, clock = client.send, client.collect, time.perf_counter
+    latencies: list[float] = []
+    started = clock()
+    for i in range(count):
+        t0 = clock()
+        value = collect(send(i))
+        latencies.append(clock() - t0)
+        if value != i:
+            raise AssertionError(f"{client.path}: request {i} came back as {value!r}")
+    return latencies, clock() - started
+
+
+def run_pipelined(client: Client, count: int) -> float:
+    """Enqueue ``count`` requests, then collect them all in order: total seconds."""
+    send, collect, clock = client.send, client.collect, time.perf_counter
+    started = clock()
+    pending = [send(i) for i in range(count)]
+    values = [collect(p) for p in pending]
+    elapsed = clock() - started
+    if values != list(range(count)):
+        wrong = next(i for i, v in enumerate(values) if v != i)
+        raise AssertionError(f"{client.path}: pipelined request {wrong} came back as {values[wrong]!r}")
+    return elapsed
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time the processes ``pids`` have used so far."""
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+
+
+def measure_block(client: Client, count: int, samples: Samples) -> str:
+    """One sequential and one pipelined block of ``count`` requests; a one-line summary."""
+    worker_cpu_s, client_cpu_s = cpu_seconds(client.worker_pids), time.process_time()
+    latencies, sequential_s = run_sequential(client, count)
+    pipelined_s = run_pipelined(client, count)
+    samples.worker_cpu_s += cpu_seconds(client.worker_pids) - worker_cpu_s
+    samples.client_cpu_s += time.process_time() - client_cpu_s
+    samples.latencies_s.extend(latencies)
+    samples.sequential_requests += count
+    samples.sequential_s += sequential_s
+    samples.pipelined_requests += count
+    samples.pipelined_s += pipelined_s
+    return (f"{client.path} p50 {statistics.median(latencies) * 1000:.3f} ms, "
+            f"{count / sequential_s:.0f}/{count / pipelined_s:.0f} req/s")
+
+
+def measure_pair(clients: list[Client], replicas: int, requests: int, warmup: int, rounds: int) -> list[Measurement]:
+    """Warm up every client, then measure them in alternating blocks."""
+    for client in clients:
+        run_sequential(client, warmup)
+    samples = {client.path: Samples() for client in clients}
+    blocks = split(requests, rounds)
+    for number, size in enumerate(blocks, start=1):
+        order = clients if number % 2 else clients[::-1]
+        lines = [measure_block(client, size, samples[client.path]) for client in order]
+        print(f"  x{replicas} round {number}/{len(blocks)} ({size} requests; p50, sequential/pipelined): "
+              + " | ".join(lines), flush=True)
+    return [Measurement.from_samples(client.path, replicas, samples[client.path]) for client in clients]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Poll ``condition`` until it holds; ``TimeoutError`` saying ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout_s:.0f}s")
+        time.sleep(interval_s)
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+class Child:
+    """A subprocess whose stdout and stderr go to ``log_path``."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: Optional[dict[str, str]] = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "ab") as log_file:
+            self.popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,      # Ctrl-C reaches only this script, which stops them in order
+                preexec_fn=die_with_parent,  # ...and they go too if this script is killed outright
+            )
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with code {self.popen.returncode}; "
+                               f"log {self.log_path}:\n{log_tail(self.log_path)}")
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM (a graceful stop), then SIGKILL after ``timeout_s``."""
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+@contextlib.contextmanager
+def running(child: Child) -> Iterator[Child]:
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+# --------------------------------------------------------------------------- taskserve path
+
+
+@contextlib.contextmanager
+def taskserve_cluster(address: str, work_dir: Path) -> Iterator[None]:
+    """A controller and a node agent on ``address``, connected; stopped on exit."""
+    python = sys.executable
+    with contextlib.ExitStack() as stack:
+        controller = stack.enter_context(running(Child(
+            "controller", [python, "-m", "taskserve", "controller", "--address", address],
+            work_dir / "controller.log")))
+        agent = stack.enter_context(running(Child(
+            "agent", [python, "-m", "taskserve", "agent", "--address", address, "--num-cpus", "8",
+                      "--data-dir", str(work_dir / "agent")],
+            work_dir / "agent.log")))
+        store = taskserve.connect(address)
+
+        def node_alive() -> bool:
+            controller.check_alive()
+            agent.check_alive()
+            return any(node.alive for node in store.list_nodes())
+
+        wait_until(node_alive, START_TIMEOUT_S, "the node agent did not register")
+        yield
+
+
+@contextlib.contextmanager
+def bench_deployment() -> Iterator[None]:
+    """Deletes the deployment on exit, whatever happened in between."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(taskserve.DeploymentNotFound):
+            taskserve.delete_deployment(DEPLOYMENT_NAME, timeout=STOP_TIMEOUT_S)
+
+
+def deploy_taskserve(replicas: int) -> Client:
+    """Deploy the echo with ``replicas`` replicas; a client that calls it through a handle."""
+    BenchEcho.options(num_replicas=replicas).deploy(timeout=START_TIMEOUT_S)
+    running_replicas = [r for r in BenchEcho.status().replicas if r.state == "RUNNING"]
+    if len(running_replicas) != replicas:
+        raise RuntimeError(f"expected {replicas} RUNNING replicas after deploy, got {running_replicas}")
+    handle = BenchEcho.get_handle()
+    return Client("taskserve", handle.remote, lambda response: response.result(timeout=RESULT_TIMEOUT_S),
+                  [r.pid for r in running_replicas if r.pid])
+
+
+# --------------------------------------------------------------------------- Celery path
+
+
+RAW_APP_SOURCE = '''\
+"""The bare Celery baseline that scripts/bench_requests.py writes and runs."""
+
+from celery import Celery
+
+app = Celery("bench_raw", broker={address!r}, backend={address!r})
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    task_acks_late=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue={queue!r},
+    broker_connection_retry_on_startup=True,
+)
+
+
+@app.task(name={task!r})
+def echo(x):
+    return x
+'''
+
+
+def write_raw_app(address: str, directory: Path) -> ModuleType:
+    """Write the baseline app's module into ``directory`` and import it here too."""
+    directory.mkdir(parents=True, exist_ok=True)
+    source = RAW_APP_SOURCE.format(address=address, queue=RAW_QUEUE, task=RAW_TASK)
+    (directory / f"{RAW_MODULE}.py").write_text(source)
+    sys.path.insert(0, str(directory))
+    return importlib.import_module(RAW_MODULE)
+
+
+def raw_worker_argv(index: int, loglevel: Optional[str]) -> list[str]:
+    argv = [sys.executable, "-m", "celery", "-A", RAW_MODULE, "worker", "--pool", "solo", "--concurrency", "1",
+            "-Q", RAW_QUEUE, "--without-mingle", "--without-gossip", "--without-heartbeat",
+            "-n", f"bench_raw{index}@%h"]
+    return argv + ["--loglevel", loglevel] if loglevel else argv
+
+
+@contextlib.contextmanager
+def raw_workers(app: celery.Celery, count: int, app_dir: Path, log_dir: Path,
+                loglevel: Optional[str] = None) -> Iterator[Client]:
+    """``count`` Celery workers on ``RAW_QUEUE``, all answering a ping; stopped on exit."""
+    pythonpath = os.pathsep.join(filter(None, [str(app_dir), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    hostnames = {f"bench_raw{i}@{socket.gethostname()}" for i in range(count)}
+    with contextlib.ExitStack() as stack:
+        workers = [stack.enter_context(running(Child(f"celery worker {i}", raw_worker_argv(i, loglevel),
+                                                     log_dir / f"celery-x{count}-{i}.log", env)))
+                   for i in range(count)]
+
+        def all_ready() -> bool:
+            for worker in workers:
+                worker.check_alive()
+            replies = app.control.ping(destination=sorted(hostnames), timeout=0.5)
+            return hostnames <= {name for reply in replies for name in reply}
+
+        wait_until(all_ready, START_TIMEOUT_S, f"{count} Celery workers did not answer a ping")
+
+        def send(i: int) -> celery.result.AsyncResult:
+            return app.send_task(RAW_TASK, args=(i,), queue=RAW_QUEUE)
+
+        yield Client("celery", send, lambda result: result.get(timeout=RESULT_TIMEOUT_S),
+                     [worker.popen.pid for worker in workers])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine_lines(address: str) -> list[str]:
+    with redis.Redis.from_url(address) as client:
+        server = client.info("server")
+    return [
+        f"machine:  {os.cpu_count()} cores ({cpu_model()}), {platform.system()} {platform.release()}",
+        f"python:   {platform.python_version()} ({sys.executable})",
+        f"versions: taskserve {taskserve.__version__} (git {source_revision()}), celery {celery.__version__}, "
+        f"kombu {kombu.__version__}, redis-py {redis.__version__}, redis-server {server['redis_version']}",
+        f"load:     {load_average()} (1/5/15 min) at the start",
+    ]
+
+
+def source_revision() -> str:
+    """``git describe`` of the checkout this script sits in, or "unknown"."""
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def markdown_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """A Markdown table; the first ``left`` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                                 for i, (cell, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def figures_table(results: list[Measurement]) -> str:
+    header = ["path", "replicas", "p50 ms", "p99 ms", "sequential req/s", "pipelined req/s",
+              "worker CPU us/req", "client CPU us/req"]
+    rows = [[r.path, str(r.replicas), f"{r.p50_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.sequential_rps:.0f}",
+             f"{r.pipelined_rps:.0f}", f"{r.worker_cpu_us:.0f}", f"{r.client_cpu_us:.0f}"] for r in results]
+    return markdown_table(header, rows)
+
+
+def ratios_table(results: list[Measurement]) -> str:
+    by_key = {(r.path, r.replicas): r for r in results}
+    header = ["replicas", f"p50 taskserve/Celery (target <= {P50_TARGET:.2f})",
+              f"sequential req/s taskserve/Celery (target >= {THROUGHPUT_TARGET:.2f})",
+              f"pipelined req/s taskserve/Celery (target >= {THROUGHPUT_TARGET:.2f})",
+              "worker CPU/req taskserve/Celery"]
+    rows = []
+    for replicas in sorted({r.replicas for r in results}):
+        ts, raw = by_key[("taskserve", replicas)], by_key[("celery", replicas)]
+        p50 = ts.p50_ms / raw.p50_ms
+        sequential = ts.sequential_rps / raw.sequential_rps
+        pipelined = ts.pipelined_rps / raw.pipelined_rps
+        rows.append([str(replicas), verdict(p50, p50 <= P50_TARGET),
+                     verdict(sequential, sequential >= THROUGHPUT_TARGET),
+                     verdict(pipelined, pipelined >= THROUGHPUT_TARGET),
+                     f"{ts.worker_cpu_us / raw.worker_cpu_us:.3f}"])
+    return markdown_table(header, rows, left=0)
+
+
+def verdict(ratio: float, ok: bool) -> str:
+    return f"{ratio:.3f} {'ok' if ok else 'MISS'}"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Request round trip: taskserve against bare Celery on one Redis.")
+    parser.add_argument("--requests", type=int, default=5000, help="measured requests per path, replica count "
+                        "and mode (default: 5000)")
+    parser.add_argument("--warmup", type=int, default=200, help="warm-up requests per path and replica count "
+                        "(default: 200)")
+    parser.add_argument("--rounds", type=int, default=5, help="blocks the paths take turns in (default: 5)")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="replica counts (default: 1 2)")
+    parser.add_argument("--celery-loglevel", default=None, help="--loglevel of the baseline workers (default: "
+                        "Celery's own, WARNING; INFO logs a line per task received and done, as replicas do)")
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.rounds < 1 or args.warmup < 0 or min(args.replicas) < 1:
+        parser.error("--requests, --rounds and --replicas must be positive, --warmup not negative")
+    return args
+
+
+def raise_keyboard_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace, work_dir: Path) -> list[Measurement]:
+    results: list[Measurement] = []
+    with RedisServer() as server:
+        address = server.url
+        print("\n".join(machine_lines(address)), flush=True)
+        print(f"redis:    {address} (embedded, no persistence); logs in {work_dir}", flush=True)
+        raw_app = write_raw_app(address, work_dir / "raw_app").app
+        with taskserve_cluster(address, work_dir), bench_deployment():
+            for replicas in args.replicas:
+                taskserve_client = deploy_taskserve(replicas)
+                with raw_workers(raw_app, replicas, work_dir / "raw_app", work_dir,
+                                 args.celery_loglevel) as celery_client:
+                    results += measure_pair([taskserve_client, celery_client], replicas,
+                                            args.requests, args.warmup, args.rounds)
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    work_dir = Path(tempfile.mkdtemp(prefix="bench_requests-"))
+    try:
+        results = run(args, work_dir)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; everything was stopped. Logs kept in {work_dir}", file=sys.stderr)
+        return 130
+    except Exception:
+        print(f"\nthe benchmark failed; everything was stopped. Logs kept in {work_dir}", file=sys.stderr)
+        raise
+    shutil.rmtree(work_dir, ignore_errors=True)
+    print(f"\n{args.requests} measured requests per path, replica count and mode, in {args.rounds} alternating "
+          f"rounds, after {args.warmup} warm-up requests; load {load_average()} (1/5/15 min) at the end\n")
+    print(figures_table(results))
+    print()
+    print(ratios_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
