@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from .code import pack, unpack
 from .connection import current_store

@@ -18,8 +18,6 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional
-
 from .state import Goal
 
 

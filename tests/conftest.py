@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,46 @@ def unique_name(request: pytest.FixtureRequest) -> str:
     """A deployment name no other test uses."""
     base = re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:40]
     return f"{base}-{next(_counter)}"
+
+
+class RequestLoop:
+    """Client threads calling ``handle.remote(request_id)`` in a loop, recording every answer.
+
+    Each thread keeps going until :meth:`stop` and until it sent ``minimum`` requests.
+    """
+
+    def __init__(self, handle, threads: int = 3, minimum: int = 0) -> None:
+        self.handle = handle
+        self.minimum = minimum
+        self.results: dict[str, object] = {}
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, worker: int) -> None:
+        sent = 0
+        while not (self._stop.is_set() and sent >= self.minimum):
+            request_id = f"{worker}-{sent}"
+            try:
+                self.results[request_id] = self.handle.remote(request_id).result(timeout=60)
+            except BaseException as error:  # recorded; the test asserts there are none
+                self.failures.append(error)
+            sent += 1
+
+    def __enter__(self) -> "RequestLoop":
+        for thread in self._threads:
+            thread.start()
+        wait_until(lambda: len(self.results) + len(self.failures) >= len(self._threads), timeout=30,
+                   message="the request loop to get answers")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
 
 
 def replica_pids(name: str, state: Optional[str] = "RUNNING") -> set[int]:

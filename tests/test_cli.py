@@ -63,7 +63,7 @@ def test_deploy_call_scale_status_delete(connected, unique_name, model_file):
 
 
 def test_deploy_module_reference(connected, unique_name, model_file):
-    run_cli(connected, "deploy", f"model:Doubler", "--name", unique_name, cwd=model_file.parent)
+    run_cli(connected, "deploy", "model:Doubler", "--name", unique_name, cwd=model_file.parent)
     assert run_cli(connected, "call", unique_name, "4").stdout.strip() == "8"
     run_cli(connected, "delete", unique_name)
 

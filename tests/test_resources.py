@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 
 import pytest
 
 import taskserve
 
-from .conftest import start_cluster, wait_until
+from .conftest import RequestLoop, start_cluster, wait_until
 
 
 class Probe:
@@ -129,27 +128,12 @@ def test_killed_agent_moves_its_replicas_and_fails_no_request(on_three, unique_n
     model = taskserve.deployment(Probe).options(name=unique_name, num_replicas=3, num_cpus=1)
     model.deploy()
     assert nodes_of(unique_name) == ["node-a", "node-b", "node-c"]
-    handle = model.get_handle()
-    results, failures = {}, []
-    stop = threading.Event()
-
-    def caller():
-        sent = 0
-        while not stop.is_set():
-            try:
-                results[sent] = handle.remote(sent).result(timeout=60)
-            except BaseException as error:
-                failures.append(error)
-            sent += 1
-
-    thread = threading.Thread(target=caller)
-    thread.start()
-    on_three.stop("agent-node-c", sig=signal.SIGKILL)
-    wait_until(lambda: len(nodes_of(unique_name)) == 3 and "node-c" not in nodes_of(unique_name),
-               timeout=60, message="the replicas of node-c to move")
-    stop.set()
-    thread.join(timeout=60)
-    assert not failures and all(answer[0] == request_id for request_id, answer in results.items())
+    with RequestLoop(model.get_handle(), threads=2) as load:
+        on_three.stop("agent-node-c", sig=signal.SIGKILL)
+        wait_until(lambda: len(nodes_of(unique_name)) == 3 and "node-c" not in nodes_of(unique_name),
+                   timeout=60, message="the replicas of node-c to move")
+    assert not load.failures, load.failures[:3]
+    assert all(answer[0] == request_id for request_id, answer in load.results.items())
     nodes = {n.node_id: n for n in taskserve.connect().list_nodes()}
     assert not nodes["node-c"].alive
 

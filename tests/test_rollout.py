@@ -15,7 +15,7 @@ import pytest
 
 import taskserve
 
-from .conftest import replica_pids, wait_until
+from .conftest import RequestLoop, replica_pids, wait_until
 
 
 class Versioned:
@@ -97,30 +97,10 @@ def test_surge_keeps_full_capacity(connected, unique_name):
 def test_rollout_under_load_loses_and_fails_no_request(connected, unique_name):
     model = taskserve.deployment(Versioned).options(name=unique_name, num_replicas=3, version="v1", num_cpus=0.1)
     model.deploy("v1")
-    handle = model.get_handle()
-    results: dict[str, list] = {}
-    failures: list[BaseException] = []
-    rolled = threading.Event()
-
-    def caller(worker: int) -> None:
-        sent = 0
-        while not (rolled.is_set() and sent >= 100):
-            request_id = f"{worker}-{sent}"
-            try:
-                results[request_id] = handle.remote(request_id).result(timeout=60)
-            except BaseException as error:
-                failures.append(error)
-            sent += 1
-
-    callers = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
-    for thread in callers:
-        thread.start()
-    time.sleep(0.5)
-    model.options(version="v2").deploy("v2")
-    rolled.set()
-    for thread in callers:
-        thread.join(timeout=120)
-    assert not failures, failures[:3]
+    with RequestLoop(model.get_handle(), threads=4, minimum=100) as load:
+        model.options(version="v2").deploy("v2")
+    results = load.results
+    assert not load.failures, load.failures[:3]
     assert len(results) >= 300
     assert all(answer[1] == request_id for request_id, answer in results.items())
     tags = {answer[0] for answer in results.values()}

@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 import taskserve
 
-from .conftest import REPO, replica_pids, wait_until
+from .conftest import REPO, RequestLoop, replica_pids, wait_until
 
 
 class Tunable:
@@ -117,30 +116,11 @@ def test_reconfigure_under_load_fails_no_request(connected, unique_name):
     model = taskserve.deployment(Tunable).options(name=unique_name, version="1", num_replicas=3, num_cpus=0.1,
                                                    user_config={"step": 0})
     model.deploy()
-    handle = model.get_handle()
-    results: dict[str, list] = {}
-    failures: list[BaseException] = []
-    done = threading.Event()
-
-    def caller(worker: int) -> None:
-        sent = 0
-        while not (done.is_set() and sent >= 50):
-            request_id = f"{worker}-{sent}"
-            try:
-                results[request_id] = handle.remote(request_id).result(timeout=60)
-            except BaseException as error:
-                failures.append(error)
-            sent += 1
-
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for step in (1, 2):
-        model.options(user_config={"step": step, "sleep": 0.3}).deploy()
-    done.set()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not failures
+    with RequestLoop(model.get_handle(), threads=3, minimum=50) as load:
+        for step in (1, 2):
+            model.options(user_config={"step": step, "sleep": 0.3}).deploy()
+    results = load.results
+    assert not load.failures, load.failures[:3]
     assert all(answer[1] == request_id for request_id, answer in results.items())
     assert {answer[0]["step"] for answer in results.values()} >= {0, 2}
     model.delete()
