@@ -12,8 +12,6 @@ Example::
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -31,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api
+from .config_file import load_deployments_file, load_target
 from .connection import ADDRESS_ENV, address_files, connect, resolve_address
 from .errors import TaskserveError
 from .processes import die_with_parent
@@ -182,7 +181,7 @@ def _deploy_example(stop: threading.Event) -> None:
     if not EXAMPLE_DEPLOYMENT.is_file():
         console.print("(no workers/echo.py next to the package; skipping the example deployment)")
         return
-    example = _load_target(f"{EXAMPLE_DEPLOYMENT}:Echo")
+    example = load_target(f"{EXAMPLE_DEPLOYMENT}:Echo")
     try:
         example.deploy(timeout=120)
     except TaskserveError as error:
@@ -255,44 +254,42 @@ def _stop_on_signals(stop: Any) -> None:
 # --------------------------------------------------------------------------- deployments
 
 
-def _load_target(reference: str) -> api.Deployment:
-    """``FILE.py:ATTR`` or ``MODULE:ATTR`` -> a Deployment (a bare class or function is wrapped)."""
-    where, sep, attr = reference.rpartition(":")
-    if not sep or not where or not attr:
-        raise ValueError(f"invalid target {reference!r}: use FILE.py:ATTR or MODULE:ATTR")
-    if where.endswith(".py"):
-        path = Path(where).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"no file {where!r}; give the path of a Python file, like my_model.py:Model")
-        sys.path.insert(0, str(path.parent))
-        module_name = f"_taskserve_deploy_{path.stem}"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    else:
-        sys.path.insert(0, os.getcwd())
-        module = importlib.import_module(where)
-    if not hasattr(module, attr):
-        raise AttributeError(f"{where} has no attribute {attr!r}")
-    target = getattr(module, attr)
-    return target if isinstance(target, api.Deployment) else api.deployment(target)
-
-
 @main.command()
-@click.argument("target")
+@click.argument("target", required=False)
 @ADDRESS_OPTION
+@click.option("-f", "--file", "config_file", type=click.Path(path_type=Path), default=None,
+              help="A YAML file of deployments (instead of TARGET).")
 @click.option("--name", default=None, help="Deploy under this name.")
 @click.option("--num-replicas", type=int, default=None)
 @click.option("--version", "version", default=None)
 @click.option("--user-config", default=None, help="JSON passed to reconfigure().")
 @click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
-def deploy(target: str, address: Optional[str], name: Optional[str], num_replicas: Optional[int],
-           version: Optional[str], user_config: Optional[str], timeout: Optional[float]) -> None:
-    """Deploy TARGET (FILE.py:ATTR or MODULE:ATTR) and wait until it serves."""
+def deploy(target: Optional[str], address: Optional[str], config_file: Optional[Path], name: Optional[str],
+           num_replicas: Optional[int], version: Optional[str], user_config: Optional[str],
+           timeout: Optional[float]) -> None:
+    """Deploy TARGET (FILE.py:ATTR or MODULE:ATTR), or every deployment of -f FILE, and wait until they serve.
+
+    \b
+    A deployments file:
+      deployments:
+        - import_path: models.py:Model    # FILE.py:ATTR or MODULE:ATTR
+          num_replicas: 2                 # any deployment option
+          version: "3"
+          init_args: [...]
+    """
+    if (target is None) == (config_file is None):
+        raise click.UsageError("give either TARGET or -f FILE")
+    if config_file is not None:
+        if any(value is not None for value in (name, num_replicas, version, user_config)):
+            raise click.UsageError("--name, --num-replicas, --version and --user-config apply to a TARGET; "
+                                   "with -f, set them in the file")
+        _connect(address)
+        for item in load_deployments_file(config_file):
+            item.deploy(timeout=timeout)
+            console.print(f"deployed [bold]{item.name}[/bold]: {item.num_replicas} replicas")
+        return
     _connect(address)
-    chosen = _load_target(target)
+    chosen = load_target(target)
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = name

@@ -85,3 +85,27 @@ def test_errors_are_one_line_and_exit_1(connected, args, words):
     assert words in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_deploy_from_a_file_validates_every_entry_first(connected, unique_name, model_file):
+    config = model_file.parent / "deployments.yaml"
+    config.write_text(textwrap.dedent(f"""
+        deployments:
+          - import_path: model.py:Doubler
+            name: {unique_name}-a
+            version: "1"
+          - import_path: model.py:Doubler
+            name: {unique_name}-b
+            num_replicas: -2
+    """))
+    result = run_cli(connected, "deploy", "-f", str(config), check=False)
+    assert result.returncode == 1
+    assert "deployments.1 (model.py:Doubler): invalid num_replicas=-2" in result.stderr
+    assert not {f"{unique_name}-a", f"{unique_name}-b"} & set(taskserve.list_deployments())
+
+    config.write_text(config.read_text().replace("num_replicas: -2", "num_replicas: 2"))
+    run_cli(connected, "deploy", "-f", str(config), cwd="/")
+    assert run_cli(connected, "call", f"{unique_name}-b", "5").stdout.strip() == "10"
+    assert taskserve.get_deployment(f"{unique_name}-b").num_replicas == 2
+    for suffix in ("a", "b"):
+        taskserve.delete_deployment(f"{unique_name}-{suffix}")
