@@ -39,6 +39,9 @@ from .store import Store, wait_for_events
 
 log = logging.getLogger("taskserve.deploy")
 
+# A deploy that has seen no controller for this long says so.
+NO_CONTROLLER_WARNING_S = 5.0
+
 
 def _show_progress() -> None:
     """Print deploy progress lines to stderr unless the program set up logging itself."""
@@ -506,8 +509,16 @@ def wait_for_rollout(store: Store, name: str, generation: int, timeout: Optional
     deadline = None if timeout is None else time.monotonic() + timeout
     pubsub = store.subscribe()
     last_message = None
+    controller_seen_at = time.monotonic()
+    warned = False
     try:
         while True:
+            if store.controller_alive():
+                controller_seen_at = time.monotonic()
+            elif not warned and time.monotonic() - controller_seen_at > NO_CONTROLLER_WARNING_S:
+                log.warning("%s: no controller is running, so nothing happens yet; start one with "
+                            "`taskserve up` or `taskserve controller`", name)
+                warned = True
             goal = store.get_goal(name)
             if goal is None or goal.deleting:
                 raise DeploymentError(f"deployment {name!r} was deleted while it was deploying")

@@ -450,6 +450,10 @@ class Store:
             return True
         return False
 
+    def controller_alive(self) -> bool:
+        """True while some controller holds the lease."""
+        return bool(self.redis.exists(self.LEASE_KEY))
+
     def release_lease(self, holder: str) -> None:
         if _text(self.redis.get(self.LEASE_KEY)) == holder:
             self.redis.delete(self.LEASE_KEY)

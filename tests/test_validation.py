@@ -87,3 +87,19 @@ def test_connect_without_an_address_says_to_run_up(monkeypatch, tmp_path):
         connection.resolve_address(None)
     with pytest.raises(taskserve.TaskserveError, match="redis://"):
         connection.resolve_address("localhost:6379")
+
+
+def test_deploy_without_a_controller_says_so_and_times_out(caplog, monkeypatch):
+    from taskserve import connection
+    from taskserve.redis_server import RedisServer
+
+    # This process's connection is restored after the test.
+    monkeypatch.setattr(connection, "_store", None)
+    monkeypatch.setattr(connection, "_address", None)
+    with RedisServer() as server:
+        taskserve.connect(server.url)
+        model = taskserve.deployment(Model).options(name="lonely")
+        with caplog.at_level("WARNING", logger="taskserve.deploy"):
+            with pytest.raises(taskserve.DeploymentError, match="did not finish within 6"):
+                model.deploy(timeout=6)
+        assert "no controller is running" in caplog.text
