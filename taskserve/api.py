@@ -235,6 +235,7 @@ class Deployment:
         version = options.version or secrets.token_hex(4)
         spec_hash = replica_spec_hash(options, version, init_sha)
         new_options = options.model_dump()
+        health = store.get_health(self.name)
 
         def make_goal(previous: Optional[Goal]) -> Optional[Goal]:
             if (
@@ -244,6 +245,8 @@ class Deployment:
                 and previous.user_version == options.version
                 and previous.spec_hash == spec_hash
                 and previous.options == new_options
+                # a goal that failed is tried again rather than taken as done
+                and not (health.observed_generation == previous.generation and health.outcome == "failed")
             ):
                 return None  # same version, same options: nothing to do
             same_spec = previous is not None and not previous.deleting and previous.spec_hash == spec_hash

@@ -241,3 +241,24 @@ def test_max_concurrent_queries_serves_requests_at_once(connected, unique_name):
     responses = [model.get_handle().remote() for _ in range(3)]
     assert len({response.result(timeout=30) for response in responses}) == 1
     model.delete()
+
+
+def test_same_version_deploy_after_a_failed_first_deploy_tries_again(connected, unique_name, tmp_path):
+    flag = tmp_path / "broken"
+    flag.touch()
+
+    class SometimesBroken:
+        def __init__(self):
+            if flag.exists():
+                raise RuntimeError("not yet")
+
+        def __call__(self):
+            return "fixed"
+
+    model = taskserve.deployment(SometimesBroken).options(name=unique_name, version="1")
+    with pytest.raises(taskserve.DeploymentError, match="not yet"):
+        model.deploy(timeout=60)
+    flag.unlink()
+    model.deploy(timeout=60)
+    assert model.get_handle().remote().result(timeout=10) == "fixed"
+    model.delete()
