@@ -1,0 +1,265 @@
+"""Shared plumbing of the benchmarks in this directory: a throwaway cluster and the report.
+
+Not a benchmark itself. The scripts import it as ``from _cluster import ...``
+(``python scripts/NAME.py`` puts this directory first on ``sys.path``).
+
+* :func:`bench_main` runs a benchmark's body with a temporary log directory,
+  turns SIGTERM into Ctrl-C, removes the logs on success and keeps them (path
+  printed) on failure;
+* :func:`cluster` starts an embedded Redis (no persistence), a controller
+  (``--resync 0.5``) and one node agent as subprocesses, connects this process
+  and stops everything in order on exit (agent first, so it drains its replicas);
+* :func:`deleted_on_exit` deletes the named deployments on exit, whatever happened;
+* :func:`wait_until` polls a condition with a deadline (no bare sleeps as
+  synchronisation);
+* :func:`machine_lines`, :func:`markdown_table`, :func:`percentile` format the report.
+
+The process plumbing follows ``scripts/bench_requests.py``, which has its own copy
+(its cluster offers a fixed 8 CPUs and no ``--resync``) and could import this
+module instead.
+
+Example::
+
+    def body(work_dir: Path) -> None:
+        with cluster(work_dir, num_cpus=16) as address, deleted_on_exit(["echo"]):
+            ...
+
+    sys.exit(bench_main(body, "bench_echo-"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import celery
+import kombu
+import redis
+
+import taskserve
+from taskserve.processes import die_with_parent
+from taskserve.redis_server import RedisServer
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+# The variables taskserve defaults to 1 in every replica (SPEC.md §4).
+THREAD_LIMIT_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
+# --------------------------------------------------------------------------- polling
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02) -> None:
+    """Poll ``condition`` until it holds; ``TimeoutError`` saying ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout_s:.0f}s")
+        time.sleep(interval_s)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+class Child:
+    """A subprocess whose stdout and stderr go to ``log_path``."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: Optional[dict[str, str]] = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "ab") as log_file:
+            self.popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,      # Ctrl-C reaches only the benchmark, which stops them in order
+                preexec_fn=die_with_parent,  # ...and they go too if the benchmark is killed outright
+            )
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with code {self.popen.returncode}; "
+                               f"log {self.log_path}:\n{log_tail(self.log_path)}")
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM (a graceful stop), then SIGKILL after ``timeout_s``."""
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+@contextlib.contextmanager
+def running(child: Child) -> Iterator[Child]:
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+def agent_environment(clear_thread_limits: bool) -> dict[str, str]:
+    """This process's environment for the agent, optionally without thread limits.
+
+    Without them every replica gets taskserve's default of 1 (unless its
+    ``runtime_env`` says otherwise), whatever the shell running the benchmark set.
+    """
+    env = dict(os.environ)
+    if clear_thread_limits:
+        for name in THREAD_LIMIT_VARS:
+            env.pop(name, None)
+    return env
+
+
+@contextlib.contextmanager
+def cluster(work_dir: Path, num_cpus: float, resync_s: float = 0.5,
+            clear_thread_limits: bool = True) -> Iterator[str]:
+    """Redis, a controller and one node agent offering ``num_cpus``; yields the Redis URL.
+
+    This process is connected to it (``taskserve.connect``). On exit the agent
+    stops first (it drains its replicas), then the controller, then Redis.
+    """
+    python = sys.executable
+    with RedisServer() as server, contextlib.ExitStack() as stack:
+        address = server.url
+        controller = stack.enter_context(running(Child(
+            "controller", [python, "-m", "taskserve", "controller", "--address", address,
+                           "--resync", str(resync_s)],
+            work_dir / "controller.log")))
+        agent = stack.enter_context(running(Child(
+            "agent", [python, "-m", "taskserve", "agent", "--address", address, "--num-cpus", str(num_cpus),
+                      "--data-dir", str(work_dir / "agent")],
+            work_dir / "agent.log", env=agent_environment(clear_thread_limits))))
+        store = taskserve.connect(address)
+
+        def node_alive() -> bool:
+            controller.check_alive()
+            agent.check_alive()
+            return any(node.alive for node in store.list_nodes())
+
+        wait_until(node_alive, START_TIMEOUT_S, "the node agent did not register")
+        yield address
+
+
+@contextlib.contextmanager
+def deleted_on_exit(names: Iterable[str]) -> Iterator[None]:
+    """Deletes the deployments ``names`` (those that exist) on exit."""
+    try:
+        yield
+    finally:
+        for name in names:
+            with contextlib.suppress(taskserve.DeploymentNotFound):
+                taskserve.delete_deployment(name, timeout=STOP_TIMEOUT_S)
+
+
+def raise_keyboard_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def bench_main(body: Callable[[Path], None], prefix: str) -> int:
+    """Run ``body(work_dir)``; the exit code. Logs are kept only when it fails."""
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    work_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        body(work_dir)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; everything was stopped. Logs kept in {work_dir}", file=sys.stderr)
+        return 130
+    except Exception:
+        print(f"\nthe benchmark failed; everything was stopped. Logs kept in {work_dir}", file=sys.stderr)
+        raise
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- report
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list.
+
+    >>> percentile([1.0, 2.0, 3.0, 4.0], 0.5)
+    2.0
+    >>> percentile([float(i) for i in range(1, 21)], 0.9)
+    18.0
+    """
+    index = max(0, min(len(sorted_values) - 1, int(round(fraction * len(sorted_values))) - 1))
+    return sorted_values[index]
+
+
+def machine_lines(address: str, extra: Optional[dict[str, str]] = None) -> list[str]:
+    """Lines describing the machine and the versions in use, for the report."""
+    server = redis.Redis.from_url(address).info("server")
+    versions = {
+        "taskserve": f"{taskserve.__version__} (git {source_revision()})",
+        "celery": celery.__version__,
+        "kombu": kombu.__version__,
+        "redis-py": redis.__version__,
+        "redis-server": server["redis_version"],
+        **(extra or {}),
+    }
+    return [
+        f"machine:  {os.cpu_count()} cores ({cpu_model()}), {platform.system()} {platform.release()}",
+        f"python:   {platform.python_version()} ({sys.executable})",
+        "versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()),
+        f"load:     {load_average()} (1/5/15 min) at the start",
+    ]
+
+
+def source_revision() -> str:
+    """``git describe`` of the checkout this script sits in, or "unknown"."""
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def markdown_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """A Markdown table; the first ``left`` columns left-aligned, the rest right-aligned.
+
+    >>> print(markdown_table(["a", "b"], [["x", "1"]]))
+    | a | b |
+    |---|--:|
+    | x | 1 |
+    """
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                                 for i, (cell, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
