@@ -45,6 +45,7 @@ from .store import Store, wait_for_events
 log = logging.getLogger("taskserve.agent")
 
 INSTALLING_MESSAGE = "installing runtime env"
+DRAINING_POLL_S = 0.05
 FAILED_BUILD_MEMORY_S = 30.0   # a failed install is not retried sooner for the same pip list
 
 THREAD_LIMIT_VARS = (
@@ -154,7 +155,9 @@ class NodeAgent:
                         self.store.register_node(self.node, self.heartbeat_ttl_s)
                     next_heartbeat = now + min(1.0, self.heartbeat_ttl_s / 4)
                 self.reconcile()
-                wait_for_events(pubsub, self.resync_s)
+                # A draining replica's exit is noticed by polling, so poll faster meanwhile.
+                draining = any(p.drain_deadline is not None for p in self.processes.values())
+                wait_for_events(pubsub, DRAINING_POLL_S if draining else self.resync_s)
         finally:
             pubsub.close()
             self.shutdown()
