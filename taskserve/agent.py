@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Optional
 
 import psutil
+import redis
 
 from .celery_app import make_app
 from .replica import EXIT_CONSTRUCTOR_FAILED, INFLIGHT_FILE_ENV
@@ -46,6 +47,7 @@ log = logging.getLogger("taskserve.agent")
 
 INSTALLING_MESSAGE = "installing runtime env"
 DRAINING_POLL_S = 0.05
+REDIS_RETRY_S = 1.0
 FAILED_BUILD_MEMORY_S = 30.0   # a failed install is not retried sooner for the same pip list
 
 THREAD_LIMIT_VARS = (
@@ -148,18 +150,26 @@ class NodeAgent:
         next_heartbeat = 0.0
         try:
             while not self.stopping.is_set():
-                now = time.monotonic()
-                if now >= next_heartbeat:
-                    if not self.store.heartbeat_node(self.node_id, self.heartbeat_ttl_s):
-                        log.warning("node %s had expired; registering again", self.node_id)
-                        self.store.register_node(self.node, self.heartbeat_ttl_s)
-                    next_heartbeat = now + min(1.0, self.heartbeat_ttl_s / 4)
-                self.reconcile()
-                # A draining replica's exit is noticed by polling, so poll faster meanwhile.
-                draining = any(p.drain_deadline is not None for p in self.processes.values())
-                wait_for_events(pubsub, DRAINING_POLL_S if draining else self.resync_s)
+                try:
+                    now = time.monotonic()
+                    if now >= next_heartbeat:
+                        if not self.store.heartbeat_node(self.node_id, self.heartbeat_ttl_s):
+                            log.warning("node %s had expired; registering again", self.node_id)
+                            self.store.register_node(self.node, self.heartbeat_ttl_s)
+                        next_heartbeat = now + min(1.0, self.heartbeat_ttl_s / 4)
+                    self.reconcile()
+                    # A draining replica's exit is noticed by polling, so poll faster meanwhile.
+                    draining = any(p.drain_deadline is not None for p in self.processes.values())
+                    wait_for_events(pubsub, DRAINING_POLL_S if draining else self.resync_s)
+                except redis.RedisError as error:
+                    # Replicas keep serving what they hold; the agent catches up once Redis is back.
+                    log.warning("Redis is unreachable (%s); retrying in %.0fs", error, REDIS_RETRY_S)
+                    self.stopping.wait(REDIS_RETRY_S)
         finally:
-            pubsub.close()
+            try:
+                pubsub.close()
+            except redis.RedisError:
+                pass
             self.shutdown()
 
     def stop(self) -> None:
@@ -342,20 +352,34 @@ class NodeAgent:
         log.info("put back %d request(s) replica %s held when it died", len(tags), process.replica_id)
 
     def shutdown(self) -> None:
-        """Drain every replica (within their graceful timeouts), then leave the cluster."""
-        for process in list(self.processes.values()):
-            self._drain(process, self.store.get_replica(process.replica_id))
-        while self.processes:
-            records = {r.replica_id: r for r in self.store.replicas_on_node(self.node_id)}
-            self._reap_exited(records)
-            for process in list(self.processes.values()):
-                self._drain(process, None)
-            time.sleep(0.05)
-        for record in self.store.replicas_on_node(self.node_id):
-            if not record.is_gone:
-                self.store.update_replica(record.replica_id, state=ReplicaState.STOPPED, message="its node agent stopped")
+        """Drain every replica (within their graceful timeouts), then leave the cluster.
+
+        Works without Redis too: the processes are drained either way.
+        """
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.store.unregister_node(self.node_id)
+        for process in list(self.processes.values()):
+            self._drain(process, None)
+        while self.processes:
+            for replica_id, process in list(self.processes.items()):
+                if process.popen.poll() is None:
+                    self._drain(process, None)       # SIGKILL once its graceful timeout is over
+                    continue
+                del self.processes[replica_id]
+                process.log_file.close()
+                if process.killed:
+                    try:
+                        self._restore_inflight(process)
+                    except redis.RedisError as error:
+                        log.warning("could not put back what %s held (%s)", replica_id, error)
+            time.sleep(DRAINING_POLL_S)
+        try:
+            for record in self.store.replicas_on_node(self.node_id):
+                if not record.is_gone:
+                    self.store.update_replica(record.replica_id, state=ReplicaState.STOPPED,
+                                              message="its node agent stopped")
+            self.store.unregister_node(self.node_id)
+        except redis.RedisError as error:
+            log.warning("could not record the shutdown in Redis (%s); the node will expire", error)
         log.info("node agent %s stopped", self.node_id)
 
 

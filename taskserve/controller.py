@@ -22,6 +22,8 @@ import threading
 import time
 from dataclasses import replace
 
+import redis
+
 from .planner import (
     ForgetDeployment,
     ForgetReplica,
@@ -38,6 +40,8 @@ from .history import previous_goal
 from .store import Store, wait_for_events
 
 log = logging.getLogger("taskserve.controller")
+
+REDIS_RETRY_S = 1.0
 
 
 class Controller:
@@ -56,19 +60,26 @@ class Controller:
         pubsub = self.store.subscribe()
         try:
             while not self.stopping.is_set():
-                leading = self.store.acquire_lease(self.controller_id, self.lease_ttl_s)
-                if leading != self.leading:
-                    log.info("controller %s %s", self.controller_id, "leads" if leading else "stands by")
-                    self.leading = leading
-                if leading:
-                    try:
+                try:
+                    leading = self.store.acquire_lease(self.controller_id, self.lease_ttl_s)
+                    if leading != self.leading:
+                        log.info("controller %s %s", self.controller_id, "leads" if leading else "stands by")
+                        self.leading = leading
+                    if leading:
                         self.reconcile_once()
-                    except Exception:
-                        log.exception("reconcile pass failed; retrying")
-                wait_for_events(pubsub, self.resync_s if leading else self.lease_ttl_s / 3)
+                    wait_for_events(pubsub, self.resync_s if leading else self.lease_ttl_s / 3)
+                except redis.RedisError as error:
+                    log.warning("Redis is unreachable (%s); retrying in %.0fs", error, REDIS_RETRY_S)
+                    self.stopping.wait(REDIS_RETRY_S)
+                except Exception:
+                    log.exception("reconcile pass failed; retrying")
+                    self.stopping.wait(self.resync_s)
         finally:
-            pubsub.close()
-            self.store.release_lease(self.controller_id)
+            try:
+                pubsub.close()
+                self.store.release_lease(self.controller_id)
+            except redis.RedisError:
+                pass  # the lease expires on its own
 
     def stop(self) -> None:
         self.stopping.set()
