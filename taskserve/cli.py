@@ -47,7 +47,11 @@ EXAMPLE_DEPLOYMENT = Path(__file__).resolve().parent.parent / "workers" / "echo.
 
 
 class TaskserveGroup(click.Group):
-    """Turns every foreseeable error into one line on stderr and exit code 1."""
+    """Turns every error into one line on stderr and exit code 1.
+
+    ``TASKSERVE_DEBUG=1`` prints the rest of the message (a replica's traceback)
+    and, for unexpected errors, the local traceback too.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -56,13 +60,20 @@ class TaskserveGroup(click.Group):
             raise
         except KeyboardInterrupt:
             raise SystemExit(130)
-        except (TaskserveError, KeyError, ValueError, TypeError, TimeoutError, LookupError, OSError,
-                redis.RedisError, RuntimeError) as error:
-            text = str(error) if not isinstance(error, KeyError) or isinstance(error, TaskserveError) else str(error.args[0])
+        except Exception as error:
+            expected = isinstance(error, (TaskserveError, ValueError, TypeError, TimeoutError, LookupError,
+                                          OSError, redis.RedisError, RuntimeError, ImportError, AttributeError))
+            if isinstance(error, KeyError) and not isinstance(error, TaskserveError) and error.args:
+                text = str(error.args[0])
+            else:
+                text = str(error) if expected else f"{type(error).__name__}: {error}"
             first, _, rest = text.partition("\n")
             errors.print(f"[red]error:[/red] {first}", markup=True, highlight=False)
-            if rest.strip() and os.environ.get("TASKSERVE_DEBUG"):
-                errors.print(rest, markup=False, highlight=False)
+            if os.environ.get("TASKSERVE_DEBUG"):
+                if rest.strip():
+                    errors.print(rest, markup=False, highlight=False)
+                if not expected:
+                    errors.print_exception()
             raise SystemExit(1)
 
 
@@ -283,13 +294,14 @@ def deploy(target: Optional[str], address: Optional[str], config_file: Optional[
         if any(value is not None for value in (name, num_replicas, version, user_config)):
             raise click.UsageError("--name, --num-replicas, --version and --user-config apply to a TARGET; "
                                    "with -f, set them in the file")
+        loaded = load_deployments_file(config_file)
         _connect(address)
-        for item in load_deployments_file(config_file):
+        for item in loaded:
             item.deploy(timeout=timeout)
             console.print(f"deployed [bold]{item.name}[/bold]: {item.num_replicas} replicas")
         return
-    _connect(address)
     chosen = load_target(target)
+    _connect(address)
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = name

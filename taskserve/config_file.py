@@ -70,7 +70,7 @@ def load_target(reference: str, base_dir: Optional[Path] = None) -> Deployment:
         sys.path.insert(0, str(base_dir or os.getcwd()))
         module = importlib.import_module(where)
     if not hasattr(module, attr):
-        raise AttributeError(f"{where} has no attribute {attr!r}")
+        raise AttributeError(f"{where} has no attribute {attr!r}; check the name after the ':'")
     target = getattr(module, attr)
     return target if isinstance(target, Deployment) else deployment(target)
 
