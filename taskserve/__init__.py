@@ -30,6 +30,7 @@ from .api import (
 from .connection import connect
 from .errors import DeploymentError, DeploymentNotFound, ReplicaError, TaskserveError
 from .handle import DeploymentHandle, Response
+from . import http
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "deployment",
     "get_deployment",
     "history",
+    "http",
     "list_deployments",
     "reconfigure_deployment",
     "restart_deployment",

@@ -99,13 +99,20 @@ def _connect(address: Optional[str]) -> None:
 @click.option("--num-gpus", type=float, default=None, help="GPUs the local agent offers (default: nvidia-smi's count).")
 @click.option("--example/--no-example", default=True, show_default=True,
               help="Deploy the example in workers/echo.py so a first request can be sent.")
+@click.option("--http-port", type=int, default=8000, show_default=True, help="Port of the HTTP gateway (0: no gateway).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface the HTTP gateway listens on (0.0.0.0: every interface).")
 def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_cpus: Optional[float],
-       num_gpus: Optional[float], example: bool) -> None:
-    """Run a whole cluster here: Redis, a controller and a node agent."""
+       num_gpus: Optional[float], example: bool, http_port: int, host: str) -> None:
+    """Run a whole cluster here: Redis, a controller, a node agent and the HTTP gateway."""
     from .redis_server import RedisServer
 
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir(data_dir)  # noqa: F841 (held until this process exits)
+    if http_port:
+        from .gateway import listen
+
+        listen(host, http_port).close()   # a port in use fails here, in one line
     log_dir = data_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     server = None
@@ -124,7 +131,10 @@ def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_
             agent_args += ["--num-cpus", str(num_cpus)]
         if num_gpus is not None:
             agent_args += ["--num-gpus", str(num_gpus)]
-        for name, args in (("controller", ["controller"]), ("agent", agent_args)):
+        gateway_args = ["gateway", "--host", host, "--port", str(http_port)] if http_port else []
+        for name, args in (("controller", ["controller"]), ("agent", agent_args), ("gateway", gateway_args)):
+            if not args:
+                continue
             log_file = open(log_dir / f"{name}.log", "ab")
             children.append(subprocess.Popen(
                 [sys.executable, "-m", "taskserve", *args, "--address", address],
@@ -134,6 +144,10 @@ def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_
         store = connect(address)
         _wait_for_node(store, children, timeout_s=30)
         console.print(f"taskserve is up at [bold]{address}[/bold]  (logs: {log_dir}/)")
+        if http_port:
+            _wait_for_gateway(host, http_port, children[-1], timeout_s=30)
+            console.print(f"HTTP: [bold]http://{host}:{http_port}/<deployment>[/bold]  "
+                          f"(dashboard: http://{host}:{http_port}/-/dashboard)")
         if example:
             _deploy_example(stop)
         console.print("Try: [bold]taskserve call echo '\"hi\"'[/bold]   Stop: Ctrl-C")
@@ -163,6 +177,21 @@ def _wait_for_node(store: Any, children: list[subprocess.Popen], timeout_s: floa
         if time.monotonic() > deadline or any(child.poll() is not None for child in children):
             raise RuntimeError("the node agent did not start; see its log in the data dir's logs/")
         time.sleep(0.05)
+
+
+def _wait_for_gateway(host: str, port: int, process: subprocess.Popen, timeout_s: float) -> None:
+    import socket
+
+    target = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((target, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("the HTTP gateway did not start; see its log in the data dir's logs/") from None
+            time.sleep(0.05)
 
 
 def _lock_data_dir(data_dir: Path) -> Any:
@@ -251,6 +280,21 @@ def agent(address: Optional[str], node_id: Optional[str], num_cpus: Optional[flo
                            data_dir=data_dir, heartbeat_ttl_s=heartbeat_timeout)
     _stop_on_signals(node_agent.stop)
     node_agent.run()
+
+
+@main.command()
+@ADDRESS_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-body-size", type=int, default=10 * 1024 * 1024, show_default=True,
+              help="Largest request body in bytes; a larger one gets 413.")
+@click.option("--debug", is_flag=True, help="Put the replica's traceback in 500 responses.")
+def gateway(address: Optional[str], host: str, port: int, max_body_size: int, debug: bool) -> None:
+    """Serve every deployment over HTTP at its route prefix."""
+    from .gateway import serve
+
+    _log_to_stderr()
+    serve(resolve_address(address), host=host, port=port, max_body_bytes=max_body_size, debug=debug)
 
 
 def _log_to_stderr() -> None:

@@ -33,6 +33,7 @@ import redis
 from celery import signals
 
 from .celery_app import TASK_NAME, make_app
+from .http import HTTP_METHOD, Request, encode_response
 from .code import unpack
 from .connection import make_store
 from .processes import die_with_parent
@@ -160,6 +161,8 @@ class Dispatcher:
             _run(self.target.reconfigure(user_config))
 
     def _call(self, method: str, args: list, kwargs: dict) -> Any:
+        if method == HTTP_METHOD:   # from the gateway: __call__(Request), the answer as HTTP data
+            return encode_response(_run(self.target(Request.from_payload(args[0]))))
         if method == "__call__":
             function = self.target
         elif self.kind == "function":
@@ -340,6 +343,12 @@ class ReplicaProcess:
         @signals.task_postrun.connect(weak=False)
         def on_done(task_id: str = "", **_: Any) -> None:
             inflight.remove(task_id)
+
+        @signals.task_revoked.connect(weak=False)
+        def on_revoked(request: Any = None, **_: Any) -> None:
+            # An HTTP request whose caller gave up (it expired in the queue): acknowledged, not run.
+            if request is not None:
+                inflight.remove(request.id)
 
         @signals.worker_ready.connect(weak=False)
         def on_ready(**_: Any) -> None:

@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
+# "/" or segments like "/a/b": no empty segment, trailing "/", space, "?" or "#".
+ROUTE_PREFIX_PATTERN = re.compile(r"/|(/[^/\s?#]+)+")
+
 SERIALIZERS = ("json", "pickle")
 
 
@@ -59,7 +62,9 @@ class DeploymentOptions(BaseModel):
     num_gpus: Union[int, float] = Field(default=0, ge=0, le=10_000)
     memory: Optional[int] = Field(default=None, ge=0, le=2**60)
     runtime_env: Optional[dict] = None
-    route_prefix: Optional[str] = None
+    # None: served at "/<name>"; False: not served over HTTP.
+    route_prefix: Union[Literal[False], str, None] = None
+    request_timeout_s: Union[int, float] = Field(default=60, gt=0, le=86_400)
     max_concurrent_queries: int = Field(default=1, ge=1, le=1000)
     max_unavailable: Union[int, float] = Field(default=0.2, ge=0, le=10_000)
     max_surge: Union[int, float] = Field(default=0, ge=0, le=10_000)
@@ -81,9 +86,15 @@ class DeploymentOptions(BaseModel):
 
     @field_validator("route_prefix")
     @classmethod
-    def _check_route_prefix(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not value.startswith("/"):
+    def _check_route_prefix(cls, value: Union[bool, str, None]) -> Union[bool, str, None]:
+        if not isinstance(value, str):
+            return value
+        if not value.startswith("/"):
             raise ValueError("a route_prefix starts with '/'")
+        if value == "/-" or value.startswith("/-/"):
+            raise ValueError("paths under '/-/' belong to the gateway (metrics, dashboard)")
+        if not ROUTE_PREFIX_PATTERN.fullmatch(value):
+            raise ValueError("a route_prefix has no spaces, '?', '#', '//' or trailing '/'")
         return value
 
     @field_validator("user_config")
@@ -131,7 +142,8 @@ _FIX_HINTS = {
     "graceful_shutdown_timeout_s": "use a number of seconds >= 0",
     "health_check_period_s": "use a number of seconds > 0",
     "serializer": "use 'json' or 'pickle'",
-    "route_prefix": "use a path like '/my_model', or None",
+    "route_prefix": "use a path like '/my_model', None for '/<name>', or False to serve no HTTP route",
+    "request_timeout_s": "use a number of seconds > 0",
     "runtime_env": "use a dict with 'pip', 'env_vars' and/or 'working_dir'",
 }
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import urllib.request
 
 import psutil
 
@@ -36,13 +37,14 @@ ISSUE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def start_up(workdir, port):
+def start_up(workdir, port, http_port):
     env = {k: v for k, v in os.environ.items() if k != "TASKSERVE_ADDRESS"}
     env["HOME"] = str(workdir)          # the address file goes under this HOME
     env["PYTHONPATH"] = str(REPO)
     log = open(workdir / "up.log", "ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "taskserve", "up", "--redis-port", str(port), "--num-cpus", "4"],
+        [sys.executable, "-m", "taskserve", "up", "--redis-port", str(port), "--num-cpus", "4",
+         "--http-port", str(http_port)],
         cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     return process, env
@@ -54,11 +56,14 @@ def cli(env, cwd, *args):
 
 
 def test_up_serves_the_example_runs_the_script_and_stops_everything(tmp_path):
-    port = free_port()
-    up, env = start_up(tmp_path, port)
+    port, http_port = free_port(), free_port()
+    up, env = start_up(tmp_path, port, http_port)
     try:
         wait_until(lambda: cli(env, tmp_path, "call", "echo", '"hi"').stdout.strip() == '"hi"',
                    timeout=90, interval=0.5, message="the example deployment to answer")
+        # The gateway serves the example over HTTP too.
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/echo?x=1", timeout=30) as answer:
+            assert json.loads(answer.read())["query_params"] == {"x": "1"}
         # The address file lets a script in any directory find the cluster.
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
@@ -70,7 +75,7 @@ def test_up_serves_the_example_runs_the_script_and_stops_everything(tmp_path):
         assert lines[0] == "hello world" and lines[-1] == "2"
         assert "my_deployment" in lines[1] and "echo" in lines[1]
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) >= 5       # redis, controller, agent, 1 echo + 2 my_deployment replicas
+        assert len(children) >= 6       # redis, controller, agent, gateway, 1 echo + 2 my_deployment replicas
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=90)
@@ -80,7 +85,7 @@ def test_up_serves_the_example_runs_the_script_and_stops_everything(tmp_path):
     assert not (tmp_path / ".taskserve" / "address").exists()
 
     # The append-only file keeps the deployments across a restart.
-    up, env = start_up(tmp_path, port)
+    up, env = start_up(tmp_path, port, http_port)
     try:
         wait_until(lambda: cli(env, tmp_path, "call", "my_deployment", '"again"').stdout.strip() == '"hello again"',
                    timeout=90, interval=0.5, message="my_deployment to serve after a restart")

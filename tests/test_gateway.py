@@ -1,0 +1,483 @@
+"""The HTTP gateway: route tables and wire format (pure), then real HTTP to a real cluster.
+
+The integration tests share the session's cluster and start ``taskserve gateway`` as a
+subprocess on a free port; requests go over real HTTP with httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Iterator
+
+import httpx
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+import taskserve
+from taskserve.celery_app import TASK_NAME, make_app
+from taskserve.gateway import Route, RouteTable, TaskSender, unwrap
+from taskserve.http import HTTP_METHOD, Request, Response, decode_response, encode_request, encode_response
+from taskserve.redis_server import free_port
+from taskserve.state import Goal
+from taskserve.store import queue_name
+from workers.threshold import Threshold as SeedThreshold
+
+from .conftest import REPO, Cluster, wait_until
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def goal(name: str, **options) -> Goal:
+    return Goal(name=name, generation=1, version="1", spec_hash="s", num_replicas=1, options=options,
+                code_sha="c", init_sha="i", deleting=options.pop("deleting", False))
+
+
+def test_route_table_longest_prefix_wins_on_path_segments():
+    table = RouteTable.from_goals([
+        goal("api", route_prefix="/api"),
+        goal("api_v2", route_prefix="/api/v2"),
+        goal("echo"),                                   # None: /<name>
+        goal("hidden", route_prefix=False),             # not served
+        goal("gone", deleting=True),
+    ])
+    assert table.to_dict() == {"/api": "api", "/api/v2": "api_v2", "/echo": "echo"}
+    assert table.match("/api/v2/models").deployment == "api_v2"
+    assert table.match("/api/v2").deployment == "api_v2"
+    assert table.match("/api/v1").deployment == "api"
+    assert table.match("/api").deployment == "api"
+    assert table.match("/apiary") is None
+    assert table.match("/hidden") is None and table.match("/gone") is None
+    assert table.match("/") is None
+    assert RouteTable([Route("/", "root"), Route("/a", "a")]).match("/b/c").deployment == "root"
+
+
+def test_route_table_gives_a_contested_prefix_to_the_first_name():
+    table = RouteTable([Route("/m", "zeta"), Route("/m", "alpha")])
+    assert table.match("/m").deployment == "alpha"
+    assert table.conflicts == [("/m", "alpha", "zeta")]
+
+
+def test_route_table_carries_timeout_and_serializer():
+    [route] = RouteTable.from_goals([goal("p", serializer="pickle", request_timeout_s=2.5)]).routes
+    assert (route.serializer, route.timeout_s) == ("pickle", 2.5)
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("api", "starts with '/'"), ("/api/", "trailing '/'"), ("/a//b", "'//'"), ("/a b", "spaces"),
+    ("/-/metrics", "belong to the gateway"), (True, "valid string"),
+])
+def test_bad_route_prefix_is_refused_at_the_decorator(value, reason):
+    with pytest.raises((TypeError, ValueError), match=reason):
+        taskserve.deployment(route_prefix=value)(lambda request: None)
+
+
+def test_request_travels_as_plain_data():
+    headers = [("Content-Type", "application/json"), ("X-Tag", "a"), ("x-tag", "b")]
+    request = Request.from_payload(encode_request("POST", "/m/x", "a=1&a=2&b=", headers, b'{"k": [1]}'))
+    assert (request.method, request.path) == ("POST", "/m/x")
+    assert request.query_params == {"a": "1", "b": ""}
+    assert request.headers["x-tag"] == "a, b" and request.headers["CONTENT-TYPE"] == "application/json"
+    assert request.body == b'{"k": [1]}' and request.json() == {"k": [1]}
+    binary = bytes(range(256))
+    assert Request.from_payload(encode_request("PUT", "/", "", [], binary)).body == binary
+
+
+def test_return_values_become_http_answers():
+    assert decode_response(encode_response([1, "é"])) == (200, [("content-type", "application/json")],
+                                                          '[1,"é"]'.encode())
+    assert decode_response(encode_response(b"\xff\x00")) == (200, [("content-type", "application/octet-stream")],
+                                                              b"\xff\x00")
+    status, headers, body = decode_response(encode_response(
+        Response("made", status=201, headers={"Location": "/m/1", "Content-Length": "99"})))
+    assert (status, body) == (201, b"made")
+    assert headers == [("content-type", "text/plain; charset=utf-8"), ("location", "/m/1")]
+    with pytest.raises(TypeError, match="type set, which cannot be sent as JSON"):
+        encode_response({1, 2})
+    with pytest.raises(ValueError, match="invalid HTTP status 1000"):
+        Response(status=1000)
+
+
+def test_unwrap_decodes_results_like_a_handle():
+    assert unwrap({"status": "SUCCESS", "result": {"ok": True, "value": [1]}}) == [1]
+    with pytest.raises(taskserve.ReplicaError) as caught:
+        unwrap({"status": "FAILURE", "result": {"exc_type": "WorkerLostError", "exc_message": ["lost"]},
+                "traceback": "tb"})
+    assert (caught.value.type_name, caught.value.message, caught.value.traceback_text) == ("WorkerLostError", "lost", "tb")
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+def test_the_gateway_enqueues_the_message_celery_would(cluster, serializer):
+    """Replicas (and Celery's tools) must read the gateway's messages as they read send_task's."""
+    route = Route("/x", "sender-check", serializer=serializer, timeout_s=60)
+    queue = queue_name(route.deployment)
+    client = redis.Redis.from_url(cluster.url)
+    payload = {"method": "GET", "path": "/x", "a": [1]}
+    make_app(cluster.url, serializer).send_task(TASK_NAME, args=(HTTP_METHOD, [payload], {}), queue=queue,
+                                                task_id="t1", expires=60)
+    celery_message = json.loads(client.rpop(queue))
+    ours = json.loads(TaskSender(cluster.url, client=None).message(route, "t1", payload))
+
+    decode = pickle.loads if serializer == "pickle" else json.loads
+    for message in (ours, celery_message):
+        message["body"] = decode(base64.b64decode(message["body"]))
+    assert ours["body"] == celery_message["body"]
+    assert {k: v for k, v in ours.items() if k != "headers" and k != "properties" and k != "body"} == \
+        {k: v for k, v in celery_message.items() if k != "headers" and k != "properties" and k != "body"}
+    differ = {"expires", "ignore_result", "delivery_tag", "reply_to", "origin",      # per message or unused
+              "argsrepr"}                                                           # shorter, see TaskSender
+    assert {k: v for k, v in ours["headers"].items() if k not in differ} == \
+        {k: v for k, v in celery_message["headers"].items() if k not in differ}
+    assert {k: v for k, v in ours["properties"].items() if k not in differ} == \
+        {k: v for k, v in celery_message["properties"].items() if k not in differ}
+    assert ours["headers"]["argsrepr"] == "('__http__', 'GET /x')"
+    expires = [datetime.fromisoformat(m["headers"]["expires"]) for m in (ours, celery_message)]
+    assert abs((expires[0] - expires[1]).total_seconds()) < 5
+
+
+# --------------------------------------------------------------------------- a real gateway
+
+
+@contextmanager
+def running_gateway(cluster: Cluster, *args: str) -> Iterator[httpx.Client]:
+    """``taskserve gateway`` on a free port, and an httpx client for it."""
+    port = free_port()
+    name = f"gateway-{port}"
+    cluster.start(name, "gateway", "--port", str(port), *args)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    def healthy() -> bool:
+        try:
+            return client.get("/-/healthz").status_code == 200
+        except httpx.TransportError:
+            assert cluster.processes[name].poll() is None, cluster.logs()
+            return False
+
+    try:
+        wait_until(healthy, timeout=30, message="the gateway to answer /-/healthz")
+        yield client
+    finally:
+        client.close()
+        cluster.stop(name)
+
+
+@pytest.fixture(scope="module")
+def http(cluster: Cluster) -> Iterator[httpx.Client]:
+    with running_gateway(cluster) as client:
+        yield client
+
+
+def wait_for_route(http: httpx.Client, prefix: str, name: str | None, timeout: float = 2.0) -> None:
+    """The route table shows ``prefix -> name`` (None: no such route) within ``timeout`` seconds."""
+    wait_until(lambda: http.get("/-/routes").json().get(prefix) == name, timeout=timeout, interval=0.02,
+               message=f"route {prefix} -> {name}")
+
+
+class HalfModel:
+    """The seed's random model, made certain: every score is 0.5."""
+
+    def random(self) -> float:
+        return 0.5
+
+
+class DeterministicThreshold(SeedThreshold.func_or_class):
+    def __init__(self) -> None:
+        self.model = HalfModel()
+
+
+def test_seed_threshold_example_over_http(connected, unique_name, http):
+    threshold = taskserve.deployment(DeterministicThreshold).options(name=unique_name, version="1", num_cpus=0.1)
+    threshold.options(user_config={"threshold": 0.01}).deploy()
+    wait_for_route(http, f"/{unique_name}", unique_name)
+    answer = http.get(f"/{unique_name}")
+    assert (answer.status_code, answer.headers["content-type"], answer.json()) == (200, "application/json", True)
+    [pid] = {r.pid for r in threshold.status().replicas}
+
+    threshold.options(user_config={"threshold": 0.99}).deploy()
+    assert http.post(f"/{unique_name}", json={"ignored": 1}).json() is False
+    assert {r.pid for r in threshold.status().replicas} == {pid}       # reconfigured in place
+    threshold.delete()
+
+
+class Inspector:
+    """Answers each path under its prefix in another way."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, request):
+        self.calls += 1
+        action = request.path.rsplit("/", 1)[-1]
+        if action == "fail":
+            raise ValueError(f"bad input: {request.query_params.get('q')}")
+        if action == "bytes":
+            return bytes(range(256))
+        if action == "teapot":
+            return taskserve.http.Response({"short": "stout"}, status=418, headers={"X-Kind": "teapot"})
+        if action == "size":
+            return len(request.body)
+        if action == "set":
+            return {1, 2}
+        return {"method": request.method, "path": request.path, "query": request.query_params,
+                "tag": request.headers.get("X-Tag"), "body": request.json() if request.body else None,
+                "calls": self.calls}
+
+
+@pytest.fixture(scope="module")
+def inspector(cluster: Cluster) -> Iterator[str]:
+    taskserve.connect(cluster.url)
+    name = "inspector"
+    deployment = taskserve.deployment(Inspector).options(name=name, route_prefix="/inspect/me", version="1",
+                                                         num_cpus=0.1, max_concurrent_queries=4)
+    deployment.deploy()
+    yield "/inspect/me"
+    deployment.delete()
+
+
+def test_request_object_reaches_call_and_answers_come_back(http, inspector):
+    answer = http.post(f"{inspector}/a/b?x=1&x=2&y=", json={"k": [1, 2]}, headers={"x-tag": "t"})
+    assert answer.status_code == 200
+    assert answer.json() == {"method": "POST", "path": f"{inspector}/a/b", "query": {"x": "1", "y": ""},
+                             "tag": "t", "body": {"k": [1, 2]}, "calls": answer.json()["calls"]}
+    assert http.put(inspector).json()["method"] == "PUT"
+
+    raw = http.get(f"{inspector}/bytes")
+    assert (raw.headers["content-type"], raw.content) == ("application/octet-stream", bytes(range(256)))
+
+    teapot = http.get(f"{inspector}/teapot")
+    assert (teapot.status_code, teapot.headers["x-kind"], teapot.json()) == (418, "teapot", {"short": "stout"})
+
+    assert http.post(f"{inspector}/size", content=b"x" * 1_000_000).json() == 1_000_000
+
+
+def test_concurrent_requests_each_get_their_own_answer(http, inspector):
+    async def send_all() -> list[int]:
+        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=30) as client:
+            answers = await asyncio.gather(*(client.post(f"{inspector}/size", content=b"x" * size)
+                                             for size in range(100)))
+        return [answer.json() for answer in answers]
+
+    assert asyncio.run(send_all()) == list(range(100))
+
+
+def test_pickle_deployments_are_served_too(connected, unique_name, http):
+    def double(request):
+        return {"doubled": 2 * request.json()}
+
+    doubler = taskserve.deployment(name=unique_name, serializer="pickle", version="1", num_cpus=0.1)(double)
+    doubler.deploy()
+    wait_for_route(http, f"/{unique_name}", unique_name)
+    assert http.post(f"/{unique_name}", json=21).json() == {"doubled": 42}
+    doubler.delete()
+
+
+def test_errors_404_500_and_413(cluster, http, inspector):
+    missing = http.get("/no/such/deployment")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "NotFound",
+                              "message": "no deployment serves /no/such/deployment; GET /-/routes lists the routes"}
+    assert http.get("/inspect").status_code == 404            # a prefix matches whole path segments only
+    assert http.get("/-/nothing").status_code == 404
+
+    failed = http.get(f"{inspector}/fail?q=xyz")
+    assert failed.status_code == 500
+    assert failed.json() == {"error": "ValueError", "message": "bad input: xyz"}     # no traceback
+    unsendable = http.get(f"{inspector}/set")
+    assert unsendable.status_code == 500 and unsendable.json()["error"] == "TypeError"
+    assert "type set, which cannot be sent as JSON" in unsendable.json()["message"]
+
+    limit = 10 * 1024 * 1024
+    too_large = http.post(f"{inspector}/size", content=b"x" * (limit + 1))
+    assert too_large.status_code == 413 and too_large.json()["error"] == "PayloadTooLarge"
+    chunked = http.post(f"{inspector}/size", content=iter([b"x" * limit, b"y"]))      # no Content-Length
+    assert chunked.status_code == 413
+    assert http.post(f"{inspector}/size", content=b"x" * limit).json() == limit
+
+    with running_gateway(cluster, "--debug") as debug_http:
+        wait_for_route(debug_http, inspector, "inspector")
+        failed = debug_http.get(f"{inspector}/fail?q=xyz").json()
+        assert failed["error"] == "ValueError" and "Traceback" in failed["traceback"]
+        assert "in __call__" in failed["traceback"]
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, request):
+        self.calls += 1
+        return self.calls
+
+
+def test_no_answer_in_time_is_503_and_the_request_expires_unserved(connected, unique_name, http):
+    counter = taskserve.deployment(Counter).options(name=unique_name, version="1", num_replicas=0,
+                                                    request_timeout_s=0.5, num_cpus=0.1)
+    counter.deploy()
+    wait_for_route(http, f"/{unique_name}", unique_name)
+    started = time.monotonic()
+    answer = http.get(f"/{unique_name}")
+    assert answer.status_code == 503 and answer.json()["error"] == "Timeout"
+    assert "request_timeout_s of 0.5s" in answer.json()["message"]
+    assert 0.5 <= time.monotonic() - started < 5
+
+    # The request still waits in the queue, but no replica will run it: it expired.
+    counter.options(num_replicas=1).deploy()
+    assert http.get(f"/{unique_name}").json() == 1
+    counter.delete()
+
+
+def test_routes_follow_deploys_and_deletes(connected, unique_name, http):
+    def named(name):
+        def answer(request):
+            return name
+        return answer
+
+    outer = taskserve.deployment(name=f"{unique_name}-outer", route_prefix=f"/{unique_name}",
+                                 version="1", num_cpus=0.1)(named("outer"))
+    inner = taskserve.deployment(name=f"{unique_name}-inner", route_prefix=f"/{unique_name}/in",
+                                 version="1", num_cpus=0.1)(named("inner"))
+    hidden = taskserve.deployment(name=f"{unique_name}-hidden", route_prefix=False,
+                                  version="1", num_replicas=0)(named("hidden"))
+    outer.deploy()
+    wait_for_route(http, f"/{unique_name}", outer.name, timeout=1.5)
+    assert http.get(f"/{unique_name}/in/x").json() == "outer"
+    inner.deploy()
+    wait_for_route(http, f"/{unique_name}/in", inner.name, timeout=1.5)
+    assert http.get(f"/{unique_name}/in/x").json() == "inner"          # the longest prefix wins
+    assert http.get(f"/{unique_name}/inside").json() == "outer"
+    hidden.deploy()
+    assert hidden.name not in http.get("/-/routes").json().values()
+    assert http.get(f"/{hidden.name}").status_code == 404
+
+    inner.delete()
+    wait_for_route(http, f"/{unique_name}/in", None, timeout=1.5)
+    assert http.get(f"/{unique_name}/in/x").json() == "outer"
+    outer.delete()
+    hidden.delete()
+    wait_for_route(http, f"/{unique_name}", None, timeout=1.5)
+    assert http.get(f"/{unique_name}").status_code == 404
+
+
+def scrape(http: httpx.Client) -> dict[tuple, float]:
+    """Every sample of ``/-/metrics`` as ``{(name, sorted labels): value}``."""
+    answer = http.get("/-/metrics")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(answer.text) for sample in family.samples
+    }
+
+
+def test_metrics_move_with_requests_and_the_cluster(connected, unique_name, http, inspector):
+    before = scrape(http)
+    for _ in range(3):
+        assert http.get(f"{inspector}/x").status_code == 200
+    assert http.get(f"{inspector}/fail").status_code == 500
+    assert http.get("/not-routed").status_code == 404
+    after = scrape(http)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert moved("taskserve_http_requests_total", deployment="inspector", method="GET", status="200") == 3
+    assert moved("taskserve_http_requests_total", deployment="inspector", method="GET", status="500") == 1
+    assert moved("taskserve_http_requests_total", deployment="", method="GET", status="404") == 1
+    assert moved("taskserve_http_request_duration_seconds_count", deployment="inspector", status="200") == 3
+    assert moved("taskserve_http_request_duration_seconds_sum", deployment="inspector", status="200") > 0
+    assert moved("taskserve_http_errors_total", deployment="inspector", status="500", error="replica_error") == 1
+    assert moved("taskserve_http_errors_total", deployment="", status="404", error="not_found") == 1
+    assert after[("taskserve_http_requests_in_flight", (("deployment", "inspector"),))] == 0
+    assert after[("taskserve_replicas", (("deployment", "inspector"), ("state", "RUNNING"), ("version", "1")))] == 1
+    assert after[("taskserve_queue_depth", (("deployment", "inspector"),))] == 0
+    assert ("taskserve_rollouts_in_progress", ()) in after
+
+    # Requests nobody serves pile up in the queue; a deploy without replicas is a finished rollout.
+    idle = taskserve.deployment(Counter).options(name=unique_name, num_replicas=0, request_timeout_s=0.2)
+    idle.deploy()
+    wait_for_route(http, f"/{unique_name}", unique_name)
+    assert [http.get(f"/{unique_name}").status_code for _ in range(2)] == [503, 503]
+    depth = scrape(http)[("taskserve_queue_depth", (("deployment", unique_name),))]
+    assert depth == 2
+    idle.delete()
+
+
+def test_gateway_on_a_port_in_use_fails_in_one_line(cluster):
+    port = free_port()
+    with running_gateway_port(port):
+        result = subprocess.run([sys.executable, "-m", "taskserve", "gateway", "--port", str(port)],
+                                capture_output=True, text=True, env=cluster.env(), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: the gateway cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "pick another port with --port (taskserve up: --http-port), or stop what uses it"]
+
+
+def test_gateway_without_redis_fails_in_one_line(cluster):
+    env = {k: v for k, v in cluster.env().items() if k != "TASKSERVE_ADDRESS"}
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    result = subprocess.run([sys.executable, "-m", "taskserve", "gateway", "--port", str(free_port()),
+                             "--address", nowhere], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot reach Redis at {nowhere}") and "taskserve up" in line
+
+
+@contextmanager
+def running_gateway_port(port: int) -> Iterator[None]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        yield
+
+
+def test_celery_inspect_sees_replicas_as_workers(cluster, http, inspector):
+    replica_ids = {r.replica_id for r in taskserve.get_deployment("inspector").status().replicas}
+    result = subprocess.run([sys.executable, "-m", "celery", "-b", cluster.url, "inspect", "active_queues",
+                             "-t", "3"], capture_output=True, text=True, timeout=60, env=cluster.env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert any(replica_id in result.stdout for replica_id in replica_ids), result.stdout
+    assert "taskserve.inspector" in result.stdout
+
+
+def test_up_serves_http_on_its_http_port(tmp_path):
+    http_port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TASKSERVE_ADDRESS"}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO))
+    log = open(tmp_path / "up.log", "ab")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "taskserve", "up", "--redis-port", str(free_port()), "--num-cpus", "2",
+         "--http-port", str(http_port)],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10)
+
+        def echoed() -> dict | None:
+            try:
+                answer = client.get("/echo/hello?x=1")
+            except httpx.TransportError:
+                assert up.poll() is None, (tmp_path / "up.log").read_text()
+                return None
+            return answer.json() if answer.status_code == 200 else None
+
+        echo = wait_until(echoed, timeout=90, interval=0.2, message="the example deployment to answer over HTTP")
+        # The example echoes its argument: here the request itself.
+        assert (echo["method"], echo["path"], echo["query_params"]) == ("GET", "/echo/hello", {"x": "1"})
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=90)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{http_port}/-/healthz", timeout=2)
