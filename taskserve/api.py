@@ -33,7 +33,7 @@ from .errors import DeploymentError, DeploymentNotFound
 from .handle import DeploymentHandle
 from .history import previous_goal
 from .runtime_env import resolve as resolve_runtime_env
-from .spec import DeploymentOptions, check_json_value, check_name, replica_spec_hash, validate_options
+from .spec import DeploymentOptions, check_json_value, check_name, replica_spec_hash, route_of, validate_options
 from .state import DeploymentState, Goal
 from .store import Store, wait_for_events
 
@@ -235,6 +235,7 @@ class Deployment:
         version = options.version or secrets.token_hex(4)
         spec_hash = replica_spec_hash(options, version, init_sha)
         new_options = options.model_dump()
+        _check_route_is_free(store, self.name, new_options)
         health = store.get_health(self.name)
 
         def make_goal(previous: Optional[Goal]) -> Optional[Goal]:
@@ -556,6 +557,19 @@ def wait_for_rollout(store: Store, name: str, generation: int, timeout: Optional
             wait_for_events(pubsub, remaining)
     finally:
         pubsub.close()
+
+
+def _check_route_is_free(store: Store, name: str, options: dict) -> None:
+    """Refuse a route prefix that another deployment already serves."""
+    prefix = route_of(name, options)
+    if prefix is None:
+        return
+    for goal in store.list_goals():
+        if goal.name != name and not goal.deleting and route_of(goal.name, goal.options) == prefix:
+            raise ValueError(
+                f"route_prefix {prefix!r} is already served by deployment {goal.name!r}; "
+                "choose another route_prefix, or route_prefix=False to serve no HTTP route"
+            )
 
 
 def _event(action: str) -> dict:

@@ -50,7 +50,8 @@ from .celery_app import TASK_NAME, make_app
 from .connection import connect
 from .errors import ReplicaError
 from .http import HTTP_METHOD, decode_response, encode_request
-from .metrics import GatewayMetrics, cluster_status, route_of
+from .metrics import GatewayMetrics, cluster_status
+from .spec import route_of
 from .state import Goal
 from .store import EVENTS_CHANNEL, queue_name, result_key
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import api
 from .errors import DeploymentNotFound
+from .spec import route_of
 from .store import Store
 
 log = logging.getLogger("taskserve.metrics")
@@ -33,19 +34,6 @@ log = logging.getLogger("taskserve.metrics")
 HISTORY_SHOWN = 8
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-def route_of(name: str, options: dict[str, Any]) -> Optional[str]:
-    """The path a deployment is served at: its ``route_prefix``, ``/<name>`` when that is
-    None, and None (not served) when it is False.
-
-    >>> route_of("echo", {}), route_of("m", {"route_prefix": "/v1/m"}), route_of("m", {"route_prefix": False})
-    ('/echo', '/v1/m', None)
-    """
-    prefix = options.get("route_prefix")
-    if prefix is False:
-        return None
-    return prefix or f"/{name}"
 
 
 def cluster_status(store: Store) -> dict[str, Any]:

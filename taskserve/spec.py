@@ -220,6 +220,19 @@ def check_json_value(value: Any, path: str) -> None:
     )
 
 
+def route_of(name: str, options: dict[str, Any]) -> Optional[str]:
+    """The path a deployment is served at: its ``route_prefix``, ``/<name>`` when that is
+    None, and None (not served) when it is False.
+
+    >>> route_of("echo", {}), route_of("m", {"route_prefix": "/v1/m"}), route_of("m", {"route_prefix": False})
+    ('/echo', '/v1/m', None)
+    """
+    prefix = options.get("route_prefix")
+    if prefix is False:
+        return None
+    return prefix or f"/{name}"
+
+
 def stable_hash(value: Any) -> str:
     """A short sha256 of ``value``'s canonical JSON, stable across processes.
 

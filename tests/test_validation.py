@@ -103,3 +103,22 @@ def test_deploy_without_a_controller_says_so_and_times_out(caplog, monkeypatch):
             with pytest.raises(taskserve.DeploymentError, match="did not finish within 6"):
                 model.deploy(timeout=6)
         assert "no controller is running" in caplog.text
+
+
+def test_a_route_prefix_serves_one_deployment(connected, unique_name):
+    first = taskserve.deployment(Model).options(name=unique_name, route_prefix="/shared", num_replicas=0)
+    first.deploy()
+    before = redis_state(connected)
+    with pytest.raises(ValueError, match=f"route_prefix '/shared' is already served by deployment '{unique_name}'"):
+        taskserve.deployment(Model).options(name=unique_name + "-2", route_prefix="/shared").deploy()
+    assert redis_state(connected) == before
+    # A default prefix, '/<name>', counts too.
+    default = taskserve.deployment(Model).options(name=unique_name + "-d", num_replicas=0)
+    default.deploy()
+    before = redis_state(connected)
+    with pytest.raises(ValueError, match=f"already served by deployment '{unique_name}-d'"):
+        taskserve.deployment(Model).options(name=unique_name + "-e", route_prefix=f"/{unique_name}-d").deploy()
+    assert redis_state(connected) == before
+    default.delete()
+    first.options(route_prefix="/shared").deploy()      # redeploying the owner is fine
+    first.delete()
