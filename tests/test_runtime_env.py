@@ -141,3 +141,20 @@ def test_working_dir_size_limit_and_bad_values(tmp_path):
     assert normalize_pip(str(requirements)) == ["requests==2.31.0", "numpy"]
     # Same content, same package: a redeploy of unchanged code is not a new spec.
     assert pack_working_dir(tmp_path)[0] == pack_working_dir(tmp_path)[0]
+
+
+def test_without_uv_the_environment_is_built_with_venv_and_pip(tmp_path, wheels, monkeypatch):
+    from taskserve import runtime_env
+
+    monkeypatch.setattr(runtime_env, "_find_uv", lambda: None)
+    cache = runtime_env.EnvironmentCache(tmp_path / "envs")
+    lines: list[str] = []
+    python = cache.ensure([str(wheels["2.0"])], progress=lines.append)
+    probe = subprocess.run([str(python), "-c", "import tsdemo, taskserve; print(tsdemo.VERSION)"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "2.0", probe.stderr
+    assert any("pip" in line.lower() or "tsdemo" in line for line in lines)
+    assert [item.requirements for item in cache.list()] == [[str(wheels["2.0"])]]
+    # Ready now: a second call builds nothing.
+    lines.clear()
+    assert cache.ensure([str(wheels["2.0"])], progress=lines.append) == python and lines == []
