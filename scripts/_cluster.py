@@ -7,16 +7,17 @@ Not a benchmark itself. The scripts import it as ``from _cluster import ...``
   turns SIGTERM into Ctrl-C, removes the logs on success and keeps them (path
   printed) on failure;
 * :func:`cluster` starts an embedded Redis (no persistence), a controller
-  (``--resync 0.5``) and one node agent as subprocesses, connects this process
-  and stops everything in order on exit (agent first, so it drains its replicas);
+  (``--resync 0.5`` unless told otherwise) and one node agent as subprocesses,
+  connects this process and stops everything in order on exit (agent first, so
+  it drains its replicas);
+* :class:`Child`, :func:`running` and :func:`taskserve_child` start further
+  subprocesses (Celery workers, ``taskserve gateway``) that are stopped on exit;
 * :func:`deleted_on_exit` deletes the named deployments on exit, whatever happened;
 * :func:`wait_until` polls a condition with a deadline (no bare sleeps as
-  synchronisation);
+  synchronisation); :func:`port_open` is a condition for a listening port;
+* :func:`split` divides requests into blocks, :func:`cpu_seconds` reads the CPU
+  time of processes;
 * :func:`machine_lines`, :func:`markdown_table`, :func:`percentile` format the report.
-
-The process plumbing follows ``scripts/bench_requests.py``, which has its own copy
-(its cluster offers a fixed 8 CPUs and no ``--resync``) and could import this
-module instead.
 
 Example::
 
@@ -34,6 +35,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import celery
 import kombu
+import psutil
 import redis
 
 import taskserve
@@ -69,10 +72,18 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, inter
         time.sleep(interval_s)
 
 
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
 # --------------------------------------------------------------------------- processes
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of the log at ``path`` ("" if there is none yet)."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
@@ -93,6 +104,7 @@ class Child:
             )
 
     def check_alive(self) -> None:
+        """``RuntimeError`` with the tail of its log if the process has exited."""
         if self.popen.poll() is not None:
             raise RuntimeError(f"{self.name} exited with code {self.popen.returncode}; "
                                f"log {self.log_path}:\n{log_tail(self.log_path)}")
@@ -111,6 +123,7 @@ class Child:
 
 @contextlib.contextmanager
 def running(child: Child) -> Iterator[Child]:
+    """Yields ``child``; stops it on exit."""
     try:
         yield child
     finally:
@@ -130,25 +143,33 @@ def agent_environment(clear_thread_limits: bool) -> dict[str, str]:
     return env
 
 
+def taskserve_child(command: str, args: list[str], address: str, work_dir: Path,
+                    env: Optional[dict[str, str]] = None) -> Child:
+    """``python -m taskserve COMMAND ARGS --address ADDRESS``, logging to ``work_dir/COMMAND.log``."""
+    return Child(command, [sys.executable, "-m", "taskserve", command, *args, "--address", address],
+                 work_dir / f"{command}.log", env=env)
+
+
 @contextlib.contextmanager
-def cluster(work_dir: Path, num_cpus: float, resync_s: float = 0.5,
+def cluster(work_dir: Path, num_cpus: float, resync_s: Optional[float] = 0.5,
             clear_thread_limits: bool = True) -> Iterator[str]:
     """Redis, a controller and one node agent offering ``num_cpus``; yields the Redis URL.
+
+    ``resync_s`` is the controller's ``--resync`` (``None``: the controller's own
+    default). With ``clear_thread_limits`` the agent runs without the
+    ``*_NUM_THREADS`` variables of this process (see :func:`agent_environment`);
+    otherwise it inherits them.
 
     This process is connected to it (``taskserve.connect``). On exit the agent
     stops first (it drains its replicas), then the controller, then Redis.
     """
-    python = sys.executable
+    resync = [] if resync_s is None else ["--resync", str(resync_s)]
     with RedisServer() as server, contextlib.ExitStack() as stack:
         address = server.url
-        controller = stack.enter_context(running(Child(
-            "controller", [python, "-m", "taskserve", "controller", "--address", address,
-                           "--resync", str(resync_s)],
-            work_dir / "controller.log")))
-        agent = stack.enter_context(running(Child(
-            "agent", [python, "-m", "taskserve", "agent", "--address", address, "--num-cpus", str(num_cpus),
-                      "--data-dir", str(work_dir / "agent")],
-            work_dir / "agent.log", env=agent_environment(clear_thread_limits))))
+        controller = stack.enter_context(running(taskserve_child("controller", resync, address, work_dir)))
+        agent = stack.enter_context(running(taskserve_child(
+            "agent", ["--num-cpus", str(num_cpus), "--data-dir", str(work_dir / "agent")], address, work_dir,
+            env=agent_environment(clear_thread_limits))))
         store = taskserve.connect(address)
 
         def node_alive() -> bool:
@@ -172,6 +193,7 @@ def deleted_on_exit(names: Iterable[str]) -> Iterator[None]:
 
 
 def raise_keyboard_interrupt(*_: object) -> None:
+    """A signal handler that turns the signal (SIGTERM) into Ctrl-C."""
     raise KeyboardInterrupt
 
 
@@ -191,6 +213,26 @@ def bench_main(body: Callable[[Path], None], prefix: str) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- measuring
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` as at most ``parts`` near-equal block sizes (positive unless ``total`` is 0).
+
+    >>> split(10, 3)
+    [4, 3, 3]
+    >>> split(2, 4)
+    [1, 1]
+    """
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User plus system CPU time the processes ``pids`` have used so far."""
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -208,7 +250,8 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 
 def machine_lines(address: str, extra: Optional[dict[str, str]] = None) -> list[str]:
     """Lines describing the machine and the versions in use, for the report."""
-    server = redis.Redis.from_url(address).info("server")
+    with redis.Redis.from_url(address) as client:
+        server = client.info("server")
     versions = {
         "taskserve": f"{taskserve.__version__} (git {source_revision()})",
         "celery": celery.__version__,
@@ -236,6 +279,7 @@ def source_revision() -> str:
 
 
 def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or what ``platform`` says."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -244,22 +288,33 @@ def cpu_model() -> str:
 
 
 def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as "0.12 0.34 0.56"."""
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def markdown_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+def markdown_table(header: list[str], rows: list[list[str]], left: int = 1, align: Optional[str] = None) -> str:
     """A Markdown table; the first ``left`` columns left-aligned, the rest right-aligned.
+
+    ``align``, one letter per column (``l`` left, ``r`` right), replaces ``left``.
 
     >>> print(markdown_table(["a", "b"], [["x", "1"]]))
     | a | b |
     |---|--:|
     | x | 1 |
+    >>> print(markdown_table(["n", "a"], [["1", "x"]], align="rl"))
+    | n | a |
+    |--:|---|
+    | 1 | x |
     """
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    lefts = [letter == "l" for letter in align] if align is not None else [i < left for i in range(len(widths))]
+    if len(lefts) != len(widths):
+        raise ValueError(f"align {align!r} does not give one letter for each of {len(widths)} columns")
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(cell.ljust(w) if i < left else cell.rjust(w)
-                                 for i, (cell, w) in enumerate(zip(cells, widths))) + " |"
+        return "| " + " | ".join(cell.ljust(w) if is_left else cell.rjust(w)
+                                 for cell, w, is_left in zip(cells, widths, lefts)) + " |"
 
-    rule = "|" + "|".join("-" * (w + 2) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    rule = "|" + "|".join("-" * (w + 2) if is_left else "-" * (w + 1) + ":"
+                          for w, is_left in zip(widths, lefts)) + "|"
     return "\n".join([line(header), rule, *(line(row) for row in rows)])

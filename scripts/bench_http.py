@@ -34,41 +34,32 @@ Usage::
     python scripts/bench_http.py [--requests 2000] [--concurrency 4] [--rounds 3] [--replicas 1 2]
 
 Everything it starts is stopped on exit, Ctrl-C or error; logs go to a temporary
-directory that is kept (and printed) only when something failed.
+directory that is kept (and printed) only when something failed. The cluster
+plumbing and the report helpers come from ``scripts/_cluster.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import platform
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
-import celery
-import psutil
-import redis
 import starlette
 import uvicorn
 
 import taskserve
-from taskserve.connection import current_store
-from taskserve.processes import die_with_parent
-from taskserve.redis_server import RedisServer, free_port
+from _cluster import (START_TIMEOUT_S, Child, bench_main, cluster, cpu_seconds, deleted_on_exit, machine_lines,
+                      markdown_table, percentile, port_open, running, split, taskserve_child, wait_until)
+from taskserve.redis_server import free_port
 
 NAME = "bench_http"
 RESULT_TIMEOUT_S = 10.0
-START_TIMEOUT_S = 60.0
+AGENT_NUM_CPUS = 8
 BODY = b"12345678"
 
 
@@ -163,15 +154,13 @@ def handle_block(handle: taskserve.DeploymentHandle, count: int, concurrency: in
     return latencies, elapsed
 
 
-def split(total: int, parts: int) -> list[int]:
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
 # --------------------------------------------------------------------------- measuring
 
 
 @dataclass
 class Figures:
+    """What the measured blocks of one path at one replica count added up to."""
+
     path: str
     replicas: int
     latencies: list[float] = field(default_factory=list)
@@ -179,29 +168,28 @@ class Figures:
     gateway_cpu_s: float = 0.0
 
     def add(self, block: tuple[list[float], float], gateway_cpu_s: float) -> None:
+        """Count in one block (latencies, seconds) and the gateway CPU it cost."""
         self.latencies += block[0]
         self.seconds += block[1]
         self.gateway_cpu_s += gateway_cpu_s
 
     @property
     def gateway_cpu_us(self) -> float:
+        """Gateway CPU time per request, in microseconds."""
         return 1e6 * self.gateway_cpu_s / len(self.latencies)
 
     @property
     def per_second(self) -> float:
+        """Requests per second over all blocks."""
         return len(self.latencies) / self.seconds
 
     def percentile_ms(self, fraction: float) -> float:
-        ordered = sorted(self.latencies)
-        return 1000 * ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+        """The nearest-rank percentile of the round trips, in milliseconds."""
+        return 1000 * percentile(sorted(self.latencies), fraction)
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
-def measure(port: int, gateway: psutil.Process, replicas: int, args: argparse.Namespace) -> tuple[Figures, Figures]:
+def measure(port: int, gateway_pid: int, replicas: int, args: argparse.Namespace) -> tuple[Figures, Figures]:
+    """Deploy ``replicas`` replicas, warm both paths up, then measure them in alternating blocks."""
     BenchEcho.options(num_replicas=replicas).deploy(timeout=START_TIMEOUT_S)
     handle = BenchEcho.get_handle()
     asyncio.run(http_block(port, args.warmup, args.concurrency))
@@ -210,138 +198,80 @@ def measure(port: int, gateway: psutil.Process, replicas: int, args: argparse.Na
     for round_index, share in enumerate(split(args.requests, args.rounds)):
         order = [("http", http), ("handle", baseline)]
         for path, figures in order if round_index % 2 == 0 else order[::-1]:
-            cpu_before = cpu_seconds(gateway)
+            cpu_before = cpu_seconds([gateway_pid])
             block = (asyncio.run(http_block(port, share, args.concurrency)) if path == "http"
                      else handle_block(handle, share, args.concurrency))
-            figures.add(block, cpu_seconds(gateway) - cpu_before)
+            figures.add(block, cpu_seconds([gateway_pid]) - cpu_before)
             print(f"  {replicas} replica(s), round {round_index + 1}, {path:6}: "
                   f"{len(block[0]) / block[1]:7.0f} req/s", flush=True)
     return http, baseline
 
 
-# --------------------------------------------------------------------------- processes
-
-
-class Child:
-    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
-        self.name = name
-        self.log = log_dir / f"{name}.log"
-        with open(self.log, "ab") as log:
-            self.popen = subprocess.Popen([sys.executable, "-m", "taskserve", *args], stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True, preexec_fn=die_with_parent)
-
-    def check(self) -> None:
-        if self.popen.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with code {self.popen.returncode}; see {self.log}")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout_s:.0f}s")
-        time.sleep(0.05)
-
-
-def port_open(port: int) -> bool:
-    import socket
-
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
-    return False
-
-
-@contextlib.contextmanager
-def cluster(log_dir: Path) -> Iterator[tuple[int, psutil.Process]]:
-    """Redis, controller, agent and gateway; yields the gateway's port and process."""
-    server = RedisServer().start()
-    children: list[Child] = []
-    try:
-        port = free_port()
-        address = ["--address", server.url]
-        children.append(Child("controller", ["controller", *address], log_dir))
-        children.append(Child("agent", ["agent", "--num-cpus", "8", "--data-dir", str(log_dir / "agent"),
-                                        *address], log_dir))
-        children.append(Child("gateway", ["gateway", "--port", str(port), *address], log_dir))
-        store = taskserve.connect(server.url)
-
-        def ready() -> bool:
-            for child in children:
-                child.check()
-            return any(node.alive for node in store.list_nodes()) and port_open(port)
-
-        wait_until(ready, "the agent registering and the gateway listening")
-        yield port, psutil.Process(children[-1].popen.pid)
-    finally:
-        with contextlib.suppress(Exception):
-            taskserve.delete_deployment(NAME, timeout=30)
-        for child in reversed(children):
-            child.stop()
-        server.stop()
-
-
 # --------------------------------------------------------------------------- report
 
 
-def machine_lines(redis_version: str) -> list[str]:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), model)
-    return [
-        f"machine:  {os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}",
-        f"python:   {platform.python_version()}",
-        f"versions: taskserve {taskserve.__version__}, celery {celery.__version__}, redis-py {redis.__version__}, "
-        f"redis-server {redis_version}, starlette {starlette.__version__}, uvicorn {uvicorn.__version__}",
-        f"load:     {' '.join(f'{v:.2f}' for v in os.getloadavg())} (1/5/15 min) at the start",
-    ]
-
-
 def report(results: list[tuple[Figures, Figures]]) -> str:
-    lines = ["| replicas | path | req/s | p50 ms | p99 ms | gateway CPU us/req |", "|---:|---|---:|---:|---:|---:|"]
+    """The figures of both paths, then the ratios, as two Markdown tables."""
+    figures_rows = []
     for http, baseline in results:
         for figures in (http, baseline):
             gateway = f"{figures.gateway_cpu_us:.0f}" if figures.path == "http" else "-"
-            lines.append(f"| {figures.replicas} | {figures.path} | {figures.per_second:.0f} | "
-                         f"{figures.percentile_ms(0.5):.2f} | {figures.percentile_ms(0.99):.2f} | {gateway} |")
-    lines += ["", "| replicas | throughput http/handle | p50 http/handle |", "|---:|---:|---:|"]
-    for http, baseline in results:
-        lines.append(f"| {http.replicas} | {http.per_second / baseline.per_second:.2f} | "
-                     f"{http.percentile_ms(0.5) / baseline.percentile_ms(0.5):.2f} |")
-    return "\n".join(lines)
+            figures_rows.append([str(figures.replicas), figures.path, f"{figures.per_second:.0f}",
+                                 f"{figures.percentile_ms(0.5):.2f}", f"{figures.percentile_ms(0.99):.2f}", gateway])
+    ratio_rows = [[str(http.replicas), f"{http.per_second / baseline.per_second:.2f}",
+                   f"{http.percentile_ms(0.5) / baseline.percentile_ms(0.5):.2f}"] for http, baseline in results]
+    return "\n\n".join([
+        markdown_table(["replicas", "path", "req/s", "p50 ms", "p99 ms", "gateway CPU us/req"], figures_rows,
+                       align="rlrrrr"),
+        markdown_table(["replicas", "throughput http/handle", "p50 http/handle"], ratio_rows, left=0),
+    ])
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    """The command line (``sys.argv[1:]`` when ``argv`` is None)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per path and replica count")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=4, help="connections (http) and threads (handle)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
-    args = parser.parse_args(argv)
-    log_dir = Path(tempfile.mkdtemp(prefix="bench_http-"))
-    try:
-        with cluster(log_dir) as (port, gateway):
-            print("\n".join(machine_lines(current_store().redis.info("server")["redis_version"])))
-            print(f"command:  python scripts/bench_http.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
-            results = [measure(port, gateway, replicas, args) for replicas in args.replicas]
-    except BaseException:
-        print(f"failed; logs kept in {log_dir}", file=sys.stderr)
-        raise
-    shutil.rmtree(log_dir, ignore_errors=True)
-    print()
-    print(report(results))
-    return 0
+    return parser.parse_args(argv)
+
+
+def gateway_listening(gateway: Child, port: int) -> bool:
+    """Whether the gateway accepts connections on ``port`` (``RuntimeError`` if it exited)."""
+    gateway.check_alive()
+    return port_open(port)
+
+
+def run(args: argparse.Namespace, argv: list[str], work_dir: Path) -> list[tuple[Figures, Figures]]:
+    """The cluster and a gateway on a free port; both paths at every replica count."""
+    # The controller's own --resync, and the agent keeps this shell's *_NUM_THREADS (an echo uses no BLAS).
+    with cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None, clear_thread_limits=False) as address:
+        port = free_port()
+        with running(taskserve_child("gateway", ["--port", str(port)], address, work_dir)) as gateway, \
+                deleted_on_exit([NAME]):
+            wait_until(lambda: gateway_listening(gateway, port), START_TIMEOUT_S, "the gateway did not listen")
+            print("\n".join(machine_lines(address, {"starlette": starlette.__version__,
+                                                    "uvicorn": uvicorn.__version__})))
+            print(f"command:  python scripts/bench_http.py {' '.join(argv)}".rstrip())
+            return [measure(port, gateway.popen.pid, replicas, args) for replicas in args.replicas]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the benchmark and print its report; the exit code."""
+    command_args = sys.argv[1:] if argv is None else argv
+    args = parse_args(command_args)
+
+    def body(work_dir: Path) -> None:
+        results = run(args, command_args, work_dir)
+        print()
+        print(report(results))
+
+    return bench_main(body, "bench_http-")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ Usage::
 
 Everything it starts (deployment, workers, agent, controller, Redis) is stopped
 on exit, Ctrl-C or error. Logs go to a temporary directory that is removed on
-success and kept (its path printed) on failure.
+success and kept (its path printed) on failure. The cluster plumbing and the
+report helpers come from ``scripts/_cluster.py``.
 """
 
 from __future__ import annotations
@@ -69,14 +70,9 @@ import argparse
 import contextlib
 import importlib
 import os
-import platform
-import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,21 +80,17 @@ from types import ModuleType
 from typing import Any, Callable, Iterator, Optional
 
 import celery
-import kombu
-import psutil
-import redis
 
 import taskserve
-from taskserve.processes import die_with_parent
-from taskserve.redis_server import RedisServer
+from _cluster import (START_TIMEOUT_S, Child, bench_main, cluster, cpu_seconds, deleted_on_exit, load_average,
+                      machine_lines, markdown_table, percentile, running, split, wait_until)
 
 DEPLOYMENT_NAME = "bench_echo"
 RAW_QUEUE = "bench_raw"
 RAW_MODULE = "bench_raw_app"
 RAW_TASK = "bench_raw.echo"
 RESULT_TIMEOUT_S = 10.0
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
+AGENT_NUM_CPUS = 8
 P50_TARGET = 1.15
 THROUGHPUT_TARGET = 0.90
 
@@ -168,28 +160,6 @@ class Measurement:
         )
 
 
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted list.
-
-    >>> percentile([1.0, 2.0, 3.0, 4.0], 0.5)
-    2.0
-    >>> percentile([float(i) for i in range(1, 101)], 0.99)
-    99.0
-    """
-    index = max(0, min(len(sorted_values) - 1, int(round(fraction * len(sorted_values))) - 1))
-    return sorted_values[index]
-
-
-def split(total: int, parts: int) -> list[int]:
-    """``total`` as ``parts`` near-equal positive block sizes.
-
-    >>> split(10, 3)
-    [4, 3, 3]
-    """
-    parts = max(1, min(parts, total))
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
 def run_sequential(client: Client, count: int) -> tuple[list[float], float]:
     """``count`` round trips one after another: (latencies in seconds, total seconds)."""
     send, collect, clock = client.send, client.collect, time.perf_counter
@@ -215,11 +185,6 @@ def run_pipelined(client: Client, count: int) -> float:
         wrong = next(i for i, v in enumerate(values) if v != i)
         raise AssertionError(f"{client.path}: pipelined request {wrong} came back as {values[wrong]!r}")
     return elapsed
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time the processes ``pids`` have used so far."""
-    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
 
 
 def measure_block(client: Client, count: int, samples: Samples) -> str:
@@ -252,97 +217,7 @@ def measure_pair(clients: list[Client], replicas: int, requests: int, warmup: in
     return [Measurement.from_samples(client.path, replicas, samples[client.path]) for client in clients]
 
 
-# --------------------------------------------------------------------------- processes
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
-    """Poll ``condition`` until it holds; ``TimeoutError`` saying ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s:.0f}s")
-        time.sleep(interval_s)
-
-
-def log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
-
-
-class Child:
-    """A subprocess whose stdout and stderr go to ``log_path``."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: Optional[dict[str, str]] = None) -> None:
-        self.name = name
-        self.log_path = log_path
-        with open(log_path, "ab") as log_file:
-            self.popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,      # Ctrl-C reaches only this script, which stops them in order
-                preexec_fn=die_with_parent,  # ...and they go too if this script is killed outright
-            )
-
-    def check_alive(self) -> None:
-        if self.popen.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with code {self.popen.returncode}; "
-                               f"log {self.log_path}:\n{log_tail(self.log_path)}")
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM (a graceful stop), then SIGKILL after ``timeout_s``."""
-        if self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-
-
-@contextlib.contextmanager
-def running(child: Child) -> Iterator[Child]:
-    try:
-        yield child
-    finally:
-        child.stop()
-
-
 # --------------------------------------------------------------------------- taskserve path
-
-
-@contextlib.contextmanager
-def taskserve_cluster(address: str, work_dir: Path) -> Iterator[None]:
-    """A controller and a node agent on ``address``, connected; stopped on exit."""
-    python = sys.executable
-    with contextlib.ExitStack() as stack:
-        controller = stack.enter_context(running(Child(
-            "controller", [python, "-m", "taskserve", "controller", "--address", address],
-            work_dir / "controller.log")))
-        agent = stack.enter_context(running(Child(
-            "agent", [python, "-m", "taskserve", "agent", "--address", address, "--num-cpus", "8",
-                      "--data-dir", str(work_dir / "agent")],
-            work_dir / "agent.log")))
-        store = taskserve.connect(address)
-
-        def node_alive() -> bool:
-            controller.check_alive()
-            agent.check_alive()
-            return any(node.alive for node in store.list_nodes())
-
-        wait_until(node_alive, START_TIMEOUT_S, "the node agent did not register")
-        yield
-
-
-@contextlib.contextmanager
-def bench_deployment() -> Iterator[None]:
-    """Deletes the deployment on exit, whatever happened in between."""
-    try:
-        yield
-    finally:
-        with contextlib.suppress(taskserve.DeploymentNotFound):
-            taskserve.delete_deployment(DEPLOYMENT_NAME, timeout=STOP_TIMEOUT_S)
 
 
 def deploy_taskserve(replicas: int) -> Client:
@@ -393,6 +268,7 @@ def write_raw_app(address: str, directory: Path) -> ModuleType:
 
 
 def raw_worker_argv(index: int, loglevel: Optional[str]) -> list[str]:
+    """The command line of baseline worker ``index``."""
     argv = [sys.executable, "-m", "celery", "-A", RAW_MODULE, "worker", "--pool", "solo", "--concurrency", "1",
             "-Q", RAW_QUEUE, "--without-mingle", "--without-gossip", "--without-heartbeat",
             "-n", f"bench_raw{index}@%h"]
@@ -429,53 +305,8 @@ def raw_workers(app: celery.Celery, count: int, app_dir: Path, log_dir: Path,
 # --------------------------------------------------------------------------- report
 
 
-def machine_lines(address: str) -> list[str]:
-    with redis.Redis.from_url(address) as client:
-        server = client.info("server")
-    return [
-        f"machine:  {os.cpu_count()} cores ({cpu_model()}), {platform.system()} {platform.release()}",
-        f"python:   {platform.python_version()} ({sys.executable})",
-        f"versions: taskserve {taskserve.__version__} (git {source_revision()}), celery {celery.__version__}, "
-        f"kombu {kombu.__version__}, redis-py {redis.__version__}, redis-server {server['redis_version']}",
-        f"load:     {load_average()} (1/5/15 min) at the start",
-    ]
-
-
-def source_revision() -> str:
-    """``git describe`` of the checkout this script sits in, or "unknown"."""
-    try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
-def markdown_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
-    """A Markdown table; the first ``left`` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(cell.ljust(w) if i < left else cell.rjust(w)
-                                 for i, (cell, w) in enumerate(zip(cells, widths))) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), rule, *(line(row) for row in rows)])
-
-
 def figures_table(results: list[Measurement]) -> str:
+    """Every path and replica count with its figures."""
     header = ["path", "replicas", "p50 ms", "p99 ms", "sequential req/s", "pipelined req/s",
               "worker CPU us/req", "client CPU us/req"]
     rows = [[r.path, str(r.replicas), f"{r.p50_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.sequential_rps:.0f}",
@@ -484,6 +315,7 @@ def figures_table(results: list[Measurement]) -> str:
 
 
 def ratios_table(results: list[Measurement]) -> str:
+    """taskserve over Celery per replica count, each ratio checked against its target."""
     by_key = {(r.path, r.replicas): r for r in results}
     header = ["replicas", f"p50 taskserve/Celery (target <= {P50_TARGET:.2f})",
               f"sequential req/s taskserve/Celery (target >= {THROUGHPUT_TARGET:.2f})",
@@ -503,6 +335,7 @@ def ratios_table(results: list[Measurement]) -> str:
 
 
 def verdict(ratio: float, ok: bool) -> str:
+    """``ratio`` with "ok" or "MISS"."""
     return f"{ratio:.3f} {'ok' if ok else 'MISS'}"
 
 
@@ -510,6 +343,7 @@ def verdict(ratio: float, ok: bool) -> str:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    """The command line (``sys.argv[1:]`` when ``argv`` is None), checked."""
     parser = argparse.ArgumentParser(description="Request round trip: taskserve against bare Celery on one Redis.")
     parser.add_argument("--requests", type=int, default=5000, help="measured requests per path, replica count "
                         "and mode (default: 5000)")
@@ -525,46 +359,37 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def raise_keyboard_interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace, work_dir: Path) -> list[Measurement]:
+    """Both paths at every replica count, on one cluster; everything stopped on return."""
     results: list[Measurement] = []
-    with RedisServer() as server:
-        address = server.url
+    # The controller's own --resync, and the agent keeps this shell's *_NUM_THREADS (an echo uses no BLAS).
+    with cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None, clear_thread_limits=False) as address, \
+            deleted_on_exit([DEPLOYMENT_NAME]):
         print("\n".join(machine_lines(address)), flush=True)
         print(f"redis:    {address} (embedded, no persistence); logs in {work_dir}", flush=True)
         raw_app = write_raw_app(address, work_dir / "raw_app").app
-        with taskserve_cluster(address, work_dir), bench_deployment():
-            for replicas in args.replicas:
-                taskserve_client = deploy_taskserve(replicas)
-                with raw_workers(raw_app, replicas, work_dir / "raw_app", work_dir,
-                                 args.celery_loglevel) as celery_client:
-                    results += measure_pair([taskserve_client, celery_client], replicas,
-                                            args.requests, args.warmup, args.rounds)
+        for replicas in args.replicas:
+            taskserve_client = deploy_taskserve(replicas)
+            with raw_workers(raw_app, replicas, work_dir / "raw_app", work_dir,
+                             args.celery_loglevel) as celery_client:
+                results += measure_pair([taskserve_client, celery_client], replicas,
+                                        args.requests, args.warmup, args.rounds)
     return results
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
-    work_dir = Path(tempfile.mkdtemp(prefix="bench_requests-"))
-    try:
-        results = run(args, work_dir)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; everything was stopped. Logs kept in {work_dir}", file=sys.stderr)
-        return 130
-    except Exception:
-        print(f"\nthe benchmark failed; everything was stopped. Logs kept in {work_dir}", file=sys.stderr)
-        raise
-    shutil.rmtree(work_dir, ignore_errors=True)
+def report(args: argparse.Namespace, results: list[Measurement]) -> None:
+    """Print the figures and the ratios."""
     print(f"\n{args.requests} measured requests per path, replica count and mode, in {args.rounds} alternating "
           f"rounds, after {args.warmup} warm-up requests; load {load_average()} (1/5/15 min) at the end\n")
     print(figures_table(results))
     print()
     print(ratios_table(results))
-    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the benchmark and print its report; the exit code."""
+    args = parse_args(argv)
+    return bench_main(lambda work_dir: report(args, run(args, work_dir)), "bench_requests-")
 
 
 if __name__ == "__main__":
