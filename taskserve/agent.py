@@ -193,7 +193,8 @@ class NodeAgent:
             if record.desired == "run":
                 if process is None and record.state == ReplicaState.PENDING:
                     changed |= self._spawn(record)
-                elif process is None and record.state in (ReplicaState.STARTING, ReplicaState.RUNNING):
+                elif process is None and record.state in (ReplicaState.STARTING, ReplicaState.RUNNING,
+                                                          ReplicaState.RECONFIGURING, ReplicaState.DRAINING):
                     # Recorded as alive, but this agent has no such process.
                     self.store.update_replica(replica_id, state=ReplicaState.STOPPED, message="process not found on its node")
                     changed = True
