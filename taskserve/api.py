@@ -34,7 +34,7 @@ from .handle import DeploymentHandle
 from .history import previous_goal
 from .runtime_env import resolve as resolve_runtime_env
 from .spec import DeploymentOptions, check_json_value, check_name, replica_spec_hash, route_of, validate_options
-from .state import DeploymentState, Goal
+from .state import DeploymentState, Goal, package_sha
 from .store import Store, wait_for_events
 
 log = logging.getLogger("taskserve.deploy")
@@ -232,6 +232,10 @@ class Deployment:
         runtime_env, packages = resolve_runtime_env(self._options.runtime_env)
         options = self._options.model_copy(update={"runtime_env": runtime_env})
         store = current_store()
+        shipped = package_sha(runtime_env)
+        if shipped and shipped not in {sha for sha, _ in packages}:
+            # Uploaded by an earlier deploy (maybe of another name): this goal holds it too.
+            packages.append((shipped, store.get_code(shipped)))
         version = options.version or secrets.token_hex(4)
         spec_hash = replica_spec_hash(options, version, init_sha)
         new_options = options.model_dump()

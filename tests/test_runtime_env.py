@@ -158,3 +158,19 @@ def test_without_uv_the_environment_is_built_with_venv_and_pip(tmp_path, wheels,
     # Ready now: a second call builds nothing.
     lines.clear()
     assert cache.ensure([str(wheels["2.0"])], progress=lines.append) == python and lines == []
+
+
+def test_a_working_dir_outlives_the_deployment_it_was_uploaded_with(connected, unique_name, tmp_path):
+    code = tmp_path / "project"
+    code.mkdir()
+    (code / "helper_mod.py").write_text("VALUE = 7\n")
+    first = taskserve.deployment(WorkingDirProbe).options(name=unique_name, runtime_env={"working_dir": str(code)})
+    first.deploy()
+    copy = taskserve.get_deployment(unique_name).options(name=unique_name + "-copy")
+    copy.deploy()
+    first.delete()
+    shipped = taskserve.get_deployment(unique_name + "-copy").config.runtime_env["working_dir"]
+    sha = shipped.removeprefix("taskserve-pkg://").removesuffix(".zip")
+    assert taskserve.connect().get_code(sha)   # still there for replicas on nodes that lack it
+    assert copy.get_handle().remote().result(timeout=10)["value"] == 7
+    copy.delete()
