@@ -1,6 +1,6 @@
 """Fixtures: a real redis-server on a free port, a real controller and node agent.
 
-Integration tests share one cluster per session (``cluster``) and give each of
+Integration tests share one cluster per test run (``cluster``) and give each of
 their deployments a unique name (``unique_name``); tests that break the cluster
 on purpose start their own with :func:`start_cluster`.
 """

@@ -1,6 +1,6 @@
 """The HTTP gateway: route tables and wire format (pure), then real HTTP to a real cluster.
 
-The integration tests share the session's cluster and start ``taskserve gateway`` as a
+The integration tests share the test run's cluster and start ``taskserve gateway`` as a
 subprocess on a free port; requests go over real HTTP with httpx.
 """
 
