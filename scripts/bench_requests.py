@@ -33,7 +33,7 @@ Celery workers, from ``/proc`` via psutil) and this client process spent, per
 request. Wall-clock figures move with whatever else the machine runs; CPU per
 request moves much less, so it is the steadier measure of what each path costs.
 
-The requests are split into ``--rounds`` (default 5) equal blocks and the two
+The requests are split into ``--rounds`` (default 20) equal blocks and the two
 paths take turns block by block (taskserve first in odd rounds, Celery first in
 even ones), so a background load that comes and goes during the run hits both
 paths alike. Latencies of all blocks are pooled; throughput is all requests over
@@ -55,7 +55,7 @@ how much more work a taskserve replica does per request than a Celery worker.
 
 Usage::
 
-    python scripts/bench_requests.py [--requests 5000] [--warmup 200] [--rounds 5]
+    python scripts/bench_requests.py [--requests 5000] [--warmup 200] [--rounds 20]
                                      [--replicas 1 2] [--celery-loglevel INFO]
 
 Everything it starts (deployment, workers, agent, controller, Redis) is stopped
@@ -349,7 +349,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         "and mode (default: 5000)")
     parser.add_argument("--warmup", type=int, default=200, help="warm-up requests per path and replica count "
                         "(default: 200)")
-    parser.add_argument("--rounds", type=int, default=5, help="blocks the paths take turns in (default: 5)")
+    parser.add_argument("--rounds", type=int, default=20, help="blocks the paths take turns in (default: 20)")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="replica counts (default: 1 2)")
     parser.add_argument("--celery-loglevel", default=None, help="--loglevel of the baseline workers (default: "
                         "Celery's own, WARNING; INFO logs a line per task received and done, as replicas do)")
