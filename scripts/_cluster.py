@@ -55,7 +55,7 @@ from taskserve.redis_server import RedisServer
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 
-# The variables taskserve defaults to 1 in every replica (SPEC.md §4).
+# The variables taskserve defaults to 1 in every replica (docs/reference.md, Resources).
 THREAD_LIMIT_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                      "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 

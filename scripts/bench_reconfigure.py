@@ -22,7 +22,7 @@ whose ``__call__(i)`` returns ``[i, config, os.getpid()]``.
 
   Reported as p50, p90 and max. The pids answering and listed by ``status()``
   must be the same 10 before, during and after all updates: a reconfigure
-  restarts nothing (SPEC.md §2, §3).
+  restarts nothing (docs/reference.md, Updates and User configuration).
 * **rolling redeploy** (the baseline, ``--rollouts`` times, default 2): a new
   ``version`` with the same config, timed the same way (all 10 *new* pids
   answered).

@@ -10,7 +10,7 @@ all started by the script. The deployment is a class whose ``__call__(i)`` sleep
 ``[i, os.getpid()]``; every replica reserves ``num_cpus=0.1``.
 
 a. **no-op deploy**: ``deploy()`` of ``version="v1"`` with 10 replicas, then the
-   same ``deploy()`` again ``--noops`` times (default 20), each timed. SPEC.md §2
+   same ``deploy()`` again ``--noops`` times (default 20), each timed. docs/reference.md, Updates
    says that returns at once and restarts nothing; the replica pids are compared
    before and after. Reported as p50 and max in milliseconds.
 b. **one replica start**: ``deploy()`` of a fresh 1-replica deployment (from
@@ -39,7 +39,7 @@ d. **requests during each rollout**: ``--clients`` threads (default 3) send
    starts until it is done; every request must be answered (``failed`` must be
    0). A sampler reads ``status()`` every 20 ms and counts RUNNING replicas:
    the minimum seen must be at least ``10 - floor(0.2 * 10) = 8`` stop-first
-   (SPEC.md §2), and should stay at 10 with ``max_surge=2`` while the node has
+   (docs/reference.md, Updates), and should stay at 10 with ``max_surge=2`` while the node has
    room (the maximum is then up to 12).
 
 How to read it

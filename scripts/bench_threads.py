@@ -4,7 +4,7 @@ What it measures
 ----------------
 Everything runs on this machine: an embedded Redis (no persistence), a controller
 and one node agent, started by the script. The agent runs without any
-``*_NUM_THREADS`` variable, so replicas get taskserve's default of 1 (SPEC.md §4),
+``*_NUM_THREADS`` variable, so replicas get taskserve's default of 1 (docs/reference.md, Resources),
 and it offers ``--num-cpus`` (default 8, more than the machine has) so that the
 three deployments below fit side by side: this measures what happens when more
 BLAS threads than cores run, which is what the reservations are meant to avoid.

@@ -1,4 +1,4 @@
-"""The Python API: ``@deployment``, ``Deployment`` and friends (SPEC.md §1).
+"""The Python API: ``@deployment``, ``Deployment`` and friends (docs/reference.md, Python API).
 
 Example::
 

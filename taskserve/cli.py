@@ -1,4 +1,4 @@
-"""The ``taskserve`` command line (SPEC.md §6).
+"""The ``taskserve`` command line (docs/reference.md, Command line).
 
 Example::
 

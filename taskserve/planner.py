@@ -1,6 +1,6 @@
 """The pure planner: from a goal and what runs, decide what to do next.
 
-``plan()`` does no I/O. Every rule of SPEC.md §2 that decides which replica to
+``plan()`` does no I/O. Every rule of docs/reference.md, Updates that decides which replica to
 start, stop or place lives here, so it can be read in one place and tested with
 plain tables:
 

@@ -51,7 +51,7 @@ def config_hash(user_config: Any) -> str:
 
 
 class ReplicaState(str, Enum):
-    """The life of a replica process, as SPEC.md §1 lists it."""
+    """The life of a replica process, as docs/reference.md, Python API lists it."""
 
     PENDING = "PENDING"          # not placed on a node yet, or its environment is building
     STARTING = "STARTING"        # process spawned; constructor running

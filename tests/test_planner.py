@@ -1,6 +1,6 @@
 """Unit tests of the pure planner (taskserve/planner.py).
 
-Plain tables for the rules, hypothesis properties for the invariants of SPEC.md §2:
+Plain tables for the rules, hypothesis properties for the invariants of docs/reference.md, Updates:
 availability never below ``n - unavailable_budget``, a matching goal plans nothing,
 scale-only keeps current replicas, rollouts converge, failures stop the rollout,
 placement fits and spreads, deletion drains before forgetting.

@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from . import api
-from .errors import DeploymentNotFound
-from .spec import route_of
-from .store import Store
+from .. import api
+from ..errors import DeploymentNotFound
+from ..spec import route_of
+from ..store import Store
 
-log = logging.getLogger("taskserve.metrics")
+log = logging.getLogger("taskserve.gateway.metrics")
 
 # Rollout events the dashboard shows per deployment, newest first.
 HISTORY_SHOWN = 8

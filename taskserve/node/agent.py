@@ -37,26 +37,20 @@ from typing import IO, Optional
 import psutil
 import redis
 
-from .celery_app import make_app
-from .replica import EXIT_CONSTRUCTOR_FAILED, INFLIGHT_FILE_ENV
-from .runtime_env import EnvironmentCache, env_key, unpack_working_dir
-from .state import Node, Replica, ReplicaState, Resources, package_sha
-from .store import Store, wait_for_events
+from ..celery_app import make_app
+from ..runtime_env import env_key
+from ..state import Node, Replica, ReplicaState, Resources, package_sha
+from ..store import Store, wait_for_events
+from .envs import EnvironmentCache, unpack_working_dir
+from .inflight import read_tags
+from .protocol import EXIT_CONSTRUCTOR_FAILED, INFLIGHT_FILE_ENV, REPLICA_MODULE, THREAD_LIMIT_VARS
 
-log = logging.getLogger("taskserve.agent")
+log = logging.getLogger("taskserve.node.agent")
 
 INSTALLING_MESSAGE = "installing runtime env"
 DRAINING_POLL_S = 0.05
 REDIS_RETRY_S = 1.0
 FAILED_BUILD_MEMORY_S = 30.0   # a failed install is not retried sooner for the same pip list
-
-THREAD_LIMIT_VARS = (
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-)
 
 
 def replica_environment(base: dict[str, str], config: dict, gpu_ids: list[int]) -> dict[str, str]:
@@ -237,7 +231,7 @@ class NodeAgent:
         if working_dir is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(working_dir), env.get("PYTHONPATH")]))
         popen = subprocess.Popen(
-            [str(python), "-m", "taskserve.replica", "--address", self.address, "--replica-id", record.replica_id],
+            [str(python), "-m", REPLICA_MODULE, "--address", self.address, "--replica-id", record.replica_id],
             env=env,
             cwd=working_dir,
             stdin=subprocess.DEVNULL,
@@ -339,10 +333,7 @@ class NodeAgent:
 
     def _restore_inflight(self, process: ManagedProcess) -> None:
         """Put the message a dead replica was serving back at the head of its queue."""
-        try:
-            tags = process.inflight_path.read_bytes().decode().split()
-        except FileNotFoundError:
-            return
+        tags = read_tags(process.inflight_path)
         if not tags:
             return
         if self._celery_app is None:

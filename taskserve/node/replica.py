@@ -2,7 +2,7 @@
 
 A node agent starts one per replica::
 
-    python -m taskserve.replica --address redis://127.0.0.1:6379/0 --replica-id echo-1a2b3c4d
+    python -m taskserve.node.replica --address redis://127.0.0.1:6379/0 --replica-id echo-1a2b3c4d
 
 The order is what makes a replica safe to route to: the constructor (and
 ``reconfigure``) run first; only then does the Celery worker start consuming the
@@ -25,28 +25,24 @@ import sys
 import threading
 import time
 import traceback
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import redis
 
 from celery import signals
 
-from .celery_app import TASK_NAME, make_app
-from .http import HTTP_METHOD, Request, encode_response
-from .code import unpack
-from .connection import make_store
+from ..celery_app import TASK_NAME, make_app
+from ..code import unpack
+from ..connection import make_store
+from ..http import HTTP_METHOD, Request, encode_response
+from ..state import Replica, ReplicaState
+from ..store import Store, queue_name
+from .gate import RequestGate
+from .inflight import InflightFile
 from .processes import die_with_parent
-from .state import Replica, ReplicaState
-from .store import Store, queue_name
+from .protocol import EXIT_CONSTRUCTOR_FAILED, INFLIGHT_FILE_ENV
 
-log = logging.getLogger("taskserve.replica")
-
-EXIT_CONSTRUCTOR_FAILED = 3
-
-# Written by the serving thread, read by the agent if this process dies: the
-# delivery tag of the message being served, so it can be put back at once.
-INFLIGHT_FILE_ENV = "TASKSERVE_INFLIGHT_FILE"
+log = logging.getLogger("taskserve.node.replica")
 
 
 HEALTH_FAILURES_TO_REPLACE = 3
@@ -54,70 +50,6 @@ HEALTH_FAILURES_TO_REPLACE = 3
 # How often a replica re-reads its record even without a wake-up, so one that
 # missed a reconfigure message catches up.
 CONTROL_HEARTBEAT_S = 1.0
-
-
-class RequestGate:
-    """Keeps the object's upkeep (``reconfigure``, ``check_health``) apart from requests.
-
-    Requests enter shared (several at once when ``max_concurrent_queries > 1``);
-    upkeep enters alone, after the requests in hand finished and before new ones start.
-
-    >>> gate = RequestGate()
-    >>> with gate.request():
-    ...     gate.try_exclusive(timeout=0.01)
-    False
-    >>> gate.try_exclusive(timeout=0.01)
-    True
-    >>> gate.release_exclusive()
-    """
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._serving = 0
-        self._exclusive = False
-        self._waiting_exclusive = 0
-
-    @contextmanager
-    def request(self) -> Iterator[None]:
-        with self._condition:
-            while self._exclusive or self._waiting_exclusive:
-                self._condition.wait()
-            self._serving += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._serving -= 1
-                self._condition.notify_all()
-
-    def try_exclusive(self, timeout: Optional[float] = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._condition:
-            self._waiting_exclusive += 1
-            try:
-                while self._exclusive or self._serving:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        return False
-                    self._condition.wait(remaining)
-                self._exclusive = True
-                return True
-            finally:
-                self._waiting_exclusive -= 1
-                self._condition.notify_all()
-
-    def release_exclusive(self) -> None:
-        with self._condition:
-            self._exclusive = False
-            self._condition.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        self.try_exclusive()
-        try:
-            yield
-        finally:
-            self.release_exclusive()
 
 
 class Dispatcher:
@@ -330,7 +262,7 @@ class ReplicaProcess:
             os.environ.setdefault("C_FORCE_ROOT", "1")
             log.warning("serving pickled requests as root: anyone who can write to this Redis can run code here")
         app = make_app(self.address, serializer)
-        inflight = _InflightFile(self.inflight_path)
+        inflight = InflightFile(self.inflight_path)
 
         @app.task(name=TASK_NAME, acks_late=True)
         def call(method: str, args: list, kwargs: dict) -> Any:
@@ -396,41 +328,8 @@ def _envelope(dispatcher: Dispatcher, method: str, args: list, kwargs: dict) -> 
         }
 
 
-class _InflightFile:
-    """The delivery tags of the messages this replica holds, in a small local file.
-
-    The agent reads it after a crash to put those messages back at once; keeping
-    it costs a local write per request, not a network round trip.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600) if path else None
-        self.tags: dict[str, str] = {}
-        self.lock = threading.Lock()
-        self.size = 0
-
-    def add(self, task_id: str, tag: Any) -> None:
-        if self.fd is not None and tag:
-            with self.lock:
-                self.tags[task_id] = str(tag)
-                self._write()
-
-    def remove(self, task_id: str) -> None:
-        if self.fd is not None:
-            with self.lock:
-                if self.tags.pop(task_id, None) is not None:
-                    self._write()
-
-    def _write(self) -> None:
-        # One pwrite per change: the file keeps its size and blanks pad the tags.
-        data = "\n".join(self.tags.values()).encode()
-        if len(data) > self.size:
-            self.size = max(64, 2 * len(data))
-        os.pwrite(self.fd, data.ljust(self.size), 0)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m taskserve.replica")
+    parser = argparse.ArgumentParser(prog="python -m taskserve.node.replica")
     parser.add_argument("--address", required=True)
     parser.add_argument("--replica-id", required=True)
     args = parser.parse_args(argv)
