@@ -13,6 +13,7 @@ Example::
     print(Model.get_handle().remote(21).result(timeout=10))   # 42
 """
 
+from . import http
 from .api import (
     Deployment,
     DeploymentStatus,
@@ -30,7 +31,6 @@ from .api import (
 from .connection import connect
 from .errors import DeploymentError, DeploymentNotFound, ReplicaError, TaskserveError
 from .handle import DeploymentHandle, Response
-from . import http
 
 __version__ = "0.1.0"
 

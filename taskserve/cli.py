@@ -2,7 +2,7 @@
 
 Example::
 
-    taskserve up                                 # Redis + controller + agent, serving workers/echo.py
+    taskserve up                                 # Redis + controller + agent + gateway, serving an echo
     taskserve call echo '"hi"'                   # "hi"
     taskserve deploy my_script.py:Model --num-replicas 2
     taskserve status Model
@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -32,7 +31,6 @@ from . import api
 from .config_file import load_deployments_file, load_target
 from .connection import ADDRESS_ENV, address_files, connect, resolve_address
 from .errors import TaskserveError
-from .processes import die_with_parent
 
 # Piped output is not cut to 80 columns, so scripts can grep it.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -42,9 +40,6 @@ ADDRESS_OPTION = click.option(
     "--address", envvar=ADDRESS_ENV, default=None,
     help=f"Redis URL of the cluster (default: ${ADDRESS_ENV}, then the address `taskserve up` wrote).",
 )
-
-EXAMPLE_DEPLOYMENT = Path(__file__).resolve().parent.parent / "workers" / "echo.py"
-
 
 class TaskserveGroup(click.Group):
     """Turns every error into one line on stderr and exit code 1.
@@ -98,100 +93,61 @@ def _connect(address: Optional[str]) -> None:
 @click.option("--num-cpus", type=float, default=None, help="CPUs the local agent offers (default: all cores).")
 @click.option("--num-gpus", type=float, default=None, help="GPUs the local agent offers (default: nvidia-smi's count).")
 @click.option("--example/--no-example", default=True, show_default=True,
-              help="Deploy the example in workers/echo.py so a first request can be sent.")
+              help="Deploy the example echo deployment so a first request can be sent.")
 @click.option("--http-port", type=int, default=8000, show_default=True, help="Port of the HTTP gateway (0: no gateway).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface the HTTP gateway listens on (0.0.0.0: every interface).")
 def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_cpus: Optional[float],
        num_gpus: Optional[float], example: bool, http_port: int, host: str) -> None:
     """Run a whole cluster here: Redis, a controller, a node agent and the HTTP gateway."""
-    from .redis_server import RedisServer
+    from .local import LocalCluster, PartExited
 
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir(data_dir)  # noqa: F841 (held until this process exits)
     if http_port:
-        from .gateway import listen
+        from .gateway.app import listen
 
         listen(host, http_port).close()   # a port in use fails here, in one line
     log_dir = data_dir / "logs"
-    log_dir.mkdir(exist_ok=True)
-    server = None
-    if redis_url is None:
-        server = RedisServer(port=redis_port, data_dir=data_dir).start()
-        redis_url = server.url
-    address = resolve_address(redis_url)
-    children: list[subprocess.Popen] = []
-    written = _write_address_files(address, data_dir)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    cluster = LocalCluster(log_dir, redis_url=redis_url, redis_port=redis_port,
+                           redis_data_dir=None if redis_url else data_dir)
+    written: list[Path] = []
+    address = ""
     try:
-        agent_args = ["agent", "--data-dir", str(data_dir)]
-        if num_cpus is not None:
-            agent_args += ["--num-cpus", str(num_cpus)]
-        if num_gpus is not None:
-            agent_args += ["--num-gpus", str(num_gpus)]
-        gateway_args = ["gateway", "--host", host, "--port", str(http_port)] if http_port else []
-        for name, args in (("controller", ["controller"]), ("agent", agent_args), ("gateway", gateway_args)):
-            if not args:
-                continue
-            log_file = open(log_dir / f"{name}.log", "ab")
-            children.append(subprocess.Popen(
-                [sys.executable, "-m", "taskserve", *args, "--address", address],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent, start_new_session=True,
-            ))
-        store = connect(address)
-        _wait_for_node(store, children, timeout_s=30)
+        address = resolve_address(cluster.start_redis())
+        written = _write_address_files(address, data_dir)
+        cluster.start_controller()
+        try:
+            gpus = ["--num-gpus", str(num_gpus)] if num_gpus is not None else []
+            cluster.start_agent(None, num_cpus, *gpus, data_dir=data_dir)
+        except (PartExited, TimeoutError):
+            raise RuntimeError(f"the node agent did not start; see its log in {log_dir}/") from None
+        connect(address)
         console.print(f"taskserve is up at [bold]{address}[/bold]  (logs: {log_dir}/)")
         if http_port:
-            _wait_for_gateway(host, http_port, children[-1], timeout_s=30)
+            try:
+                cluster.start_gateway(http_port, host)
+            except (PartExited, TimeoutError):
+                raise RuntimeError(f"the HTTP gateway did not start; see its log in {log_dir}/") from None
             console.print(f"HTTP: [bold]http://{host}:{http_port}/<deployment>[/bold]  "
                           f"(dashboard: http://{host}:{http_port}/-/dashboard)")
         if example:
-            _deploy_example(stop)
+            _deploy_example()
         console.print("Try: [bold]taskserve call echo '\"hi\"'[/bold]   Stop: Ctrl-C")
         while not stop.wait(0.5):
-            for child in children:
-                if child.poll() is not None:
-                    raise RuntimeError(f"{child.args[3]} exited with code {child.returncode}; see {log_dir}/")
+            exited = cluster.exited()
+            if exited:
+                raise RuntimeError(f"{exited[0]} exited with code {cluster.processes[exited[0]].returncode}; "
+                                   f"see {log_dir}/")
     finally:
         console.print("stopping taskserve...")
-        for child in reversed(children):          # the agent first: it drains its replicas
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-                try:
-                    child.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-        if server is not None:
-            server.stop()
+        cluster.stop_all()
         for path in written:
             if path.is_file() and path.read_text().strip() == address:
                 path.unlink()
-
-
-def _wait_for_node(store: Any, children: list[subprocess.Popen], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not any(node.alive for node in store.list_nodes()):
-        if time.monotonic() > deadline or any(child.poll() is not None for child in children):
-            raise RuntimeError("the node agent did not start; see its log in the data dir's logs/")
-        time.sleep(0.05)
-
-
-def _wait_for_gateway(host: str, port: int, process: subprocess.Popen, timeout_s: float) -> None:
-    import socket
-
-    target = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((target, port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("the HTTP gateway did not start; see its log in the data dir's logs/") from None
-            time.sleep(0.05)
 
 
 def _lock_data_dir(data_dir: Path) -> Any:
@@ -217,17 +173,15 @@ def _write_address_files(address: str, data_dir: Path) -> list[Path]:
     return paths
 
 
-def _deploy_example(stop: threading.Event) -> None:
-    if not EXAMPLE_DEPLOYMENT.is_file():
-        console.print("(no workers/echo.py next to the package; skipping the example deployment)")
-        return
-    example = load_target(f"{EXAMPLE_DEPLOYMENT}:Echo")
+def _deploy_example() -> None:
+    from .examples.echo import Echo
+
     try:
-        example.deploy(timeout=120)
+        Echo.deploy(timeout=120)
     except TaskserveError as error:
         errors.print(f"[red]error:[/red] the example deployment did not start: {error}", markup=True)
         return
-    console.print(f"deployed [bold]{example.name}[/bold] from {EXAMPLE_DEPLOYMENT}")
+    console.print(f"deployed [bold]{Echo.name}[/bold] (taskserve.examples.echo)")
 
 
 @main.command()
@@ -258,8 +212,8 @@ def controller(address: Optional[str], resync: float) -> None:
 def agent(address: Optional[str], node_id: Optional[str], num_cpus: Optional[float], num_gpus: Optional[float],
           memory: Optional[int], labels: tuple[str, ...], data_dir: Path, heartbeat_timeout: float) -> None:
     """Run a node agent: it starts and stops this machine's replicas."""
-    from .agent import NodeAgent, default_resources
     from .connection import make_store
+    from .node.agent import NodeAgent, default_resources
     from .state import Resources
 
     _log_to_stderr()
@@ -291,7 +245,7 @@ def agent(address: Optional[str], node_id: Optional[str], num_cpus: Optional[flo
 @click.option("--debug", is_flag=True, help="Put the replica's traceback in 500 responses.")
 def gateway(address: Optional[str], host: str, port: int, max_body_size: int, debug: bool) -> None:
     """Serve every deployment over HTTP at its route prefix."""
-    from .gateway import serve
+    from .gateway.app import serve
 
     _log_to_stderr()
     serve(resolve_address(address), host=host, port=port, max_body_bytes=max_body_size, debug=debug)
@@ -614,7 +568,7 @@ def _environments_in_use() -> dict[str, list[str]]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def env_list(address: Optional[str], data_dir: Path, as_json: bool) -> None:
     """List the cached environments and the deployments that use them."""
-    from .runtime_env import EnvironmentCache
+    from .node.envs import EnvironmentCache
 
     _connect(address)
     used = _environments_in_use()
@@ -640,7 +594,7 @@ def env_list(address: Optional[str], data_dir: Path, as_json: bool) -> None:
 @DATA_DIR_OPTION
 def env_prune(address: Optional[str], data_dir: Path) -> None:
     """Remove the cached environments no deployment uses."""
-    from .runtime_env import EnvironmentCache
+    from .node.envs import EnvironmentCache
 
     _connect(address)
     used = _environments_in_use()

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
-
 PACKAGE_SCHEME = "taskserve-pkg://"
 
 

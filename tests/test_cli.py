@@ -11,7 +11,7 @@ import pytest
 
 import taskserve
 
-from .conftest import replica_pids
+from .helpers import replica_pids
 
 
 def run_cli(cluster, *args: str, cwd=None, check: bool = True) -> subprocess.CompletedProcess:

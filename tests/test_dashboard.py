@@ -13,7 +13,7 @@ from playwright.sync_api import expect, sync_playwright
 
 import taskserve
 
-from .test_gateway import running_gateway
+from .helpers import running_gateway
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -14,7 +14,7 @@ import pytest
 import taskserve
 from taskserve import handle as handle_module
 
-from .conftest import replica_pids, wait_until
+from .helpers import replica_pids, wait_until
 
 
 class Greeter:
@@ -95,7 +95,7 @@ def test_scale_up_keeps_existing_replicas_and_scale_down_drains(connected, uniqu
     after_down = replica_pids(unique_name, state=None)
     assert len(after_down) == 1 and after_down <= after_up
     for pid in after_up - after_down:
-        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        wait_until(lambda pid=pid: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                    timeout=30, message=f"drained replica {pid} to exit")
     greeter.delete()
 
@@ -155,7 +155,7 @@ def test_delete_stops_replicas_and_forgets_the_deployment(connected, unique_name
     with pytest.raises(taskserve.DeploymentNotFound):
         handle.remote("late")
     for pid in pids:
-        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        wait_until(lambda pid=pid: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                    timeout=30, message=f"replica {pid} to exit")
     store = taskserve.connect(connected.url)
     assert not [key for key in store.redis.keys("taskserve:*") if unique_name.encode() in key]

@@ -26,15 +26,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import taskserve
 from taskserve.celery_app import TASK_NAME, make_app
-from taskserve.gateway import Route, RouteTable, TaskSender, unwrap
+from taskserve.gateway.messaging import TaskSender, unwrap
+from taskserve.gateway.routes import Route, RouteTable
 from taskserve.http import HTTP_METHOD, Request, Response, decode_response, encode_request, encode_response
 from taskserve.redis_server import free_port
 from taskserve.state import Goal
 from taskserve.store import queue_name
 from workers.threshold import Threshold as SeedThreshold
 
-from .conftest import REPO, Cluster, wait_until
-
+from .helpers import REPO, Cluster, running_gateway, wait_until
 
 # --------------------------------------------------------------------------- pure parts
 
@@ -147,29 +147,6 @@ def test_the_gateway_enqueues_the_message_celery_would(cluster, serializer):
 
 
 # --------------------------------------------------------------------------- a real gateway
-
-
-@contextmanager
-def running_gateway(cluster: Cluster, *args: str) -> Iterator[httpx.Client]:
-    """``taskserve gateway`` on a free port, and an httpx client for it."""
-    port = free_port()
-    name = f"gateway-{port}"
-    cluster.start(name, "gateway", "--port", str(port), *args)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-
-    def healthy() -> bool:
-        try:
-            return client.get("/-/healthz").status_code == 200
-        except httpx.TransportError:
-            assert cluster.processes[name].poll() is None, cluster.logs()
-            return False
-
-    try:
-        wait_until(healthy, timeout=30, message="the gateway to answer /-/healthz")
-        yield client
-    finally:
-        client.close()
-        cluster.stop(name)
 
 
 @pytest.fixture(scope="module")
@@ -453,6 +430,7 @@ def test_celery_inspect_sees_replicas_as_workers(cluster, http, inspector):
     assert "taskserve.inspector" in result.stdout
 
 
+@pytest.mark.integration
 def test_up_serves_http_on_its_http_port(tmp_path):
     http_port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TASKSERVE_ADDRESS"}

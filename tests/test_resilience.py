@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import taskserve
-from taskserve.redis_server import RedisServer
+import pytest
 
-from .conftest import Cluster, replica_pids, wait_until
+import taskserve
+
+from .helpers import replica_pids, start_cluster
+
+pytestmark = pytest.mark.integration
 
 
 class Echo:
@@ -14,18 +17,13 @@ class Echo:
 
 
 def test_controller_and_agent_survive_a_redis_restart(tmp_path):
-    redis_dir = tmp_path / "redis"
-    cluster = Cluster(RedisServer(data_dir=redis_dir).start(), tmp_path)
+    cluster = start_cluster(tmp_path, ("node-a",), 4, redis_data_dir=tmp_path / "redis")
     try:
-        taskserve.connect(cluster.url)
-        cluster.start("controller", "controller", "--resync", "0.5")
-        cluster.start_agent("node-a", 4)
         model = taskserve.deployment(Echo).options(name="survivor", version="1", num_cpus=0.5)
         model.deploy()
         before = replica_pids("survivor")
 
-        cluster.redis.stop()                       # saves the append-only file
-        cluster.redis = RedisServer(port=cluster.redis.port, data_dir=redis_dir).start()
+        cluster.restart_redis()                    # from its append-only file
 
         for name, process in cluster.processes.items():
             assert process.poll() is None, f"{name} exited when Redis went away"

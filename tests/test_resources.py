@@ -9,7 +9,7 @@ import pytest
 
 import taskserve
 
-from .conftest import RequestLoop, start_cluster, wait_until
+from .helpers import RequestLoop, start_cluster, wait_until
 
 
 class Probe:

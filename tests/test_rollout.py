@@ -15,7 +15,7 @@ import pytest
 
 import taskserve
 
-from .conftest import RequestLoop, replica_pids, wait_until
+from .helpers import RequestLoop, replica_pids, wait_until
 
 
 class Versioned:

@@ -14,7 +14,7 @@ import pytest
 import taskserve
 from taskserve.runtime_env import env_key, normalize_pip, pack_working_dir
 
-from .conftest import replica_pids
+from .helpers import replica_pids
 
 
 def build_wheel(root: Path, version: str) -> Path:
@@ -143,8 +143,9 @@ def test_working_dir_size_limit_and_bad_values(tmp_path):
     assert pack_working_dir(tmp_path)[0] == pack_working_dir(tmp_path)[0]
 
 
+@pytest.mark.integration
 def test_without_uv_the_environment_is_built_with_venv_and_pip(tmp_path, wheels, monkeypatch):
-    from taskserve import runtime_env
+    from taskserve.node import envs as runtime_env
 
     monkeypatch.setattr(runtime_env, "_find_uv", lambda: None)
     cache = runtime_env.EnvironmentCache(tmp_path / "envs")

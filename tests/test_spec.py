@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,7 +64,7 @@ def test_options_update_a_base_and_leave_it_unchanged():
     changed = validate_options({"num_replicas": 5}, base)
     assert (changed.num_replicas, changed.version) == (5, "v1")
     assert base.num_replicas == 3
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         base.num_replicas = 4   # frozen
 
 
@@ -381,5 +382,5 @@ def test_stable_hash_ignores_key_order():
 
 
 def test_deployment_options_model_rejects_extra_fields():
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         DeploymentOptions(num_replica=2)

@@ -11,10 +11,13 @@ import textwrap
 import urllib.request
 
 import psutil
+import pytest
 
 from taskserve.redis_server import free_port
 
-from .conftest import REPO, wait_until
+from .helpers import REPO, wait_until
+
+pytestmark = pytest.mark.integration
 
 ISSUE_SCRIPT = textwrap.dedent("""
     import taskserve
@@ -80,7 +83,7 @@ def test_up_serves_the_example_runs_the_script_and_stops_everything(tmp_path):
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=90)
     for child in children:
-        wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE,
+        wait_until(lambda child=child: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE,
                    timeout=30, message=f"{child.pid} to exit")
     assert not (tmp_path / ".taskserve" / "address").exists()
 

@@ -12,7 +12,7 @@ import pytest
 
 import taskserve
 
-from .conftest import REPO, RequestLoop, replica_pids, wait_until
+from .helpers import REPO, RequestLoop, replica_pids, wait_until
 
 
 class Tunable:

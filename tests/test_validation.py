@@ -89,6 +89,7 @@ def test_connect_without_an_address_says_to_run_up(monkeypatch, tmp_path):
         connection.resolve_address("localhost:6379")
 
 
+@pytest.mark.integration
 def test_deploy_without_a_controller_says_so_and_times_out(caplog, monkeypatch):
     from taskserve import connection
     from taskserve.redis_server import RedisServer

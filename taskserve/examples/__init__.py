@@ -1,0 +1,1 @@
+"""Example deployments that ship with taskserve (``taskserve up`` serves :mod:`.echo`)."""

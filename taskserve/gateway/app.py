@@ -265,7 +265,6 @@ def serve(address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
         serve("redis://127.0.0.1:6379/0", port=8080)
     """
     import uvicorn
-
     from prometheus_client import disable_created_metrics
 
     sock = listen(host, port)

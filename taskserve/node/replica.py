@@ -28,7 +28,6 @@ import traceback
 from typing import Any, Optional
 
 import redis
-
 from celery import signals
 
 from ..celery_app import TASK_NAME, make_app

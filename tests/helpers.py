@@ -1,0 +1,133 @@
+"""What the tests share: a local cluster, a request loop, polling.
+
+Fixtures live in ``conftest.py``; the helpers they and the tests use live here,
+so tests import them from one ordinary module.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional, TypeVar
+
+import httpx
+
+import taskserve
+from taskserve.local import LocalCluster
+from taskserve.local import wait_until as _wait_until
+from taskserve.redis_server import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
+               message: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    return _wait_until(predicate, timeout, message, interval)
+
+
+class Cluster(LocalCluster):
+    """A :class:`~taskserve.local.LocalCluster` whose parts import this checkout.
+
+    Its ``workdir`` holds the logs and each agent's data dir.
+    """
+
+    def __init__(self, workdir: Path, **kwargs: object) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        super().__init__(workdir, env=env, cwd=REPO, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def workdir(self) -> Path:
+        return self.log_dir
+
+    def shutdown(self) -> None:
+        self.stop_all()
+
+
+def start_cluster(workdir: Path, agents: tuple[str, ...] = ("node-a",), num_cpus: float = 16,
+                  *agent_args: str, redis_data_dir: Optional[Path] = None) -> Cluster:
+    """Redis, a controller (``--resync 0.5``) and one agent per node id; this process connected."""
+    cluster = Cluster(workdir, redis_data_dir=redis_data_dir)
+    try:
+        cluster.start_redis()
+        taskserve.connect(cluster.url)
+        cluster.start_controller("--resync", "0.5")
+        for node_id in agents:
+            cluster.start_agent(node_id, num_cpus, *agent_args)
+    except BaseException:
+        cluster.stop_all()
+        raise
+    return cluster
+
+
+class RequestLoop:
+    """Client threads calling ``handle.remote(request_id)`` in a loop, recording every answer.
+
+    Each thread keeps going until :meth:`stop` and until it sent ``minimum`` requests.
+    """
+
+    def __init__(self, handle, threads: int = 3, minimum: int = 0) -> None:
+        self.handle = handle
+        self.minimum = minimum
+        self.results: dict[str, object] = {}
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, worker: int) -> None:
+        sent = 0
+        while not (self._stop.is_set() and sent >= self.minimum):
+            request_id = f"{worker}-{sent}"
+            try:
+                self.results[request_id] = self.handle.remote(request_id).result(timeout=60)
+            except BaseException as error:  # recorded; the test asserts there are none
+                self.failures.append(error)
+            sent += 1
+
+    def __enter__(self) -> "RequestLoop":
+        for thread in self._threads:
+            thread.start()
+        wait_until(lambda: len(self.results) + len(self.failures) >= len(self._threads), timeout=30,
+                   message="the request loop to get answers")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+
+def replica_pids(name: str, state: Optional[str] = "RUNNING") -> set[int]:
+    status = taskserve.get_deployment(name).status()
+    return {r.pid for r in status.replicas if state is None or r.state == state}
+
+
+@contextmanager
+def running_gateway(cluster: Cluster, *args: str) -> Iterator[httpx.Client]:
+    """``taskserve gateway`` on a free port, and an httpx client for it."""
+    port = free_port()
+    name = f"gateway-{port}"
+    cluster.start(name, "gateway", "--port", str(port), *args)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    def healthy() -> bool:
+        try:
+            return client.get("/-/healthz").status_code == 200
+        except httpx.TransportError:
+            assert cluster.processes[name].poll() is None, cluster.logs()
+            return False
+
+    try:
+        wait_until(healthy, timeout=30, message="the gateway to answer /-/healthz")
+        yield client
+    finally:
+        client.close()
+        cluster.stop(name)
