@@ -17,12 +17,9 @@ Example::
 
 from __future__ import annotations
 
-import getpass
 import inspect
 import logging
 import secrets
-import socket
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
@@ -243,6 +240,7 @@ class Deployment:
         health = store.get_health(self.name)
 
         def make_goal(previous: Optional[Goal]) -> Optional[Goal]:
+            # previous is None for a new deployment, or a goal being deleted: deploy creates it again.
             if (
                 previous is not None
                 and not previous.deleting
@@ -257,7 +255,7 @@ class Deployment:
             same_spec = previous is not None and not previous.deleting and previous.spec_hash == spec_hash
             return Goal(
                 name=self.name,
-                generation=(previous.generation + 1) if previous else 1,
+                generation=0,               # update_goal sets the generation and created_at
                 version=version,
                 spec_hash=spec_hash,
                 num_replicas=options.num_replicas,
@@ -266,13 +264,12 @@ class Deployment:
                 code_sha=previous.code_sha if same_spec else code_sha,
                 init_sha=init_sha,
                 kind=self._kind,
-                created_at=time.time(),
                 user_version=options.version,
                 restart_nonce=previous.restart_nonce if same_spec else "",
                 has_reconfigure=self._kind == "class" and callable(getattr(self._target, "reconfigure", None)),
             )
 
-        goal = store.write_goal(self.name, make_goal, blobs=[(code_sha, blob), *packages], event=_event("deploy"))
+        goal = store.update_goal(self.name, make_goal, "deploy", blobs=[(code_sha, blob), *packages], missing_ok=True)
         if goal is None:
             log.info("%s: version %s is already deployed with these options; nothing to do", self.name, version)
             return
@@ -389,16 +386,12 @@ def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: O
     validate_options({"num_replicas": num_replicas})
     store = current_store()
 
-    def rescale(previous: Optional[Goal]) -> Optional[Goal]:
-        if previous is None or previous.deleting:
-            raise DeploymentNotFound(name)
+    def rescale(previous: Goal) -> Optional[dict]:
         if previous.num_replicas == num_replicas:
             return None
-        options = {**previous.options, "num_replicas": num_replicas}
-        return replace(previous, num_replicas=num_replicas, options=options,
-                       generation=previous.generation + 1, created_at=time.time())
+        return {"num_replicas": num_replicas, "options": {**previous.options, "num_replicas": num_replicas}}
 
-    goal = store.write_goal(name, rescale, event=_event("scale"))
+    goal = store.update_goal(name, rescale, "scale")
     if goal is not None and wait:
         wait_for_rollout(store, name, goal.generation, timeout)
 
@@ -413,9 +406,7 @@ def reconfigure_deployment(name: str, user_config: Any, wait: bool = True, timeo
     check_json_value(user_config, "user_config")
     store = current_store()
 
-    def reconfigure(previous: Optional[Goal]) -> Optional[Goal]:
-        if previous is None or previous.deleting:
-            raise DeploymentNotFound(name)
+    def reconfigure(previous: Goal) -> Optional[dict]:
         if not previous.has_reconfigure:
             raise ValueError(
                 f"deployment {name!r} has no reconfigure(self, config) method, so it cannot take a "
@@ -423,10 +414,9 @@ def reconfigure_deployment(name: str, user_config: Any, wait: bool = True, timeo
             )
         if previous.options.get("user_config") == user_config:
             return None
-        return replace(previous, options={**previous.options, "user_config": user_config},
-                       generation=previous.generation + 1, created_at=time.time())
+        return {"options": {**previous.options, "user_config": user_config}}
 
-    goal = store.write_goal(name, reconfigure, event=_event("reconfigure"))
+    goal = store.update_goal(name, reconfigure, "reconfigure")
     if goal is not None and wait:
         wait_for_rollout(store, name, goal.generation, timeout)
 
@@ -438,13 +428,10 @@ def restart_deployment(name: str, wait: bool = True, timeout: Optional[float] = 
     """
     store = current_store()
 
-    def restart(previous: Optional[Goal]) -> Goal:
-        if previous is None or previous.deleting:
-            raise DeploymentNotFound(name)
-        return replace(previous, restart_nonce=secrets.token_hex(4), generation=previous.generation + 1,
-                       created_at=time.time())
+    def restart(previous: Goal) -> dict:
+        return {"restart_nonce": secrets.token_hex(4)}
 
-    goal = store.write_goal(name, restart, event=_event("restart"))
+    goal = store.update_goal(name, restart, "restart")
     if wait and goal is not None:
         wait_for_rollout(store, name, goal.generation, timeout)
 
@@ -459,9 +446,7 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
     store = current_store()
     history = store.history(name)
 
-    def roll_back(current: Optional[Goal]) -> Goal:
-        if current is None or current.deleting:
-            raise DeploymentNotFound(name)
+    def roll_back(current: Goal) -> Goal:
         target = previous_goal(history, current, version=to_version)
         if target is None:
             versions = sorted({e["goal"]["version"] for e in history if e.get("goal")} - {current.version})
@@ -471,11 +456,10 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
                     f"known versions: {', '.join(versions) or 'none'}"
                 )
             raise ValueError(f"deployment {name!r} has no earlier version to roll back to")
-        return replace(target, generation=current.generation + 1, num_replicas=current.num_replicas,
-                       options={**target.options, "num_replicas": current.num_replicas},
-                       created_at=time.time(), deleting=False)
+        return replace(target, num_replicas=current.num_replicas,
+                       options={**target.options, "num_replicas": current.num_replicas}, deleting=False)
 
-    goal = store.write_goal(name, roll_back, event=_event("rollback"))
+    goal = store.update_goal(name, roll_back, "rollback")
     assert goal is not None
     if wait:
         wait_for_rollout(store, name, goal.generation, timeout)
@@ -495,12 +479,7 @@ def delete_deployment(name: str, timeout: Optional[float] = None) -> None:
     check_name(name)
     store = current_store()
 
-    def mark_deleting(previous: Optional[Goal]) -> Optional[Goal]:
-        if previous is None or previous.deleting:
-            raise DeploymentNotFound(name)
-        return replace(previous, deleting=True, generation=previous.generation + 1)
-
-    store.write_goal(name, mark_deleting, event=_event("delete"))
+    store.update_goal(name, lambda previous: {"deleting": True}, "delete")
     deadline = None if timeout is None else time.monotonic() + timeout
     pubsub = store.subscribe()
     try:
@@ -575,10 +554,3 @@ def _check_route_is_free(store: Store, name: str, options: dict) -> None:
                 "choose another route_prefix, or route_prefix=False to serve no HTTP route"
             )
 
-
-def _event(action: str) -> dict:
-    try:
-        user = getpass.getuser()
-    except Exception:
-        user = "unknown"
-    return {"action": action, "by": f"{user}@{socket.gethostname()}", "argv": " ".join(sys.argv[:3])}

@@ -21,9 +21,11 @@ import socket
 import threading
 import time
 from dataclasses import replace
+from functools import partial
 
 import redis
 
+from .history import previous_goal
 from .planner import (
     ForgetDeployment,
     ForgetReplica,
@@ -36,7 +38,6 @@ from .planner import (
     reserve,
 )
 from .state import DeploymentHealth, DeploymentState, Goal, Replica
-from .history import previous_goal
 from .store import Store, wait_for_events
 
 log = logging.getLogger("taskserve.controller")
@@ -98,7 +99,7 @@ class Controller:
             health = self.store.get_health(goal.name)
             if health.observed_generation != goal.generation:
                 health = DeploymentHealth(observed_generation=goal.generation)
-            result = plan(goal, replicas, capacities, health, now, new_id=lambda: _new_replica_id(goal.name))
+            result = plan(goal, replicas, capacities, health, now, new_id=partial(_new_replica_id, goal.name))
             self._apply(goal, replicas, result.actions)
             capacities = reserve(capacities, result.actions, goal.resources)
             outcome = health.outcome
@@ -140,14 +141,14 @@ class Controller:
 
         def restore(current: Goal | None) -> Goal | None:
             if current is None or current.generation != failed.generation:
-                return None  # someone deployed meanwhile; their goal wins
-            return replace(previous, generation=current.generation + 1, num_replicas=current.num_replicas,
-                           options={**previous.options, "num_replicas": current.num_replicas},
-                           created_at=time.time(), deleting=False)
+                return None  # deleted or deployed meanwhile; that goal wins
+            return replace(previous, num_replicas=current.num_replicas,
+                           options={**previous.options, "num_replicas": current.num_replicas}, deleting=False)
 
-        event = {"action": "auto-rollback", "by": self.controller_id, "rollback_of": failed.generation,
-                 "reason": message, "error": error}
-        restored = self.store.write_goal(failed.name, restore, event=event)
+        restored = self.store.update_goal(
+            failed.name, restore, "auto-rollback", by=self.controller_id, missing_ok=True,
+            event_extra={"rollback_of": failed.generation, "reason": message, "error": error},
+        )
         if restored is not None:
             log.warning("%s: version %s failed (%s); rolled back to version %s",
                         failed.name, failed.version, message, restored.version)

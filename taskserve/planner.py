@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState, Resources
@@ -251,144 +251,303 @@ def plan(
     ``replicas`` are this deployment's records; ``nodes`` the live nodes with the
     resources free on them; ``health`` what was concluded before (failed starts
     of this generation); ``new_id`` names new replicas.
-    """
-    replicas = list(replicas)
-    result = Plan()
-    live_nodes = {node.node_id for node in nodes}
 
-    # Records of replicas that are gone, or whose node died, are forgotten.
+    The steps, in order: forget what is gone (and count failed starts), stop,
+    reconfigure, place and start, then say where the deployment stands.
+    """
+    forgets, present = _forget_gone(goal, replicas, nodes)
+    if goal.deleting:
+        return _plan_delete(forgets, present)
+    failures = _count_failed_starts(goal, forgets, health, now)
+    fleet = _partition(goal, present)
+    stops = _choose_stops(goal, fleet, failures, nodes)
+    configs = _reconfigure(goal, fleet, stops)
+    room = _Room.of(nodes, fleet.active)
+    placements, place_reason = _place_pending(stops.current, room)
+    starts, start_reason = _start_missing(goal, fleet, stops, failures, room, now, new_id)
+    result = Plan(
+        actions=[*forgets, *_stop_actions(stops.replicas), *configs.actions, *placements, *starts],
+        failed_starts=failures.count,
+        last_error=failures.last_error,
+        last_failure_at=failures.last_failure_at,
+    )
+    return _status(goal, fleet, stops, configs, failures, start_reason or place_reason, result)
+
+
+# --------------------------------------------------------------------------- what the steps share
+
+
+@dataclass(frozen=True)
+class _Failures:
+    """Failed starts of the goal's generation, and what they allow."""
+
+    count: int
+    last_error: str
+    last_failure_at: float
+    gave_up: bool           # the failure threshold is reached: the rollout stops
+    backing_off: bool       # the pause after the last failure is not over: no start now
+
+
+@dataclass(frozen=True)
+class _Fleet:
+    """The present replicas of a deployment by role, and the budgets of an update."""
+
+    present: list[Replica]
+    active: list[Replica]       # told to run
+    stopping: list[Replica]     # told to stop before
+    current: list[Replica]      # active and of the goal's replica_spec
+    outdated: list[Replica]     # active and of another replica_spec
+    running: list[Replica]      # active and available
+    min_available: int          # available replicas an update keeps at least
+    surge: int                  # replicas an update may start above the target
+
+
+@dataclass(frozen=True)
+class _Stops:
+    """What the stop step decided."""
+
+    replicas: list[Replica]         # to stop, in this order
+    current: list[Replica]          # current replicas that stay
+    outdated_left: list[Replica]    # outdated replicas that stay for now
+
+
+@dataclass(frozen=True)
+class _Configs:
+    """What the reconfigure step decided, and what it saw."""
+
+    actions: list[SetReplicaConfig]
+    stale: list[Replica]            # current replicas not yet told the goal's user_config
+    failed: list[Replica]           # current replicas whose reconfigure rejected it
+    reconfiguring: list[Replica]    # told it, not acknowledged yet
+
+
+@dataclass
+class _Room:
+    """Free resources of the live nodes and this deployment's replicas on each,
+    used up as the place/start step assigns replicas to nodes."""
+
+    free: dict[str, NodeCapacity]
+    spread: dict[str, int]
+
+    @classmethod
+    def of(cls, nodes: Sequence[NodeCapacity], active: list[Replica]) -> "_Room":
+        spread: dict[str, int] = {}
+        for replica in active:
+            if replica.node_id:
+                spread[replica.node_id] = spread.get(replica.node_id, 0) + 1
+        return cls({node.node_id: node for node in nodes}, spread)
+
+    def take(self, need: Resources) -> tuple[Optional[str], tuple[int, ...], str]:
+        """Place one replica needing ``need``: ``(node_id, gpu_ids, "")``, or
+        ``(None, (), reason)`` when it fits nowhere."""
+        node_id, reason = place(need, list(self.free.values()), self.spread)
+        if node_id is None:
+            return None, (), reason
+        gpu_ids = assign_gpus(need.num_gpus, self.free[node_id].gpus()) or ()
+        self.free[node_id] = self.free[node_id].take(need, gpu_ids)
+        self.spread[node_id] = self.spread.get(node_id, 0) + 1
+        return node_id, gpu_ids, ""
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def _forget_gone(
+    goal: Goal, replicas: Iterable[Replica], nodes: Sequence[NodeCapacity]
+) -> tuple[list[ForgetReplica], list[Replica]]:
+    """Forget the records of replicas that are gone (stopped, failed) or whose node
+    died; the others are present. A failed start counts only for the goal's spec.
+
+    Returns the forget actions and the present replicas.
+    """
+    live_nodes = {node.node_id for node in nodes}
+    forgets: list[ForgetReplica] = []
     present: list[Replica] = []
-    failed_starts = health.failed_starts
-    last_error = health.last_error
     for replica in replicas:
         lost = replica.node_id and replica.node_id not in live_nodes and not replica.is_gone
         if replica.is_gone or lost:
-            failed_start = replica.failure == "start" and replica.spec_hash == goal.replica_spec
-            result.actions.append(
+            forgets.append(
                 ForgetReplica(
                     replica.replica_id,
-                    failed_start=failed_start,
+                    failed_start=replica.failure == "start" and replica.spec_hash == goal.replica_spec,
                     crashed=replica.failure == "crash",
                     error=replica.message,
                 )
             )
-            if failed_start:
-                failed_starts += 1
-                last_error = replica.message
         else:
             present.append(replica)
+    return forgets, present
 
-    if goal.deleting:
-        return _plan_delete(result, present)
 
+def _plan_delete(forgets: list[ForgetReplica], present: list[Replica]) -> Plan:
+    """A deleting goal drains every replica; once none is placed, the deployment is forgotten."""
+    result = Plan(actions=list(forgets))
+    for replica in present:
+        if replica.desired == "run":
+            if replica.node_id:
+                result.actions.append(StopReplica(replica.replica_id))
+            else:
+                result.actions.append(ForgetReplica(replica.replica_id))
+    if all(not r.node_id for r in present):
+        result.actions.append(ForgetDeployment())
+    result.message = f"deleting: {sum(1 for r in present if r.node_id)} replicas draining"
+    return result
+
+
+def _count_failed_starts(goal: Goal, forgets: list[ForgetReplica], health: DeploymentHealth, now: float) -> _Failures:
+    """Add this pass's failed starts to the generation's: after ``failure_threshold``
+    of them the rollout gives up, and after each one starts pause for ``retry_delay``."""
+    failed = [forget for forget in forgets if forget.failed_start]
+    count = health.failed_starts + len(failed)
+    last_failure_at = now if failed else health.last_failure_at
+    return _Failures(
+        count=count,
+        last_error=failed[-1].error if failed else health.last_error,
+        last_failure_at=last_failure_at,
+        gave_up=count >= failure_threshold(goal.num_replicas),
+        backing_off=count > 0 and now < last_failure_at + retry_delay(count),
+    )
+
+
+def _partition(goal: Goal, present: list[Replica]) -> _Fleet:
+    """Sort the present replicas by role and work out the update budgets."""
     target = goal.num_replicas
     active = [r for r in present if r.desired == "run"]
-    stopping = [r for r in present if r.desired != "run"]
-    current = [r for r in active if r.spec_hash == goal.replica_spec]
-    outdated = [r for r in active if r.spec_hash != goal.replica_spec]
-    running = [r for r in active if r.is_available]
+    return _Fleet(
+        present=present,
+        active=active,
+        stopping=[r for r in present if r.desired != "run"],
+        current=[r for r in active if r.spec_hash == goal.replica_spec],
+        outdated=[r for r in active if r.spec_hash != goal.replica_spec],
+        running=[r for r in active if r.is_available],
+        min_available=max(0, target - unavailable_budget(goal.options.get("max_unavailable", 0.2), target)),
+        surge=surge_budget(goal.options.get("max_surge", 0), target),
+    )
 
-    threshold = failure_threshold(target)
-    gave_up = failed_starts >= threshold
-    last_failure_at = now if failed_starts > health.failed_starts else health.last_failure_at
-    backing_off = failed_starts > 0 and now < last_failure_at + retry_delay(failed_starts)
-    result.failed_starts, result.last_error, result.last_failure_at = failed_starts, last_error, last_failure_at
 
-    free = {node.node_id: node for node in nodes}
-    spread: dict[str, int] = {}
-    for replica in active:
-        if replica.node_id:
-            spread[replica.node_id] = spread.get(replica.node_id, 0) + 1
+def _choose_stops(goal: Goal, fleet: _Fleet, failures: _Failures, nodes: Sequence[NodeCapacity]) -> _Stops:
+    """Stop, in this order: current replicas whose health check keeps failing (they are
+    replaced), the surplus of a scale-down, then outdated replicas as the budgets allow."""
+    unhealthy = [r for r in fleet.current if r.unhealthy]
+    current = [r for r in fleet.current if not r.unhealthy]
+    surplus = _surplus(current, goal.num_replicas)
+    current = [r for r in current if r not in surplus]
+    outdated = _outdated_to_stop(goal, fleet, current, unhealthy + surplus, failures.gave_up, nodes)
+    replicas = unhealthy + surplus + outdated
+    stopped = {r.replica_id for r in replicas}
+    return _Stops(replicas, current, [r for r in fleet.outdated if r.replica_id not in stopped])
 
-    to_stop: list[Replica] = []
 
-    # 0. Replicas whose health check keeps failing are replaced (drained, not killed).
-    unhealthy = [r for r in current if r.unhealthy]
-    to_stop += unhealthy
-    current = [r for r in current if not r.unhealthy]
+def _surplus(current: list[Replica], target: int) -> list[Replica]:
+    """Current replicas above the target (a scale-down): the least useful first (not
+    placed, then starting, then the newest running)."""
+    if len(current) <= target:
+        return []
+    return sorted(current, key=_stop_preference)[: len(current) - target]
 
-    # 1. Surplus replicas of the current spec (a scale-down): drain the least
-    #    useful first (not placed, then starting, then the newest running).
-    if len(current) > target:
-        surplus = sorted(current, key=_stop_preference)[: len(current) - target]
-        to_stop += surplus
-        current = [r for r in current if r not in surplus]
 
-    # 2. Outdated replicas. Those not available cost nothing to stop. Running ones
-    #    go only while availability stays within the budget (and, with surge,
-    #    only once replacements run, unless the surge cannot be placed).
-    min_available = max(0, target - unavailable_budget(goal.options.get("max_unavailable", 0.2), target))
-    surge = surge_budget(goal.options.get("max_surge", 0), target)
+def _outdated_to_stop(
+    goal: Goal,
+    fleet: _Fleet,
+    current: list[Replica],
+    already: list[Replica],
+    gave_up: bool,
+    nodes: Sequence[NodeCapacity],
+) -> list[Replica]:
+    """Outdated replicas to stop. Those not available cost nothing to stop. Running ones,
+    oldest first, go only while availability stays within the budget (and, with surge,
+    only once replacements run, unless the surge cannot be placed). After the rollout
+    gave up, only unplaced ones go, so the previous version keeps serving.
+
+    ``already`` are the replicas the stop step chose before.
+    """
     if gave_up:
-        # Keep the previous version serving; stop only what does not serve.
-        to_stop += [r for r in outdated if not r.is_available and r.node_id == ""]
+        return [r for r in fleet.outdated if not r.is_available and r.node_id == ""]
+    target = goal.num_replicas
+    not_serving = [r for r in fleet.outdated if not r.is_available]
+    outdated_running = sorted((r for r in fleet.outdated if r.is_available), key=lambda r: r.created_at)
+    running_after = len(fleet.running) - sum(1 for r in already if r.is_available)
+    if target == 0:
+        allowed = len(outdated_running)
+    elif fleet.surge > 0 and not _surge_blocked(current, goal, nodes):
+        allowed = max(0, running_after - target)
     else:
-        not_serving = [r for r in outdated if not r.is_available]
-        to_stop += not_serving
-        outdated_running = sorted((r for r in outdated if r.is_available), key=lambda r: r.created_at)
-        running_after = len(running) - sum(1 for r in to_stop if r.is_available)
-        if target == 0:
-            allowed = len(outdated_running)
-        elif surge > 0 and not _surge_blocked(current, goal, nodes):
-            allowed = max(0, running_after - target)
-        else:
-            allowed = max(0, running_after - min_available)
-        to_stop += outdated_running[:allowed]
+        allowed = max(0, running_after - fleet.min_available)
+    return not_serving + outdated_running[:allowed]
 
-    stopped_ids = {r.replica_id for r in to_stop}
-    for replica in to_stop:
-        if replica.node_id:
-            result.actions.append(StopReplica(replica.replica_id))
-        else:
-            result.actions.append(ForgetReplica(replica.replica_id))
-    outdated_left = [r for r in outdated if r.replica_id not in stopped_ids]
 
-    # 2b. user_config in place: a replica reconfiguring is unavailable, so running
-    #     ones switch in the same batches as a rollout. One that rejects the new
-    #     config stops the update.
-    config_json = json.dumps(goal.options.get("user_config"), sort_keys=True)
+def _stop_actions(replicas: list[Replica]) -> list[Action]:
+    """A placed replica is drained; one that never got a node is just forgotten."""
+    return [StopReplica(r.replica_id) if r.node_id else ForgetReplica(r.replica_id) for r in replicas]
+
+
+def _reconfigure(goal: Goal, fleet: _Fleet, stops: _Stops) -> _Configs:
+    """Give current replicas the goal's user_config in place. A replica reconfiguring is
+    unavailable, so serving ones switch in the same batches as a rollout (within the
+    unavailability budget, oldest first); the others switch at once. Once a replica
+    rejected the config, no other is told (the update has failed)."""
     goal_config = goal.user_config_hash
-    config_failed = [r for r in current if r.config_hash == goal_config and r.config_error]
+    current = stops.current
+    failed = [r for r in current if r.config_hash == goal_config and r.config_error]
     stale = [r for r in current if r.config_hash != goal_config]
     reconfiguring = [r for r in current if r.config_hash == goal_config and r.applied_config_hash != goal_config
                      and r.state == ReplicaState.RUNNING and not r.config_error]
-    if not config_failed:
+    actions: list[SetReplicaConfig] = []
+    if not failed:
+        stopped = {r.replica_id for r in stops.replicas}
         stale_serving = sorted((r for r in stale if r.is_available), key=lambda r: r.created_at)
-        available_after = sum(1 for r in active if r.is_available and r.replica_id not in stopped_ids)
-        allowed = len(stale_serving) if target == 0 else max(0, available_after - min_available)
-        for replica in [r for r in stale if not r.is_available] + stale_serving[:allowed]:
-            result.actions.append(SetReplicaConfig(replica.replica_id, config_json, goal_config))
+        available_after = sum(1 for r in fleet.active if r.is_available and r.replica_id not in stopped)
+        allowed = len(stale_serving) if goal.num_replicas == 0 else max(0, available_after - fleet.min_available)
+        config_json = _config_json(goal)
+        actions = [SetReplicaConfig(r.replica_id, config_json, goal_config)
+                   for r in [r for r in stale if not r.is_available] + stale_serving[:allowed]]
+    return _Configs(actions, stale, failed, reconfiguring)
 
-    # 3. Place replicas waiting for room, then start what is missing.
-    pending_reason = ""
+
+def _place_pending(current: list[Replica], room: _Room) -> tuple[list[PlaceReplica], str]:
+    """Place current replicas that wait for a node, oldest first, where they now fit.
+
+    Returns the placements and why the last one that still fits nowhere waits ("" if none).
+    """
+    placements: list[PlaceReplica] = []
+    reason = ""
     for replica in sorted(current, key=lambda r: r.created_at):
         if replica.node_id:
             continue
-        node_id, reason = place(replica.resources, list(free.values()), spread)
+        node_id, gpu_ids, why = room.take(replica.resources)
         if node_id is None:
-            pending_reason = reason
-            continue
-        gpu_ids = assign_gpus(replica.num_gpus, free[node_id].gpus()) or ()
-        free[node_id] = free[node_id].take(replica.resources, gpu_ids)
-        spread[node_id] = spread.get(node_id, 0) + 1
-        result.actions.append(PlaceReplica(replica.replica_id, node_id, _ids(gpu_ids)))
-
-    missing = target - len(current)
-    room = target + surge - (len(current) + len(outdated_left))
-    starts = max(0, min(missing, room))
-    if gave_up or backing_off:
-        starts = 0
-    need = goal.resources
-    for _ in range(starts):
-        node_id, reason = place(need, list(free.values()), spread)
-        gpu_ids: tuple[int, ...] = ()
-        if node_id is None:
-            pending_reason = reason
+            reason = why
         else:
-            gpu_ids = assign_gpus(need.num_gpus, free[node_id].gpus()) or ()
-            free[node_id] = free[node_id].take(need, gpu_ids)
-            spread[node_id] = spread.get(node_id, 0) + 1
-        result.actions.append(
+            placements.append(PlaceReplica(replica.replica_id, node_id, _ids(gpu_ids)))
+    return placements, reason
+
+
+def _start_missing(
+    goal: Goal,
+    fleet: _Fleet,
+    stops: _Stops,
+    failures: _Failures,
+    room: _Room,
+    now: float,
+    new_id: Callable[[], str],
+) -> tuple[list[StartReplica], str]:
+    """Start the current replicas the target misses, as far as the surge allows next to
+    the outdated ones left; none once the rollout gave up or while it backs off after a
+    failed start. A replica that fits on no node yet starts unplaced, with the reason.
+
+    Returns the starts and why the last unplaced one waits ("" if none).
+    """
+    target = goal.num_replicas
+    missing = target - len(stops.current)
+    room_left = target + fleet.surge - (len(stops.current) + len(stops.outdated_left))
+    count = 0 if failures.gave_up or failures.backing_off else max(0, min(missing, room_left))
+    need = goal.resources
+    starts: list[StartReplica] = []
+    reason = ""
+    for _ in range(count):
+        node_id, gpu_ids, why = room.take(need)
+        reason = why or reason
+        starts.append(
             StartReplica(
                 Replica(
                     replica_id=new_id(),
@@ -397,62 +556,89 @@ def plan(
                     version=goal.version,
                     node_id=node_id or "",
                     state=ReplicaState.PENDING,
-                    message="" if node_id else reason,
+                    message=why,
                     created_at=now,
                     num_cpus=need.num_cpus,
                     num_gpus=need.num_gpus,
                     memory=need.memory,
                     code_sha=goal.code_sha,
                     config=replica_config(goal),
-                    user_config=config_json,
-                    config_hash=goal_config,
+                    user_config=_config_json(goal),
+                    config_hash=goal.user_config_hash,
                     gpu_ids=_ids(gpu_ids),
                 )
             )
         )
+    return starts, reason
 
-    # 4. Status.
-    current_running = [r for r in current if r.is_available]
+
+def _status(
+    goal: Goal,
+    fleet: _Fleet,
+    stops: _Stops,
+    configs: _Configs,
+    failures: _Failures,
+    pending_reason: str,
+    result: Plan,
+) -> Plan:
+    """Where the deployment stands: HEALTHY once the target runs the goal and nothing is
+    left to do; UNHEALTHY (and failed) when a replica rejected the user_config or the
+    constructor failed too often; UPDATING otherwise, with a progress message."""
+    current_running = [r for r in stops.current if r.is_available]
     done = (
-        len(current_running) == target
-        and not stale
-        and not outdated_left
-        and not [r for r in stopping + to_stop]
+        len(current_running) == goal.num_replicas
+        and not configs.stale
+        and not stops.outdated_left
+        and not fleet.stopping
+        and not stops.replicas
         and not result.actions
     )
     if done:
-        result.status, result.message = DeploymentState.HEALTHY, ""
-    elif config_failed:
-        result.status = DeploymentState.UNHEALTHY
-        result.failed = True
-        result.last_error = config_failed[0].config_error
-        result.message = f"reconfigure failed on {config_failed[0].replica_id}: {_last_line(result.last_error)}"
-    elif gave_up:
-        result.status = DeploymentState.UNHEALTHY
-        result.failed = True
-        result.message = f"constructor failed {failed_starts} times: {_last_line(last_error)}"
-        if outdated_left:
-            result.message += f"; {len(outdated_left)} replicas of the previous version keep serving"
+        return replace(result, status=DeploymentState.HEALTHY, message="")
+    if configs.failed:
+        rejected = configs.failed[0]
+        return replace(
+            result,
+            status=DeploymentState.UNHEALTHY,
+            failed=True,
+            last_error=rejected.config_error,
+            message=f"reconfigure failed on {rejected.replica_id}: {_last_line(rejected.config_error)}",
+        )
+    if failures.gave_up:
+        message = f"constructor failed {failures.count} times: {_last_line(failures.last_error)}"
+        if stops.outdated_left:
+            message += f"; {len(stops.outdated_left)} replicas of the previous version keep serving"
+        return replace(result, status=DeploymentState.UNHEALTHY, failed=True, message=message)
+    return replace(result, message=_progress(goal, fleet, stops, configs, failures, pending_reason))
+
+
+def _progress(
+    goal: Goal, fleet: _Fleet, stops: _Stops, configs: _Configs, failures: _Failures, pending_reason: str
+) -> str:
+    """The message of an update in progress: what it does, then what holds it up."""
+    target = goal.num_replicas
+    current = stops.current
+    updated = sum(1 for r in current if r.is_available)
+    if any(r.spec_hash != goal.replica_spec for r in fleet.present):
+        text = f"rolling to {goal.version}: {updated}/{target} replicas updated"
+    elif configs.stale or configs.reconfiguring:
+        synced = sum(1 for r in current if r.applied_config_hash == goal.user_config_hash)
+        text = f"reconfiguring: {synced}/{len(current)} replicas run the new user_config"
+    elif len(fleet.active) > target or fleet.stopping:
+        text = f"scaling to {target}: {len(fleet.stopping) + len(stops.replicas)} draining"
     else:
-        updated = len(current_running)
-        if any(r.spec_hash != goal.replica_spec for r in present):
-            text = f"rolling to {goal.version}: {updated}/{target} replicas updated"
-        elif stale or reconfiguring:
-            synced = sum(1 for r in current if r.applied_config_hash == goal_config)
-            text = f"reconfiguring: {synced}/{len(current)} replicas run the new user_config"
-        elif len(active) > target or stopping:
-            text = f"scaling to {target}: {len(stopping) + len(to_stop)} draining"
-        else:
-            text = f"starting {target} replicas: {updated}/{target} running"
-        if failed_starts:
-            text = f"waiting: constructor failed {failed_starts} times: {_last_line(last_error)}; " + text
-        if pending_reason:
-            text += f"; pending: {pending_reason}"
-        waiting = sorted({r.message for r in current if r.node_id and r.state == ReplicaState.PENDING and r.message})
-        if waiting:
-            text += "; " + "; ".join(waiting)
-        result.message = text
-    return result
+        text = f"starting {target} replicas: {updated}/{target} running"
+    if failures.count:
+        text = f"waiting: constructor failed {failures.count} times: {_last_line(failures.last_error)}; " + text
+    if pending_reason:
+        text += f"; pending: {pending_reason}"
+    waiting = sorted({r.message for r in current if r.node_id and r.state == ReplicaState.PENDING and r.message})
+    if waiting:
+        text += "; " + "; ".join(waiting)
+    return text
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def replica_config(goal: Goal) -> str:
@@ -464,17 +650,9 @@ def replica_config(goal: Goal) -> str:
     return json.dumps(config, sort_keys=True)
 
 
-def _plan_delete(result: Plan, present: list[Replica]) -> Plan:
-    for replica in present:
-        if replica.desired == "run":
-            if replica.node_id:
-                result.actions.append(StopReplica(replica.replica_id))
-            else:
-                result.actions.append(ForgetReplica(replica.replica_id))
-    if all(not r.node_id for r in present):
-        result.actions.append(ForgetDeployment())
-    result.message = f"deleting: {sum(1 for r in present if r.node_id)} replicas draining"
-    return result
+def _config_json(goal: Goal) -> str:
+    """The goal's user_config as the JSON a replica record carries."""
+    return json.dumps(goal.options.get("user_config"), sort_keys=True)
 
 
 def _stop_preference(replica: Replica) -> tuple:

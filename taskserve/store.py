@@ -35,9 +35,13 @@ Example::
 
 from __future__ import annotations
 
+import getpass
 import json
+import socket
+import sys
 import time
-from typing import Callable, Iterable, Optional
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Optional, Union
 
 import redis
 
@@ -50,6 +54,10 @@ QUEUE_PREFIX = f"{PREFIX}."
 RESULT_KEY_PREFIX = "celery-task-meta-"   # Celery's, see celery.backends.base.KeyValueStoreBackend
 
 HISTORY_LIMIT = 50
+
+# A change for Store.update_goal: from the current goal, the fields to change, a whole
+# new goal, or None for nothing to do. It sees None (no deployment) only with missing_ok.
+GoalChange = Callable[[Optional[Goal]], Union[Goal, dict[str, Any], None]]
 
 # Writes fields to a replica hash only if the replica still exists, so a late state
 # report cannot resurrect a record the controller already forgot.
@@ -83,6 +91,15 @@ def result_key(task_id: str) -> str:
 
 def _text(value: Optional[bytes]) -> Optional[str]:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _user_at_host() -> str:
+    """Who changes a goal from this process, for the history."""
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 class Store:
@@ -181,6 +198,7 @@ class Store:
     ) -> Optional[Goal]:
         """Replace a deployment's goal atomically and return the goal written.
 
+        The primitive under :meth:`update_goal`, which changes of a deployment use.
         ``make_goal(previous)`` builds the new goal from the one in Redis (None if
         there is none); it is called again if another client wrote in between, so
         the later writer wins cleanly. It returns None to write nothing. ``blobs``
@@ -189,60 +207,108 @@ class Store:
         """
         blobs = list(blobs)
         key = self.goal_key(name)
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    text = pipe.get(key)
-                    previous = Goal.from_json(text) if text else None
-                    goal = make_goal(previous)
-                    if goal is None:
-                        pipe.unwatch()
-                        return None
-                    pipe.multi()
-                    for sha, blob in blobs:
-                        if sha in goal.blob_shas():
-                            pipe.set(self.code_key(sha), blob)
-                            pipe.sadd(self.codes_key(name), sha)
-                    pipe.set(key, goal.to_json())
-                    pipe.sadd(self.DEPLOYMENTS_KEY, name)
-                    if event is not None:
-                        record = {**event, "generation": goal.generation, "version": goal.version,
-                                  "goal": json.loads(goal.to_json()), "at": time.time()}
-                        pipe.rpush(self.history_key(name), json.dumps(record))
-                        pipe.ltrim(self.history_key(name), -HISTORY_LIMIT, -1)
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue
-        self.notify(f"goal:{name}")
+
+        def write(pipe: redis.client.Pipeline) -> Optional[Goal]:
+            text = pipe.get(key)
+            goal = make_goal(Goal.from_json(text) if text else None)
+            if goal is None:
+                pipe.unwatch()
+                return None
+            pipe.multi()
+            for sha, blob in blobs:
+                if sha in goal.blob_shas():
+                    pipe.set(self.code_key(sha), blob)
+                    pipe.sadd(self.codes_key(name), sha)
+            pipe.set(key, goal.to_json())
+            pipe.sadd(self.DEPLOYMENTS_KEY, name)
+            if event is not None:
+                record = {**event, "generation": goal.generation, "version": goal.version,
+                          "goal": json.loads(goal.to_json()), "at": time.time()}
+                pipe.rpush(self.history_key(name), json.dumps(record))
+                pipe.ltrim(self.history_key(name), -HISTORY_LIMIT, -1)
+            return goal
+
+        goal = self.redis.transaction(write, key, value_from_callable=True)
+        if goal is not None:
+            self.notify(f"goal:{name}")
         return goal
+
+    def update_goal(
+        self,
+        name: str,
+        change: GoalChange,
+        action: str,
+        *,
+        by: Optional[str] = None,
+        blobs: Iterable[tuple[str, bytes]] = (),
+        event_extra: Optional[dict] = None,
+        missing_ok: bool = False,
+    ) -> Optional[Goal]:
+        """Change a deployment's goal to its next generation and record why; return it.
+
+        ``change(previous)`` returns the fields to change (a dict), a whole new goal,
+        or None when there is nothing to do (then nothing is written or recorded).
+        It is called again on the newer goal if another client wrote in between. The
+        goal written gets the next generation and ``created_at`` now, and the history
+        an entry with ``action``, ``by`` (default: this user@host), this command line
+        (``argv``) and ``event_extra``. ``blobs`` are stored as in :meth:`write_goal`.
+
+        A missing or deleting deployment raises :class:`DeploymentNotFound`; with
+        ``missing_ok``, ``change`` sees it instead (None, or the deleting goal) and
+        returns a whole goal to create the deployment again, or None.
+
+        >>> import fakeredis
+        >>> store = Store(fakeredis.FakeRedis())
+        >>> first = Goal(name="echo", generation=0, version="v1", spec_hash="s1", num_replicas=1,
+        ...              options={}, code_sha="c1", init_sha="i1")
+        >>> store.update_goal("echo", lambda previous: first, "deploy", missing_ok=True).generation
+        1
+        >>> store.update_goal("echo", lambda previous: {"num_replicas": 3}, "scale").generation
+        2
+        >>> store.update_goal("echo", lambda previous: None, "scale") is None
+        True
+        >>> [(e["action"], e["generation"]) for e in store.history("echo")]
+        [('deploy', 1), ('scale', 2)]
+        """
+        event = {"action": action, "by": by or _user_at_host(), "argv": " ".join(sys.argv[:3]), **(event_extra or {})}
+
+        def make_goal(previous: Optional[Goal]) -> Optional[Goal]:
+            if (previous is None or previous.deleting) and not missing_ok:
+                raise DeploymentNotFound(name)
+            changed = change(previous)
+            if changed is None:
+                return None
+            goal = replace(previous, **changed) if isinstance(changed, dict) else changed
+            generation = (previous.generation if previous else 0) + 1
+            return replace(goal, generation=generation, created_at=time.time())
+
+        return self.write_goal(name, make_goal, blobs=blobs, event=event)
 
     def forget_deployment(self, name: str, generation: int) -> bool:
         """Remove a deleted deployment's keys, unless a newer goal was written since."""
         key = self.goal_key(name)
-        with self.redis.pipeline() as pipe:
-            try:
-                pipe.watch(key)
-                text = pipe.get(key)
-                goal = Goal.from_json(text) if text else None
-                if goal is None or not goal.deleting or goal.generation != generation:
-                    pipe.unwatch()
-                    return False
-                others = [self.codes_key(_text(n)) for n in pipe.smembers(self.DEPLOYMENTS_KEY) if _text(n) != name]
-                shared = {_text(s) for s in pipe.sunion(others)} if others else set()
-                shas = [_text(s) for s in pipe.smembers(self.codes_key(name)) if _text(s) not in shared]
-                pipe.multi()
-                pipe.delete(key, self.health_key(name), self.codes_key(name),
-                            self.replicas_key(name), self.history_key(name))
-                for sha in shas:
-                    pipe.delete(self.code_key(sha))
-                pipe.srem(self.DEPLOYMENTS_KEY, name)
-                pipe.execute()
-            except redis.WatchError:
+
+        def forget(pipe: redis.client.Pipeline) -> bool:
+            text = pipe.get(key)
+            goal = Goal.from_json(text) if text else None
+            if goal is None or not goal.deleting or goal.generation != generation:
+                pipe.unwatch()
                 return False
-        self.notify(f"deleted:{name}")
-        return True
+            others = [self.codes_key(_text(n)) for n in pipe.smembers(self.DEPLOYMENTS_KEY) if _text(n) != name]
+            shared = {_text(s) for s in pipe.sunion(others)} if others else set()
+            shas = [_text(s) for s in pipe.smembers(self.codes_key(name)) if _text(s) not in shared]
+            pipe.multi()
+            pipe.delete(key, self.health_key(name), self.codes_key(name),
+                        self.replicas_key(name), self.history_key(name))
+            for sha in shas:
+                pipe.delete(self.code_key(sha))
+            pipe.srem(self.DEPLOYMENTS_KEY, name)
+            return True
+
+        forgotten = self.redis.transaction(forget, key, value_from_callable=True)
+        if forgotten:
+            self.notify(f"deleted:{name}")
+        return forgotten
 
     def get_code(self, sha: str) -> bytes:
         blob = self.redis.get(self.code_key(sha))
@@ -257,26 +323,22 @@ class Store:
     def record_outcome(self, name: str, generation: int, outcome: str, message: str = "") -> None:
         """Note how the goal change of ``generation`` ended ("done" or "failed")."""
         key = self.history_key(name)
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    items = pipe.lrange(key, 0, -1)
-                    for index in range(len(items) - 1, -1, -1):
-                        entry = json.loads(items[index])
-                        if entry.get("generation") == generation:
-                            break
-                    else:
-                        return
-                    if entry.get("outcome") == outcome:
-                        return
-                    entry.update(outcome=outcome, outcome_message=message, outcome_at=time.time())
-                    pipe.multi()
-                    pipe.lset(key, index, json.dumps(entry))
-                    pipe.execute()
-                    return
-                except redis.WatchError:
-                    continue
+
+        def record(pipe: redis.client.Pipeline) -> None:
+            items = pipe.lrange(key, 0, -1)
+            for index in range(len(items) - 1, -1, -1):
+                entry = json.loads(items[index])
+                if entry.get("generation") == generation:
+                    break
+            else:
+                return
+            if entry.get("outcome") == outcome:
+                return
+            entry.update(outcome=outcome, outcome_message=message, outcome_at=time.time())
+            pipe.multi()
+            pipe.lset(key, index, json.dumps(entry))
+
+        self.redis.transaction(record, key)
 
     def queue_depths(self, names: Iterable[str]) -> dict[str, int]:
         """How many requests wait in each deployment's queue (not yet taken by a replica)."""
@@ -284,7 +346,7 @@ class Store:
         with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.llen(queue_name(name))
-            return dict(zip(names, pipe.execute()))
+            return dict(zip(names, pipe.execute(), strict=True))
 
     # ------------------------------------------------------------------ health
 
@@ -424,7 +486,7 @@ class Store:
         alive = self.redis.mget([self.node_alive_key(i) for i in ids])
         return [
             Node.from_json(records[i.encode()], alive=flag is not None)
-            for i, flag in zip(ids, alive)
+            for i, flag in zip(ids, alive, strict=True)
         ]
 
     def forget_dead_nodes(self, keep: Iterable[str] = ()) -> list[str]:

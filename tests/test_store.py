@@ -7,6 +7,7 @@ package is installed, so the tests of that method are skipped without it.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Optional
 
 import fakeredis
@@ -256,6 +257,174 @@ def test_require_goal_raises_for_missing_and_deleting(store):
     assert not store.deployment_exists(NAME)
     with pytest.raises(DeploymentNotFound):
         store.require_goal(NAME)
+
+
+# --------------------------------------------------------------------------- update_goal
+
+
+def deployed(store: Store, version: str = "v1") -> Goal:
+    """Write a first goal of NAME, as a deploy does."""
+    return store.update_goal(NAME, lambda previous: next_goal(version)(None), "deploy", missing_ok=True)
+
+
+def test_update_goal_bumps_the_generation_and_applies_the_changed_fields(store):
+    first = deployed(store)
+    assert first.generation == 1 and first.created_at > 0
+    scaled = store.update_goal(NAME, lambda previous: {"num_replicas": 3}, "scale")
+    assert scaled == replace(first, num_replicas=3, generation=2, created_at=scaled.created_at)
+    assert scaled.created_at >= first.created_at
+    assert store.get_goal(NAME) == scaled
+
+
+def test_update_goal_takes_a_whole_goal_and_still_sets_generation_and_created_at(store):
+    deployed(store)
+    whole = next_goal("v2")(None)          # generation 1, created_at 0.0
+    written = store.update_goal(NAME, lambda previous: whole, "rollback")
+    assert (written.version, written.generation) == ("v2", 2)
+    assert written.created_at > 0
+    assert store.get_goal(NAME) == written
+
+
+def test_update_goal_that_changes_nothing_returns_none_and_writes_nothing(store, client):
+    deployed(store)
+    before = {key: client.dump(key) for key in client.keys("*")}
+    pubsub = store.subscribe()
+    assert store.update_goal(NAME, lambda previous: None, "scale", blobs=[("code-v1", b"new bytes")]) is None
+    assert {key: client.dump(key) for key in client.keys("*")} == before
+    assert [e["action"] for e in store.history(NAME)] == ["deploy"]
+    assert notifications(pubsub) == []
+
+
+def test_update_goal_of_a_missing_deployment_raises_without_asking_the_change(store, client):
+    seen = []
+
+    def change(previous):
+        seen.append(previous)
+        return {"num_replicas": 2}
+
+    with pytest.raises(DeploymentNotFound) as info:
+        store.update_goal(NAME, change, "scale")
+    assert info.value.name == NAME
+    assert seen == []
+    assert client.keys("*") == []
+
+
+def test_update_goal_of_a_missing_deployment_with_missing_ok_asks_the_change(store, client):
+    seen = []
+
+    def change(previous):
+        seen.append(previous)
+        return None
+
+    assert store.update_goal(NAME, change, "auto-rollback", missing_ok=True) is None
+    assert seen == [None]
+    assert client.keys("*") == []
+
+
+def test_update_goal_of_a_deleting_deployment(store):
+    deployed(store)
+    deleting = store.update_goal(NAME, lambda previous: {"deleting": True}, "delete")
+    assert deleting.deleting and deleting.generation == 2
+    with pytest.raises(DeploymentNotFound):
+        store.update_goal(NAME, lambda previous: {"num_replicas": 2}, "scale")
+
+    # With missing_ok the change sees the deleting goal, and may create the deployment again.
+    seen = []
+
+    def redeploy(previous):
+        seen.append(previous)
+        return next_goal("v2")(None)
+
+    again = store.update_goal(NAME, redeploy, "deploy", missing_ok=True)
+    assert seen == [deleting]
+    assert (again.generation, again.deleting, again.version) == (3, False, "v2")
+    assert [e["action"] for e in store.history(NAME)] == ["deploy", "delete", "deploy"]
+
+
+def test_update_goal_errors_of_the_change_write_nothing(store, client):
+    deployed(store)
+    before = {key: client.dump(key) for key in client.keys("*")}
+
+    def refuse(previous):
+        raise ValueError("no such version")
+
+    with pytest.raises(ValueError, match="no such version"):
+        store.update_goal(NAME, refuse, "rollback")
+    assert {key: client.dump(key) for key in client.keys("*")} == before
+
+
+def test_update_goal_retries_on_the_newer_goal_after_a_concurrent_change(store, server):
+    other = Store(fakeredis.FakeRedis(server=server))
+    deployed(store)
+    seen: list[Goal] = []
+
+    def change(previous):
+        seen.append(previous)
+        if len(seen) == 1:
+            # Another client changes the goal between this one's read and its write.
+            other.update_goal(NAME, lambda theirs: {"num_replicas": 5}, "scale", by="bob")
+        return {"options": {**previous.options, "user_config": {"k": "mine"}}}
+
+    written = store.update_goal(NAME, change, "reconfigure", by="alice")
+    assert [(g.generation, g.num_replicas) for g in seen] == [(1, 1), (2, 5)]
+    assert (written.generation, written.num_replicas) == (3, 5)      # their change is kept
+    assert written.options["user_config"] == {"k": "mine"}
+    assert store.get_goal(NAME) == written
+    assert [(e["generation"], e["action"], e["by"]) for e in store.history(NAME)[1:]] == [
+        (2, "scale", "bob"),
+        (3, "reconfigure", "alice"),
+    ]
+
+
+def test_update_goal_records_one_history_line(store):
+    deployed(store)
+    written = store.update_goal(NAME, lambda previous: {"num_replicas": 4}, "auto-rollback", by="controller-1",
+                                event_extra={"rollback_of": 1, "reason": "boom", "error": "Traceback"})
+    first, entry = store.history(NAME)
+    assert entry["action"] == "auto-rollback" and entry["by"] == "controller-1"
+    assert (entry["rollback_of"], entry["reason"], entry["error"]) == (1, "boom", "Traceback")
+    assert (entry["generation"], entry["version"]) == (2, "v1")
+    assert Goal(**entry["goal"]) == written
+    assert isinstance(entry["argv"], str) and isinstance(entry["at"], float)
+    assert "@" in first["by"]                  # by default, user@host of this process
+
+
+def test_update_goal_stores_only_the_blobs_the_goal_refers_to(store, client):
+    store.update_goal(NAME, lambda previous: next_goal("v1")(None), "deploy", missing_ok=True,
+                      blobs=[("code-v1", b"one"), ("code-v2", b"two")])
+    assert store.get_code("code-v1") == b"one"
+    assert not client.exists(Store.code_key("code-v2"))
+    package = "taskserve-pkg://pkg1.zip"
+    store.update_goal(NAME, lambda previous: {"options": {**previous.options, "runtime_env": {"working_dir": package}}},
+                      "deploy", blobs=[("pkg1", b"zip"), ("pkg2", b"other zip")])
+    assert store.get_code("pkg1") == b"zip"
+    assert not client.exists(Store.code_key("pkg2"))
+    assert client.smembers(Store.codes_key(NAME)) == {b"code-v1", b"pkg1"}
+
+
+def test_update_goal_notifies(store):
+    deployed(store)
+    pubsub = store.subscribe()
+    store.update_goal(NAME, lambda previous: {"num_replicas": 2}, "scale")
+    assert notifications(pubsub) == [f"goal:{NAME}"]
+
+
+# --------------------------------------------------------------------------- record_outcome
+
+
+def test_record_outcome_marks_the_entry_of_that_generation(store):
+    deployed(store)
+    store.update_goal(NAME, lambda previous: {"num_replicas": 2}, "scale")
+    store.record_outcome(NAME, 1, "done", "")
+    store.record_outcome(NAME, 2, "failed", "constructor failed 3 times")
+    store.record_outcome(NAME, 7, "done")         # no such generation: nothing to mark
+    first, second = store.history(NAME)
+    assert first["outcome"] == "done"
+    assert (second["outcome"], second["outcome_message"]) == ("failed", "constructor failed 3 times")
+    at = second["outcome_at"]
+    store.record_outcome(NAME, 2, "failed", "again")   # already recorded: kept as it was
+    assert store.history(NAME)[1]["outcome_at"] == at
+    assert store.history(NAME)[1]["outcome_message"] == "constructor failed 3 times"
 
 
 # --------------------------------------------------------------------------- forget_deployment
