@@ -31,6 +31,9 @@ ROUTE_PREFIX_PATTERN = re.compile(r"/|(/[^/\s?#]+)+")
 
 SERIALIZERS = ("json", "pickle")
 
+# What a replica's environment variable may be called (POSIX's portable names).
+ENV_VAR_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
 
 def check_name(name: Any) -> str:
     """Return ``name`` if it is a valid deployment name, else raise ``ValueError``.
@@ -70,7 +73,14 @@ class DeploymentOptions(BaseModel):
     max_surge: Union[int, float] = Field(default=0, ge=0, le=10_000)
     graceful_shutdown_timeout_s: Union[int, float] = Field(default=20, ge=0, le=86_400)
     health_check_period_s: Union[int, float] = Field(default=10, gt=0, le=86_400)
+    health_check_timeout_s: Union[int, float] = Field(default=30, gt=0, le=86_400)
     serializer: Literal["json", "pickle"] = "json"
+    # None: unlimited. Beyond it a new request is refused at once.
+    max_queued_requests: Optional[int] = Field(default=None, ge=1, le=10_000_000)
+    # How long an answer nobody read stays in Redis.
+    result_ttl_s: Union[int, float] = Field(default=600, gt=0, le=7 * 86_400)
+    # A request whose replica died this many times is answered with an error, not run again.
+    max_deliveries: int = Field(default=3, ge=1, le=100)
 
     @field_validator("name")
     @classmethod
@@ -126,6 +136,14 @@ class DeploymentOptions(BaseModel):
             isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()
         ):
             raise ValueError("runtime_env['env_vars'] maps strings to strings")
+        for key, item in env_vars.items():
+            if not ENV_VAR_NAME_PATTERN.fullmatch(key):
+                raise ValueError(
+                    f"runtime_env['env_vars'] has the name {key!r}, which no process environment can hold; "
+                    "use letters, digits and '_', not starting with a digit"
+                )
+            if "\0" in item:
+                raise ValueError(f"runtime_env['env_vars'][{key!r}] holds a NUL character; remove it")
         return value
 
 
@@ -141,6 +159,10 @@ _FIX_HINTS = {
     "max_surge": "use a fraction like 0.25 or a count like 1; 0 disables surge",
     "graceful_shutdown_timeout_s": "use a number of seconds >= 0",
     "health_check_period_s": "use a number of seconds > 0",
+    "health_check_timeout_s": "use a number of seconds > 0",
+    "max_queued_requests": "use a whole number >= 1, or None for no limit",
+    "result_ttl_s": "use a number of seconds > 0 (at most a week)",
+    "max_deliveries": "use a whole number from 1 to 100",
     "serializer": "use 'json' or 'pickle'",
     "route_prefix": "use a path like '/my_model', None for '/<name>', or False to serve no HTTP route",
     "request_timeout_s": "use a number of seconds > 0",
@@ -179,7 +201,7 @@ def _one_sentence(error: ValidationError, values: dict[str, Any]) -> Exception:
     value = values.get(field)
     reason = first["msg"].removeprefix("Value error, ")
     hint = _FIX_HINTS.get(field)
-    if first["type"] == "value_error" and repr(value) in reason:
+    if first["type"] == "value_error" and (repr(value) in reason or reason.startswith(f"{field}[")):
         message = reason
     else:
         message = f"invalid {field}={value!r}: {reason}" + (f"; {hint}" if hint else "")
