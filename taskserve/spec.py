@@ -143,7 +143,7 @@ class DeploymentOptions(BaseModel):
                     "use letters, digits and '_', not starting with a digit"
                 )
             if "\0" in item:
-                raise ValueError(f"runtime_env['env_vars'][{key!r}] holds a NUL character; remove it")
+                raise ValueError(f"runtime_env['env_vars'][{key!r}] holds a NUL character, which no process environment can hold; remove it")
         return value
 
 
@@ -201,7 +201,7 @@ def _one_sentence(error: ValidationError, values: dict[str, Any]) -> Exception:
     value = values.get(field)
     reason = first["msg"].removeprefix("Value error, ")
     hint = _FIX_HINTS.get(field)
-    if first["type"] == "value_error" and (repr(value) in reason or reason.startswith(f"{field}[")):
+    if first["type"] == "value_error" and (repr(value) in reason or (reason.startswith(f"{field}[") and "; " in reason)):
         message = reason
     else:
         message = f"invalid {field}={value!r}: {reason}" + (f"; {hint}" if hint else "")

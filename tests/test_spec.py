@@ -384,3 +384,22 @@ def test_stable_hash_ignores_key_order():
 def test_deployment_options_model_rejects_extra_fields():
     with pytest.raises(pydantic.ValidationError):
         DeploymentOptions(num_replica=2)
+
+
+@pytest.mark.parametrize("name", ["A=B", "", "1ABC", "WITH SPACE", "NUL\0"])
+def test_env_var_names_no_process_can_hold_are_refused_up_front(name):
+    with pytest.raises(ValueError, match="no process environment can hold"):
+        validate_options({"runtime_env": {"env_vars": {name: "1"}}})
+
+
+def test_env_var_values_with_nul_are_refused_and_ordinary_ones_pass():
+    with pytest.raises(ValueError, match="NUL character"):
+        validate_options({"runtime_env": {"env_vars": {"A": "x\0y"}}})
+    assert validate_options({"runtime_env": {"env_vars": {"_A1": "a=b c"}}}).runtime_env == {"env_vars": {"_A1": "a=b c"}}
+
+
+@pytest.mark.parametrize("option, value", [("result_ttl_s", 0), ("max_queued_requests", 0),
+                                           ("health_check_timeout_s", 0), ("max_deliveries", 0)])
+def test_limits_are_positive(option, value):
+    with pytest.raises(ValueError, match=f"invalid {option}="):
+        validate_options({option: value})
