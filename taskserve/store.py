@@ -20,6 +20,8 @@ key                                    type      what
 ``{p}:node-alive:{node_id}``           string    exists while the node agent heartbeats
 ``{p}:controller-lease``               string    the leading controller's id, with a TTL
 ``{p}:events``                         channel   change notifications (wake-ups only)
+``{p}:deliveries:{task_id}``           string    times a request was put back after its replica
+                                                 died (expires after a day)
 ``taskserve.{name}``                   list      Celery's queue of a deployment (kombu's)
 ``celery-task-meta-{task_id}``         string    Celery's result of a request, also published
                                                  on the channel of the same name
@@ -347,6 +349,27 @@ class Store:
             for name in names:
                 pipe.llen(queue_name(name))
             return dict(zip(names, pipe.execute(), strict=True))
+
+    # ------------------------------------------------------------------ redeliveries
+
+    @staticmethod
+    def deliveries_key(task_id: str) -> str:
+        return f"{PREFIX}:deliveries:{task_id}"
+
+    def count_redeliveries(self, task_ids: Iterable[str], ttl_s: int = 86_400) -> None:
+        """Note that the requests ``task_ids`` are delivered again (their replica died)."""
+        task_ids = list(task_ids)
+        if not task_ids:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.incr(self.deliveries_key(task_id))
+                pipe.expire(self.deliveries_key(task_id), ttl_s)
+            pipe.execute()
+
+    def redeliveries(self, task_id: str) -> int:
+        """How often the request ``task_id`` was put back after its replica died."""
+        return int(self.redis.get(self.deliveries_key(task_id)) or 0)
 
     # ------------------------------------------------------------------ health
 
