@@ -2,16 +2,21 @@
 
 One agent per machine (or several with distinct ``--node-id``, which is how tests
 simulate a cluster). It registers the node's resources, heartbeats, and on each
-pass converges the processes to the records assigned to it:
+pass converges the processes to the records assigned to it. What to do is decided
+by the pure :func:`taskserve.node.plan.plan_node` (every rule is listed there);
+this module gathers its inputs and carries its actions out:
 
 - a record that should run and has no process gets one (``STARTING``);
 - a record asked to stop gets SIGTERM (``DRAINING``), and SIGKILL after its
   ``graceful_shutdown_timeout_s``;
 - a process that exits is recorded as ``STOPPED`` (it was drained) or ``FAILED``
-  (its constructor raised, or it crashed); the request a crashed replica was
-  serving is put back on its queue at once;
+  (its constructor raised, or it crashed); the requests it held are put back on
+  their queue at once;
 - a record that names this node but was never started by this agent (the agent
   restarted) is recorded as ``STOPPED`` so the controller replaces it.
+
+An error while acting on one replica fails that replica, never the agent; while
+Redis is unreachable the replicas keep serving and the agent retries.
 
 Example::
 
@@ -20,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,7 +38,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Iterable, Mapping, Optional
 
 import psutil
 import redis
@@ -43,7 +49,8 @@ from ..state import Node, Replica, ReplicaState, Resources, package_sha
 from ..store import Store, wait_for_events
 from .envs import EnvironmentCache, unpack_working_dir
 from .inflight import read_tags
-from .protocol import EXIT_CONSTRUCTOR_FAILED, INFLIGHT_FILE_ENV, REPLICA_MODULE, THREAD_LIMIT_VARS
+from .plan import Mark, NodeAction, ProcessView, Reap, Restore, Signal, Spawn, adopt, plan_node
+from .protocol import INFLIGHT_FILE_ENV, REPLICA_MODULE, THREAD_LIMIT_VARS
 
 log = logging.getLogger("taskserve.node.agent")
 
@@ -90,6 +97,16 @@ class ManagedProcess:
     drain_deadline: Optional[float] = None
     killed: bool = False
 
+    def view(self) -> ProcessView:
+        """This process as the plan sees it (polled now)."""
+        return ProcessView(
+            replica_id=self.replica_id,
+            exit_code=self.popen.poll(),
+            drain_deadline=self.drain_deadline,
+            killed=self.killed,
+            graceful_timeout_s=self.graceful_timeout_s,
+        )
+
 
 class NodeAgent:
     """Keeps this node's replica processes matching their records in Redis."""
@@ -120,6 +137,7 @@ class NodeAgent:
         self.builds: dict[str, Future] = {}
         self.build_finished: dict[str, float] = {}
         self.stopping = threading.Event()
+        self.malformed: set[str] = set()      # records already reported as unreadable
         self._celery_app = None
 
     @property
@@ -138,7 +156,7 @@ class NodeAgent:
         """Serve until SIGTERM/SIGINT or :meth:`stop`, then drain every replica."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.store.register_node(self.node, self.heartbeat_ttl_s)
-        self._adopt_nothing()
+        self._adopt()
         log.info("node agent %s up: %s", self.node_id, self.resources)
         pubsub = self.store.subscribe()
         next_heartbeat = 0.0
@@ -159,6 +177,11 @@ class NodeAgent:
                     # Replicas keep serving what they hold; the agent catches up once Redis is back.
                     log.warning("Redis is unreachable (%s); retrying in %.0fs", error, REDIS_RETRY_S)
                     self.stopping.wait(REDIS_RETRY_S)
+                except Exception:
+                    # Errors on one replica are handled in reconcile(); this is the last resort,
+                    # so that nothing but stop() ends the loop (and drains the node).
+                    log.exception("reconcile pass of node %s failed; retrying", self.node_id)
+                    self.stopping.wait(REDIS_RETRY_S)
         finally:
             try:
                 pubsub.close()
@@ -169,41 +192,132 @@ class NodeAgent:
     def stop(self) -> None:
         self.stopping.set()
 
-    def _adopt_nothing(self) -> None:
+    def _adopt(self) -> None:
         """Records left on this node by an earlier agent have no process any more."""
-        for record in self.store.replicas_on_node(self.node_id):
-            if not record.is_gone:
-                self.store.update_replica(
-                    record.replica_id, state=ReplicaState.STOPPED,
-                    message="its node agent restarted; the process is gone",
-                )
+        self._carry_out(adopt(self._records(), self._views()), {})
         self.store.notify(f"node:{self.node_id}")
 
     def reconcile(self) -> None:
-        records = {r.replica_id: r for r in self.store.replicas_on_node(self.node_id)}
-        changed = self._reap_exited(records)
-        for replica_id, record in records.items():
-            process = self.processes.get(replica_id)
-            if record.desired == "run":
-                if process is None and record.state == ReplicaState.PENDING:
-                    changed |= self._spawn(record)
-                elif process is None and record.state in (ReplicaState.STARTING, ReplicaState.RUNNING,
-                                                          ReplicaState.RECONFIGURING, ReplicaState.DRAINING):
-                    # Recorded as alive, but this agent has no such process.
-                    self.store.update_replica(replica_id, state=ReplicaState.STOPPED, message="process not found on its node")
-                    changed = True
-            else:
-                if process is not None:
-                    changed |= self._drain(process, record)
-                elif not record.is_gone:
-                    self.store.update_replica(replica_id, state=ReplicaState.STOPPED)
-                    changed = True
-        # Processes whose record the controller already forgot.
-        for replica_id, process in list(self.processes.items()):
-            if replica_id not in records:
-                self._drain(process, None)
-        if changed:
+        """One pass: plan from the records and the processes, then act."""
+        records = self._records()
+        actions = plan_node(records, self._views(), time.monotonic())
+        if self._carry_out(actions, records):
             self.store.notify(f"node:{self.node_id}")
+
+    def _views(self) -> list[ProcessView]:
+        return [process.view() for process in self.processes.values()]
+
+    def _records(self) -> dict[str, Replica]:
+        """This node's records. One that cannot be read is failed and left out."""
+        try:
+            return {r.replica_id: r for r in self.store.replicas_on_node(self.node_id)}
+        except redis.RedisError:
+            raise
+        except Exception:
+            pass  # a malformed record: read them one by one to find it
+        records = {}
+        for raw_id in self.store.redis.smembers(self.store.node_replicas_key(self.node_id)):
+            replica_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            try:
+                record = self.store.get_replica(replica_id)
+            except redis.RedisError:
+                raise
+            except Exception as error:
+                if replica_id not in self.malformed:
+                    self.malformed.add(replica_id)
+                    log.exception("the record of replica %s cannot be read", replica_id)
+                    self._fail(replica_id, "start", f"malformed replica record: {_one_line(error)}")
+                continue
+            if record is not None:
+                records[replica_id] = record
+        return records
+
+    # ------------------------------------------------------------------ actions
+
+    def _carry_out(self, actions: Iterable[NodeAction], records: Mapping[str, Replica]) -> bool:
+        """Carry out ``actions`` one by one; True if a record or a process changed.
+
+        An action that raises fails its replica (and is logged); the others still
+        run. A Redis error stops the pass: the next one retries.
+        """
+        changed = False
+        for action in actions:
+            try:
+                changed |= self._act(action, records)
+            except redis.RedisError:
+                raise
+            except Exception as error:
+                log.exception("replica %s: %s failed", action.replica_id, type(action).__name__)
+                if isinstance(action, Spawn):
+                    self._fail(action.replica_id, "start", f"could not start the replica process: {_one_line(error)}")
+                else:
+                    self._fail(action.replica_id, "crash",
+                               f"node agent error ({type(action).__name__}): {_one_line(error)}")
+                changed = True
+        return changed
+
+    def _act(self, action: NodeAction, records: Mapping[str, Replica]) -> bool:
+        if isinstance(action, Spawn):
+            return self._spawn(records[action.replica_id])
+        if isinstance(action, Signal):
+            return self._signal(action)
+        if isinstance(action, Mark):
+            return self._mark(action)
+        if isinstance(action, Restore):
+            process = self.processes.get(action.replica_id)
+            if process is not None:
+                self._restore_inflight(process)
+            return False
+        if isinstance(action, Reap):
+            return self._reap(action.replica_id)
+        raise TypeError(f"unknown node action {action!r}")
+
+    def _signal(self, action: Signal) -> bool:
+        process = self.processes.get(action.replica_id)
+        if process is None:
+            return False
+        if action.kind == "term":
+            process.drain_deadline = action.drain_deadline
+            log.info("draining replica %s", process.replica_id)
+            _signal(process.popen, signal.SIGTERM)
+            return True
+        process.killed = True
+        log.warning("replica %s did not drain within %.0fs; killing it", process.replica_id, process.graceful_timeout_s)
+        _signal(process.popen, signal.SIGKILL)
+        return False
+
+    def _mark(self, action: Mark) -> bool:
+        fields = action.fields()
+        if action.message_from_log:
+            fields["message"] = self._start_failure_message(action.replica_id)
+        if action.failure == "crash":
+            log.warning("replica %s died (%s)", action.replica_id, action.message)
+        self.store.update_replica(action.replica_id, **fields)
+        return True
+
+    def _start_failure_message(self, replica_id: str) -> str:
+        """The replica's own account (its traceback, in its record), else its log's tail."""
+        fresh = self.store.get_replica(replica_id)
+        if fresh is not None and fresh.message:
+            return fresh.message
+        return _log_tail(self.log_dir / f"{replica_id}.log")
+
+    def _reap(self, replica_id: str) -> bool:
+        process = self.processes.pop(replica_id, None)
+        if process is None:
+            return False
+        with contextlib.suppress(OSError):
+            process.log_file.close()
+        with contextlib.suppress(OSError):
+            process.inflight_path.unlink()
+        return True
+
+    def _fail(self, replica_id: str, failure: str, message: str) -> None:
+        """Record a replica the agent could not act on as FAILED (if it can)."""
+        try:
+            self.store.update_replica(replica_id, state=ReplicaState.FAILED, failure=failure, message=message)
+        except Exception as error:
+            log.warning("could not record replica %s as failed (%s)", replica_id, error)
 
     # ------------------------------------------------------------------ processes
 
@@ -219,33 +333,40 @@ class NodeAgent:
             if python is None:
                 return False
             working_dir = self._working_dir_for(runtime_env)
+        except redis.RedisError:
+            raise                 # not the replica's fault: retried once Redis is back
         except Exception as error:  # the install or the unpack failed: a failed start
             self.store.update_replica(record.replica_id, state=ReplicaState.FAILED, failure="start",
                                       message=str(error))
             return True
         log_path = self.log_dir / f"{record.replica_id}.log"
-        log_file = open(log_path, "ab")
         inflight_path = self.log_dir / f"{record.replica_id}.inflight"
         env = replica_environment(dict(os.environ), config, record.gpu_id_list)
         env[INFLIGHT_FILE_ENV] = str(inflight_path.resolve())
         if working_dir is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(working_dir), env.get("PYTHONPATH")]))
-        popen = subprocess.Popen(
-            [str(python), "-m", REPLICA_MODULE, "--address", self.address, "--replica-id", record.replica_id],
-            env=env,
-            cwd=working_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in the agent's terminal must not reach replicas
-        )
+        graceful_timeout_s = float(config.get("graceful_shutdown_timeout_s") or 20)
+        log_file = open(log_path, "ab")
+        try:
+            popen = subprocess.Popen(
+                [str(python), "-m", REPLICA_MODULE, "--address", self.address, "--replica-id", record.replica_id],
+                env=env,
+                cwd=working_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C in the agent's terminal must not reach replicas
+            )
+        except BaseException:
+            log_file.close()
+            raise
         self.processes[record.replica_id] = ManagedProcess(
             replica_id=record.replica_id,
             deployment=record.deployment,
             popen=popen,
             log_file=log_file,
             inflight_path=inflight_path,
-            graceful_timeout_s=float(config.get("graceful_shutdown_timeout_s") or 20),
+            graceful_timeout_s=graceful_timeout_s,
         )
         self.store.update_replica(record.replica_id, state=ReplicaState.STARTING, pid=popen.pid, message="")
         log.info("started replica %s (pid %s), log %s", record.replica_id, popen.pid, log_path)
@@ -282,65 +403,34 @@ class NodeAgent:
             return None
         return unpack_working_dir(self.data_dir / "working_dirs", sha, lambda: self.store.get_code(sha))
 
-    def _drain(self, process: ManagedProcess, record: Optional[Replica]) -> bool:
-        now = time.monotonic()
-        if process.drain_deadline is None:
-            process.drain_deadline = now + process.graceful_timeout_s
-            _signal(process.popen, signal.SIGTERM)
-            if record is not None and record.state != ReplicaState.DRAINING:
-                self.store.update_replica(process.replica_id, state=ReplicaState.DRAINING)
-            log.info("draining replica %s", process.replica_id)
-            return True
-        if now >= process.drain_deadline and not process.killed:
-            log.warning("replica %s did not drain within %.0fs; killing it", process.replica_id, process.graceful_timeout_s)
-            _signal(process.popen, signal.SIGKILL)
-            process.killed = True
-        return False
-
-    def _reap_exited(self, records: dict[str, Replica]) -> bool:
-        changed = False
-        for replica_id, process in list(self.processes.items()):
-            code = process.popen.poll()
-            if code is None:
-                continue
-            del self.processes[replica_id]
-            process.log_file.close()
-            changed = True
-            record = records.get(replica_id)
-            drained = process.drain_deadline is not None
-            if not drained or process.killed:
-                self._restore_inflight(process)
-            try:
-                process.inflight_path.unlink()
-            except FileNotFoundError:
-                pass
-            if record is None:
-                continue
-            if drained:
-                state, failure, message = ReplicaState.STOPPED, "", ""
-            elif code == EXIT_CONSTRUCTOR_FAILED or record.state in (ReplicaState.PENDING, ReplicaState.STARTING):
-                # It never served: a failed start, whether its constructor raised or not.
-                fresh = self.store.get_replica(replica_id)
-                state, failure = ReplicaState.FAILED, "start"
-                message = fresh.message if fresh and fresh.message else _log_tail(self.log_dir / f"{replica_id}.log")
-            else:
-                state, failure = ReplicaState.FAILED, "crash"
-                message = f"replica process exited with code {code}"
-                log.warning("replica %s died (exit code %s)", replica_id, code)
-            self.store.update_replica(replica_id, state=state, failure=failure, message=message)
-            records[replica_id] = Replica.from_fields({**record.to_fields(), "state": state.value, "failure": failure})
-        return changed
-
     def _restore_inflight(self, process: ManagedProcess) -> None:
-        """Put the message a dead replica was serving back at the head of its queue."""
-        tags = read_tags(process.inflight_path)
+        """Put the requests a dead replica held back on its queue, to be served next.
+
+        Never raises: while Redis is unreachable the requests stay unacknowledged,
+        and the transport hands them out again after its visibility timeout.
+        """
+        try:
+            tags = read_tags(process.inflight_path)
+        except Exception as error:
+            log.warning("could not read what replica %s held (%s)", process.replica_id, error)
+            return
         if not tags:
             return
-        if self._celery_app is None:
-            self._celery_app = make_app(self.address)
-        with self._celery_app.connection_for_write() as connection:
-            for tag in tags:
-                connection.default_channel.qos.restore_by_tag(tag, leftmost=True)
+        try:
+            if self._celery_app is None:
+                self._celery_app = make_app(self.address)
+            with self._celery_app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=0)   # fail at once, not after seconds of retries
+                qos = connection.default_channel.qos
+                for tag in tags:
+                    # kombu publishes with LPUSH and consumes with BRPOP (the right end), so
+                    # leftmost=False (RPUSH) is what it pops next: ahead of newer requests.
+                    qos.restore_by_tag(tag, leftmost=False)
+        except Exception as error:
+            log.warning("could not put back the %d request(s) replica %s held (%s); "
+                        "they are handed out again after the visibility timeout",
+                        len(tags), process.replica_id, error)
+            return
         log.info("put back %d request(s) replica %s held when it died", len(tags), process.replica_id)
 
     def shutdown(self) -> None:
@@ -349,23 +439,17 @@ class NodeAgent:
         Works without Redis too: the processes are drained either way.
         """
         self.executor.shutdown(wait=False, cancel_futures=True)
-        for process in list(self.processes.values()):
-            self._drain(process, None)
         while self.processes:
-            for replica_id, process in list(self.processes.items()):
-                if process.popen.poll() is None:
-                    self._drain(process, None)       # SIGKILL once its graceful timeout is over
-                    continue
-                del self.processes[replica_id]
-                process.log_file.close()
-                if process.killed:
-                    try:
-                        self._restore_inflight(process)
-                    except redis.RedisError as error:
-                        log.warning("could not put back what %s held (%s)", replica_id, error)
-            time.sleep(DRAINING_POLL_S)
+            # Without records every process is drained (SIGKILL once its graceful
+            # timeout is over), and reaped once it exited.
+            try:
+                self._carry_out(plan_node({}, self._views(), time.monotonic()), {})
+            except redis.RedisError as error:
+                log.warning("Redis is unreachable while draining (%s)", error)
+            if self.processes:
+                time.sleep(DRAINING_POLL_S)
         try:
-            for record in self.store.replicas_on_node(self.node_id):
+            for record in self._records().values():
                 if not record.is_gone:
                     self.store.update_replica(record.replica_id, state=ReplicaState.STOPPED,
                                               message="its node agent stopped")
@@ -398,6 +482,15 @@ def _signal(popen: subprocess.Popen, signum: int) -> None:
     except ProcessLookupError:
         pass
 
+
+def _one_line(error: BaseException) -> str:
+    """An error as one line, for a record's message.
+
+    >>> _one_line(ValueError("illegal environment variable name\\nmore"))
+    'ValueError: illegal environment variable name'
+    """
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:

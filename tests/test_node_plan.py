@@ -1,0 +1,556 @@
+"""Unit tests of the node agent's pure plan (taskserve/node/plan.py), and of how the agent carries it out.
+
+Plain tables for the rules (spawns, records without a process, drains and the
+SIGKILL after the graceful timeout, exits: drained, crashed, failed starts,
+processes without a record, agent restarts), hypothesis properties for the
+invariants (one Reap per exited process, at most one Mark per replica, no Spawn
+over a live process, SIGKILL only after the deadline, every exited process
+restored, determinism) and a small simulated node. The last section runs
+:class:`NodeAgent` actions against an in-memory store: an error on one replica
+fails that replica and never the agent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from taskserve.node.agent import NodeAgent
+from taskserve.node.plan import (
+    AGENT_RESTARTED,
+    PROCESS_NOT_FOUND,
+    Mark,
+    ProcessView,
+    Reap,
+    Restore,
+    Signal,
+    Spawn,
+    adopt,
+    plan_node,
+)
+from taskserve.node.protocol import EXIT_CONSTRUCTOR_FAILED
+from taskserve.state import Replica, ReplicaState, Resources
+
+PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+S = ReplicaState
+NOW = 1000.0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def rec(
+    replica_id: str = "r1",
+    state: ReplicaState = S.RUNNING,
+    desired: str = "run",
+    message: str = "",
+    config: Optional[dict] = None,
+) -> Replica:
+    return Replica(
+        replica_id=replica_id,
+        deployment="model",
+        spec_hash="spec",
+        version="v1",
+        node_id="node-a",
+        state=state,
+        desired=desired,
+        message=message,
+        config=json.dumps(config or {}),
+    )
+
+
+def proc(
+    replica_id: str = "r1",
+    exit_code: Optional[int] = None,
+    drain_deadline: Optional[float] = None,
+    killed: bool = False,
+    graceful_timeout_s: float = 20.0,
+) -> ProcessView:
+    return ProcessView(replica_id, exit_code, drain_deadline, killed, graceful_timeout_s)
+
+
+def marks(actions: list) -> list[Mark]:
+    return [a for a in actions if isinstance(a, Mark)]
+
+
+# --------------------------------------------------------------------------- records without a process
+
+
+def test_pending_record_that_should_run_is_spawned():
+    assert plan_node([rec(state=S.PENDING)], [], NOW) == [Spawn("r1")]
+
+
+@pytest.mark.parametrize("state", [S.STARTING, S.RUNNING, S.RECONFIGURING, S.DRAINING])
+def test_record_alive_without_a_process_is_stopped(state):
+    assert plan_node([rec(state=state)], [], NOW) == [Mark("r1", S.STOPPED, message=PROCESS_NOT_FOUND)]
+
+
+@pytest.mark.parametrize("state", [S.STOPPED, S.FAILED])
+def test_gone_record_that_should_run_is_left_to_the_controller(state):
+    assert plan_node([rec(state=state)], [], NOW) == []
+
+
+@pytest.mark.parametrize("state", [S.PENDING, S.STARTING, S.RUNNING, S.RECONFIGURING, S.DRAINING])
+def test_record_asked_to_stop_without_a_process_is_stopped(state):
+    # Its message is left as it is: only the state is written.
+    assert plan_node([rec(state=state, desired="stop")], [], NOW) == [Mark("r1", S.STOPPED)]
+    assert Mark("r1", S.STOPPED).fields() == {"state": S.STOPPED}
+
+
+@pytest.mark.parametrize("state", [S.STOPPED, S.FAILED])
+def test_gone_record_asked_to_stop_without_a_process_plans_nothing(state):
+    assert plan_node([rec(state=state, desired="stop")], [], NOW) == []
+
+
+# --------------------------------------------------------------------------- live processes
+
+
+@pytest.mark.parametrize("state", list(ReplicaState))
+def test_live_process_of_a_record_that_should_run_is_left_alone(state):
+    assert plan_node([rec(state=state)], [proc()], NOW) == []
+    assert plan_node([rec(state=state)], [proc(drain_deadline=NOW - 1)], NOW) == []
+
+
+def test_stop_sends_sigterm_once_and_marks_draining():
+    actions = plan_node([rec(desired="stop")], [proc(graceful_timeout_s=7.5)], NOW)
+    assert actions == [Signal("r1", "term", NOW + 7.5), Mark("r1", S.DRAINING)]
+    assert actions[1].fields() == {"state": S.DRAINING}
+
+
+def test_stop_of_a_record_already_draining_only_signals():
+    # The replica wrote DRAINING itself (Celery's shutdown began): no second write.
+    assert plan_node([rec(state=S.DRAINING, desired="stop")], [proc()], NOW) == [Signal("r1", "term", NOW + 20)]
+
+
+@pytest.mark.parametrize(
+    "now, killed, expected",
+    [
+        (NOW - 0.001, False, []),                              # still within its graceful timeout
+        (NOW, False, [Signal("r1", "kill", NOW)]),             # the deadline itself
+        (NOW + 60, False, [Signal("r1", "kill", NOW)]),
+        (NOW + 60, True, []),                                  # SIGKILL once
+    ],
+)
+def test_draining_process_is_killed_after_its_graceful_timeout(now, killed, expected):
+    draining = proc(drain_deadline=NOW, killed=killed)
+    assert plan_node([rec(state=S.DRAINING, desired="stop")], [draining], now) == expected
+
+
+def test_process_whose_record_is_gone_is_drained_without_a_record_write():
+    assert plan_node([], [proc(graceful_timeout_s=5)], NOW) == [Signal("r1", "term", NOW + 5)]
+    assert plan_node({}, [proc(drain_deadline=NOW + 5)], NOW) == []
+    assert plan_node({}, [proc(drain_deadline=NOW + 5)], NOW + 5) == [Signal("r1", "kill", NOW + 5)]
+
+
+# --------------------------------------------------------------------------- exits
+
+
+def test_drained_process_that_exited_is_stopped():
+    actions = plan_node([rec(state=S.DRAINING, desired="stop")], [proc(exit_code=0, drain_deadline=NOW)], NOW)
+    assert actions == [Restore("r1"), Mark("r1", S.STOPPED, failure="", message=""), Reap("r1")]
+
+
+@pytest.mark.parametrize(
+    "exit_code, killed",
+    [
+        (-9, True),     # SIGKILLed after its graceful timeout, a request still running
+        (1, False),     # crashed while it drained
+        (0, False),     # exited cleanly: its in-flight file is empty, restoring costs nothing
+    ],
+)
+def test_process_that_exits_while_draining_has_its_requests_restored(exit_code, killed):
+    # A replica killed or crashing while DRAINING must not lose the request it held
+    # (it used to be restored only if the process was not drained, or was killed).
+    draining = proc(exit_code=exit_code, drain_deadline=NOW, killed=killed)
+    actions = plan_node([rec(state=S.DRAINING, desired="stop")], [draining], NOW)
+    assert actions[0] == Restore("r1")
+    assert actions[1:] == [Mark("r1", S.STOPPED, failure="", message=""), Reap("r1")]
+
+
+@pytest.mark.parametrize(
+    "state, exit_code",
+    [
+        (S.RUNNING, EXIT_CONSTRUCTOR_FAILED),        # its first reconfigure raised
+        (S.RECONFIGURING, EXIT_CONSTRUCTOR_FAILED),
+        (S.STARTING, 1),                             # died while its constructor ran
+        (S.STARTING, 0),
+        (S.STARTING, -9),
+        (S.PENDING, 1),                              # died before it wrote STARTING
+        (S.FAILED, EXIT_CONSTRUCTOR_FAILED),         # it recorded its own traceback first
+    ],
+)
+def test_process_that_never_served_is_a_failed_start(state, exit_code):
+    actions = plan_node([rec(state=state)], [proc(exit_code=exit_code)], NOW)
+    # The message (the replica's traceback, or its log's tail) is the agent's to read.
+    assert actions == [Restore("r1"), Mark("r1", S.FAILED, failure="start", message_from_log=True), Reap("r1")]
+    assert "message" not in actions[1].fields()
+
+
+@pytest.mark.parametrize("state", [S.RUNNING, S.RECONFIGURING, S.DRAINING])
+@pytest.mark.parametrize("exit_code", [1, 0, -9, -11, 137])
+def test_process_that_served_and_exited_undrained_is_a_crash(state, exit_code):
+    actions = plan_node([rec(state=state)], [proc(exit_code=exit_code)], NOW)
+    assert actions == [
+        Restore("r1"),
+        Mark("r1", S.FAILED, failure="crash", message=f"replica process exited with code {exit_code}"),
+        Reap("r1"),
+    ]
+
+
+def test_process_that_exits_before_its_drain_began_is_a_crash_not_a_stop():
+    # Asked to stop, but it died before the agent sent SIGTERM: nothing else is planned for it.
+    actions = plan_node([rec(desired="stop")], [proc(exit_code=1)], NOW)
+    assert actions == [Restore("r1"), Mark("r1", S.FAILED, failure="crash",
+                                             message="replica process exited with code 1"), Reap("r1")]
+
+
+def test_exited_process_without_a_record_is_restored_and_reaped_only():
+    assert plan_node([], [proc(exit_code=-9, drain_deadline=NOW, killed=True)], NOW) == [Restore("r1"), Reap("r1")]
+    assert plan_node([], [proc(exit_code=1)], NOW) == [Restore("r1"), Reap("r1")]
+
+
+# --------------------------------------------------------------------------- agent restart
+
+
+def test_adopt_stops_every_record_left_by_an_earlier_agent():
+    records = [rec("a", S.RUNNING), rec("b", S.STARTING), rec("c", S.DRAINING, desired="stop"),
+               rec("d", S.PENDING), rec("e", S.STOPPED), rec("f", S.FAILED)]
+    assert adopt(records) == [Mark(i, S.STOPPED, message=AGENT_RESTARTED) for i in "abcd"]
+
+
+def test_adopt_keeps_records_this_agent_has_a_process_for():
+    assert adopt([rec("a"), rec("b")], [proc("a")]) == [Mark("b", S.STOPPED, message=AGENT_RESTARTED)]
+
+
+def test_after_an_agent_restart_the_records_are_left_to_the_controller():
+    records = [rec("a", S.RUNNING), rec("b", S.DRAINING, desired="stop")]
+    adopted = {m.replica_id: replace(next(r for r in records if r.replica_id == m.replica_id), state=m.state)
+               for m in adopt(records)}
+    assert plan_node(adopted, [], NOW) == []
+
+
+# --------------------------------------------------------------------------- several replicas
+
+
+def test_a_mixed_node_is_planned_replica_by_replica_in_id_order():
+    records = {
+        "d": rec("d", S.RUNNING, desired="stop"),
+        "a": rec("a", S.PENDING),
+        "c": rec("c", S.RUNNING),
+        "b": rec("b", S.STARTING),
+    }
+    processes = [proc("e", drain_deadline=NOW - 1), proc("d"), proc("c", exit_code=-11)]
+    assert plan_node(records, processes, NOW) == [
+        Spawn("a"),
+        Mark("b", S.STOPPED, message=PROCESS_NOT_FOUND),
+        Restore("c"),
+        Mark("c", S.FAILED, failure="crash", message="replica process exited with code -11"),
+        Reap("c"),
+        Signal("d", "term", NOW + 20),
+        Mark("d", S.DRAINING),
+        Signal("e", "kill", NOW - 1),
+    ]
+    # A list, a dict or another order of the same inputs: the same plan.
+    assert plan_node(list(reversed(records.values())), {p.replica_id: p for p in processes}, NOW) \
+        == plan_node(records, processes, NOW)
+
+
+def test_empty_node_plans_nothing():
+    assert plan_node([], [], NOW) == []
+    assert adopt([]) == []
+
+
+# --------------------------------------------------------------------------- properties
+
+IDS = [f"r{i}" for i in range(8)]
+
+
+@st.composite
+def nodes(draw) -> tuple[list[Replica], list[ProcessView], float]:
+    """Any records and processes an agent could hold, and a time."""
+    now = draw(st.floats(min_value=0, max_value=100, allow_nan=False))
+    records, processes = [], []
+    for replica_id in IDS:
+        if draw(st.booleans()):
+            records.append(rec(replica_id, draw(st.sampled_from(list(ReplicaState))),
+                               draw(st.sampled_from(["run", "stop"]))))
+        if draw(st.booleans()):
+            deadline = draw(st.none() | st.floats(min_value=0, max_value=100, allow_nan=False))
+            processes.append(proc(
+                replica_id,
+                exit_code=draw(st.none() | st.sampled_from([0, 1, EXIT_CONSTRUCTOR_FAILED, -9, -15])),
+                drain_deadline=deadline,
+                killed=deadline is not None and draw(st.booleans()),
+                graceful_timeout_s=draw(st.floats(min_value=0, max_value=60, allow_nan=False)),
+            ))
+    return records, processes, now
+
+
+@given(node=nodes())
+@PROPERTY
+def test_property_every_exited_process_is_restored_then_reaped_once(node):
+    records, processes, now = node
+    actions = plan_node(records, processes, now)
+    record_ids = {r.replica_id for r in records}
+    for process in processes:
+        mine = [a for a in actions if a.replica_id == process.replica_id]
+        reaps = [a for a in mine if isinstance(a, Reap)]
+        restores = [a for a in mine if isinstance(a, Restore)]
+        if process.exited:
+            assert len(reaps) == 1 and len(restores) == 1, mine
+            # Restored while the agent still holds its in-flight file; reaped last.
+            assert mine[0] == Restore(process.replica_id) and mine[-1] == Reap(process.replica_id)
+            assert len(marks(mine)) == (1 if process.replica_id in record_ids else 0)
+            assert not any(isinstance(a, (Spawn, Signal)) for a in mine)
+        else:
+            assert not reaps and not restores
+
+
+@given(node=nodes())
+@PROPERTY
+def test_property_at_most_one_mark_per_replica_and_only_for_records(node):
+    records, processes, now = node
+    actions = plan_node(records, processes, now)
+    marked = [m.replica_id for m in marks(actions)]
+    assert len(marked) == len(set(marked))
+    assert set(marked) <= {r.replica_id for r in records}
+    assert {a.replica_id for a in actions} <= {r.replica_id for r in records} | {p.replica_id for p in processes}
+
+
+@given(node=nodes())
+@PROPERTY
+def test_property_spawn_only_for_pending_records_without_a_process(node):
+    records, processes, now = node
+    by_id = {r.replica_id: r for r in records}
+    with_process = {p.replica_id for p in processes}
+    for action in plan_node(records, processes, now):
+        if isinstance(action, Spawn):
+            assert action.replica_id not in with_process
+            record = by_id[action.replica_id]
+            assert record.desired == "run" and record.state == S.PENDING
+
+
+@given(node=nodes())
+@PROPERTY
+def test_property_signals_follow_the_drain_rules(node):
+    records, processes, now = node
+    by_id = {r.replica_id: r for r in records}
+    by_process = {p.replica_id: p for p in processes}
+    for action in plan_node(records, processes, now):
+        if not isinstance(action, Signal):
+            continue
+        process = by_process[action.replica_id]
+        record = by_id.get(action.replica_id)
+        assert not process.exited
+        assert record is None or record.desired == "stop", "a replica that should run is never signalled"
+        if action.kind == "kill":
+            assert process.drain_deadline is not None and now >= process.drain_deadline and not process.killed
+            assert action.drain_deadline == process.drain_deadline
+        else:
+            assert process.drain_deadline is None
+            assert action.drain_deadline == now + process.graceful_timeout_s
+
+
+@given(node=nodes())
+@PROPERTY
+def test_property_every_undrained_process_to_stop_gets_sigterm(node):
+    records, processes, now = node
+    by_id = {r.replica_id: r for r in records}
+    terms = {a.replica_id for a in plan_node(records, processes, now) if isinstance(a, Signal) and a.kind == "term"}
+    for process in processes:
+        record = by_id.get(process.replica_id)
+        should_stop = record is None or record.desired == "stop"
+        assert (process.replica_id in terms) == (should_stop and not process.exited and not process.draining)
+
+
+@given(node=nodes(), data=st.data())
+@PROPERTY
+def test_property_plan_is_deterministic_order_free_and_pure(node, data):
+    records, processes, now = node
+    records_before, processes_before = copy.deepcopy(records), copy.deepcopy(processes)
+    first = plan_node(records, processes, now)
+    assert records == records_before and processes == processes_before
+    assert plan_node(records, processes, now) == first
+    shuffled_records = data.draw(st.permutations(records))
+    shuffled_processes = data.draw(st.permutations(processes))
+    assert plan_node({r.replica_id: r for r in shuffled_records}, shuffled_processes, now) == first
+
+
+@given(node=nodes())
+@PROPERTY
+def test_property_adopt_stops_exactly_the_live_records_without_process(node):
+    records, processes, _ = node
+    adopted = adopt(records, processes)
+    with_process = {p.replica_id for p in processes}
+    assert {m.replica_id for m in adopted} == {
+        r.replica_id for r in records if not r.is_gone and r.replica_id not in with_process
+    }
+    assert all(m == Mark(m.replica_id, S.STOPPED, message=AGENT_RESTARTED) for m in adopted)
+
+
+# --------------------------------------------------------------------------- simulated node
+
+
+class SimNode:
+    """Records and processes that follow the actions: a process ignores SIGTERM for
+    ``ignores_term`` steps, and dies at once on SIGKILL."""
+
+    def __init__(self, records: list[Replica], ignores_term: dict[str, int], timeout: float) -> None:
+        self.records = {r.replica_id: r for r in records}
+        self.processes: dict[str, ProcessView] = {}
+        self.patience = dict(ignores_term)
+        self.timeout = timeout
+        self.kills: dict[str, int] = {}
+        self.restored: list[str] = []
+
+    def step(self, now: float) -> list:
+        actions = plan_node(self.records, self.processes, now)
+        for action in actions:
+            rid = action.replica_id
+            if isinstance(action, Spawn):
+                self.processes[rid] = proc(rid, graceful_timeout_s=self.timeout)
+                self.records[rid] = replace(self.records[rid], state=S.STARTING)
+            elif isinstance(action, Signal) and action.kind == "term":
+                self.processes[rid] = replace(self.processes[rid], drain_deadline=action.drain_deadline)
+            elif isinstance(action, Signal):
+                self.kills[rid] = self.kills.get(rid, 0) + 1
+                self.processes[rid] = replace(self.processes[rid], killed=True, exit_code=-9)
+            elif isinstance(action, Mark):
+                self.records[rid] = replace(self.records[rid], state=action.state)
+            elif isinstance(action, Restore):
+                self.restored.append(rid)
+            elif isinstance(action, Reap):
+                del self.processes[rid]
+        # Time passes: started processes serve; drained ones exit once their patience is over.
+        for rid, process in list(self.processes.items()):
+            if process.exited:
+                continue
+            if process.draining:
+                self.patience[rid] = self.patience.get(rid, 0) - 1
+                if self.patience[rid] < 0:
+                    self.processes[rid] = replace(process, exit_code=0)
+            elif self.records.get(rid) is not None and self.records[rid].state == S.STARTING:
+                self.records[rid] = replace(self.records[rid], state=S.RUNNING)
+        return actions
+
+
+@given(
+    count=st.integers(min_value=1, max_value=6),
+    patience=st.lists(st.integers(min_value=0, max_value=30), min_size=6, max_size=6),
+    timeout=st.sampled_from([0.0, 1.0, 5.0]),
+)
+@settings(max_examples=40, deadline=None)
+def test_simulated_node_starts_then_drains_every_replica(count, patience, timeout):
+    ids = [f"r{i}" for i in range(count)]
+    node = SimNode([rec(i, S.PENDING) for i in ids], dict(zip(ids, patience)), timeout)
+    now = 0.0
+    for _ in range(3):
+        node.step(now)
+        now += 1.0
+    assert all(r.state == S.RUNNING for r in node.records.values())
+    for rid in ids:
+        node.records[rid] = replace(node.records[rid], desired="stop")
+    for _ in range(int(timeout) + 5):
+        node.step(now)
+        now += 1.0
+    assert node.processes == {}
+    assert all(r.state == S.STOPPED for r in node.records.values())
+    assert all(kills == 1 for kills in node.kills.values())
+    # Killed or not, each process's requests were put back once.
+    assert sorted(node.restored) == sorted(ids)
+    # Once converged, nothing more to do.
+    assert node.step(now) == []
+
+
+# --------------------------------------------------------------------------- the agent carries the plan out
+
+
+class FakeStore:
+    """The parts of :class:`taskserve.store.Store` the agent's actions use, in memory."""
+
+    def __init__(self, records: list[Replica]) -> None:
+        self.records = {r.replica_id: r.to_fields() for r in records}
+        self.writes: list[tuple[str, dict]] = []
+        self.down = False
+
+    def update_replica(self, replica_id: str, **fields: object) -> bool:
+        if self.down:
+            raise redis.ConnectionError("Connection refused")
+        self.writes.append((replica_id, fields))
+        if replica_id not in self.records:
+            return False
+        self.records[replica_id].update({k: str(getattr(v, "value", v)) for k, v in fields.items()})
+        return True
+
+    def get_replica(self, replica_id: str) -> Optional[Replica]:
+        fields = self.records.get(replica_id)
+        return Replica.from_fields(fields) if fields else None
+
+    def notify(self, what: str) -> None:
+        pass
+
+
+def make_agent(store: FakeStore, tmp_path: Path) -> NodeAgent:
+    agent = NodeAgent(store, "redis://127.0.0.1:1/0", node_id="node-a", resources=Resources(4, 0, 2**30),
+                      data_dir=tmp_path)
+    agent.log_dir.mkdir(parents=True)
+    return agent
+
+
+def test_a_spawn_that_raises_fails_its_replica_not_the_agent(tmp_path, caplog):
+    # An env var named "A=B" makes Popen raise before any process starts.
+    bad = rec("bad", S.PENDING, config={"runtime_env": {"env_vars": {"A=B": "1"}}})
+    stop = rec("other", S.RUNNING, desired="stop")
+    store = FakeStore([bad, stop])
+    agent = make_agent(store, tmp_path)
+    records = {r.replica_id: r for r in (bad, stop)}
+    with caplog.at_level(logging.ERROR, logger="taskserve.node.agent"):
+        changed = agent._carry_out(plan_node(records, [], NOW), records)
+    assert changed
+    failed = store.get_replica("bad")
+    assert failed.state == S.FAILED and failed.failure == "start"
+    assert failed.message.startswith("could not start the replica process: ValueError")
+    assert "\n" not in failed.message
+    assert any(r.exc_info for r in caplog.records), "logged with its traceback"
+    # The next replica's action still ran.
+    assert store.get_replica("other").state == S.STOPPED
+    assert agent.processes == {}
+
+
+def test_a_malformed_record_config_fails_that_replica(tmp_path):
+    broken = replace(rec("broken", S.PENDING), config="{not json")
+    store = FakeStore([broken])
+    agent = make_agent(store, tmp_path)
+    agent._carry_out([Spawn("broken")], {"broken": broken})
+    assert store.get_replica("broken").state == S.FAILED
+    assert store.get_replica("broken").failure == "start"
+    assert "JSONDecodeError" in store.get_replica("broken").message
+
+
+def test_a_redis_error_while_acting_is_left_to_the_loop(tmp_path):
+    store = FakeStore([rec("r1", S.RUNNING)])
+    store.down = True
+    agent = make_agent(store, tmp_path)
+    with pytest.raises(redis.RedisError):
+        agent._carry_out([Mark("r1", S.STOPPED, message=PROCESS_NOT_FOUND)], {})
+
+
+def test_a_failed_start_takes_the_replicas_own_message_else_its_log(tmp_path):
+    store = FakeStore([rec("own", S.FAILED, message="Traceback ...\nRuntimeError: no weights"), rec("quiet", S.STARTING)])
+    agent = make_agent(store, tmp_path)
+    (agent.log_dir / "quiet.log").write_text("booting\nSegmentation fault\n")
+    agent._carry_out([Mark("own", S.FAILED, failure="start", message_from_log=True),
+                      Mark("quiet", S.FAILED, failure="start", message_from_log=True)], {})
+    assert store.get_replica("own").message == "Traceback ...\nRuntimeError: no weights"
+    assert store.get_replica("quiet").message == "booting\nSegmentation fault"
+    assert store.get_replica("quiet").failure == "start"
