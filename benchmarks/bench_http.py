@@ -29,13 +29,18 @@ gateway's own work (HTTP parsing, routing, base64 of the body). On a 2-core mach
 the client, the gateway, Redis and the replicas share the cores, so compare ratios
 across machines, not absolute figures.
 
-Usage::
+Usage, from the repository root::
 
-    python scripts/bench_http.py [--requests 2000] [--concurrency 4] [--rounds 3] [--replicas 1 2]
+    python -m benchmarks.bench_http [--requests 2000] [--warmup 200] [--concurrency 4] [--rounds 3]
+                                    [--replicas 1 2]
+
+A smoke run (seconds; the figures mean nothing)::
+
+    python -m benchmarks.bench_http --requests 40 --warmup 4 --concurrency 2 --rounds 2 --replicas 1
 
 Everything it starts is stopped on exit, Ctrl-C or error; logs go to a temporary
 directory that is kept (and printed) only when something failed. The cluster
-plumbing and the report helpers come from ``scripts/_cluster.py``.
+plumbing and the report helpers come from :mod:`benchmarks.common`.
 """
 
 from __future__ import annotations
@@ -53,8 +58,17 @@ import starlette
 import uvicorn
 
 import taskserve
-from _cluster import (START_TIMEOUT_S, Child, bench_main, cluster, cpu_seconds, deleted_on_exit, machine_lines,
-                      markdown_table, percentile, port_open, running, split, taskserve_child, wait_until)
+from benchmarks.common import (
+    START_TIMEOUT_S,
+    bench_main,
+    cluster,
+    cpu_seconds,
+    deleted_on_exit,
+    machine_lines,
+    markdown_table,
+    percentile,
+    split,
+)
 from taskserve.redis_server import free_port
 
 NAME = "bench_http"
@@ -241,24 +255,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def gateway_listening(gateway: Child, port: int) -> bool:
-    """Whether the gateway accepts connections on ``port`` (``RuntimeError`` if it exited)."""
-    gateway.check_alive()
-    return port_open(port)
-
-
 def run(args: argparse.Namespace, argv: list[str], work_dir: Path) -> list[tuple[Figures, Figures]]:
     """The cluster and a gateway on a free port; both paths at every replica count."""
     # The controller's own --resync, and the agent keeps this shell's *_NUM_THREADS (an echo uses no BLAS).
-    with cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None, clear_thread_limits=False) as address:
+    with cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None, clear_thread_limits=False) as local:
         port = free_port()
-        with running(taskserve_child("gateway", ["--port", str(port)], address, work_dir)) as gateway, \
-                deleted_on_exit([NAME]):
-            wait_until(lambda: gateway_listening(gateway, port), START_TIMEOUT_S, "the gateway did not listen")
-            print("\n".join(machine_lines(address, {"starlette": starlette.__version__,
-                                                    "uvicorn": uvicorn.__version__})))
-            print(f"command:  python scripts/bench_http.py {' '.join(argv)}".rstrip())
-            return [measure(port, gateway.popen.pid, replicas, args) for replicas in args.replicas]
+        gateway = local.start_gateway(port)   # waits until it listens; stopped with the cluster
+        with deleted_on_exit([NAME]):
+            print("\n".join(machine_lines(local.url, {"starlette": starlette.__version__,
+                                                      "uvicorn": uvicorn.__version__})))
+            print(f"command:  python -m benchmarks.bench_http {' '.join(argv)}".rstrip())
+            return [measure(port, gateway.pid, replicas, args) for replicas in args.replicas]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

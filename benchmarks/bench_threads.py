@@ -44,9 +44,13 @@ waiting for each other). ``omp2 x1`` shows what 2 threads give when they have
 the cores to themselves. The machine may run other things: compare the ratios,
 and the per-round figures for how noisy a run was.
 
-Usage::
+Usage, from the repository root::
 
-    python scripts/bench_threads.py [--size 512] [--target-ms 100] [--requests 40] [--rounds 5]
+    python -m benchmarks.bench_threads [--num-cpus 8] [--size 512] [--target-ms 100] [--requests 40] [--rounds 5]
+
+A smoke run (seconds; the figures mean nothing)::
+
+    python -m benchmarks.bench_threads --size 64 --target-ms 5 --requests 4 --rounds 1
 
 Everything it starts is stopped on exit, Ctrl-C or error; logs are kept (path
 printed) only when it fails.
@@ -67,7 +71,7 @@ from typing import Optional
 import numpy
 
 import taskserve
-from _cluster import bench_main, cluster, deleted_on_exit, load_average, machine_lines, markdown_table
+from benchmarks.common import bench_main, cluster, deleted_on_exit, load_average, machine_lines, markdown_table
 
 RESULT_TIMEOUT_S = 120.0
 DEPLOY_TIMEOUT_S = 300.0
@@ -247,8 +251,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, work_dir: Path) -> None:
     names = [setup.name.replace(" ", "_") for setup in SETUPS]
-    with cluster(work_dir, num_cpus=args.num_cpus) as address, deleted_on_exit(names):
-        print("\n".join(machine_lines(address, {"numpy": numpy.__version__})), flush=True)
+    with cluster(work_dir, num_cpus=args.num_cpus) as local, deleted_on_exit(names):
+        print("\n".join(machine_lines(local.url, {"numpy": numpy.__version__})), flush=True)
         print(f"agent:    --num-cpus {args.num_cpus:g}, no *_NUM_THREADS in its environment; logs in {work_dir}",
               flush=True)
         deployments = {setup: setup.deployment(args.size) for setup in SETUPS}

@@ -1,20 +1,22 @@
-"""Shared plumbing of the benchmarks in this directory: a throwaway cluster and the report.
+"""Shared plumbing of the benchmarks in this package: a throwaway cluster and the report.
 
-Not a benchmark itself. The scripts import it as ``from _cluster import ...``
-(``python scripts/NAME.py`` puts this directory first on ``sys.path``).
+Not a benchmark itself. The benchmarks run as modules from the repository root
+(``python -m benchmarks.bench_requests``) and import it as
+``from benchmarks.common import ...``.
 
 * :func:`bench_main` runs a benchmark's body with a temporary log directory,
   turns SIGTERM into Ctrl-C, removes the logs on success and keeps them (path
   printed) on failure;
-* :func:`cluster` starts an embedded Redis (no persistence), a controller
-  (``--resync 0.5`` unless told otherwise) and one node agent as subprocesses,
-  connects this process and stops everything in order on exit (agent first, so
-  it drains its replicas);
-* :class:`Child`, :func:`running` and :func:`taskserve_child` start further
-  subprocesses (Celery workers, ``taskserve gateway``) that are stopped on exit;
+* :func:`cluster` starts a :class:`~taskserve.local.LocalCluster`: an embedded
+  Redis (no persistence), a controller (``--resync 0.5`` unless told otherwise)
+  and one node agent, connects this process and stops everything in order on
+  exit (agent first, so it drains its replicas). Further ``taskserve`` parts,
+  such as a gateway, are started on the cluster it yields;
+* :class:`Child` starts a process that is not a taskserve part (a bare Celery
+  worker), stopped on exit;
 * :func:`deleted_on_exit` deletes the named deployments on exit, whatever happened;
-* :func:`wait_until` polls a condition with a deadline (no bare sleeps as
-  synchronisation); :func:`port_open` is a condition for a listening port;
+* :func:`wait_until` (poll with a deadline; no bare sleeps as synchronisation)
+  and :func:`log_tail` are those of :mod:`taskserve.local`;
 * :func:`split` divides requests into blocks, :func:`cpu_seconds` reads the CPU
   time of processes;
 * :func:`machine_lines`, :func:`markdown_table`, :func:`percentile` format the report.
@@ -22,7 +24,8 @@ Not a benchmark itself. The scripts import it as ``from _cluster import ...``
 Example::
 
     def body(work_dir: Path) -> None:
-        with cluster(work_dir, num_cpus=16) as address, deleted_on_exit(["echo"]):
+        with cluster(work_dir, num_cpus=16) as local, deleted_on_exit(["echo"]):
+            print("\\n".join(machine_lines(local.url)))
             ...
 
     sys.exit(bench_main(body, "bench_echo-"))
@@ -35,11 +38,9 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -49,49 +50,34 @@ import psutil
 import redis
 
 import taskserve
-from taskserve.processes import die_with_parent
-from taskserve.redis_server import RedisServer
+from taskserve.local import START_TIMEOUT_S, LocalCluster, log_tail, wait_until
+from taskserve.node.processes import die_with_parent
+from taskserve.node.protocol import THREAD_LIMIT_VARS
 
-START_TIMEOUT_S = 60.0
+__all__ = [
+    "START_TIMEOUT_S", "STOP_TIMEOUT_S", "THREAD_LIMIT_VARS", "Child", "LocalCluster", "bench_main", "cluster",
+    "cluster_environment", "cpu_seconds", "deleted_on_exit", "load_average", "log_tail", "machine_lines",
+    "markdown_table", "percentile", "split", "wait_until",
+]
+
 STOP_TIMEOUT_S = 30.0
-
-# The variables taskserve defaults to 1 in every replica (docs/reference.md, Resources).
-THREAD_LIMIT_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
-
-
-# --------------------------------------------------------------------------- polling
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02) -> None:
-    """Poll ``condition`` until it holds; ``TimeoutError`` saying ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s:.0f}s")
-        time.sleep(interval_s)
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something accepts TCP connections on ``host:port``."""
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-        return True
-    return False
 
 
 # --------------------------------------------------------------------------- processes
 
 
-def log_tail(path: Path, lines: int = 20) -> str:
-    """The last ``lines`` lines of the log at ``path`` ("" if there is none yet)."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
-
-
 class Child:
-    """A subprocess whose stdout and stderr go to ``log_path``."""
+    """A process that is not a taskserve part, logging to ``log_path``; a context manager that stops it.
+
+    taskserve's own parts (controller, agent, gateway) are started with
+    :meth:`LocalCluster.start` instead.
+
+    Example::
+
+        with Child("celery worker 0", [sys.executable, "-m", "celery", ...], work_dir / "w0.log") as worker:
+            ...
+            worker.check_alive()    # RuntimeError with its log's tail if it exited
+    """
 
     def __init__(self, name: str, argv: list[str], log_path: Path, env: Optional[dict[str, str]] = None) -> None:
         self.name = name
@@ -120,65 +106,54 @@ class Child:
             self.popen.kill()
             self.popen.wait()
 
+    def __enter__(self) -> "Child":
+        return self
 
-@contextlib.contextmanager
-def running(child: Child) -> Iterator[Child]:
-    """Yields ``child``; stops it on exit."""
-    try:
-        yield child
-    finally:
-        child.stop()
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
 
-def agent_environment(clear_thread_limits: bool) -> dict[str, str]:
-    """This process's environment for the agent, optionally without thread limits.
+def cluster_environment(clear_thread_limits: bool, environ: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """``environ`` (default: this process's environment) for the cluster's parts.
 
-    Without them every replica gets taskserve's default of 1 (unless its
-    ``runtime_env`` says otherwise), whatever the shell running the benchmark set.
+    With ``clear_thread_limits``, without the ``*_NUM_THREADS`` variables: every
+    replica then gets taskserve's default of 1 (unless its ``runtime_env`` says
+    otherwise), whatever the shell running the benchmark set.
+
+    >>> cluster_environment(True, {"OMP_NUM_THREADS": "4", "PATH": "/bin"})
+    {'PATH': '/bin'}
+    >>> cluster_environment(False, {"OMP_NUM_THREADS": "4", "PATH": "/bin"})
+    {'OMP_NUM_THREADS': '4', 'PATH': '/bin'}
     """
-    env = dict(os.environ)
+    env = dict(os.environ if environ is None else environ)
     if clear_thread_limits:
         for name in THREAD_LIMIT_VARS:
             env.pop(name, None)
     return env
 
 
-def taskserve_child(command: str, args: list[str], address: str, work_dir: Path,
-                    env: Optional[dict[str, str]] = None) -> Child:
-    """``python -m taskserve COMMAND ARGS --address ADDRESS``, logging to ``work_dir/COMMAND.log``."""
-    return Child(command, [sys.executable, "-m", "taskserve", command, *args, "--address", address],
-                 work_dir / f"{command}.log", env=env)
-
-
 @contextlib.contextmanager
 def cluster(work_dir: Path, num_cpus: float, resync_s: Optional[float] = 0.5,
-            clear_thread_limits: bool = True) -> Iterator[str]:
-    """Redis, a controller and one node agent offering ``num_cpus``; yields the Redis URL.
+            clear_thread_limits: bool = True) -> Iterator[LocalCluster]:
+    """Redis, a controller and one node agent offering ``num_cpus``; yields the running cluster.
 
-    ``resync_s`` is the controller's ``--resync`` (``None``: the controller's own
-    default). With ``clear_thread_limits`` the agent runs without the
-    ``*_NUM_THREADS`` variables of this process (see :func:`agent_environment`);
-    otherwise it inherits them.
+    Its parts log to ``work_dir`` (``controller.log``, ``agent.log``, ...) and
+    its address is ``.url``. ``resync_s`` is the controller's ``--resync``
+    (``None``: the controller's own default). With ``clear_thread_limits`` the
+    parts, so the agent and its replicas, run without the ``*_NUM_THREADS``
+    variables of this process (see :func:`cluster_environment`); otherwise they
+    inherit them.
 
     This process is connected to it (``taskserve.connect``). On exit the agent
-    stops first (it drains its replicas), then the controller, then Redis.
+    stops first (it drains its replicas), then any gateway, the controller, then Redis.
     """
     resync = [] if resync_s is None else ["--resync", str(resync_s)]
-    with RedisServer() as server, contextlib.ExitStack() as stack:
-        address = server.url
-        controller = stack.enter_context(running(taskserve_child("controller", resync, address, work_dir)))
-        agent = stack.enter_context(running(taskserve_child(
-            "agent", ["--num-cpus", str(num_cpus), "--data-dir", str(work_dir / "agent")], address, work_dir,
-            env=agent_environment(clear_thread_limits))))
-        store = taskserve.connect(address)
-
-        def node_alive() -> bool:
-            controller.check_alive()
-            agent.check_alive()
-            return any(node.alive for node in store.list_nodes())
-
-        wait_until(node_alive, START_TIMEOUT_S, "the node agent did not register")
-        yield address
+    with LocalCluster(work_dir, env=cluster_environment(clear_thread_limits)) as local:
+        local.start_redis()
+        local.start_controller(*resync)
+        local.start_agent(None, num_cpus, data_dir=work_dir / "agent")
+        taskserve.connect(local.url)
+        yield local
 
 
 @contextlib.contextmanager
@@ -269,7 +244,7 @@ def machine_lines(address: str, extra: Optional[dict[str, str]] = None) -> list[
 
 
 def source_revision() -> str:
-    """``git describe`` of the checkout this script sits in, or "unknown"."""
+    """``git describe`` of the checkout this package sits in, or "unknown"."""
     try:
         out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "describe", "--always", "--dirty"],
                              capture_output=True, text=True, timeout=10)

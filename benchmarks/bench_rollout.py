@@ -9,7 +9,7 @@ all started by the script. The deployment is a class whose ``__call__(i)`` sleep
 ``--work-ms`` (default 20 ms, standing for a model's work) and returns
 ``[i, os.getpid()]``; every replica reserves ``num_cpus=0.1``.
 
-a. **no-op deploy**: ``deploy()`` of ``version="v1"`` with 10 replicas, then the
+a. **no-op deploy**: ``deploy()`` of ``version="v1"`` with 10 replicas (``--replicas``), then the
    same ``deploy()`` again ``--noops`` times (default 20), each timed. docs/reference.md, Updates
    says that returns at once and restarts nothing; the replica pids are compared
    before and after. Reported as p50 and max in milliseconds.
@@ -52,10 +52,14 @@ show the cost of a rollout to callers: failures (must be 0), answered requests,
 and the slowest round trip seen (a request waits in the queue while the
 replicas that could take it are busy, starting or draining).
 
-Usage::
+Usage, from the repository root::
 
-    python scripts/bench_rollout.py [--num-cpus 16] [--noops 20] [--starts 3]
-                                    [--rounds 2] [--clients 3] [--work-ms 20]
+    python -m benchmarks.bench_rollout [--num-cpus 16] [--noops 20] [--starts 3]
+                                       [--rounds 2] [--clients 3] [--work-ms 20] [--replicas 10]
+
+A smoke run (seconds; the figures mean nothing)::
+
+    python -m benchmarks.bench_rollout --noops 2 --starts 1 --rounds 1 --clients 1 --work-ms 5 --replicas 2
 
 Everything it starts is stopped on exit, Ctrl-C or error; logs are kept (path
 printed) only when it fails.
@@ -77,8 +81,15 @@ from pathlib import Path
 from typing import Optional
 
 import taskserve
-from _cluster import (bench_main, cluster, deleted_on_exit, load_average, machine_lines, markdown_table,
-                      wait_until)
+from benchmarks.common import (
+    bench_main,
+    cluster,
+    deleted_on_exit,
+    load_average,
+    machine_lines,
+    markdown_table,
+    wait_until,
+)
 
 NAME = "bench_rollout"
 START_PREFIX = "bench_start"
@@ -120,28 +131,28 @@ class NoopResult:
     pids_unchanged: bool
 
 
-def measure_noop(deployment: taskserve.Deployment, count: int) -> NoopResult:
-    """Time ``count`` repeated deploys of what already runs."""
+def measure_noop(deployment: taskserve.Deployment, count: int, replicas: int) -> NoopResult:
+    """Time ``count`` repeated deploys of what already runs (``replicas`` replicas)."""
     before = running_pids(deployment)
     times = []
     for _ in range(count):
         started = time.perf_counter()
         deployment.deploy(timeout=DEPLOY_TIMEOUT_S)
         times.append(time.perf_counter() - started)
-    return NoopResult(times, running_pids(deployment) == before and len(before) == REPLICAS)
+    return NoopResult(times, running_pids(deployment) == before and len(before) == replicas)
 
 
 def measure_start(name: str, replicas: int, load_clients: int = 0) -> float:
     """Deploy ``replicas`` replicas from nothing; seconds until deploy() returned.
 
-    With ``load_clients``, that many threads call the 10-replica deployment
+    With ``load_clients``, that many threads call the deployment of (a)
     meanwhile, as during a rollout. The deployment is deleted afterwards (not timed).
     """
     deployment = model(name, replicas, "v1")
     with contextlib.ExitStack() as stack:
         if load_clients:
             load = stack.enter_context(Load(taskserve.get_deployment(NAME).get_handle(), load_clients))
-            wait_until(lambda: all(r.answered or r.failed for r in load.results), 30, "the clients got no answer")
+            wait_until(lambda: all(r.answered or r.failed for r in load.results), 30, "every client to get an answer")
         started = time.perf_counter()
         deployment.deploy(timeout=DEPLOY_TIMEOUT_S)
         elapsed = time.perf_counter() - started
@@ -316,13 +327,13 @@ class RolloutResult:
     all_new: bool
 
 
-def measure_rollout(version: str, max_surge: int, clients: int) -> RolloutResult:
-    """Roll the 10 replicas to ``version`` under load; time, requests and RUNNING counts."""
-    deployment = model(NAME, REPLICAS, version, max_surge)
+def measure_rollout(version: str, max_surge: int, clients: int, replicas: int) -> RolloutResult:
+    """Roll the ``replicas`` replicas to ``version`` under load; time, requests and RUNNING counts."""
+    deployment = model(NAME, replicas, version, max_surge)
     old_pids = running_pids(deployment)
     with Load(deployment.get_handle(), clients) as load:
         # The load runs before the rollout starts: every client has been answered.
-        wait_until(lambda: all(r.answered or r.failed for r in load.results), 30, "the clients got no answer")
+        wait_until(lambda: all(r.answered or r.failed for r in load.results), 30, "every client to get an answer")
         with RunningSampler(deployment) as sampler:
             started = time.perf_counter()
             deployment.deploy(timeout=DEPLOY_TIMEOUT_S)
@@ -330,10 +341,10 @@ def measure_rollout(version: str, max_surge: int, clients: int) -> RolloutResult
             elapsed = ended - started
         # A few more answers from the new replicas, then stop.
         answered_at_end = load.answered()
-        wait_until(lambda: load.answered() >= answered_at_end + clients, 30, "no answer after the rollout")
+        wait_until(lambda: load.answered() >= answered_at_end + clients, 30, "answers after the rollout")
     status = deployment.status()
     new = [r for r in status.replicas if r.state == "RUNNING"]
-    all_new = (len(new) == REPLICAS and all(r.version == version for r in new)
+    all_new = (len(new) == replicas and all(r.version == version for r in new)
                and not ({r.pid for r in new} & old_pids))
     return RolloutResult(
         strategy="stop-first" if max_surge == 0 else f"max_surge={max_surge}",
@@ -352,13 +363,14 @@ def ms(seconds: float) -> str:
 
 
 def report(noop: NoopResult, starts: dict[StartCase, list[float]], first_deploy_s: float,
-           rollouts: list[RolloutResult], clients: int) -> None:
+           rollouts: list[RolloutResult], clients: int, replicas: int) -> None:
     start_p50 = statistics.median(starts[START_CASES[0]])
-    floor = REPLICAS - max(1, math.floor(0.2 * REPLICAS))
-    batches = math.ceil(REPLICAS / max(1, math.floor(0.2 * REPLICAS)))
+    batch = max(1, math.floor(0.2 * replicas))
+    floor = replicas - batch
+    batches = math.ceil(replicas / batch)
     print(f"\nload {load_average()} (1/5/15 min) at the end\n")
     rows = [
-        [f"first deploy of {REPLICAS} replicas, s", f"{first_deploy_s:.2f}"],
+        [f"first deploy of {replicas} replicas, s", f"{first_deploy_s:.2f}"],
         [f"no-op deploy p50, ms (n={len(noop.times_s)})", ms(statistics.median(noop.times_s))],
         ["no-op deploy max, ms", ms(max(noop.times_s))],
         ["no-op deploys kept every replica pid", "yes" if noop.pids_unchanged else "NO"],
@@ -370,7 +382,7 @@ def report(noop: NoopResult, starts: dict[StartCase, list[float]], first_deploy_
     print()
     rows = []
     for r in rollouts:
-        bound = floor if r.strategy == "stop-first" else REPLICAS
+        bound = floor if r.strategy == "stop-first" else replicas
         latencies = sorted(r.load.latencies_s)
         rows.append([
             r.strategy, r.version, f"{r.seconds:.2f}", f"{r.seconds / start_p50:.1f}x",
@@ -383,15 +395,15 @@ def report(noop: NoopResult, starts: dict[StartCase, list[float]], first_deploy_
         ])
     print(markdown_table(["strategy", "to", "rollout s", "x one start", "start in rollout s", "gaps s", "tail s",
                           "answered", "failed",
-                          "slowest ms", "min RUNNING", "max RUNNING", "samples", f"{REPLICAS} new RUNNING"], rows))
+                          "slowest ms", "min RUNNING", "max RUNNING", "samples", f"{replicas} new RUNNING"], rows))
     for strategy in dict.fromkeys(r.strategy for r in rollouts):
         times = [r.seconds for r in rollouts if r.strategy == strategy]
         median = statistics.median(times)
         print(f"  {strategy}: median {median:.2f} s = {median / start_p50:.1f}x one replica start; "
               + "; ".join(f"{median / statistics.median(times):.1f}x {case.label}"
                           for case, times in list(starts.items())[1:])
-              + f" ({batches} batches of 2)")
-    print(f"  {clients} client threads; min RUNNING bound stop-first: {floor}; with surge: {REPLICAS}")
+              + f" ({batches} batches of {batch})")
+    print(f"  {clients} client threads; min RUNNING bound stop-first: {floor}; with surge: {replicas}")
     for r in rollouts:
         for error in sorted(set(r.load.errors))[:5]:
             print(f"  {r.strategy} -> {r.version}: failed request: {error}")
@@ -410,9 +422,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="rollouts per strategy (default: 2)")
     parser.add_argument("--clients", type=int, default=3, help="client threads during rollouts (default: 3)")
     parser.add_argument("--work-ms", type=float, default=20.0, help="work per request in ms (default: 20)")
+    parser.add_argument("--replicas", type=int, default=REPLICAS,
+                        help=f"replicas rolled (default: {REPLICAS}; fewer for a quick smoke run)")
     args = parser.parse_args(argv)
-    if min(args.noops, args.starts, args.rounds, args.clients) < 1 or args.work_ms < 0:
-        parser.error("--noops, --starts, --rounds and --clients must be positive")
+    if min(args.noops, args.starts, args.rounds, args.clients, args.replicas) < 1 or args.work_ms < 0:
+        parser.error("--noops, --starts, --rounds, --clients and --replicas must be positive, --work-ms not negative")
     return args
 
 
@@ -420,26 +434,26 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
     global WORK_S
     WORK_S = args.work_ms / 1000
     names = [NAME] + [f"{START_PREFIX}{n}-{i}" for n in range(len(START_CASES)) for i in range(args.starts)]
-    with cluster(work_dir, num_cpus=args.num_cpus) as address, deleted_on_exit(names):
-        print("\n".join(machine_lines(address)), flush=True)
+    with cluster(work_dir, num_cpus=args.num_cpus) as local, deleted_on_exit(names):
+        print("\n".join(machine_lines(local.url)), flush=True)
         print(f"agent:    --num-cpus {args.num_cpus:g}; logs in {work_dir}", flush=True)
         started = time.perf_counter()
-        first = model(NAME, REPLICAS, "v1")
+        first = model(NAME, args.replicas, "v1")
         first.deploy(timeout=DEPLOY_TIMEOUT_S)
         first_deploy_s = time.perf_counter() - started
-        noop = measure_noop(first, args.noops)
+        noop = measure_noop(first, args.noops, args.replicas)
         print(f"(a) no-op deploy p50 {ms(statistics.median(noop.times_s))} ms", flush=True)
         starts = measure_starts(args.starts, args.clients)
         rollouts = []
         versions = iter(range(2, 2 + 2 * args.rounds))
         for _ in range(args.rounds):
             for surge in (0, 2):
-                result = measure_rollout(f"v{next(versions)}", surge, args.clients)
+                result = measure_rollout(f"v{next(versions)}", surge, args.clients, args.replicas)
                 print(f"(c) {result.strategy} -> {result.version}: {result.seconds:.2f} s, "
                       f"{result.load.answered} answered, {result.load.failed} failed, "
                       f"RUNNING min {result.min_running} max {result.max_running}", flush=True)
                 rollouts.append(result)
-    report(noop, starts, first_deploy_s, rollouts, args.clients)
+    report(noop, starts, first_deploy_s, rollouts, args.clients, args.replicas)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -5,7 +5,7 @@ What it measures
 ----------------
 Everything runs on this machine: an embedded Redis (no persistence), a controller
 (``--resync 0.5``) and one node agent offering ``--num-cpus`` (default 16) CPUs,
-all started by the script. The deployment has 10 replicas (``num_cpus=0.1``,
+all started by the script. The deployment has 10 replicas (``--replicas``; ``num_cpus=0.1``,
 ``version="v1"``) of a class whose ``reconfigure(config)`` stores the config and
 whose ``__call__(i)`` returns ``[i, config, os.getpid()]``.
 
@@ -36,9 +36,13 @@ than restarting the replicas. Both go in batches of at most 2 replicas
 (controller -> replica -> controller) and a rollout about 5 replica starts.
 ``pids unchanged`` must say yes.
 
-Usage::
+Usage, from the repository root::
 
-    python scripts/bench_reconfigure.py [--num-cpus 16] [--updates 20] [--rollouts 2]
+    python -m benchmarks.bench_reconfigure [--num-cpus 16] [--updates 20] [--rollouts 2] [--replicas 10]
+
+A smoke run (seconds; the figures mean nothing)::
+
+    python -m benchmarks.bench_reconfigure --updates 2 --rollouts 1 --replicas 2
 
 Everything it starts is stopped on exit, Ctrl-C or error; logs are kept (path
 printed) only when it fails.
@@ -57,7 +61,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import taskserve
-from _cluster import bench_main, cluster, deleted_on_exit, load_average, machine_lines, markdown_table, percentile
+from benchmarks.common import (
+    bench_main,
+    cluster,
+    deleted_on_exit,
+    load_average,
+    machine_lines,
+    markdown_table,
+    percentile,
+)
 
 NAME = "bench_reconfigure"
 REPLICAS = 10
@@ -81,9 +93,9 @@ class Configured:
         return [i, self.config, os.getpid()]
 
 
-def model(version: str, config: dict) -> taskserve.Deployment:
+def model(version: str, config: dict, replicas: int) -> taskserve.Deployment:
     return taskserve.deployment(Configured).options(
-        name=NAME, num_replicas=REPLICAS, version=version, num_cpus=NUM_CPUS, user_config=config)
+        name=NAME, num_replicas=replicas, version=version, num_cpus=NUM_CPUS, user_config=config)
 
 
 # --------------------------------------------------------------------------- confirming
@@ -135,19 +147,19 @@ class Update:
     label: str
     deploy_s: float         # until deploy() returned
     confirmed: Confirmation
-    status_ok: bool         # 10 RUNNING replicas, one config hash, the new one
+    status_ok: bool         # every replica RUNNING, one config hash, the new one
     pids: frozenset[int]    # RUNNING pids in status() after the update
 
 
 def timed_update(deployment: taskserve.Deployment, kind: str, label: str, config: dict,
-                 expected_pids: Optional[set[int]], previous_hash: str) -> Update:
+                 expected_pids: Optional[set[int]], previous_hash: str, replicas: int) -> Update:
     """``deploy()`` then confirm by answers; ``expected_pids`` None means the new replicas."""
     started = time.perf_counter()
     deployment.deploy(timeout=DEPLOY_TIMEOUT_S)
     deploy_s = time.perf_counter() - started
     running = running_replicas(deployment)
     hashes = {r.config_hash for r in running}
-    status_ok = len(running) == REPLICAS and len(hashes) == 1 and (kind == "rollout" or hashes != {previous_hash})
+    status_ok = len(running) == replicas and len(hashes) == 1 and (kind == "rollout" or hashes != {previous_hash})
     pids = frozenset(r.pid for r in running if r.pid)
     expected = set(expected_pids) if expected_pids is not None else set(pids)
     confirmed = confirm_all_answer(deployment.get_handle(), config, expected, started)
@@ -158,30 +170,30 @@ def config_hash(deployment: taskserve.Deployment) -> str:
     return next(iter({r.config_hash for r in running_replicas(deployment)}), "")
 
 
-def measure_reconfigures(updates: int) -> tuple[list[Update], frozenset[int]]:
+def measure_reconfigures(updates: int, replicas: int) -> tuple[list[Update], frozenset[int]]:
     """``updates`` in-place config changes of the v1 replicas; also their initial pids."""
-    first = model("v1", {"n": 0})
+    first = model("v1", {"n": 0}, replicas)
     first.deploy(timeout=DEPLOY_TIMEOUT_S)
     initial = frozenset(r.pid for r in running_replicas(first) if r.pid)
-    if len(initial) != REPLICAS:
-        raise RuntimeError(f"expected {REPLICAS} RUNNING replicas after the first deploy, got {len(initial)}")
+    if len(initial) != replicas:
+        raise RuntimeError(f"expected {replicas} RUNNING replicas after the first deploy, got {len(initial)}")
     confirm_all_answer(first.get_handle(), {"n": 0}, set(initial), time.perf_counter())
     results = []
     for n in range(1, updates + 1):
         config = {"n": n}
-        update = timed_update(model("v1", config), "reconfigure", f"n={n}", config, set(initial),
-                              config_hash(first))
+        update = timed_update(model("v1", config, replicas), "reconfigure", f"n={n}", config, set(initial),
+                              config_hash(first), replicas)
         results.append(update)
         print(f"  reconfigure n={n}: deploy() {update.deploy_s * 1000:.0f} ms, all answered "
               f"{update.confirmed.seconds * 1000:.0f} ms, stale {update.confirmed.stale}", flush=True)
     return results, initial
 
 
-def measure_rollouts(count: int, config: dict) -> list[Update]:
+def measure_rollouts(count: int, config: dict, replicas: int) -> list[Update]:
     results = []
     for k in range(count):
         version = f"v{k + 2}"
-        update = timed_update(model(version, config), "rollout", version, config, None, "")
+        update = timed_update(model(version, config, replicas), "rollout", version, config, None, "", replicas)
         results.append(update)
         print(f"  rollout to {version}: deploy() {update.deploy_s:.2f} s, all answered "
               f"{update.confirmed.seconds:.2f} s", flush=True)
@@ -197,15 +209,15 @@ def summary_row(label: str, values_s: list[float]) -> list[str]:
             f"{percentile(ordered, 0.9) * 1000:.0f}", f"{ordered[-1] * 1000:.0f}"]
 
 
-def report(reconfigures: list[Update], rollouts: list[Update], initial: frozenset[int]) -> None:
+def report(reconfigures: list[Update], rollouts: list[Update], initial: frozenset[int], replicas: int) -> None:
     print(f"\nload {load_average()} (1/5/15 min) at the end\n")
     rows = [
         summary_row("reconfigure: deploy() returned", [u.deploy_s for u in reconfigures]),
-        summary_row("reconfigure: all 10 answered", [u.confirmed.seconds for u in reconfigures]),
+        summary_row(f"reconfigure: all {replicas} answered", [u.confirmed.seconds for u in reconfigures]),
         summary_row("rolling redeploy: deploy() returned", [u.deploy_s for u in rollouts]),
-        summary_row("rolling redeploy: all 10 answered", [u.confirmed.seconds for u in rollouts]),
+        summary_row(f"rolling redeploy: all {replicas} answered", [u.confirmed.seconds for u in rollouts]),
     ]
-    print(markdown_table(["update of 10 replicas", "n", "p50 ms", "p90 ms", "max ms"], rows))
+    print(markdown_table([f"update of {replicas} replicas", "n", "p50 ms", "p90 ms", "max ms"], rows))
     reconfigure_p50 = statistics.median(u.confirmed.seconds for u in reconfigures)
     rollout_median = statistics.median(u.confirmed.seconds for u in rollouts)
     pids_unchanged = all(u.pids == initial and u.confirmed.pids == initial for u in reconfigures)
@@ -217,7 +229,7 @@ def report(reconfigures: list[Update], rollouts: list[Update], initial: frozense
         ["reconfigure / rolling redeploy (p50 / median, all answered)", f"{reconfigure_p50 / rollout_median:.3f}"],
         ["replica pids unchanged over all reconfigures (status and answers)", "yes" if pids_unchanged else "NO"],
         ["answers with an older config after deploy() returned", str(stale)],
-        ["status() after each update: 10 RUNNING, one new config hash", "yes" if status_ok else "NO"],
+        [f"status() after each update: {replicas} RUNNING, one new config hash", "yes" if status_ok else "NO"],
         ["rolling redeploys replaced every pid", "yes" if rollout_new else "NO"],
         ["probe requests sent", str(sum(u.confirmed.requests for u in reconfigures + rollouts))],
     ]))
@@ -236,19 +248,21 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--num-cpus", type=float, default=16, help="CPUs the agent offers (default: 16)")
     parser.add_argument("--updates", type=int, default=20, help="reconfigures timed (default: 20)")
     parser.add_argument("--rollouts", type=int, default=2, help="rolling redeploys timed (default: 2)")
+    parser.add_argument("--replicas", type=int, default=REPLICAS,
+                        help=f"replicas of the deployment (default: {REPLICAS}; fewer for a quick smoke run)")
     args = parser.parse_args(argv)
-    if args.updates < 1 or args.rollouts < 1:
-        parser.error("--updates and --rollouts must be positive")
+    if min(args.updates, args.rollouts, args.replicas) < 1:
+        parser.error("--updates, --rollouts and --replicas must be positive")
     return args
 
 
 def run(args: argparse.Namespace, work_dir: Path) -> None:
-    with cluster(work_dir, num_cpus=args.num_cpus) as address, deleted_on_exit([NAME]):
-        print("\n".join(machine_lines(address)), flush=True)
+    with cluster(work_dir, num_cpus=args.num_cpus) as local, deleted_on_exit([NAME]):
+        print("\n".join(machine_lines(local.url)), flush=True)
         print(f"agent:    --num-cpus {args.num_cpus:g}; logs in {work_dir}", flush=True)
-        reconfigures, initial = measure_reconfigures(args.updates)
-        rollouts = measure_rollouts(args.rollouts, {"n": args.updates})
-    report(reconfigures, rollouts, initial)
+        reconfigures, initial = measure_reconfigures(args.updates, args.replicas)
+        rollouts = measure_rollouts(args.rollouts, {"n": args.updates}, args.replicas)
+    report(reconfigures, rollouts, initial, args.replicas)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -53,15 +53,19 @@ ratios, not absolute numbers across machines. The per-round lines show how
 much the figures move between blocks; the worker CPU ratio (no target) says
 how much more work a taskserve replica does per request than a Celery worker.
 
-Usage::
+Usage, from the repository root::
 
-    python scripts/bench_requests.py [--requests 5000] [--warmup 200] [--rounds 20]
-                                     [--replicas 1 2] [--celery-loglevel INFO]
+    python -m benchmarks.bench_requests [--requests 5000] [--warmup 200] [--rounds 20]
+                                        [--replicas 1 2] [--celery-loglevel INFO]
+
+A smoke run (seconds; the figures mean nothing)::
+
+    python -m benchmarks.bench_requests --requests 20 --warmup 5 --rounds 2 --replicas 1
 
 Everything it starts (deployment, workers, agent, controller, Redis) is stopped
 on exit, Ctrl-C or error. Logs go to a temporary directory that is removed on
 success and kept (its path printed) on failure. The cluster plumbing and the
-report helpers come from ``scripts/_cluster.py``.
+report helpers come from :mod:`benchmarks.common`.
 """
 
 from __future__ import annotations
@@ -82,8 +86,20 @@ from typing import Any, Callable, Iterator, Optional
 import celery
 
 import taskserve
-from _cluster import (START_TIMEOUT_S, Child, bench_main, cluster, cpu_seconds, deleted_on_exit, load_average,
-                      machine_lines, markdown_table, percentile, running, split, wait_until)
+from benchmarks.common import (
+    START_TIMEOUT_S,
+    Child,
+    bench_main,
+    cluster,
+    cpu_seconds,
+    deleted_on_exit,
+    load_average,
+    machine_lines,
+    markdown_table,
+    percentile,
+    split,
+    wait_until,
+)
 
 DEPLOYMENT_NAME = "bench_echo"
 RAW_QUEUE = "bench_raw"
@@ -235,7 +251,7 @@ def deploy_taskserve(replicas: int) -> Client:
 
 
 RAW_APP_SOURCE = '''\
-"""The bare Celery baseline that scripts/bench_requests.py writes and runs."""
+"""The bare Celery baseline that benchmarks/bench_requests.py writes and runs."""
 
 from celery import Celery
 
@@ -283,8 +299,8 @@ def raw_workers(app: celery.Celery, count: int, app_dir: Path, log_dir: Path,
     env = {**os.environ, "PYTHONPATH": pythonpath}
     hostnames = {f"bench_raw{i}@{socket.gethostname()}" for i in range(count)}
     with contextlib.ExitStack() as stack:
-        workers = [stack.enter_context(running(Child(f"celery worker {i}", raw_worker_argv(i, loglevel),
-                                                     log_dir / f"celery-x{count}-{i}.log", env)))
+        workers = [stack.enter_context(Child(f"celery worker {i}", raw_worker_argv(i, loglevel),
+                                             log_dir / f"celery-x{count}-{i}.log", env))
                    for i in range(count)]
 
         def all_ready() -> bool:
@@ -293,7 +309,7 @@ def raw_workers(app: celery.Celery, count: int, app_dir: Path, log_dir: Path,
             replies = app.control.ping(destination=sorted(hostnames), timeout=0.5)
             return hostnames <= {name for reply in replies for name in reply}
 
-        wait_until(all_ready, START_TIMEOUT_S, f"{count} Celery workers did not answer a ping")
+        wait_until(all_ready, START_TIMEOUT_S, f"{count} Celery workers to answer a ping")
 
         def send(i: int) -> celery.result.AsyncResult:
             return app.send_task(RAW_TASK, args=(i,), queue=RAW_QUEUE)
@@ -363,8 +379,9 @@ def run(args: argparse.Namespace, work_dir: Path) -> list[Measurement]:
     """Both paths at every replica count, on one cluster; everything stopped on return."""
     results: list[Measurement] = []
     # The controller's own --resync, and the agent keeps this shell's *_NUM_THREADS (an echo uses no BLAS).
-    with cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None, clear_thread_limits=False) as address, \
+    with cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None, clear_thread_limits=False) as local, \
             deleted_on_exit([DEPLOYMENT_NAME]):
+        address = local.url
         print("\n".join(machine_lines(address)), flush=True)
         print(f"redis:    {address} (embedded, no persistence); logs in {work_dir}", flush=True)
         raw_app = write_raw_app(address, work_dir / "raw_app").app

@@ -1,0 +1,190 @@
+"""Smoke runs of the benchmarks in ``benchmarks/``: each runs end to end with tiny counts.
+
+Each test starts ``python -m benchmarks.bench_X`` from the repository root, as
+benchmarks/README.md says to, and checks its exit code and its report: the
+tables are there, every row has figures, and the checks a benchmark makes
+itself (no failed request, replica pids unchanged ...) say so. The figures
+themselves mean nothing at these counts. All of them together take about a
+minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import doctest
+import os
+import re
+import signal
+import subprocess
+import sys
+from typing import Optional
+
+import pytest
+
+from .helpers import REPO
+
+RUN_TIMEOUT_S = 150.0
+FLOAT = re.compile(r"\d+(\.\d+)?")
+
+
+def run_benchmark(module: str, *args: str, env: Optional[dict[str, str]] = None) -> str:
+    """Run ``python -m benchmarks.MODULE ARGS`` from the repository root; its stdout.
+
+    Fails the test with the output if it exits with an error or outlasts
+    ``RUN_TIMEOUT_S`` (then it gets SIGTERM first, so it stops its cluster in order).
+    """
+    env = dict(os.environ if env is None else env)
+    env.pop("TASKSERVE_ADDRESS", None)   # the benchmark connects to its own cluster
+    process = subprocess.Popen([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO, env=env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=90)
+        pytest.fail(f"{module} took more than {RUN_TIMEOUT_S:.0f}s\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
+    assert process.returncode == 0, f"{module} exited with {process.returncode}\n--- stdout\n{stdout}\n" \
+                                    f"--- stderr\n{stderr}"
+    return stdout
+
+
+def tables(output: str) -> list[list[dict[str, str]]]:
+    """Every Markdown table in ``output``, each as its rows keyed by the header's cells.
+
+    >>> tables("title\\n| a | b |\\n|---|--:|\\n| x | 1 |\\n| y | 2 |\\n\\n| c |\\n|--:|\\n| 3 |")
+    [[{'a': 'x', 'b': '1'}, {'a': 'y', 'b': '2'}], [{'c': '3'}]]
+    """
+    found: list[list[dict[str, str]]] = []
+    lines = output.splitlines()
+    for index, line in enumerate(lines[:-1]):
+        if line.startswith("|") and re.fullmatch(r"\|[-:|]+\|", lines[index + 1]) and \
+                (index == 0 or not lines[index - 1].startswith("|")):
+            header = cells(line)
+            rows = []
+            for row in lines[index + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(dict(zip(header, cells(row))))
+            found.append(rows)
+    return found
+
+
+def cells(line: str) -> list[str]:
+    """The cells of one Markdown table line.
+
+    >>> cells("| a  |  1.0 ok |")
+    ['a', '1.0 ok']
+    """
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def table_with(output: str, column: str) -> list[dict[str, str]]:
+    """The rows of the first table in ``output`` that has the column ``column``."""
+    for rows in tables(output):
+        if rows and column in rows[0]:
+            return rows
+    raise AssertionError(f"no table with a column {column!r} in the report:\n{output}")
+
+
+def checks(output: str) -> dict[str, str]:
+    """A two-column table (``check``/``measure``/``ratio``, ``value``) as a dict."""
+    for rows in tables(output):
+        if rows and set(rows[0]) in ({"check", "value"}, {"measure", "value"}, {"ratio", "value"}):
+            return {next(iter(row.values())): row["value"] for row in rows}
+    raise AssertionError(f"no two-column table of values in the report:\n{output}")
+
+
+def assert_figures(row: dict[str, str], columns: list[str]) -> None:
+    """Each of ``columns`` in ``row`` starts with a number."""
+    for column in columns:
+        assert FLOAT.match(row[column]), f"{column} is {row[column]!r} in {row}"
+
+
+def test_common_doctests() -> None:
+    import benchmarks.common
+
+    result = doctest.testmod(benchmarks.common)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_requests() -> None:
+    out = run_benchmark("bench_requests", "--requests", "20", "--warmup", "5", "--rounds", "2", "--replicas", "1")
+    assert "x1 round 2/2" in out
+    figures = table_with(out, "worker CPU us/req")
+    assert [(row["path"], row["replicas"]) for row in figures] == [("taskserve", "1"), ("celery", "1")]
+    for row in figures:
+        assert_figures(row, ["p50 ms", "p99 ms", "sequential req/s", "pipelined req/s", "worker CPU us/req"])
+    [ratios] = table_with(out, "worker CPU/req taskserve/Celery")
+    assert ratios["replicas"] == "1"
+    for column, value in ratios.items():
+        if column.startswith(("p50", "sequential", "pipelined")):
+            assert re.fullmatch(r"\d+\.\d{3} (ok|MISS)", value), f"{column}: {value!r}"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_http() -> None:
+    out = run_benchmark("bench_http", "--requests", "40", "--warmup", "4", "--concurrency", "2", "--rounds", "2",
+                        "--replicas", "1")
+    assert "command:  python -m benchmarks.bench_http --requests 40" in out
+    figures = table_with(out, "gateway CPU us/req")
+    assert [(row["replicas"], row["path"]) for row in figures] == [("1", "http"), ("1", "handle")]
+    for row in figures:
+        assert_figures(row, ["req/s", "p50 ms", "p99 ms"])
+    assert_figures(figures[0], ["gateway CPU us/req"])
+    [ratios] = table_with(out, "throughput http/handle")
+    assert_figures(ratios, ["throughput http/handle", "p50 http/handle"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_reconfigure() -> None:
+    out = run_benchmark("bench_reconfigure", "--updates", "2", "--rollouts", "1", "--replicas", "2")
+    updates = table_with(out, "update of 2 replicas")
+    assert [row["n"] for row in updates] == ["2", "2", "1", "1"]
+    for row in updates:
+        assert_figures(row, ["p50 ms", "p90 ms", "max ms"])
+    found = checks(out)
+    assert_figures(found, ["reconfigure / rolling redeploy (p50 / median, all answered)"])
+    assert found["replica pids unchanged over all reconfigures (status and answers)"] == "yes"
+    assert found["answers with an older config after deploy() returned"] == "0"
+    assert found["status() after each update: 2 RUNNING, one new config hash"] == "yes"
+    assert found["rolling redeploys replaced every pid"] == "yes"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_rollout() -> None:
+    out = run_benchmark("bench_rollout", "--noops", "2", "--starts", "1", "--rounds", "1", "--clients", "1",
+                        "--work-ms", "5", "--replicas", "2")
+    found = checks(out)
+    assert found["no-op deploys kept every replica pid"] == "yes"
+    assert_figures(found, ["first deploy of 2 replicas, s", "no-op deploy p50, ms (n=2)",
+                           "one replica: start p50, s (n=1)"])
+    rollouts = table_with(out, "2 new RUNNING")
+    assert [row["strategy"] for row in rollouts] == ["stop-first", "max_surge=2"]
+    for row in rollouts:
+        assert row["failed"] == "0", row
+        assert row["2 new RUNNING"] == "yes", row
+        assert "!" not in row["min RUNNING"], row      # never below the bound
+        assert int(row["answered"]) > 0, row
+        assert_figures(row, ["rollout s", "gaps s", "tail s"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_threads() -> None:
+    # Set in the shell, cleared for the cluster: replicas still get the default of 1.
+    env = {**os.environ, "OMP_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "3"}
+    out = run_benchmark("bench_threads", "--size", "64", "--target-ms", "5", "--requests", "4", "--rounds", "1",
+                        env=env)
+    setups = {row["setup"]: row for row in table_with(out, "BLAS pool (threadpoolctl)")}
+    assert set(setups) == {"omp1 x2", "omp2 x2", "omp2 x1"}
+    for name, threads in (("omp1 x2", "1"), ("omp2 x2", "2"), ("omp2 x1", "2")):
+        assert setups[name]["OMP_NUM_THREADS"] == threads, setups[name]
+        assert setups[name]["BLAS pool (threadpoolctl)"].endswith(f"={threads}"), setups[name]
+        assert_figures(setups[name], ["req/s", "compute ms/req", "CPU ms/req"])
+    ratios = checks(out)
+    assert len(ratios) == 3
+    assert_figures(ratios, list(ratios))
