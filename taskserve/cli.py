@@ -29,7 +29,7 @@ from rich.table import Table
 
 from . import api
 from .config_file import load_deployments_file, load_target
-from .connection import ADDRESS_ENV, address_files, connect, resolve_address
+from .connection import ADDRESS_ENV, connect, register_cluster, resolve_address, unregister_cluster
 from .errors import TaskserveError
 
 # Piped output is not cut to 80 columns, so scripts can grep it.
@@ -100,9 +100,10 @@ def _connect(address: Optional[str]) -> None:
 def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_cpus: Optional[float],
        num_gpus: Optional[float], example: bool, http_port: int, host: str) -> None:
     """Run a whole cluster here: Redis, a controller, a node agent and the HTTP gateway."""
-    from .local import LocalCluster, PartExited
+    from .local import LocalCluster, PartExited, PartSupervisor
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(data_dir, 0o700)   # it holds the Redis file and the address
     lock = _lock_data_dir(data_dir)  # noqa: F841 (held until this process exits)
     if http_port:
         from .gateway.app import listen
@@ -118,7 +119,7 @@ def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_
     address = ""
     try:
         address = resolve_address(cluster.start_redis())
-        written = _write_address_files(address, data_dir)
+        written = register_cluster(address, data_dir)
         cluster.start_controller()
         try:
             gpus = ["--num-gpus", str(num_gpus)] if num_gpus is not None else []
@@ -137,17 +138,14 @@ def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_
         if example:
             _deploy_example()
         console.print("Try: [bold]taskserve call echo '\"hi\"'[/bold]   Stop: Ctrl-C")
+        supervisor = PartSupervisor(cluster)
         while not stop.wait(0.5):
-            exited = cluster.exited()
-            if exited:
-                raise RuntimeError(f"{exited[0]} exited with code {cluster.processes[exited[0]].returncode}; "
-                                   f"see {log_dir}/")
+            for line in supervisor.check():
+                errors.print(line, markup=False, highlight=False)
     finally:
         console.print("stopping taskserve...")
         cluster.stop_all()
-        for path in written:
-            if path.is_file() and path.read_text().strip() == address:
-                path.unlink()
+        unregister_cluster(written)
 
 
 def _lock_data_dir(data_dir: Path) -> Any:
@@ -163,14 +161,6 @@ def _lock_data_dir(data_dir: Path) -> Any:
             "stop it first, or pass a different --data-dir"
         ) from None
     return handle
-
-
-def _write_address_files(address: str, data_dir: Path) -> list[Path]:
-    paths = [data_dir / "address", address_files()[1]]
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(address + "\n")
-    return paths
 
 
 def _deploy_example() -> None:
@@ -346,6 +336,9 @@ def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bo
         if as_json:
             click.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
             return
+        from .connection import describe_address
+
+        console.print(f"cluster: {describe_address()}", markup=False, highlight=False)
         _print_deployments(statuses)
         _print_nodes()
         return

@@ -1,20 +1,32 @@
 """Finding the cluster's Redis and keeping one connection to it per process.
 
-Resolution order: the ``address`` argument, then ``$TASKSERVE_ADDRESS``, then the
-address file that ``taskserve up`` writes (``./.taskserve/address``, then
-``~/.taskserve/address``).
+Which cluster a process talks to, first match wins:
+
+1. the ``address`` argument (``connect(address)``, ``--address``);
+2. ``$TASKSERVE_ADDRESS``;
+3. ``./.taskserve/address``: the cluster ``taskserve up`` runs with the data dir in the
+   current directory (only while that ``up`` runs);
+4. this user's running clusters, which each ``taskserve up`` registers under
+   ``~/.taskserve/clusters/`` while it runs: used when there is exactly one; with
+   several, an error lists them and asks for ``--address`` or a directory.
+
+Address files are mode 0600 and belong to one user: another user's ``up`` never
+changes which cluster yours reaches.
 
 Example::
 
-    Example::
-
-        taskserve.connect("redis://127.0.0.1:6379/0")
+    taskserve.connect("redis://127.0.0.1:6379/0")
+    describe_address()      # 'redis://127.0.0.1:6379/0 (from connect())'
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -25,32 +37,121 @@ from .store import Store
 
 ADDRESS_ENV = "TASKSERVE_ADDRESS"
 ADDRESS_FILE_NAME = "address"
+DATA_DIR_NAME = ".taskserve"
+LOCK_FILE_NAME = "up.lock"
 
 _lock = threading.Lock()
 _store: Optional[Store] = None
 _address: Optional[str] = None
+_source: str = ""
 
 
-def address_files() -> list[Path]:
-    """Where ``taskserve up`` leaves its address, in the order they are read."""
-    return [Path.cwd() / ".taskserve" / ADDRESS_FILE_NAME, Path.home() / ".taskserve" / ADDRESS_FILE_NAME]
+@dataclass(frozen=True)
+class ClusterAddress:
+    """A cluster's Redis URL and where it was found (for ``taskserve status``)."""
+
+    url: str
+    source: str
 
 
-def resolve_address(address: Optional[str] = None) -> str:
-    """The Redis URL to use, or a ``ConnectionNotConfigured`` saying how to get one."""
+def user_clusters_dir() -> Path:
+    """Where this user's running ``taskserve up`` clusters are registered."""
+    return Path.home() / DATA_DIR_NAME / "clusters"
+
+
+def up_is_running(data_dir: Path) -> bool:
+    """Whether a ``taskserve up`` holds the lock of ``data_dir`` right now."""
+    lock_path = Path(data_dir) / LOCK_FILE_NAME
+    try:
+        handle = open(lock_path, "a+")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)   # an older file may have had other bits
+
+
+def register_cluster(url: str, data_dir: Path) -> list[Path]:
+    """Record a running ``up``: ``<data_dir>/address`` and this user's registry entry."""
+    data_dir = Path(data_dir).resolve()
+    entry = user_clusters_dir() / (hashlib.sha256(str(data_dir).encode()).hexdigest()[:16] + ".json")
+    _write_private(data_dir / ADDRESS_FILE_NAME, url + "\n")
+    _write_private(entry, json.dumps({"url": url, "data_dir": str(data_dir), "pid": os.getpid()}) + "\n")
+    return [data_dir / ADDRESS_FILE_NAME, entry]
+
+
+def unregister_cluster(paths: list[Path]) -> None:
+    """Remove what :func:`register_cluster` wrote."""
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def running_clusters() -> list[ClusterAddress]:
+    """This user's registered clusters whose ``up`` still runs (stale entries are removed)."""
+    found = []
+    for entry in sorted(user_clusters_dir().glob("*.json")):
+        try:
+            record = json.loads(entry.read_text())
+            url, data_dir = record["url"], Path(record["data_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if up_is_running(data_dir):
+            found.append(ClusterAddress(url, f"the `taskserve up` with data dir {data_dir}"))
+        else:
+            entry.unlink(missing_ok=True)
+    return found
+
+
+def find_cluster(address: Optional[str] = None) -> ClusterAddress:
+    """The cluster to talk to and why (see the module docstring for the order)."""
     if address:
-        return _check_url(address)
+        return ClusterAddress(_check_url(address), "--address")
     if os.environ.get(ADDRESS_ENV):
-        return _check_url(os.environ[ADDRESS_ENV])
-    for path in address_files():
-        if path.is_file():
-            text = path.read_text().strip()
-            if text:
-                return _check_url(text)
+        return ClusterAddress(_check_url(os.environ[ADDRESS_ENV]), f"${ADDRESS_ENV}")
+    local = Path.cwd() / DATA_DIR_NAME
+    local_file = local / ADDRESS_FILE_NAME
+    if local_file.is_file() and up_is_running(local):
+        text = local_file.read_text().strip()
+        if text:
+            return ClusterAddress(_check_url(text), str(local_file))
+    clusters = running_clusters()
+    if len(clusters) == 1:
+        return clusters[0]
+    if len(clusters) > 1:
+        raise ConnectionNotConfigured(
+            f"{len(clusters)} taskserve clusters are up ({'; '.join(c.source for c in clusters)}): "
+            f"pass --address URL, set ${ADDRESS_ENV}, or run from the directory of the one you mean"
+        )
     raise ConnectionNotConfigured(
         "no taskserve cluster address: run `taskserve up` in another terminal, "
         f"or pass connect(address='redis://HOST:PORT') or set ${ADDRESS_ENV}"
     )
+
+
+def resolve_address(address: Optional[str] = None) -> str:
+    """The Redis URL to use, or a ``ConnectionNotConfigured`` saying how to get one."""
+    return find_cluster(address).url
+
+
+def describe_address() -> str:
+    """The connected cluster's URL and where it was found, for ``taskserve status``."""
+    current_store()
+    return f"{_address} (from {_source})"
 
 
 def _check_url(url: str) -> str:
@@ -76,8 +177,9 @@ def connect(address: Optional[str] = None) -> Store:
 
         taskserve.connect("redis://127.0.0.1:6379/0")
     """
-    global _store, _address
-    url = resolve_address(address)
+    global _store, _address, _source
+    found = find_cluster(address)
+    url = found.url
     with _lock:
         if _store is not None and _address == url:
             return _store
@@ -88,7 +190,7 @@ def connect(address: Optional[str] = None) -> Store:
             raise ConnectionNotConfigured(
                 f"cannot reach Redis at {url} ({error}); is `taskserve up` running?"
             ) from None
-        _store, _address = store, url
+        _store, _address, _source = store, url, "connect()" if address else found.source
         return store
 
 

@@ -113,6 +113,7 @@ class LocalCluster:
         self.base_env = dict(os.environ if env is None else env)
         self.cwd = cwd
         self.processes: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, tuple[tuple[str, ...], Optional[dict[str, str]]]] = {}
 
     # ------------------------------------------------------------------ Redis
 
@@ -160,7 +161,13 @@ class LocalCluster:
                 preexec_fn=_die_with_parent,   # and they go too if we are killed outright
             )
         self.processes[name] = process
+        self.commands[name] = (tuple(args), env)
         return process
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start the part ``name`` again, as it was started (it must have exited)."""
+        args, env = self.commands[name]
+        return self.start(name, *args, env=env)
 
     def start_controller(self, *args: str, name: str = "controller") -> subprocess.Popen:
         return self.start(name, "controller", *args)
@@ -264,3 +271,39 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop_all()
+
+
+class PartSupervisor:
+    """Restarts the parts of a cluster that died, with a growing pause; what ``up`` runs.
+
+    One bad deployment must never take the cluster down: a part that exits is
+    started again (after 1 s, doubling up to 60 s while it keeps dying within a
+    minute of its start), and each restart is reported as one line.
+    """
+
+    def __init__(self, cluster: LocalCluster, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cluster = cluster
+        self.clock = clock
+        self.started_at = {name: clock() for name in cluster.processes}
+        self.delay = {name: 1.0 for name in cluster.processes}
+        self.due: dict[str, float] = {}
+
+    def check(self) -> list[str]:
+        """Restart what is due; the lines to report."""
+        lines = []
+        now = self.clock()
+        for name in self.cluster.exited():
+            if name not in self.due:
+                code = self.cluster.processes[name].returncode
+                if now - self.started_at.get(name, now) > 60:
+                    self.delay[name] = 1.0          # it ran a good while: start over
+                self.due[name] = now + self.delay[name]
+                lines.append(f"{name} exited with code {code}; restarting it in {self.delay[name]:g}s "
+                             f"(log: {self.cluster.log_dir / (name + '.log')})")
+                self.delay[name] = min(60.0, self.delay[name] * 2)
+        for name, due in list(self.due.items()):
+            if now >= due:
+                del self.due[name]
+                self.cluster.restart(name)
+                self.started_at[name] = now
+        return lines

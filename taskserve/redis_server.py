@@ -40,6 +40,18 @@ def find_redis_server() -> str:
     )
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on ``host:port`` (a bind to it succeeds)."""
+    with socket.socket() as sock:
+        # As redis-server itself does: a port with only closed connections in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -63,6 +75,12 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
+        """Start it; ``RuntimeError`` in one line if its port is taken or it does not come up."""
+        if not port_is_free(self.port):
+            raise RuntimeError(
+                f"port {self.port} is in use (another Redis or taskserve cluster?); "
+                "pick another --redis-port, or leave it out for a free one"
+            )
         args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--protected-mode", "yes", "--loglevel", "warning"]
         if self.data_dir is not None:
@@ -84,13 +102,15 @@ class RedisServer:
                 error = self._errors.read().decode(errors="replace")
                 raise RuntimeError(f"redis-server exited at start on port {self.port}: {error.strip()}")
             try:
-                client.ping()
-                break
+                # Answered by our process, not by a server that took the port meanwhile.
+                if int(client.info("server")["process_id"]) == self.process.pid:
+                    break
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
-                time.sleep(0.02)
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s}s")
+            time.sleep(0.02)
         client.close()
         return self
 

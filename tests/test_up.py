@@ -100,3 +100,17 @@ def test_up_serves_the_example_runs_the_script_and_stops_everything(tmp_path):
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(timeout=90)
+
+
+def test_up_refuses_a_redis_port_another_server_holds(tmp_path):
+    from taskserve.redis_server import RedisServer
+
+    with RedisServer() as other:
+        env = {k: v for k, v in os.environ.items() if k != "TASKSERVE_ADDRESS"}
+        env["HOME"] = str(tmp_path)
+        result = cli(env, tmp_path, "up", "--redis-port", str(other.port), "--http-port", "0", "--no-example")
+        assert result.returncode == 1
+        assert f"port {other.port} is in use" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert other.process.poll() is None
+        assert not (tmp_path / ".taskserve" / "address").exists()
