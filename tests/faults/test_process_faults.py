@@ -1,0 +1,96 @@
+"""Processes killed under a steady load: replicas (serving, draining) and node agents.
+
+Each test sends requests with known ids the whole time, injects its fault, and
+checks the row of the fault table: nothing lost, duplicates only where a crash
+makes at-least-once delivery run a request twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import redis
+
+import taskserve
+
+from ..helpers import replica_pids, start_cluster, wait_until
+from .harness import Recorder, SteadyLoad, describe_failures
+
+pytestmark = pytest.mark.integration
+
+
+def deploy_recorder(url: str, name: str, seconds: float = 0.0, **options):
+    served_key = f"faults:served:{name}"
+    model = taskserve.deployment(Recorder).options(name=name, num_cpus=0.1, **options)
+    model.deploy(url, served_key, seconds)
+    return model, served_key
+
+
+def test_replica_killed_while_serving(connected, unique_name):
+    model, served = deploy_recorder(connected.url, unique_name, seconds=0.05, num_replicas=2, version="1")
+    client = redis.Redis.from_url(connected.url)
+    with SteadyLoad(model.get_handle(), threads=4) as load:
+        load.wait_for_answers(40)
+        victim = sorted(replica_pids(unique_name))[0]
+        fault_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in replica_pids(unique_name, state=None) and
+                   len(replica_pids(unique_name)) == 2, timeout=60, message="the killed replica's replacement")
+        load.wait_for_answers(load.answered_count() + 40)
+    result = load.result("replica SIGKILLed while serving", client, served, fault_at,
+                         notes="its request is put back at once by its agent")
+    assert result.lost == 0 and result.failed == 0, describe_failures(load)
+    assert result.duplicated <= 1     # the request it was serving may run again
+    model.delete()
+
+
+def test_replica_killed_while_draining_in_a_rollout(connected, unique_name):
+    model, served = deploy_recorder(connected.url, unique_name, seconds=0.3, num_replicas=2, version="1",
+                                    graceful_shutdown_timeout_s=30)
+    client = redis.Redis.from_url(connected.url)
+    store = taskserve.connect(connected.url)
+    with SteadyLoad(model.get_handle(), threads=4) as load:
+        load.wait_for_answers(10)
+        fault_at = time.monotonic()
+        import threading
+
+        rollout = threading.Thread(target=lambda: model.options(version="2").deploy(connected.url, served, 0.3))
+        rollout.start()
+
+        def draining_pid():
+            _, _, replicas = store.snapshot(unique_name)
+            return next((r.pid for r in replicas if r.state.value == "DRAINING" and r.pid), None)
+
+        victim = wait_until(draining_pid, timeout=60, interval=0.005, message="a replica to drain")
+        os.kill(victim, signal.SIGKILL)
+        rollout.join(timeout=120)
+        load.wait_for_answers(load.answered_count() + 20)
+    result = load.result("replica SIGKILLed while draining (rollout)", client, served, fault_at,
+                         notes="restored whatever the replica's state")
+    assert result.lost == 0 and result.failed == 0, describe_failures(load)
+    assert result.duplicated <= 1
+    model.delete()
+
+
+def test_node_agent_killed_and_restarted(tmp_path):
+    cluster = start_cluster(tmp_path, ("node-a",), 4)
+    try:
+        model, served = deploy_recorder(cluster.url, "agent_killed", seconds=0.05, num_replicas=2, version="1")
+        client = redis.Redis.from_url(cluster.url)
+        with SteadyLoad(model.get_handle(), threads=3) as load:
+            load.wait_for_answers(30)
+            fault_at = time.monotonic()
+            cluster.stop("agent-node-a", sig=signal.SIGKILL)   # its replicas drain (parent-death signal)
+            cluster.restart("agent-node-a")
+            wait_until(lambda: len(replica_pids("agent_killed")) == 2, timeout=90,
+                       message="the deployment to run 2 replicas again")
+            load.wait_for_answers(load.answered_count() + 30)
+        result = load.result("node agent SIGKILLed, then restarted", client, served, fault_at,
+                             notes="replicas drain on their parent's death; the new agent replaces them")
+        assert result.lost == 0 and result.failed == 0, describe_failures(load)
+        assert result.duplicated <= 2
+    finally:
+        cluster.stop_all()
