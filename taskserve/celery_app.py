@@ -4,6 +4,8 @@ Requests are Celery tasks named :data:`TASK_NAME` on the deployment's own queue
 (``taskserve.<name>``); results go to the same Redis. Replicas acknowledge a
 message only after serving it (``acks_late``) and take one at a time
 (prefetch 1), so a message a replica did not finish goes back to the queue.
+Results expire after the deployment's ``result_ttl_s``, and storing one rides
+out a Redis restart (it is retried for about half a minute).
 
 Example::
 
@@ -14,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 
 from celery import Celery
 
@@ -23,9 +26,23 @@ TASK_NAME = "taskserve.call"
 # another consumer. Replicas that die are restored sooner by their node agent.
 VISIBILITY_TIMEOUT_S = 3600
 
+# How long a result nobody read stays in Redis, unless the deployment says (result_ttl_s).
+DEFAULT_RESULT_EXPIRES_S = 600
 
-def make_app(address: str, serializer: str = "json") -> Celery:
-    """A Celery app on the cluster's Redis that speaks ``serializer`` ("json" or "pickle")."""
+# A result write (or read) that finds Redis unreachable is tried again after a random
+# pause of up to 0.2 s, 0.4 s, 0.8 s, 1.6 s, then 2 s: about half a minute in all,
+# enough for a restart that reloads its append-only file.
+RESULT_RETRIES = 35
+RESULT_RETRY_BASE_MS = 100
+RESULT_RETRY_MAX_MS = 2000
+
+
+def make_app(address: str, serializer: str = "json", result_expires: float = DEFAULT_RESULT_EXPIRES_S) -> Celery:
+    """A Celery app on the cluster's Redis that speaks ``serializer`` ("json" or "pickle").
+
+    The results it stores expire after ``result_expires`` seconds (whole seconds,
+    at least one: Redis takes no fraction, and 0 would mean never).
+    """
     app = Celery("taskserve", broker=address, backend=address, set_as_current=False)
     app.conf.update(
         task_serializer=serializer,
@@ -36,7 +53,11 @@ def make_app(address: str, serializer: str = "json") -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_create_missing_queues=True,
-        result_expires=3600,
+        result_expires=max(1, math.ceil(result_expires)),
+        result_backend_always_retry=True,
+        result_backend_max_retries=RESULT_RETRIES,
+        result_backend_base_sleep_between_retries_ms=RESULT_RETRY_BASE_MS,
+        result_backend_max_sleep_between_retries_ms=RESULT_RETRY_MAX_MS,
         result_extended=False,
         worker_send_task_events=False,
         task_send_sent_event=False,

@@ -1,7 +1,7 @@
-"""The gate between a replica's requests and its object's upkeep.
+"""The gate between a replica's requests and its object's ``reconfigure``.
 
-Requests enter shared; ``reconfigure`` enters alone, after the requests in hand
-finished and before new ones start.
+Requests (and ``check_health``) enter shared; ``reconfigure`` enters alone, after
+the requests in hand finished and before new ones start.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Iterator, Optional
 
 
 class RequestGate:
-    """Keeps the object's upkeep (``reconfigure``, ``check_health``) apart from requests.
+    """Keeps ``reconfigure`` apart from requests.
 
-    Requests enter shared (several at once when ``max_concurrent_queries > 1``);
-    upkeep enters alone, after the requests in hand finished and before new ones start.
+    Requests enter shared (several at once when ``max_concurrent_queries > 1``, and
+    ``check_health`` alongside them); ``reconfigure`` enters alone, after the
+    requests in hand finished, and holds new ones back while it waits and runs.
 
     >>> gate = RequestGate()
     >>> with gate.request():
@@ -24,7 +25,12 @@ class RequestGate:
     False
     >>> gate.try_exclusive(timeout=0.01)
     True
+    >>> gate.try_enter(timeout=0.01)       # a request waits for reconfigure
+    False
     >>> gate.release_exclusive()
+    >>> gate.try_enter(timeout=0.01)
+    True
+    >>> gate.leave()
     """
 
     def __init__(self) -> None:
@@ -35,16 +41,29 @@ class RequestGate:
 
     @contextmanager
     def request(self) -> Iterator[None]:
-        with self._condition:
-            while self._exclusive or self._waiting_exclusive:
-                self._condition.wait()
-            self._serving += 1
+        self.try_enter()
         try:
             yield
         finally:
-            with self._condition:
-                self._serving -= 1
-                self._condition.notify_all()
+            self.leave()
+
+    def try_enter(self, timeout: Optional[float] = None) -> bool:
+        """Enter shared, waiting at most ``timeout`` seconds; False if it could not."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while self._exclusive or self._waiting_exclusive:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._condition.wait(remaining)
+            self._serving += 1
+            return True
+
+    def leave(self) -> None:
+        """Leave after :meth:`try_enter` returned True."""
+        with self._condition:
+            self._serving -= 1
+            self._condition.notify_all()
 
     def try_exclusive(self, timeout: Optional[float] = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -9,6 +9,13 @@ The order is what makes a replica safe to route to: the constructor (and
 deployment's queue, and ``RUNNING`` is recorded when it does. SIGTERM drains: the
 worker stops taking messages, finishes the one it serves and exits; a message it
 held but had not started goes back to the queue.
+
+Faults it rides out: ``check_health()`` runs beside the requests, in a thread of its
+own with a time limit, so a hung one holds up nothing and counts as a failure; a
+queue item that is not a taskserve request is dropped with one log line saying why;
+a request its replicas died serving ``max_deliveries`` times is answered with a
+``ReplicaCrashed`` error instead of being run again; storing a result and
+acknowledging the message are retried while Redis restarts.
 """
 
 from __future__ import annotations
@@ -25,12 +32,17 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Optional
+from concurrent import futures
+from typing import Any, Callable, Optional, TypeVar
 
 import redis
 from celery import signals
+from celery.worker.consumer import Consumer
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from vine import promise
 
-from ..celery_app import TASK_NAME, make_app
+from ..celery_app import DEFAULT_RESULT_EXPIRES_S, TASK_NAME, make_app
 from ..code import unpack
 from ..connection import make_store
 from ..http import HTTP_METHOD, Request, encode_response
@@ -46,9 +58,25 @@ log = logging.getLogger("taskserve.node.replica")
 
 HEALTH_FAILURES_TO_REPLACE = 3
 
+# A request whose replica died this many times is answered with an error, unless
+# the deployment says (max_deliveries).
+DEFAULT_MAX_DELIVERIES = 3
+
+# How long an acknowledgement keeps retrying while Redis is unreachable (say, restarting).
+ACK_RETRY_S = 30.0
+
+# What a Redis that is down or restarting raises (BusyLoadingError is a ConnectionError).
+REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+T = TypeVar("T")
+
 # How often a replica re-reads its record even without a wake-up, so one that
 # missed a reconfigure message catches up.
 CONTROL_HEARTBEAT_S = 1.0
+
+
+class HealthCheckTimeout(Exception):
+    """``check_health()`` did not return in time: a failure like an exception."""
 
 
 class Dispatcher:
@@ -63,6 +91,7 @@ class Dispatcher:
         self.target = target
         self.kind = kind
         self.gate = RequestGate()
+        self._health_check: Optional[futures.Future] = None
 
     def __call__(self, method: str, args: list, kwargs: dict) -> Any:
         with self.gate.request():
@@ -71,20 +100,31 @@ class Dispatcher:
     def has(self, method: str) -> bool:
         return self.kind == "class" and callable(getattr(self.target, method, None))
 
-    def check_health(self, wait_s: float) -> Optional[bool]:
-        """Run the object's ``check_health()``: True if it passed, None if it was busy.
+    def check_health(self, wait_s: float, timeout_s: float) -> Optional[bool]:
+        """Run the object's ``check_health()`` alongside the requests in progress.
 
-        Raises what ``check_health`` raised.
+        Returns True if it passed, None if ``reconfigure`` held the object for
+        ``wait_s`` (not a failure). Raises :class:`HealthCheckTimeout` if it did not
+        return within ``timeout_s``, else what ``check_health`` raised.
+
+        The check runs in a thread of its own, so a hung one holds up nothing but
+        itself; a check still running from last time is waited for, not started again.
         """
         if not self.has("check_health"):
             return True
-        if not self.gate.try_exclusive(timeout=wait_s):
-            return None  # serving a long request; not a failure
+        if not self.gate.try_enter(timeout=wait_s):
+            return None
         try:
-            _run(self.target.check_health())
+            check = self._health_check
+            if check is None:
+                check = self._health_check = _in_thread(lambda: _run(self.target.check_health()), "check_health")
+            if not futures.wait([check], timeout=timeout_s).done:
+                raise HealthCheckTimeout(f"check_health did not return within {timeout_s:g}s")
+            self._health_check = None
+            check.result()
             return True
         finally:
-            self.gate.release_exclusive()
+            self.gate.leave()
 
     def reconfigure(self, user_config: Any) -> None:
         """Call ``reconfigure(user_config)`` with no request in flight."""
@@ -103,6 +143,64 @@ class Dispatcher:
         else:
             function = getattr(self.target, method)
         return _run(function(*args, **kwargs))
+
+
+def _in_thread(function: Callable[[], T], name: str) -> "futures.Future[T]":
+    """Run ``function`` in a new daemon thread (one that never holds up the exit); its future."""
+    future: futures.Future = futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function())
+        except BaseException as error:
+            future.set_exception(error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+class HealthWatch:
+    """Runs ``check_health()`` and counts its failures in a row.
+
+    :meth:`check` returns why the replica should be replaced once ``limit``
+    checks in a row failed (raised, or did not return within ``timeout_s``), and
+    again after each further failure.
+
+    >>> class Sick:
+    ...     def check_health(self):
+    ...         raise RuntimeError("out of memory")
+    >>> watch = HealthWatch(Dispatcher(Sick(), "class"), wait_s=1, timeout_s=5, limit=2)
+    >>> watch.check() is None
+    True
+    >>> watch.check().splitlines()[0]
+    'check_health failed 2 times in a row: Traceback (most recent call last):'
+    """
+
+    def __init__(self, dispatcher: Dispatcher, wait_s: float, timeout_s: float,
+                 limit: int = HEALTH_FAILURES_TO_REPLACE) -> None:
+        self.dispatcher = dispatcher
+        self.wait_s = wait_s
+        self.timeout_s = timeout_s
+        self.limit = limit
+        self.failures = 0
+
+    def check(self) -> Optional[str]:
+        """One check; the reason to be replaced once there are ``limit`` failures in a row."""
+        try:
+            passed = self.dispatcher.check_health(wait_s=self.wait_s, timeout_s=self.timeout_s)
+        except HealthCheckTimeout as error:
+            text = str(error)
+        except Exception as error:
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        else:
+            if passed:
+                self.failures = 0
+            return None
+        self.failures += 1
+        log.warning("check_health failed (%d in a row): %s", self.failures, text)
+        if self.failures >= self.limit:
+            return f"check_health failed {self.failures} times in a row: {text}"
+        return None
 
 
 def _run(result: Any) -> Any:
@@ -226,32 +324,34 @@ class ReplicaProcess:
         if not dispatcher.has("check_health"):
             return
         period = float(self.config.get("health_check_period_s") or 10)
+        watch = HealthWatch(dispatcher, wait_s=period, timeout_s=float(self.config.get("health_check_timeout_s") or 30))
 
         def loop() -> None:
-            failures = 0
             while True:
                 time.sleep(period)
-                try:
-                    passed = dispatcher.check_health(wait_s=period)
-                except Exception as error:
-                    failures += 1
-                    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-                    log.warning("check_health failed (%d in a row):\n%s", failures, text)
-                    if failures == HEALTH_FAILURES_TO_REPLACE:
-                        self.store.update_replica(
-                            self.replica_id, unhealthy=True,
-                            message=f"check_health failed {failures} times in a row: {text}")
-                        self.store.notify(f"replica:{self.record.deployment}")
+                reason = watch.check()
+                if reason is None:
                     continue
-                if passed:
-                    failures = 0
+                try:
+                    self.store.update_replica(self.replica_id, unhealthy=True, message=reason)
+                    self.store.notify(f"replica:{self.record.deployment}")
+                except redis.RedisError as error:
+                    log.warning("cannot record that this replica is unhealthy (%s)", error)
 
-        threading.Thread(target=loop, name="check_health", daemon=True).start()
+        threading.Thread(target=loop, name="watch_health", daemon=True).start()
 
     def fail_start(self, error: BaseException) -> None:
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         log.error("constructor of %s failed:\n%s", self.record.deployment, text)
         self.store.update_replica(self.replica_id, state=ReplicaState.FAILED, failure="start", message=text)
+
+    def redeliveries(self, task_id: str) -> int:
+        """How often ``task_id`` was put back after its replica died (0 if Redis cannot tell)."""
+        try:
+            return self.store.redeliveries(task_id)
+        except redis.RedisError as error:
+            log.warning("cannot read how often request %s was delivered (%s); serving it", task_id, error)
+            return 0
 
     def serve(self, dispatcher: Dispatcher) -> int:
         serializer = self.config.get("serializer", "json")
@@ -260,11 +360,20 @@ class ReplicaProcess:
             # Celery refuses pickle under root unless told; the deployment asked for it.
             os.environ.setdefault("C_FORCE_ROOT", "1")
             log.warning("serving pickled requests as root: anyone who can write to this Redis can run code here")
-        app = make_app(self.address, serializer)
+        app = make_app(self.address, serializer,
+                       result_expires=float(self.config.get("result_ttl_s") or DEFAULT_RESULT_EXPIRES_S))
+        app.conf.broker_transport = ReplicaTransport   # this worker's connections only
         inflight = InflightFile(self.inflight_path)
+        max_deliveries = int(self.config.get("max_deliveries") or DEFAULT_MAX_DELIVERIES)
 
-        @app.task(name=TASK_NAME, acks_late=True)
-        def call(method: str, args: list, kwargs: dict) -> Any:
+        @app.task(name=TASK_NAME, acks_late=True, bind=True)
+        def call(task: Any, method: str, args: list, kwargs: dict) -> Any:
+            # Only a message put back after a crash (or the visibility timeout) pays this read.
+            if (task.request.delivery_info or {}).get("redelivered"):
+                refusal = refuse_redelivery(self.redeliveries(task.request.id), max_deliveries)
+                if refusal is not None:
+                    log.error("request %s not run: %s", task.request.id, refusal["message"])
+                    return refusal
             return _envelope(dispatcher, method, args, kwargs)
 
         @signals.task_received.connect(weak=False)
@@ -309,6 +418,7 @@ class ReplicaProcess:
             without_heartbeat=True,
             optimization="fair",
             quiet=True,
+            consumer_cls=ReplicaConsumer,
         )
         worker.start()
         return worker.exitcode or 0
@@ -325,6 +435,245 @@ def _envelope(dispatcher: Dispatcher, method: str, args: list, kwargs: dict) -> 
             "message": str(error),
             "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
         }
+
+
+def refuse_redelivery(deliveries: int, max_deliveries: int) -> Optional[dict]:
+    """The answer to a request whose replica died ``deliveries`` times, if that is
+    too many to run it again; None to run it.
+
+    >>> refuse_redelivery(2, max_deliveries=3) is None
+    True
+    >>> refuse_redelivery(3, max_deliveries=3)["message"]
+    'a replica died 3 times while serving this request; it is not delivered again (max_deliveries=3)'
+    """
+    if deliveries < max_deliveries:
+        return None
+    return {
+        "ok": False,
+        "type": "ReplicaCrashed",
+        "message": (f"a replica died {deliveries} times while serving this request; "
+                    f"it is not delivered again (max_deliveries={max_deliveries})"),
+        "traceback": "",
+    }
+
+
+# --------------------------------------------------------------------------- what the queue holds
+
+
+def _line(text: str, limit: int = 120) -> str:
+    """``text`` on one line of at most ``limit`` characters, for a log line.
+
+    >>> _line("Expecting value:\\n  line 1", limit=20)
+    'Expecting value:...'
+    """
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one line of at most ``limit`` characters.
+
+    >>> _short("x" * 100, limit=10)
+    "'xxxxxx..."
+    """
+    return _line(repr(value), limit)
+
+
+def _why(error: BaseException) -> str:
+    return f"{type(error).__name__}: {_line(str(error))}"
+
+
+def request_problem(message: Any) -> Optional[str]:
+    """Why the kombu ``message`` is not a taskserve request, or None if it is one.
+
+    A taskserve request is a Celery (protocol 2) task named :data:`TASK_NAME` whose
+    arguments are ``(method, args, kwargs)``. Its body is decoded here as Celery would
+    (the message keeps it, so it is decoded once).
+
+    >>> from kombu import Message
+    >>> def task(name, body):
+    ...     return Message(body=body, content_type="application/json", content_encoding="utf-8",
+    ...                    headers={"task": name, "id": "d9b1"})
+    >>> request_problem(task(TASK_NAME, '[["__call__", [1], {}], {}, {}]')) is None
+    True
+    >>> print(request_problem(task("billing.charge", '[[], {}, {}]')))
+    a task named 'billing.charge', not taskserve.call
+    >>> print(request_problem(task(TASK_NAME, '[["__call__", 1], {}, {}]')))
+    its arguments are not (method, args, kwargs): ['__call__', 1]
+    >>> print(request_problem(Message(body="hi", headers={})))
+    not a Celery task (no task header)
+    """
+    headers = message.headers
+    if not isinstance(headers, dict) or "task" not in headers:
+        return "not a Celery task (no task header)"
+    if headers["task"] != TASK_NAME:
+        return f"a task named {_short(headers['task'])}, not {TASK_NAME}"
+    if not isinstance(headers.get("id"), str) or not headers["id"]:
+        return "a task without an id"
+    try:
+        body = message.decode()
+    except Exception as error:
+        return f"its body cannot be decoded ({_why(error)})"
+    if not (isinstance(body, (list, tuple)) and len(body) == 3):
+        return f"its body is not Celery's (args, kwargs, embed): {_short(body)}"
+    args, task_kwargs, embed = body
+    if not (isinstance(args, (list, tuple)) and len(args) == 3 and isinstance(args[0], str)
+            and isinstance(args[1], (list, tuple)) and isinstance(args[2], dict)):
+        return f"its arguments are not (method, args, kwargs): {_short(args)}"
+    if task_kwargs or not isinstance(task_kwargs, dict):
+        return f"it has keyword arguments: {_short(task_kwargs)}"
+    if embed is not None and not isinstance(embed, dict):
+        return f"its options are not a mapping: {_short(embed)}"
+    return None
+
+
+def retry_while_unreachable(action: Callable[[], T], what: str, budget_s: float = ACK_RETRY_S,
+                            sleep: Callable[[float], None] = time.sleep) -> T:
+    """``action()``, tried again with backoff while Redis is unreachable, for up to ``budget_s``.
+
+    >>> attempts = []
+    >>> def ack():
+    ...     attempts.append(1)
+    ...     if len(attempts) < 3:
+    ...         raise redis.ConnectionError("Connection refused")
+    ...     return "acknowledged"
+    >>> retry_while_unreachable(ack, "acknowledge", sleep=lambda seconds: None), len(attempts)
+    ('acknowledged', 3)
+    """
+    deadline = time.monotonic() + budget_s
+    delay = 0.1
+    failed = False
+    while True:
+        try:
+            result = action()
+        except REDIS_UNREACHABLE as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            if not failed:
+                log.warning("cannot %s (%s); trying again for up to %gs", what, _why(error), budget_s)
+                failed = True
+            sleep(delay)
+            delay = min(2 * delay, 2.0)
+            continue
+        if failed:
+            log.info("could %s after all", what)
+        return result
+
+
+class NotAMessage(Exception):
+    """An item of a queue that is not a kombu message envelope."""
+
+
+class ReplicaMessage(virtual.Message):
+    """kombu's message, raising :class:`NotAMessage` for anything that is not one."""
+
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        if not isinstance(payload, dict):
+            raise NotAMessage(f"a JSON {type(payload).__name__}, not a message envelope: {_short(payload)}")
+        try:
+            super().__init__(payload, channel=channel, **kwargs)
+        except Exception as error:
+            raise NotAMessage(f"not a message envelope ({_why(error)})") from None
+        info = self.delivery_info
+        # The Redis transport keeps these in its unacknowledged index.
+        if not (isinstance(self.delivery_tag, str) and isinstance(info, dict)
+                and "exchange" in info and "routing_key" in info):
+            raise NotAMessage("not a message envelope (no delivery_tag or delivery_info)")
+
+
+class ReplicaQoS(kombu_redis.QoS):
+    """The Redis transport's acknowledgements, retried while Redis restarts.
+
+    Otherwise a request served while Redis was away stays unacknowledged, and runs
+    again after the visibility timeout.
+    """
+
+    def ack(self, delivery_tag: str) -> None:
+        retry_while_unreachable(lambda: super(ReplicaQoS, self).ack(delivery_tag), "acknowledge a request")
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        retry_while_unreachable(lambda: super(ReplicaQoS, self).reject(delivery_tag, requeue=requeue),
+                                "reject a request")
+
+
+class ReplicaChannel(kombu_redis.Channel):
+    """The Redis transport's channel, dropping queue items that are not messages.
+
+    kombu would raise out of the worker's event loop on them: a ``JSONDecodeError``
+    stops the worker, a ``KeyError`` counts as a lost connection.
+    """
+
+    Message = ReplicaMessage
+    QoS = ReplicaQoS
+
+    def _brpop_read(self, **options: Any) -> Any:
+        transport = self.connection
+        transport.delivering = False
+        try:
+            return super()._brpop_read(**options)
+        except Exception as error:
+            # Past the JSON decoding, what is raised is not about this item.
+            if transport.delivering or isinstance(error, (kombu_redis.Empty, redis.RedisError, *REDIS_UNREACHABLE)):
+                raise
+            log.error("dropped an item of %s: not JSON (%s)", ", ".join(self._active_queues) or "the queue",
+                      _why(error))
+            return True
+
+
+class _ShownAsRedis(type):
+    # kombu writes the transport into the URL it logs ("Connected to redis://...").
+    def __str__(cls) -> str:
+        return "redis"
+
+
+class ReplicaTransport(kombu_redis.Transport, metaclass=_ShownAsRedis):
+    """The Redis transport with :class:`ReplicaChannel`."""
+
+    Channel = ReplicaChannel
+    delivering = False
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        self.delivering = True
+        try:
+            super()._deliver(message, queue)
+        except NotAMessage as error:
+            log.error("dropped an item of %s: %s", queue, error)
+
+
+class ReplicaConsumer(Consumer):
+    """Celery's consumer, serving only taskserve requests.
+
+    Anything else on the queue is rejected (acknowledged and dropped) with one log
+    line saying why, where Celery would log a traceback, or raise out of the worker.
+    """
+
+    def create_task_handler(self, promise: Any = promise) -> Callable[[Any], Any]:
+        serve = super().create_task_handler(promise)
+
+        def on_task_received(message: Any) -> Any:
+            problem = request_problem(message)
+            if problem is not None:
+                return self.drop(message, problem)
+            return serve(message)
+
+        return on_task_received
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self.drop(message, "not a Celery task")
+
+    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        self.drop(message, f"a task of an unknown name ({_why(exc)})")
+
+    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        self.drop(message, f"an invalid task ({_why(exc)})")
+
+    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        self.drop(message, f"its body cannot be decoded ({_why(exc)})")
+
+    def drop(self, message: Any, why: str) -> None:
+        queues = [queue.name for queue in getattr(self.task_consumer, "queues", None) or ()]
+        log.error("dropped a message of %s: %s", ", ".join(queues) or "the queue", why)
+        message.reject_log_error(log, self.connection_errors)
 
 
 def main(argv: list[str] | None = None) -> int:
