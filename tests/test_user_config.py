@@ -173,3 +173,18 @@ def test_seed_threshold_example_runs_as_written(connected):
     assert counts[0] >= 15 and counts[1] <= 5 and counts[2] >= 15 and counts[3] <= 5, result.stdout
     same = [line.strip() for line in result.stdout.splitlines() if "same replica processes" in line]
     assert same == ["same replica processes: False", "same replica processes: True"]
+
+
+def test_user_config_set_back_to_none_finishes_without_a_restart_or_a_call(connected, unique_name):
+    model = taskserve.deployment(Tunable).options(name=unique_name, version="1", num_replicas=2, num_cpus=0.1,
+                                                   user_config={"threshold": 1})
+    model.deploy()
+    pids = replica_pids(unique_name)
+    model.options(user_config=None).deploy(timeout=60)
+    assert replica_pids(unique_name) == pids
+    assert model.status().status == "HEALTHY"
+    # reconfigure only ever gets a config: None called nothing
+    assert model.get_handle().history.remote().result(timeout=10) == [{"threshold": 1}]
+    model.options(user_config={"threshold": 3}).deploy(timeout=60)
+    assert {config["threshold"] for config in answers_by_pid(model.get_handle(), 20).values()} == {3}
+    model.delete()

@@ -274,7 +274,7 @@ class ReplicaProcess:
 
         Woken by a control message, and re-reading the record every second anyway.
         """
-        rejected = ""
+        rejected: Optional[str] = None     # the hash of a config reconfigure refused
 
         def loop() -> None:
             nonlocal rejected
@@ -291,14 +291,23 @@ class ReplicaProcess:
                 if record.config_hash in (self.applied_config_hash, rejected):
                     continue
                 if self.apply_config(dispatcher, record):
-                    rejected = ""
+                    rejected = None
                 else:
                     rejected = record.config_hash
 
         threading.Thread(target=loop, name="follow_config", daemon=True).start()
 
     def apply_config(self, dispatcher: Dispatcher, record: Replica) -> bool:
-        """Run ``reconfigure`` with the record's user_config; record the outcome."""
+        """Run ``reconfigure`` with the record's user_config; record the outcome.
+
+        A user_config set back to None calls nothing (``reconfigure`` only ever gets a
+        config); the replica just acknowledges it.
+        """
+        if not record.config_hash:
+            self.applied_config_hash = ""
+            self.store.update_replica(self.replica_id, applied_config_hash="", config_error="")
+            self.store.notify(f"replica:{self.record.deployment}")
+            return True
         self.store.update_replica(self.replica_id, state=ReplicaState.RECONFIGURING)
         self.store.notify(f"replica:{self.record.deployment}")
         try:
