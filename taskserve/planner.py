@@ -11,7 +11,10 @@ plain tables:
 - a scale changes only the difference; a goal that matches what runs plans nothing;
 - a replica whose constructor keeps failing stops the rollout after
   ``min(100, 3 * n)`` failed starts, with a growing pause between attempts;
-- replicas are placed where their resources fit, spread over nodes.
+- replicas are placed where their resources fit, spread over nodes;
+- a replica is forgotten (and replaced) when it is gone, or when its node is dead;
+  a node that is merely not alive right now (its heartbeat is late, Redis lost
+  it) keeps its replicas: the caller says which nodes count as dead.
 
 Example::
 
@@ -29,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import AbstractSet, Callable, Iterable, Optional, Sequence, Union
 
 from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState, Resources
 
@@ -245,17 +248,31 @@ def plan(
     health: DeploymentHealth,
     now: float,
     new_id: Callable[[], str],
+    dead_nodes: Optional[AbstractSet[str]] = None,
 ) -> Plan:
     """Decide the next actions for one deployment.
 
     ``replicas`` are this deployment's records; ``nodes`` the live nodes with the
     resources free on them; ``health`` what was concluded before (failed starts
-    of this generation); ``new_id`` names new replicas.
+    of this generation); ``new_id`` names new replicas. ``dead_nodes`` are the
+    nodes whose replicas are lost; a replica on a node that is neither live nor
+    dead is kept as it is (its node may come back). None: every node that is not
+    live is dead.
 
     The steps, in order: forget what is gone (and count failed starts), stop,
     reconfigure, place and start, then say where the deployment stands.
+
+    >>> goal = Goal(name="echo", generation=1, version="v1", spec_hash="s1",
+    ...             num_replicas=1, options={}, code_sha="c", init_sha="i")
+    >>> running = Replica(replica_id="echo-1", deployment="echo", spec_hash="s1", version="v1",
+    ...                   node_id="node-a", state=ReplicaState.RUNNING)
+    >>> plan(goal, [running], [], DeploymentHealth(), 0.0, new_id=lambda: "echo-2", dead_nodes=set()).actions
+    []
+    >>> [type(a).__name__ for a in plan(goal, [running], [], DeploymentHealth(), 0.0,
+    ...                                 new_id=lambda: "echo-2", dead_nodes={"node-a"}).actions]
+    ['ForgetReplica', 'StartReplica']
     """
-    forgets, present = _forget_gone(goal, replicas, nodes)
+    forgets, present = _forget_gone(goal, replicas, nodes, dead_nodes)
     if goal.deleting:
         return _plan_delete(forgets, present)
     failures = _count_failed_starts(goal, forgets, health, now)
@@ -353,7 +370,10 @@ class _Room:
 
 
 def _forget_gone(
-    goal: Goal, replicas: Iterable[Replica], nodes: Sequence[NodeCapacity]
+    goal: Goal,
+    replicas: Iterable[Replica],
+    nodes: Sequence[NodeCapacity],
+    dead_nodes: Optional[AbstractSet[str]],
 ) -> tuple[list[ForgetReplica], list[Replica]]:
     """Forget the records of replicas that are gone (stopped, failed) or whose node
     died; the others are present. A failed start counts only for the goal's spec.
@@ -364,7 +384,11 @@ def _forget_gone(
     forgets: list[ForgetReplica] = []
     present: list[Replica] = []
     for replica in replicas:
-        lost = replica.node_id and replica.node_id not in live_nodes and not replica.is_gone
+        if dead_nodes is None:
+            node_dead = replica.node_id not in live_nodes
+        else:
+            node_dead = replica.node_id in dead_nodes
+        lost = bool(replica.node_id) and node_dead and not replica.is_gone
         if replica.is_gone or lost:
             forgets.append(
                 ForgetReplica(

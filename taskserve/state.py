@@ -21,6 +21,20 @@ from enum import Enum
 from typing import Any, Optional
 
 PACKAGE_SCHEME = "taskserve-pkg://"
+DEFAULT_HEARTBEAT_TTL_S = 10.0
+
+
+def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The items of ``data`` that name a field of the dataclass ``cls``.
+
+    Records are read with it so that one written by a newer version (with fields
+    this one does not know) still reads.
+
+    >>> known_fields(Resources, {"num_cpus": 2, "num_tpus": 8})
+    {'num_cpus': 2}
+    """
+    names = {item.name for item in dataclasses.fields(cls)}
+    return {key: value for key, value in data.items() if key in names}
 
 
 def package_sha(runtime_env: Optional[dict]) -> Optional[str]:
@@ -142,7 +156,15 @@ class Goal:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Goal":
-        return cls(**json.loads(text))
+        """Read a goal; fields this version does not know are left out.
+
+        >>> goal = Goal.from_json('{"name": "echo", "generation": 1, "version": "v1", "spec_hash": "s",'
+        ...                       ' "num_replicas": 1, "options": {}, "code_sha": "c", "init_sha": "i",'
+        ...                       ' "priority": 5}')
+        >>> goal.name, goal.generation
+        ('echo', 1)
+        """
+        return cls(**known_fields(cls, json.loads(text)))
 
 
 @dataclass(frozen=True)
@@ -211,6 +233,11 @@ class Replica:
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> "Replica":
+        """Read a replica hash; fields this version does not know are left out.
+
+        >>> Replica.from_fields({"replica_id": "echo-1", "deployment": "echo", "zone": "a"}).state
+        <ReplicaState.PENDING: 'PENDING'>
+        """
         return cls(
             replica_id=fields["replica_id"],
             deployment=fields["deployment"],
@@ -247,6 +274,7 @@ class Node:
     alive: bool = True
     hostname: str = ""
     agent_pid: Optional[int] = None
+    heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_S   # without a heartbeat for this long, it looks dead
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -254,8 +282,13 @@ class Node:
 
     @classmethod
     def from_json(cls, text: str | bytes, alive: bool = True) -> "Node":
-        data = json.loads(text)
-        data["total"] = Resources(**data["total"])
+        """Read a node record (``alive`` is not in it); unknown fields are left out.
+
+        >>> Node.from_json('{"node_id": "a", "total": {"num_cpus": 2, "num_tpus": 1}, "rack": "r1"}').total
+        Resources(num_cpus=2, num_gpus=0.0, memory=0)
+        """
+        data = known_fields(cls, json.loads(text))
+        data["total"] = Resources(**known_fields(Resources, data.get("total") or {}))
         data["alive"] = alive
         return cls(**data)
 
@@ -280,6 +313,16 @@ class DeploymentHealth:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "DeploymentHealth":
-        data = json.loads(text)
-        data["status"] = DeploymentState(data["status"])
+        """Read the controller's conclusion; unknown fields (and statuses) are left out.
+
+        >>> DeploymentHealth.from_json('{"status": "HEALTHY", "message": "", "zone": "a"}').status
+        <DeploymentState.HEALTHY: 'HEALTHY'>
+        >>> DeploymentHealth.from_json('{"status": "PAUSED"}').status
+        <DeploymentState.UPDATING: 'UPDATING'>
+        """
+        data = known_fields(cls, json.loads(text))
+        try:
+            data["status"] = DeploymentState(data.get("status") or DeploymentState.UPDATING.value)
+        except ValueError:
+            data["status"] = DeploymentState.UPDATING
         return cls(**data)

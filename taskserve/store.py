@@ -17,8 +17,12 @@ key                                    type      what
 ``{p}:control:{replica_id}``           list      wake-ups for a replica to re-read its record
 ``{p}:node-replicas:{node_id}``        set       replica ids assigned to a node
 ``{p}:nodes``                          hash      node id -> node record (JSON)
-``{p}:node-alive:{node_id}``           string    exists while the node agent heartbeats
-``{p}:controller-lease``               string    the leading controller's id, with a TTL
+``{p}:node-alive:{node_id}``           string    the claim of the node's agent (JSON: pid, host,
+                                                 token); exists while the agent heartbeats
+``{p}:controller-lease``               string    ``<epoch>:<controller id>`` of the leading
+                                                 controller, with a TTL; the controller's
+                                                 writes are fenced by it
+``{p}:controller-epoch``               string    counts leaderships (the lease's epoch)
 ``{p}:events``                         channel   change notifications (wake-ups only)
 ``{p}:deliveries:{task_id}``           string    times a request was put back after its replica
                                                  died (expires after a day)
@@ -39,16 +43,19 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import socket
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional, Union
 
 import redis
 
 from .errors import DeploymentNotFound
 from .state import DeploymentHealth, Goal, Node, Replica
+
+log = logging.getLogger("taskserve.store")
 
 PREFIX = "taskserve"
 EVENTS_CHANNEL = f"{PREFIX}:events"
@@ -61,15 +68,208 @@ HISTORY_LIMIT = 50
 # new goal, or None for nothing to do. It sees None (no deployment) only with missing_ok.
 GoalChange = Callable[[Optional[Goal]], Union[Goal, dict[str, Any], None]]
 
+# The controller's writes are fenced by its lease: each script below starts with this
+# check. With a fence (ARGV[1], the lease token the controller got) the write happens
+# only while the lease (KEYS[1]) still holds that token, so a controller that was
+# paused past its lease writes nothing once it wakes up; -1 says the lease is lost.
+# Without a fence (ARGV[1] == '': agents, replicas, clients) the check passes.
+_FENCE = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return -1
+end
+"""
+
 # Writes fields to a replica hash only if the replica still exists, so a late state
 # report cannot resurrect a record the controller already forgot.
-_UPDATE_IF_EXISTS = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], unpack(ARGV))
+_UPDATE_IF_EXISTS = _FENCE + """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 2))
   return 1
 end
 return 0
 """
+
+# KEYS: lease, replica, replicas of the deployment[, replicas of the node];
+# ARGV: fence, replica id, field, value, ...
+_CREATE_REPLICA = _FENCE + """
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('SADD', KEYS[3], ARGV[2])
+if KEYS[4] then
+  redis.call('SADD', KEYS[4], ARGV[2])
+end
+return 1
+"""
+
+# KEYS: lease, replica, replicas of the node; ARGV: fence, replica id, node id, gpu ids.
+# A replica forgotten meanwhile is not placed (no half record is written).
+_PLACE_REPLICA = _FENCE + """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[2], 'node_id', ARGV[3], 'gpu_ids', ARGV[4], 'message', '')
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+"""
+
+# KEYS: lease, replica, its control list, replicas of the deployment[, of the node];
+# ARGV: fence, replica id.
+_FORGET_REPLICA = _FENCE + """
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('SREM', KEYS[4], ARGV[2])
+if KEYS[5] then
+  redis.call('SREM', KEYS[5], ARGV[2])
+end
+return 1
+"""
+
+# KEYS: lease, goal, health; ARGV: fence, health JSON. Written only while the
+# deployment exists, and only when it changed (1 if written).
+_SET_HEALTH = _FENCE + """
+if redis.call('EXISTS', KEYS[2]) == 0 or redis.call('GET', KEYS[3]) == ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[3], ARGV[2])
+return 1
+"""
+
+# The lease's value is "<epoch>:<holder>"; the epoch (KEYS[2]) grows with every new
+# leadership, so the value is a token that no earlier leadership shares. The holder
+# (ARGV[1]) renews its own lease; anyone takes a lease nobody holds.
+_ACQUIRE_LEASE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local sep = string.find(current, ':', 1, true)
+  if sep and string.sub(current, sep + 1) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return current
+  end
+  return false
+end
+local token = redis.call('INCR', KEYS[2]) .. ':' .. ARGV[1]
+redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+return token
+"""
+
+_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE_LEASE = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  return 0
+end
+local sep = string.find(current, ':', 1, true)
+if current == ARGV[1] or (sep and string.sub(current, sep + 1) == ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# A node's alive key (KEYS[1]) holds its agent's claim. An agent takes it only if
+# nobody holds it, if it holds it already, or if it holds ARGV[4] (a stale claim the
+# agent proved dead), and then writes the node record (KEYS[2], field ARGV[3],
+# value ARGV[5]). Returns ARGV[1] (the claim) when taken, else the holder's claim.
+_CLAIM_NODE = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] and current ~= ARGV[4] then
+  return current
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
+return ARGV[1]
+"""
+
+# Extends the node's liveness only while this agent's claim (ARGV[1]) holds it:
+# 1 extended, 0 expired, else the claim of the agent that holds it now.
+_HEARTBEAT_NODE = """
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not current then
+  return 0
+end
+return current
+"""
+
+# Leaves the cluster: drops the alive key and the node record, unless another agent's
+# claim (not ARGV[1], when given) holds the node now.
+_UNREGISTER_NODE = """
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] ~= '' and current and current ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+class LeaseLost(RuntimeError):
+    """A fenced write was refused: the controller no longer holds the lease it wrote under."""
+
+
+@dataclass(frozen=True)
+class NodeClaim:
+    """Which agent process runs a node: the value of the node's alive key.
+
+    >>> claim = NodeClaim(pid=41, host="box", token="ab12")
+    >>> NodeClaim.parse(claim.text) == claim
+    True
+    >>> NodeClaim.parse("41")        # an agent of an earlier version wrote its pid only
+    NodeClaim(pid=41, host='', token='')
+    """
+
+    pid: Optional[int]
+    host: str
+    token: str = ""
+    raw: str = field(default="", compare=False, repr=False)
+
+    @property
+    def text(self) -> str:
+        """The value of the alive key (as read, for a claim that was read)."""
+        if self.raw:
+            return self.raw
+        return json.dumps({"pid": self.pid, "host": self.host, "token": self.token}, sort_keys=True)
+
+    @classmethod
+    def parse(cls, text: Union[str, bytes]) -> "NodeClaim":
+        text = _text(text) or ""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            pid = data.get("pid")
+            return cls(pid if isinstance(pid, int) else None, str(data.get("host") or ""),
+                       str(data.get("token") or ""), raw=text)
+        return cls(int(text) if text.isdigit() else None, "", "", raw=text)
+
+    def describe(self) -> str:
+        """``pid N on HOST``, as much of it as is known.
+
+        >>> NodeClaim(pid=41, host="box").describe(), NodeClaim(pid=None, host="").describe()
+        ('pid 41 on box', 'pid unknown')
+        """
+        where = f" on {self.host}" if self.host else ""
+        return f"pid {self.pid if self.pid is not None else 'unknown'}{where}"
+
+
+class NodeTaken(RuntimeError):
+    """Another live agent holds the node id this agent wants."""
+
+    def __init__(self, node_id: str, holder: NodeClaim) -> None:
+        super().__init__(f"node {node_id} already has a live agent ({holder.describe()}); "
+                         "stop it or pick another --node-id")
+        self.node_id = node_id
+        self.holder = holder
 
 
 def queue_name(deployment: str) -> str:
@@ -110,6 +310,39 @@ class Store:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._update_replica = client.register_script(_UPDATE_IF_EXISTS)
+        self._create_replica = client.register_script(_CREATE_REPLICA)
+        self._place_replica = client.register_script(_PLACE_REPLICA)
+        self._forget_replica = client.register_script(_FORGET_REPLICA)
+        self._set_health = client.register_script(_SET_HEALTH)
+        self._acquire_lease = client.register_script(_ACQUIRE_LEASE)
+        self._renew_lease = client.register_script(_RENEW_LEASE)
+        self._release_lease = client.register_script(_RELEASE_LEASE)
+        self._claim_node = client.register_script(_CLAIM_NODE)
+        self._heartbeat_node = client.register_script(_HEARTBEAT_NODE)
+        self._unregister_node = client.register_script(_UNREGISTER_NODE)
+        self._reported: dict[str, str] = {}   # what was logged as unreadable, so once per change
+
+    def _fenced(self, script: Any, keys: list[str], args: list[Any], fence: Optional[str]) -> Any:
+        """Run one of the fenced scripts; raise :class:`LeaseLost` if the fence refused it."""
+        result = script(keys=[self.LEASE_KEY, *keys], args=[fence or "", *args])
+        if result == -1:
+            raise LeaseLost(f"the controller lease {fence!r} is no longer held; nothing was written")
+        return result
+
+    def _check_fence(self, pipe: redis.client.Pipeline, fence: Optional[str]) -> None:
+        """In a transaction that WATCHes the lease: refuse to go on without it."""
+        if fence is not None and _text(pipe.get(self.LEASE_KEY)) != fence:
+            pipe.unwatch()
+            raise LeaseLost(f"the controller lease {fence!r} is no longer held; nothing was written")
+
+    def _fence_keys(self, fence: Optional[str]) -> list[str]:
+        return [self.LEASE_KEY] if fence is not None else []
+
+    def _report_unreadable(self, what: str, error: str) -> None:
+        """Log that ``what`` cannot be read, once until its error changes."""
+        if self._reported.get(what) != error:
+            self._reported[what] = error
+            log.error("%s cannot be read (%s); skipping it", what, error)
 
     # ------------------------------------------------------------------ keys
 
@@ -156,6 +389,7 @@ class Store:
     DEPLOYMENTS_KEY = f"{PREFIX}:deployments"
     NODES_KEY = f"{PREFIX}:nodes"
     LEASE_KEY = f"{PREFIX}:controller-lease"
+    EPOCH_KEY = f"{PREFIX}:controller-epoch"
 
     # ------------------------------------------------------------------ notifications
 
@@ -181,11 +415,30 @@ class Store:
         return goal
 
     def list_goals(self) -> list[Goal]:
+        """Every deployment's goal, sorted by name; a goal that cannot be read is
+        left out (and logged once)."""
+        goals, unreadable = self.read_goals()
+        for name, error in unreadable.items():
+            self._report_unreadable(f"the goal of deployment {name}", error)
+        return goals
+
+    def read_goals(self) -> tuple[list[Goal], dict[str, str]]:
+        """Every deployment's goal sorted by name, and the error of each one that
+        cannot be read (not JSON, missing fields), by deployment name."""
         names = sorted(_text(n) for n in self.redis.smembers(self.DEPLOYMENTS_KEY))
         if not names:
-            return []
+            return [], {}
         texts = self.redis.mget([self.goal_key(n) for n in names])
-        return [Goal.from_json(t) for t in texts if t]
+        goals: list[Goal] = []
+        unreadable: dict[str, str] = {}
+        for name, text in zip(names, texts, strict=True):
+            if not text:
+                continue
+            try:
+                goals.append(Goal.from_json(text))
+            except Exception as error:
+                unreadable[name] = _describe(error)
+        return goals, unreadable
 
     def deployment_exists(self, name: str) -> bool:
         text = self.redis.get(self.goal_key(name))
@@ -197,6 +450,7 @@ class Store:
         make_goal: Callable[[Optional[Goal]], Optional[Goal]],
         blobs: Iterable[tuple[str, bytes]] = (),
         event: Optional[dict] = None,
+        fence: Optional[str] = None,
     ) -> Optional[Goal]:
         """Replace a deployment's goal atomically and return the goal written.
 
@@ -205,12 +459,15 @@ class Store:
         there is none); it is called again if another client wrote in between, so
         the later writer wins cleanly. It returns None to write nothing. ``blobs``
         are ``(sha, bytes)`` uploads (code, working_dir packages); those the new goal
-        refers to are stored with it. ``event`` is recorded in the history.
+        refers to are stored with it. ``event`` is recorded in the history. With
+        ``fence`` (the controller's lease token) nothing is written unless the lease
+        still holds it (:class:`LeaseLost`).
         """
         blobs = list(blobs)
         key = self.goal_key(name)
 
         def write(pipe: redis.client.Pipeline) -> Optional[Goal]:
+            self._check_fence(pipe, fence)
             text = pipe.get(key)
             goal = make_goal(Goal.from_json(text) if text else None)
             if goal is None:
@@ -230,7 +487,7 @@ class Store:
                 pipe.ltrim(self.history_key(name), -HISTORY_LIMIT, -1)
             return goal
 
-        goal = self.redis.transaction(write, key, value_from_callable=True)
+        goal = self.redis.transaction(write, key, *self._fence_keys(fence), value_from_callable=True)
         if goal is not None:
             self.notify(f"goal:{name}")
         return goal
@@ -245,6 +502,7 @@ class Store:
         blobs: Iterable[tuple[str, bytes]] = (),
         event_extra: Optional[dict] = None,
         missing_ok: bool = False,
+        fence: Optional[str] = None,
     ) -> Optional[Goal]:
         """Change a deployment's goal to its next generation and record why; return it.
 
@@ -257,7 +515,8 @@ class Store:
 
         A missing or deleting deployment raises :class:`DeploymentNotFound`; with
         ``missing_ok``, ``change`` sees it instead (None, or the deleting goal) and
-        returns a whole goal to create the deployment again, or None.
+        returns a whole goal to create the deployment again, or None. ``fence`` is
+        as in :meth:`write_goal`.
 
         >>> import fakeredis
         >>> store = Store(fakeredis.FakeRedis())
@@ -284,13 +543,14 @@ class Store:
             generation = (previous.generation if previous else 0) + 1
             return replace(goal, generation=generation, created_at=time.time())
 
-        return self.write_goal(name, make_goal, blobs=blobs, event=event)
+        return self.write_goal(name, make_goal, blobs=blobs, event=event, fence=fence)
 
-    def forget_deployment(self, name: str, generation: int) -> bool:
+    def forget_deployment(self, name: str, generation: int, fence: Optional[str] = None) -> bool:
         """Remove a deleted deployment's keys, unless a newer goal was written since."""
         key = self.goal_key(name)
 
         def forget(pipe: redis.client.Pipeline) -> bool:
+            self._check_fence(pipe, fence)
             text = pipe.get(key)
             goal = Goal.from_json(text) if text else None
             if goal is None or not goal.deleting or goal.generation != generation:
@@ -307,7 +567,7 @@ class Store:
             pipe.srem(self.DEPLOYMENTS_KEY, name)
             return True
 
-        forgotten = self.redis.transaction(forget, key, value_from_callable=True)
+        forgotten = self.redis.transaction(forget, key, *self._fence_keys(fence), value_from_callable=True)
         if forgotten:
             self.notify(f"deleted:{name}")
         return forgotten
@@ -322,11 +582,13 @@ class Store:
         """Every goal change of ``name``, oldest first."""
         return [json.loads(item) for item in self.redis.lrange(self.history_key(name), 0, -1)]
 
-    def record_outcome(self, name: str, generation: int, outcome: str, message: str = "") -> None:
+    def record_outcome(self, name: str, generation: int, outcome: str, message: str = "",
+                       fence: Optional[str] = None) -> None:
         """Note how the goal change of ``generation`` ended ("done" or "failed")."""
         key = self.history_key(name)
 
         def record(pipe: redis.client.Pipeline) -> None:
+            self._check_fence(pipe, fence)
             items = pipe.lrange(key, 0, -1)
             for index in range(len(items) - 1, -1, -1):
                 entry = json.loads(items[index])
@@ -340,7 +602,7 @@ class Store:
             pipe.multi()
             pipe.lset(key, index, json.dumps(entry))
 
-        self.redis.transaction(record, key)
+        self.redis.transaction(record, key, *self._fence_keys(fence))
 
     def queue_depths(self, names: Iterable[str]) -> dict[str, int]:
         """How many requests wait in each deployment's queue (not yet taken by a replica)."""
@@ -377,46 +639,43 @@ class Store:
         text = self.redis.get(self.health_key(name))
         return DeploymentHealth.from_json(text) if text else DeploymentHealth()
 
-    def set_health(self, name: str, health: DeploymentHealth) -> None:
+    def set_health(self, name: str, health: DeploymentHealth, fence: Optional[str] = None) -> None:
         """Record the controller's conclusion (only while the deployment exists)."""
-        with self.redis.pipeline() as pipe:
-            pipe.exists(self.goal_key(name))
-            pipe.get(self.health_key(name))
-            exists, before = pipe.execute()
-        text = health.to_json()
-        if exists and _text(before) != text:
-            self.redis.set(self.health_key(name), text)
+        keys = [self.goal_key(name), self.health_key(name)]
+        if self._fenced(self._set_health, keys, [health.to_json()], fence):
             self.notify(f"health:{name}")
 
     # ------------------------------------------------------------------ replicas
 
-    def create_replica(self, replica: Replica) -> None:
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.replica_key(replica.replica_id), mapping=replica.to_fields())
-            pipe.sadd(self.replicas_key(replica.deployment), replica.replica_id)
-            if replica.node_id:
-                pipe.sadd(self.node_replicas_key(replica.node_id), replica.replica_id)
-            pipe.execute()
+    def create_replica(self, replica: Replica, fence: Optional[str] = None) -> None:
+        keys = [self.replica_key(replica.replica_id), self.replicas_key(replica.deployment)]
+        if replica.node_id:
+            keys.append(self.node_replicas_key(replica.node_id))
+        args = [replica.replica_id]
+        for name, value in replica.to_fields().items():
+            args += [name, value]
+        self._fenced(self._create_replica, keys, args, fence)
 
-    def place_replica(self, replica_id: str, node_id: str, gpu_ids: str = "") -> None:
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.replica_key(replica_id), mapping={"node_id": node_id, "gpu_ids": gpu_ids, "message": ""})
-            pipe.sadd(self.node_replicas_key(node_id), replica_id)
-            pipe.execute()
+    def place_replica(self, replica_id: str, node_id: str, gpu_ids: str = "", fence: Optional[str] = None) -> bool:
+        """Assign a replica to a node (if its record still exists); True if it did."""
+        keys = [self.replica_key(replica_id), self.node_replicas_key(node_id)]
+        return bool(self._fenced(self._place_replica, keys, [replica_id, node_id, gpu_ids], fence))
 
-    def update_replica(self, replica_id: str, **fields: object) -> bool:
+    def update_replica(self, replica_id: str, fence: Optional[str] = None, **fields: object) -> bool:
         """Set some fields of a replica record if it still exists; True if it did."""
         args: list[str] = []
-        for field, value in fields.items():
+        for name, value in fields.items():
             if isinstance(value, bool):
                 value = "1" if value else ""
-            args += [field, "" if value is None else str(getattr(value, "value", value))]
-        return bool(self._update_replica(keys=[self.replica_key(replica_id)], args=args))
+            args += [name, "" if value is None else str(getattr(value, "value", value))]
+        return bool(self._fenced(self._update_replica, [self.replica_key(replica_id)], args, fence))
 
-    def set_replica_config(self, replica_id: str, user_config: str, config_hash: str) -> bool:
+    def set_replica_config(self, replica_id: str, user_config: str, config_hash: str,
+                           fence: Optional[str] = None) -> bool:
         """Give a replica a new user_config and wake it; it acknowledges by writing
         ``applied_config_hash`` (or ``config_error``) to its record."""
-        if not self.update_replica(replica_id, user_config=user_config, config_hash=config_hash, config_error=""):
+        if not self.update_replica(replica_id, fence=fence, user_config=user_config, config_hash=config_hash,
+                                   config_error=""):
             return False
         with self.redis.pipeline() as pipe:
             pipe.rpush(self.control_key(replica_id), "config")
@@ -431,19 +690,20 @@ class Store:
             self.redis.delete(self.control_key(replica_id))   # one re-read covers every wake-up
         return bool(woken)
 
-    def forget_replica(self, replica: Replica) -> None:
-        with self.redis.pipeline() as pipe:
-            pipe.delete(self.replica_key(replica.replica_id), self.control_key(replica.replica_id))
-            pipe.srem(self.replicas_key(replica.deployment), replica.replica_id)
-            if replica.node_id:
-                pipe.srem(self.node_replicas_key(replica.node_id), replica.replica_id)
-            pipe.execute()
+    def forget_replica(self, replica: Replica, fence: Optional[str] = None) -> None:
+        keys = [self.replica_key(replica.replica_id), self.control_key(replica.replica_id),
+                self.replicas_key(replica.deployment)]
+        if replica.node_id:
+            keys.append(self.node_replicas_key(replica.node_id))
+        self._fenced(self._forget_replica, keys, [replica.replica_id], fence)
 
     def get_replica(self, replica_id: str) -> Optional[Replica]:
         fields = self.redis.hgetall(self.replica_key(replica_id))
         return Replica.from_fields(_decode_hash(fields)) if fields else None
 
-    def _replicas_by_ids(self, ids: Iterable[str]) -> list[Replica]:
+    def _replicas_by_ids(self, ids: Iterable[str], unreadable: Optional[dict[str, str]] = None) -> list[Replica]:
+        """The records of ``ids`` that exist. A record that cannot be read raises,
+        or with ``unreadable`` is left out and its error noted there by replica id."""
         ids = sorted(ids)
         if not ids:
             return []
@@ -451,7 +711,17 @@ class Store:
             for replica_id in ids:
                 pipe.hgetall(self.replica_key(replica_id))
             rows = pipe.execute()
-        return [Replica.from_fields(_decode_hash(row)) for row in rows if row]
+        replicas = []
+        for replica_id, row in zip(ids, rows, strict=True):
+            if not row:
+                continue
+            try:
+                replicas.append(Replica.from_fields(_decode_hash(row)))
+            except Exception as error:
+                if unreadable is None:
+                    raise
+                unreadable[replica_id] = _describe(error)
+        return replicas
 
     def replicas_of(self, name: str) -> list[Replica]:
         return self._replicas_by_ids(_text(i) for i in self.redis.smembers(self.replicas_key(name)))
@@ -483,34 +753,74 @@ class Store:
 
     # ------------------------------------------------------------------ nodes
 
-    def register_node(self, node: Node, ttl_s: float) -> None:
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.NODES_KEY, node.node_id, node.to_json())
-            pipe.set(self.node_alive_key(node.node_id), str(node.agent_pid or ""), px=int(ttl_s * 1000))
-            pipe.execute()
+    def register_node(self, node: Node, ttl_s: float, claim: Optional[NodeClaim] = None,
+                      replacing: Optional[NodeClaim] = None) -> None:
+        """Record the node and make it alive for ``ttl_s`` seconds.
+
+        With ``claim`` (what its agent heartbeats with) the node is taken only if no
+        other agent holds it, or if the one holding it is ``replacing`` (a claim the
+        caller found stale); otherwise :class:`NodeTaken` names the holder.
+        """
+        ttl_ms = int(ttl_s * 1000)
+        if claim is None:
+            with self.redis.pipeline() as pipe:
+                pipe.hset(self.NODES_KEY, node.node_id, node.to_json())
+                pipe.set(self.node_alive_key(node.node_id), str(node.agent_pid or ""), px=ttl_ms)
+                pipe.execute()
+        else:
+            holder = self._claim_node(
+                keys=[self.node_alive_key(node.node_id), self.NODES_KEY],
+                args=[claim.text, ttl_ms, node.node_id, replacing.text if replacing else "", node.to_json()],
+            )
+            if _text(holder) != claim.text:
+                raise NodeTaken(node.node_id, NodeClaim.parse(holder))
         self.notify(f"node:{node.node_id}")
 
-    def heartbeat_node(self, node_id: str, ttl_s: float) -> bool:
-        """Extend the node's liveness; False if it had already expired."""
-        return bool(self.redis.pexpire(self.node_alive_key(node_id), int(ttl_s * 1000)))
+    def heartbeat_node(self, node_id: str, ttl_s: float, claim: Optional[NodeClaim] = None) -> bool:
+        """Extend the node's liveness; False if it had already expired.
 
-    def unregister_node(self, node_id: str) -> None:
+        With ``claim``, only while that claim holds the node: :class:`NodeTaken` if
+        another agent's does.
+        """
+        ttl_ms = int(ttl_s * 1000)
+        if claim is None:
+            return bool(self.redis.pexpire(self.node_alive_key(node_id), ttl_ms))
+        result = self._heartbeat_node(keys=[self.node_alive_key(node_id)], args=[claim.text, ttl_ms])
+        if isinstance(result, (bytes, str)):
+            raise NodeTaken(node_id, NodeClaim.parse(result))
+        return result == 1
+
+    def node_claim(self, node_id: str) -> tuple[Optional[NodeClaim], int]:
+        """Who holds the node, and for how many more milliseconds (None, 0 if nobody)."""
         with self.redis.pipeline() as pipe:
-            pipe.delete(self.node_alive_key(node_id))
-            pipe.hdel(self.NODES_KEY, node_id)
-            pipe.execute()
+            pipe.get(self.node_alive_key(node_id))
+            pipe.pttl(self.node_alive_key(node_id))
+            value, pttl = pipe.execute()
+        if value is None:
+            return None, 0
+        return NodeClaim.parse(value), max(0, int(pttl))
+
+    def unregister_node(self, node_id: str, claim: Optional[NodeClaim] = None) -> None:
+        """Remove the node (with ``claim``: unless another agent holds it now)."""
+        self._unregister_node(keys=[self.node_alive_key(node_id), self.NODES_KEY],
+                              args=[claim.text if claim else "", node_id])
         self.notify(f"node:{node_id}")
 
     def list_nodes(self) -> list[Node]:
+        """Every node record, sorted by id, with whether it is alive; a record that
+        cannot be read is left out (and logged once)."""
         records = self.redis.hgetall(self.NODES_KEY)
         if not records:
             return []
         ids = sorted(_text(k) for k in records)
         alive = self.redis.mget([self.node_alive_key(i) for i in ids])
-        return [
-            Node.from_json(records[i.encode()], alive=flag is not None)
-            for i, flag in zip(ids, alive, strict=True)
-        ]
+        nodes = []
+        for node_id, flag in zip(ids, alive, strict=True):
+            try:
+                nodes.append(Node.from_json(records[node_id.encode()], alive=flag is not None))
+            except Exception as error:
+                self._report_unreadable(f"the record of node {node_id}", _describe(error))
+        return nodes
 
     def forget_dead_nodes(self, keep: Iterable[str] = ()) -> list[str]:
         """Drop records of nodes that are no longer alive and hold no replica."""
@@ -524,30 +834,50 @@ class Store:
 
     # ------------------------------------------------------------------ controller lease
 
-    def acquire_lease(self, holder: str, ttl_s: float) -> bool:
-        """Become or stay the leading controller for ``ttl_s`` seconds."""
-        ttl_ms = int(ttl_s * 1000)
-        if self.redis.set(self.LEASE_KEY, holder, nx=True, px=ttl_ms):
-            return True
-        current = _text(self.redis.get(self.LEASE_KEY))
-        if current == holder:
-            self.redis.pexpire(self.LEASE_KEY, ttl_ms)
-            return True
-        return False
+    def acquire_lease(self, holder: str, ttl_s: float) -> Optional[str]:
+        """Become or stay the leading controller for ``ttl_s`` seconds.
+
+        Returns the lease token (``"<epoch>:<holder>"``; the epoch grows with each new
+        leadership) while ``holder`` leads, None while another controller does. The
+        token is the ``fence`` of the leader's writes.
+
+        >>> import fakeredis
+        >>> store = Store(fakeredis.FakeRedis())
+        >>> store.acquire_lease("a", 5), store.acquire_lease("b", 5), store.acquire_lease("a", 5)
+        ('1:a', None, '1:a')
+        """
+        token = self._acquire_lease(keys=[self.LEASE_KEY, self.EPOCH_KEY], args=[holder, int(ttl_s * 1000)])
+        return _text(token) if token else None
+
+    def renew_lease(self, token: str, ttl_s: float) -> bool:
+        """Extend the lease for ``ttl_s`` seconds if it still holds ``token``; False if it was lost."""
+        return bool(self._renew_lease(keys=[self.LEASE_KEY], args=[token, int(ttl_s * 1000)]))
+
+    def lease_holder(self) -> Optional[str]:
+        """The id of the leading controller (None if none leads)."""
+        value = _text(self.redis.get(self.LEASE_KEY))
+        return value.partition(":")[2] if value else None
 
     def controller_alive(self) -> bool:
         """True while some controller holds the lease."""
         return bool(self.redis.exists(self.LEASE_KEY))
 
     def release_lease(self, holder: str) -> None:
-        if _text(self.redis.get(self.LEASE_KEY)) == holder:
-            self.redis.delete(self.LEASE_KEY)
+        """Give up the lease if ``holder`` (a controller id or its token) holds it."""
+        self._release_lease(keys=[self.LEASE_KEY], args=[holder])
 
-    def all_replicas(self) -> list[Replica]:
-        ids: set[str] = set()
+    def all_replicas(self, unreadable: Optional[dict[str, str]] = None) -> list[Replica]:
+        """The replicas of every deployment. A record that cannot be read raises, or
+        with ``unreadable`` is left out and noted there by deployment name."""
+        owner: dict[str, str] = {}
         for name in self.redis.smembers(self.DEPLOYMENTS_KEY):
-            ids.update(_text(i) for i in self.redis.smembers(self.replicas_key(_text(name))))
-        return self._replicas_by_ids(ids)
+            for replica_id in self.redis.smembers(self.replicas_key(_text(name))):
+                owner[_text(replica_id)] = _text(name)
+        errors: Optional[dict[str, str]] = None if unreadable is None else {}
+        replicas = self._replicas_by_ids(owner, errors)
+        for replica_id, error in (errors or {}).items():
+            unreadable[owner[replica_id]] = f"the record of replica {replica_id} cannot be read: {error}"
+        return replicas
 
 
 def wait_for_events(pubsub: redis.client.PubSub, timeout_s: float) -> bool:
@@ -560,6 +890,16 @@ def wait_for_events(pubsub: redis.client.PubSub, timeout_s: float) -> bool:
     while message is not None:
         message = pubsub.get_message(timeout=0)
     return seen
+
+
+def _describe(error: BaseException) -> str:
+    """An error as one line.
+
+    >>> _describe(ValueError("Expecting value: line 1 column 1 (char 0)"))
+    'ValueError: Expecting value: line 1 column 1 (char 0)'
+    """
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _decode_hash(fields: dict) -> dict[str, str]:

@@ -5,18 +5,21 @@ SIGKILL after the graceful timeout, exits: drained, crashed, failed starts,
 processes without a record, agent restarts), hypothesis properties for the
 invariants (one Reap per exited process, at most one Mark per replica, no Spawn
 over a live process, SIGKILL only after the deadline, every exited process
-restored, determinism) and a small simulated node. The last section runs
-:class:`NodeAgent` actions against an in-memory store: an error on one replica
-fails that replica and never the agent.
+restored, determinism) and a small simulated node. The last sections run
+:class:`NodeAgent` actions against an in-memory store (an error on one replica
+fails that replica and never the agent; the requests a dead replica held are put
+back and counted), and its claim of the node id against fakeredis.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import pytest
@@ -24,7 +27,9 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from taskserve.node.agent import NodeAgent
+import taskserve.node.agent as agent_module
+from taskserve.node.agent import ManagedProcess, NodeAgent
+from taskserve.node.inflight import InflightFile
 from taskserve.node.plan import (
     AGENT_RESTARTED,
     PROCESS_NOT_FOUND,
@@ -35,7 +40,10 @@ from taskserve.node.plan import (
     Signal,
     Spawn,
     adopt,
+    claim_verdict,
+    heartbeat_interval,
     plan_node,
+    renewed,
 )
 from taskserve.node.protocol import EXIT_CONSTRUCTOR_FAILED
 from taskserve.state import Replica, ReplicaState, Resources
@@ -481,6 +489,7 @@ class FakeStore:
     def __init__(self, records: list[Replica]) -> None:
         self.records = {r.replica_id: r.to_fields() for r in records}
         self.writes: list[tuple[str, dict]] = []
+        self.counted: list[list[str]] = []
         self.down = False
 
     def update_replica(self, replica_id: str, **fields: object) -> bool:
@@ -498,6 +507,9 @@ class FakeStore:
 
     def notify(self, what: str) -> None:
         pass
+
+    def count_redeliveries(self, task_ids) -> None:
+        self.counted.append(list(task_ids))
 
 
 def make_agent(store: FakeStore, tmp_path: Path) -> NodeAgent:
@@ -554,3 +566,197 @@ def test_a_failed_start_takes_the_replicas_own_message_else_its_log(tmp_path):
     assert store.get_replica("own").message == "Traceback ...\nRuntimeError: no weights"
     assert store.get_replica("quiet").message == "booting\nSegmentation fault"
     assert store.get_replica("quiet").failure == "start"
+
+
+def unacked_entry(task_id: str, tag: str) -> str:
+    """kombu's entry of an unacknowledged message: ``[payload, exchange, routing_key]``."""
+    payload = {"body": "W10=", "headers": {"id": task_id, "task": "taskserve.call"},
+               "properties": {"correlation_id": task_id, "delivery_tag": tag}}
+    return json.dumps([payload, "", "taskserve.echo"])
+
+
+class FakeQos:
+    unacked_key = "unacked"
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.restored: list[tuple[str, bool]] = []
+
+    def restore_by_tag(self, tag: str, leftmost: bool = False) -> None:
+        self.restored.append((tag, leftmost))
+        self.client.hdel(self.unacked_key, tag)
+
+
+class FakeChannel:
+    """The parts of kombu's Redis channel that putting messages back uses."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.qos = FakeQos(client)
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client=None):
+        yield self.client
+
+
+class FakeApp:
+    def __init__(self, channel: FakeChannel) -> None:
+        self.channel = channel
+
+    @contextlib.contextmanager
+    def connection_for_write(self):
+        yield SimpleNamespace(default_channel=self.channel, ensure_connection=lambda max_retries=0: None)
+
+
+def test_the_requests_a_dead_replica_held_are_put_back_and_counted(tmp_path):
+    import fakeredis
+
+    client = fakeredis.FakeRedis()
+    client.hset("unacked", mapping={"tag-1": unacked_entry("task-1", "tag-1"),
+                                    "tag-2": unacked_entry("task-2", "tag-2")})
+    store = FakeStore([])
+    agent = make_agent(store, tmp_path)
+    channel = FakeChannel(client)
+    agent._celery_app = FakeApp(channel)
+    inflight_path = agent.log_dir / "r1.inflight"
+    held = InflightFile(str(inflight_path))
+    held.add("task-1", "tag-1")
+    held.add("task-2", "tag-2")
+    held.add("task-3", "tag-3")          # acknowledged meanwhile: nothing to put back, nor to count
+    process = ManagedProcess("r1", "echo", popen=None, log_file=None, inflight_path=inflight_path,
+                             graceful_timeout_s=1.0)
+    agent._restore_inflight(process)
+    assert channel.qos.restored == [("tag-1", False), ("tag-2", False), ("tag-3", False)]
+    assert store.counted == [["task-1", "task-2"]]
+
+
+def test_a_replica_that_held_nothing_counts_nothing(tmp_path):
+    store = FakeStore([])
+    agent = make_agent(store, tmp_path)
+    agent._celery_app = FakeApp(FakeChannel(None))
+    process = ManagedProcess("r1", "echo", popen=None, log_file=None, inflight_path=agent.log_dir / "none.inflight",
+                             graceful_timeout_s=1.0)
+    agent._restore_inflight(process)
+    assert store.counted == []
+
+
+# --------------------------------------------------------------------------- the node id
+
+
+@pytest.mark.parametrize(
+    "same_host, pid_running, verdict",
+    [
+        (True, True, "refuse"),      # its agent runs here: a second agent for the node
+        (True, False, "replace"),    # its agent died: restart at once
+        (False, None, "wait"),       # another host: live if it renews its claim
+    ],
+)
+def test_claim_verdict(same_host, pid_running, verdict):
+    assert claim_verdict(same_host, pid_running) == verdict
+
+
+def test_a_claim_is_renewed_when_its_ttl_goes_up_not_when_it_runs_down():
+    assert renewed(1500, 1440, 0.05) is False
+    assert renewed(1500, 1999, 0.05) is True
+    assert renewed(1500, 0, 0.05) is False
+    assert (heartbeat_interval(10), heartbeat_interval(2), heartbeat_interval(0.4)) == (1.0, 0.5, 0.1)
+
+
+@pytest.fixture
+def fake_redis_store():
+    import fakeredis
+
+    from taskserve.store import Store
+
+    if not _lua_works(fakeredis):
+        pytest.skip("fakeredis runs Lua scripts only with the lupa package")
+    return Store(fakeredis.FakeRedis())
+
+
+def _lua_works(fakeredis) -> bool:
+    try:
+        fakeredis.FakeRedis().eval("return 1", 0)
+    except redis.ResponseError:
+        return False
+    return True
+
+
+def node_agent(store, tmp_path: Path, ttl_s: float = 2.0) -> NodeAgent:
+    return NodeAgent(store, "redis://127.0.0.1:1/0", node_id="node-a", resources=Resources(4, 0, 2**30),
+                     data_dir=tmp_path, heartbeat_ttl_s=ttl_s)
+
+
+def test_a_second_agent_for_a_node_whose_agent_runs_here_is_refused_at_once(fake_redis_store, tmp_path,
+                                                                          monkeypatch):
+    from taskserve.store import NodeTaken
+
+    first = node_agent(fake_redis_store, tmp_path / "a")
+    first.take_node()
+    first_record = fake_redis_store.list_nodes()
+    second = node_agent(fake_redis_store, tmp_path / "b")
+    second.claim = replace(second.claim, pid=first.claim.pid + 1, token="second")
+    monkeypatch.setattr(agent_module, "_agent_running", lambda pid: pid == first.claim.pid)
+    with pytest.raises(NodeTaken, match=r"^node node-a already has a live agent \(pid \d+ on .+\); "
+                                        r"stop it or pick another --node-id$"):
+        second.take_node()
+    assert fake_redis_store.list_nodes() == first_record
+    assert fake_redis_store.heartbeat_node("node-a", 2.0, first.claim) is True
+
+
+def test_an_agent_whose_previous_process_is_gone_takes_the_node_at_once(fake_redis_store, tmp_path, monkeypatch):
+    dead = node_agent(fake_redis_store, tmp_path / "a", ttl_s=60)
+    dead.take_node()
+    restarted = node_agent(fake_redis_store, tmp_path / "b")
+    restarted.claim = replace(restarted.claim, pid=dead.claim.pid + 1, token="restarted")
+    monkeypatch.setattr(agent_module, "_agent_running", lambda pid: False)
+    restarted.take_node()
+    assert fake_redis_store.node_claim("node-a")[0] == restarted.claim
+
+
+def test_an_agent_waits_for_the_claim_of_another_host_to_expire(fake_redis_store, tmp_path):
+    from taskserve.store import NodeClaim
+
+    elsewhere = NodeClaim(pid=7, host="other-host", token="gone")
+    fake_redis_store.register_node(replace(node_agent(fake_redis_store, tmp_path).node, agent_pid=7),
+                                   ttl_s=0.3, claim=elsewhere)
+    agent = node_agent(fake_redis_store, tmp_path)
+    agent.take_node()                    # the claim was not renewed: it expired
+    assert fake_redis_store.node_claim("node-a")[0] == agent.claim
+
+
+def test_an_agent_refuses_a_node_another_host_keeps_renewing(fake_redis_store, tmp_path, monkeypatch):
+    from taskserve.store import NodeClaim, NodeTaken
+
+    elsewhere = NodeClaim(pid=7, host="other-host", token="live")
+    fake_redis_store.register_node(node_agent(fake_redis_store, tmp_path).node, ttl_s=2, claim=elsewhere)
+    real_claim = fake_redis_store.node_claim
+
+    def heartbeating(node_id):
+        fake_redis_store.heartbeat_node(node_id, 2, elsewhere)     # the other agent renews it meanwhile
+        return real_claim(node_id)
+
+    agent = node_agent(fake_redis_store, tmp_path)
+    monkeypatch.setattr(fake_redis_store, "node_claim", heartbeating)
+    with pytest.raises(NodeTaken, match="pid 7 on other-host"):
+        agent.take_node()
+
+
+def test_the_heartbeat_thread_registers_the_node_again_after_it_expired(fake_redis_store, tmp_path):
+    import threading
+
+    from taskserve.store import Store
+
+    from .helpers import wait_until
+
+    agent = node_agent(fake_redis_store, tmp_path, ttl_s=0.4)
+    agent.take_node()
+    thread = threading.Thread(target=agent._heartbeat_loop, daemon=True)
+    thread.start()
+    try:
+        fake_redis_store.redis.delete(Store.node_alive_key("node-a"))     # Redis restarted without it
+        wait_until(lambda: fake_redis_store.node_claim("node-a")[0] == agent.claim, timeout=5,
+                   message="the node to be registered again")
+        assert fake_redis_store.list_nodes()[0].alive
+    finally:
+        agent.left.set()
+        thread.join(timeout=5)

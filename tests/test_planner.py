@@ -140,8 +140,10 @@ def run_plan(
     nodes=AMPLE,
     health: Optional[DeploymentHealth] = None,
     now: float = 1000.0,
+    dead_nodes: Optional[set[str]] = None,
 ) -> Plan:
-    return plan(goal, list(replicas), nodes, health or DeploymentHealth(), now=now, new_id=ids())
+    return plan(goal, list(replicas), nodes, health or DeploymentHealth(), now=now, new_id=ids(),
+                dead_nodes=dead_nodes)
 
 
 def of_type(result: Plan, kind) -> list:
@@ -656,6 +658,32 @@ def test_delete_forgets_the_deployment_once_nothing_placed_is_left():
     assert result.actions[-1] == ForgetDeployment()
     assert set(result.actions[:-1]) == {ForgetReplica("e"), ForgetReplica("f", crashed=True), ForgetReplica("p")}
     assert run_plan(make_goal(2, deleting=True), []).actions == [ForgetDeployment()]
+
+
+def test_replicas_of_a_node_not_live_but_not_yet_dead_are_kept_and_not_replaced():
+    """Its heartbeat is late (or Redis lost it): the caller does not count it as dead yet."""
+    replicas = [rep("r1", node_id="node-a"), rep("r2", node_id="node-late"), rep("r3", node_id="node-late")]
+    result = run_plan(make_goal(3), replicas, nodes=[cap("node-a"), cap("node-b")], dead_nodes=set())
+    assert result.actions == []
+    assert result.status == DeploymentState.HEALTHY
+
+    result = run_plan(make_goal(3), replicas, nodes=[cap("node-a"), cap("node-b")], dead_nodes={"node-late"})
+    assert {f.replica_id for f in of_type(result, ForgetReplica)} == {"r2", "r3"}
+    assert len(of_type(result, StartReplica)) == 2
+
+
+def test_when_no_node_is_live_and_none_is_dead_nothing_is_forgotten_or_started():
+    replicas = [rep("r1", node_id="node-a"), rep("r2", node_id="node-b", state=ReplicaState.STARTING)]
+    assert run_plan(make_goal(2), replicas, nodes=[], dead_nodes=set()).actions == []
+    # A scale-up waits for a node instead (an unplaced start names why).
+    grown = run_plan(make_goal(4), replicas, nodes=[], dead_nodes=set())
+    assert not of_type(grown, ForgetReplica)
+    assert [s.replica.node_id for s in of_type(grown, StartReplica)] == ["", ""]
+
+
+def test_a_deleting_deployment_drains_replicas_of_a_node_not_yet_dead():
+    result = run_plan(make_goal(1, deleting=True), [rep("x", node_id="node-late")], nodes=[], dead_nodes=set())
+    assert result.actions == [StopReplica("x")]
 
 
 def test_delete_forgets_replicas_of_dead_nodes():

@@ -1,4 +1,6 @@
-"""Unit tests of the Redis store (taskserve/store.py) against fakeredis.
+"""Unit tests of the Redis store (taskserve/store.py) against fakeredis, and of the
+controller's passes (taskserve/controller.py) on it: fenced writes, one broken
+deployment among others, nodes that stop heartbeating.
 
 ``Store.update_replica`` runs a Lua script; fakeredis runs Lua only when the ``lupa``
 package is installed, so the tests of that method are skipped without it.
@@ -8,15 +10,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import Optional
+from typing import Callable, Optional
 
 import fakeredis
 import pytest
 import redis
 
+import taskserve.controller as controller_module
+from taskserve.controller import Controller
 from taskserve.errors import DeploymentNotFound
 from taskserve.state import DeploymentHealth, DeploymentState, Goal, Node, Replica, ReplicaState, Resources
-from taskserve.store import HISTORY_LIMIT, Store, queue_name, wait_for_events
+from taskserve.store import HISTORY_LIMIT, LeaseLost, NodeClaim, NodeTaken, Store, queue_name, wait_for_events
 
 NAME = "echo"
 
@@ -656,36 +660,252 @@ def test_no_nodes(store):
     assert store.forget_dead_nodes() == []
 
 
+@needs_lua
+def test_a_node_claimed_by_a_live_agent_is_refused_to_another(store, client):
+    first = NodeClaim(pid=101, host="box-1", token="t1")
+    second = NodeClaim(pid=202, host="box-2", token="t2")
+    store.register_node(make_node("node-a", agent_pid=101), ttl_s=10, claim=first)
+    with pytest.raises(NodeTaken) as taken:
+        store.register_node(make_node("node-a", agent_pid=202, hostname="box-2"), ttl_s=10, claim=second)
+    assert str(taken.value) == ("node node-a already has a live agent (pid 101 on box-1); "
+                                "stop it or pick another --node-id")
+    assert taken.value.holder == first
+    assert store.list_nodes()[0].agent_pid == 101      # the record stays the first agent's
+    assert store.node_claim("node-a")[0] == first
+
+    # The holder registers again (after an expiry) with its own claim.
+    store.register_node(make_node("node-a", agent_pid=101), ttl_s=10, claim=first)
+
+
+@needs_lua
+def test_heartbeat_extends_only_the_claim_that_holds_the_node(store, client):
+    mine, theirs = NodeClaim(pid=1, host="h", token="mine"), NodeClaim(pid=2, host="h", token="theirs")
+    store.register_node(make_node("node-a"), ttl_s=1, claim=mine)
+    assert store.heartbeat_node("node-a", ttl_s=30, claim=mine) is True
+    assert 1_000 < client.pttl(Store.node_alive_key("node-a")) <= 30_000
+
+    client.delete(Store.node_alive_key("node-a"))      # expired (say Redis restarted without it)
+    assert store.heartbeat_node("node-a", ttl_s=30, claim=mine) is False
+    assert not client.exists(Store.node_alive_key("node-a"))
+
+    store.register_node(make_node("node-a"), ttl_s=10, claim=theirs)
+    with pytest.raises(NodeTaken):
+        store.heartbeat_node("node-a", ttl_s=30, claim=mine)
+    assert store.node_claim("node-a")[0] == theirs
+
+
+@needs_lua
+def test_a_stale_claim_is_replaced_only_when_named(store):
+    dead, new = NodeClaim(pid=1, host="h", token="dead"), NodeClaim(pid=2, host="h", token="new")
+    store.register_node(make_node("node-a"), ttl_s=10, claim=dead)
+    other = NodeClaim(pid=3, host="h", token="other")
+    with pytest.raises(NodeTaken):
+        store.register_node(make_node("node-a"), ttl_s=10, claim=new, replacing=other)
+    store.register_node(make_node("node-a", agent_pid=2), ttl_s=10, claim=new, replacing=dead)
+    claim, ttl_ms = store.node_claim("node-a")
+    assert claim == new and 0 < ttl_ms <= 10_000
+    assert store.node_claim("node-b") == (None, 0)
+
+
+@needs_lua
+def test_unregister_with_a_claim_leaves_another_agents_node(store):
+    mine, theirs = NodeClaim(pid=1, host="h", token="mine"), NodeClaim(pid=2, host="h", token="theirs")
+    store.register_node(make_node("node-a"), ttl_s=10, claim=theirs)
+    store.unregister_node("node-a", mine)
+    assert [n.node_id for n in store.list_nodes()] == ["node-a"]
+    store.unregister_node("node-a", theirs)
+    assert store.list_nodes() == []
+
+
+def test_node_records_carry_their_heartbeat_timeout_and_read_unknown_fields(store, client):
+    store.register_node(make_node("node-a", heartbeat_ttl_s=2.0), ttl_s=2)
+    assert store.list_nodes()[0].heartbeat_ttl_s == 2.0
+    record = json.loads(client.hget(Store.NODES_KEY, "node-a"))
+    client.hset(Store.NODES_KEY, "node-a", json.dumps({**record, "rack": "r7", "total": {**record["total"], "tpus": 4}}))
+    client.hset(Store.NODES_KEY, "node-old", json.dumps({"node_id": "node-old", "total": {"num_cpus": 2}}))
+    client.hset(Store.NODES_KEY, "node-bad", "{not json")
+    nodes = store.list_nodes()
+    assert [n.node_id for n in nodes] == ["node-a", "node-old"]
+    assert nodes[0].total == make_node("node-a").total
+    assert nodes[1].heartbeat_ttl_s == 10.0            # written by an agent that did not say
+
+
 # --------------------------------------------------------------------------- controller lease
+
+
+class RacingRedis(fakeredis.FakeRedis):
+    """A client after whose next plain GET of the lease ``race()`` runs: another
+    controller acts between two commands of a read-then-write."""
+
+    race: Optional[Callable[[], None]] = None
+
+    def get(self, name):
+        value = super().get(name)
+        if name == Store.LEASE_KEY and self.race is not None:
+            race, self.race = self.race, None
+            race()
+        return value
 
 
 def test_lease_has_one_holder_at_a_time(store, client, server):
     other = Store(fakeredis.FakeRedis(server=server))
-    assert store.acquire_lease("controller-a", ttl_s=5) is True
-    assert other.acquire_lease("controller-b", ttl_s=5) is False
+    token = store.acquire_lease("controller-a", ttl_s=5)
+    assert token == "1:controller-a"
+    assert other.acquire_lease("controller-b", ttl_s=5) is None
     assert 0 < client.pttl(Store.LEASE_KEY) <= 5_000
+    assert store.lease_holder() == "controller-a" and store.controller_alive()
 
-    # The holder renews (and extends) its lease.
-    assert store.acquire_lease("controller-a", ttl_s=60) is True
+    # The holder renews (and extends) its lease, keeping its token.
+    assert store.acquire_lease("controller-a", ttl_s=60) == token
     assert 5_000 < client.pttl(Store.LEASE_KEY) <= 60_000
-    assert other.acquire_lease("controller-b", ttl_s=5) is False
+    assert other.acquire_lease("controller-b", ttl_s=5) is None
 
     # Only the holder can release it.
     other.release_lease("controller-b")
-    assert client.get(Store.LEASE_KEY) == b"controller-a"
+    assert store.lease_holder() == "controller-a"
     store.release_lease("controller-a")
-    assert not client.exists(Store.LEASE_KEY)
-    assert other.acquire_lease("controller-b", ttl_s=5) is True
-    assert store.acquire_lease("controller-a", ttl_s=5) is False
+    assert not client.exists(Store.LEASE_KEY) and not store.controller_alive()
+    assert other.acquire_lease("controller-b", ttl_s=5) == "2:controller-b"
+    assert store.acquire_lease("controller-a", ttl_s=5) is None
 
 
 def test_lease_passes_on_once_it_expired(store, client):
     assert store.acquire_lease("controller-a", ttl_s=5)
     client.delete(Store.LEASE_KEY)                     # the holder stopped renewing
-    assert store.acquire_lease("controller-b", ttl_s=5) is True
-    assert store.acquire_lease("controller-a", ttl_s=5) is False
+    assert store.acquire_lease("controller-b", ttl_s=5) == "2:controller-b"
+    assert store.acquire_lease("controller-a", ttl_s=5) is None
     store.release_lease("controller-a")                # a late release does not steal it
-    assert client.get(Store.LEASE_KEY) == b"controller-b"
+    assert store.lease_holder() == "controller-b"
+
+
+def test_each_leadership_gets_a_new_token(store, client):
+    first = store.acquire_lease("controller-a", ttl_s=5)
+    client.delete(Store.LEASE_KEY)                     # lost it (paused past its TTL) ...
+    second = store.acquire_lease("controller-a", ttl_s=5)   # ... and took it again
+    assert (first, second) == ("1:controller-a", "2:controller-a")
+    assert store.renew_lease(second, ttl_s=5) is True
+    assert store.renew_lease(first, ttl_s=5) is False  # the earlier leadership's token is dead
+
+
+def test_renew_lease_only_while_the_token_holds_it(store, client, server):
+    token = store.acquire_lease("controller-a", ttl_s=1)
+    assert store.renew_lease(token, ttl_s=30) is True
+    assert 1_000 < client.pttl(Store.LEASE_KEY) <= 30_000
+    client.delete(Store.LEASE_KEY)
+    assert store.renew_lease(token, ttl_s=30) is False
+    assert not client.exists(Store.LEASE_KEY)         # a renewal never takes a free lease
+    Store(fakeredis.FakeRedis(server=server)).acquire_lease("controller-b", ttl_s=5)
+    assert store.renew_lease(token, ttl_s=30) is False
+    assert store.lease_holder() == "controller-b"
+
+
+def test_acquiring_is_atomic_when_the_lease_moves_in_between(server):
+    racing = RacingRedis(server=server)
+    store, other = Store(racing), Store(fakeredis.FakeRedis(server=server))
+    assert store.acquire_lease("controller-a", ttl_s=5)
+
+    def lease_moves() -> None:
+        racing.delete(Store.LEASE_KEY)                 # a's lease expires ...
+        assert other.acquire_lease("controller-b", ttl_s=5)   # ... and b takes it
+
+    racing.race = lease_moves
+    leads = store.acquire_lease("controller-a", ttl_s=5)   # a renews: is there a window after its read?
+    if racing.race is None:
+        assert not leads, "a reported leading while b held the lease"
+    else:                                              # no window: b takes the lease only afterwards
+        lease_moves()
+    assert store.acquire_lease("controller-a", ttl_s=5) is None
+    assert store.lease_holder() == "controller-b"
+
+
+def test_releasing_is_atomic_when_the_lease_moves_in_between(server):
+    racing = RacingRedis(server=server)
+    store, other = Store(racing), Store(fakeredis.FakeRedis(server=server))
+    assert store.acquire_lease("controller-a", ttl_s=5)
+
+    def lease_moves() -> None:
+        racing.delete(Store.LEASE_KEY)
+        assert other.acquire_lease("controller-b", ttl_s=5)
+
+    racing.race = lease_moves
+    store.release_lease("controller-a")                # check the holder, then delete
+    if racing.race is not None:
+        lease_moves()
+    assert store.lease_holder() == "controller-b"      # b's lease was not deleted
+
+
+@needs_lua
+def test_fenced_writes_are_refused_once_the_lease_moved(store, client, server):
+    """A controller paused past its lease wakes up and writes with its old token: nothing lands."""
+    store.update_goal(NAME, lambda previous: next_goal("v1", num_replicas=2)(previous), "deploy", missing_ok=True)
+    store.create_replica(make_replica("echo-1"))
+    store.create_replica(make_replica("echo-2", node_id=""))
+    old = store.acquire_lease("controller-a", ttl_s=5)
+    client.delete(Store.LEASE_KEY)                     # a was paused: its lease ran out ...
+    new = Store(fakeredis.FakeRedis(server=server)).acquire_lease("controller-b", ttl_s=5)   # ... b leads
+    before = {key: client.dump(key) for key in client.keys("*")}
+
+    refused = [
+        lambda: store.create_replica(make_replica("echo-3"), fence=old),
+        lambda: store.place_replica("echo-2", "node-a", fence=old),
+        lambda: store.update_replica("echo-1", fence=old, desired="stop"),
+        lambda: store.set_replica_config("echo-1", '{"k": 2}', "h2", fence=old),
+        lambda: store.forget_replica(make_replica("echo-1"), fence=old),
+        lambda: store.set_health(NAME, DeploymentHealth(status=DeploymentState.HEALTHY), fence=old),
+        lambda: store.record_outcome(NAME, 1, "failed", fence=old),
+        lambda: store.update_goal(NAME, lambda previous: {"num_replicas": 5}, "auto-rollback", fence=old),
+        lambda: store.write_goal(NAME, next_goal("v9"), fence=old),
+        lambda: store.forget_deployment(NAME, 1, fence=old),
+    ]
+    for write in refused:
+        with pytest.raises(LeaseLost):
+            write()
+    after = {key: client.dump(key) for key in client.keys("*")}
+    assert after == before, "a refused write changed nothing"
+
+    # The new leader's token writes.
+    store.update_replica("echo-1", fence=new, desired="stop")
+    store.create_replica(make_replica("echo-3"), fence=new)
+    assert store.get_replica("echo-1").desired == "stop"
+    assert {r.replica_id for r in store.replicas_of(NAME)} == {"echo-1", "echo-2", "echo-3"}
+
+
+@needs_lua
+def test_fenced_writes_are_refused_while_no_one_holds_the_lease(store, client):
+    token = store.acquire_lease("controller-a", ttl_s=5)
+    store.update_goal(NAME, lambda previous: next_goal("v1")(previous), "deploy", missing_ok=True)
+    store.create_replica(make_replica("echo-1"), fence=token)
+    client.delete(Store.LEASE_KEY)
+    with pytest.raises(LeaseLost):
+        store.create_replica(make_replica("echo-2"), fence=token)
+    with pytest.raises(LeaseLost):
+        store.set_health(NAME, DeploymentHealth(message="late"), fence=token)
+    assert [r.replica_id for r in store.replicas_of(NAME)] == ["echo-1"]
+    assert store.get_health(NAME).message == ""
+
+
+@needs_lua
+def test_a_fenced_transaction_is_refused_when_the_lease_moves_before_it_commits(store, client, server):
+    token = store.acquire_lease("controller-a", ttl_s=5)
+    store.update_goal(NAME, lambda previous: next_goal("v1")(previous), "deploy", missing_ok=True)
+    other = Store(fakeredis.FakeRedis(server=server))
+
+    def change(previous: Optional[Goal]) -> dict:
+        if store.lease_holder() == "controller-a":     # the lease moves between WATCH and EXEC
+            other.redis.delete(Store.LEASE_KEY)
+            other.acquire_lease("controller-b", ttl_s=5)
+        return {"num_replicas": 7}
+
+    with pytest.raises(LeaseLost):
+        store.update_goal(NAME, change, "auto-rollback", fence=token)
+    assert store.get_goal(NAME).num_replicas == 1
+
+
+@needs_lua
+def test_placing_a_forgotten_replica_writes_no_half_record(store, client):
+    assert store.place_replica("echo-gone", "node-a") is False
+    assert not client.exists(Store.replica_key("echo-gone"))
+    assert not client.smembers(Store.node_replicas_key("node-a"))
 
 
 # --------------------------------------------------------------------------- notifications, names
@@ -704,8 +924,256 @@ def test_queue_name():
     assert queue_name("echo") == "taskserve.echo"
 
 
+def test_a_goal_with_fields_this_version_does_not_know_reads_fine(store, client):
+    store.write_goal(NAME, next_goal("v1"))
+    data = json.loads(client.get(Store.goal_key(NAME)))
+    client.set(Store.goal_key(NAME), json.dumps({**data, "priority": 3, "placement": {"zone": "a"}}))
+    assert store.get_goal(NAME).version == "v1"
+    assert [g.name for g in store.list_goals()] == [NAME]
+    assert store.deployment_exists(NAME)
+    assert store.update_goal(NAME, lambda previous: {"num_replicas": 2}, "scale").num_replicas == 2
+
+
+def test_a_corrupt_goal_leaves_the_others_readable_and_is_logged_once(store, client, caplog):
+    for name in ("a-first", "b-broken", "c-last"):
+        store.write_goal(name, next_goal("v1", name=name))
+    client.set(Store.goal_key("b-broken"), "{not json")
+    with caplog.at_level("ERROR", logger="taskserve.store"):
+        assert [g.name for g in store.list_goals()] == ["a-first", "c-last"]
+        assert [g.name for g in store.list_goals()] == ["a-first", "c-last"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "the goal of deployment b-broken cannot be read (JSONDecodeError: Expecting property name enclosed "
+        "in double quotes: line 1 column 2 (char 1)); skipping it"
+    ]
+    goals, unreadable = store.read_goals()
+    assert [g.name for g in goals] == ["a-first", "c-last"] and list(unreadable) == ["b-broken"]
+    client.set(Store.goal_key("b-broken"), json.dumps({"name": "b-broken"}))   # JSON, but not a goal
+    assert list(store.read_goals()[1]) == ["b-broken"]
+    assert store.snapshot("c-last")[0].name == "c-last"
+
+
+def test_an_unreadable_replica_record_is_noted_by_deployment(store, client):
+    store.create_replica(make_replica("echo-1"))
+    store.create_replica(make_replica("other-1", deployment="other"))
+    client.sadd(Store.DEPLOYMENTS_KEY, NAME, "other")
+    client.hset(Store.replica_key("other-1"), "state", "HIBERNATING")
+    with pytest.raises(ValueError):
+        store.all_replicas()
+    unreadable: dict[str, str] = {}
+    assert [r.replica_id for r in store.all_replicas(unreadable)] == ["echo-1"]
+    assert unreadable == {"other": "the record of replica other-1 cannot be read: "
+                                   "ValueError: 'HIBERNATING' is not a valid ReplicaState"}
+
+
+def test_health_with_fields_this_version_does_not_know_reads_fine(store, client):
+    store.write_goal(NAME, next_goal("v1"))
+    client.set(Store.health_key(NAME), json.dumps({"status": "HEALTHY", "message": "", "observed_generation": 1,
+                                                    "slo": "p99<50ms"}))
+    assert store.get_health(NAME).status == DeploymentState.HEALTHY
+
+
 def test_goal_record_is_json(store, client):
     goal = store.write_goal(NAME, next_goal("v1"))
     data = json.loads(client.get(Store.goal_key(NAME)))
     assert data["generation"] == 1 and data["name"] == NAME
     assert Goal.from_json(client.get(Store.goal_key(NAME))) == goal
+
+
+# --------------------------------------------------------------------------- the controller on this store
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def leading_controller(store: Store, clock: Optional[Clock] = None) -> Controller:
+    controller = Controller(store, clock=clock or Clock())
+    controller._lead(store.acquire_lease(controller.controller_id, controller.lease_ttl_s))
+    assert controller.leading
+    return controller
+
+
+def deploy(store: Store, name: str, num_replicas: int = 1) -> Goal:
+    goal = store.update_goal(name, lambda previous: next_goal("v1", name=name, num_replicas=num_replicas)(previous),
+                             "deploy", missing_ok=True)
+    assert goal is not None
+    return goal
+
+
+def with_nodes(store: Store, *node_ids: str, ttl_s: float = 2.0) -> None:
+    for node_id in node_ids:
+        store.register_node(make_node(node_id, heartbeat_ttl_s=ttl_s), ttl_s=ttl_s)
+
+
+def running(store: Store, name: str) -> None:
+    """Every replica of ``name`` runs (what its agent and process would write)."""
+    for replica in store.replicas_of(name):
+        store.update_replica(replica.replica_id, state=ReplicaState.RUNNING,
+                             applied_config_hash=replica.config_hash)
+
+
+@needs_lua
+def test_a_deployment_whose_planning_raises_does_not_stop_the_others(store, monkeypatch, caplog):
+    with_nodes(store, "node-a")
+    for name in ("alpha", "broken", "gamma"):
+        deploy(store, name, num_replicas=2)
+    real_plan = controller_module.plan
+
+    def plan(goal, *args, **kwargs):
+        if goal.name == "broken":
+            raise KeyError("num_replicas")
+        return real_plan(goal, *args, **kwargs)
+
+    monkeypatch.setattr(controller_module, "plan", plan)
+    controller = leading_controller(store)
+    with caplog.at_level("ERROR", logger="taskserve.controller"):
+        for _ in range(3):
+            controller.reconcile_once()
+            running(store, "alpha")
+            running(store, "gamma")
+    assert len(store.replicas_of("alpha")) == len(store.replicas_of("gamma")) == 2
+    assert store.get_health("alpha").status == store.get_health("gamma").status == DeploymentState.HEALTHY
+    assert store.replicas_of("broken") == []
+    assert store.get_health("broken").message == \
+        "the controller cannot reconcile this deployment: KeyError: 'num_replicas'"
+    assert [r.getMessage() for r in caplog.records] == [
+        "broken: cannot reconcile it (KeyError: 'num_replicas'); the other deployments go on"
+    ]
+
+    monkeypatch.setattr(controller_module, "plan", real_plan)   # fixed: it converges too
+    controller.reconcile_once()
+    assert len(store.replicas_of("broken")) == 2 and "broken" not in controller.errors
+
+
+@needs_lua
+def test_a_corrupt_goal_does_not_stop_the_others(store, client):
+    with_nodes(store, "node-a")
+    deploy(store, "alpha")
+    deploy(store, "broken")
+    client.set(Store.goal_key("broken"), "{not json")
+    controller = leading_controller(store)
+    controller.reconcile_once()
+    assert len(store.replicas_of("alpha")) == 1
+    assert store.get_health("broken").message.startswith(
+        "the controller cannot reconcile this deployment: its goal cannot be read: JSONDecodeError")
+
+
+@needs_lua
+def test_a_leader_that_loses_its_lease_before_applying_writes_nothing(store, server, monkeypatch):
+    """Paused after planning, past its lease: another controller leads when it wakes up."""
+    with_nodes(store, "node-a")
+    deploy(store, NAME, num_replicas=3)
+    paused = leading_controller(store)
+    standby = Controller(Store(fakeredis.FakeRedis(server=server)))
+    real_plan = controller_module.plan
+
+    def plan_then_pause(*args, **kwargs):
+        result = real_plan(*args, **kwargs)
+        store.redis.delete(Store.LEASE_KEY)            # the lease ran out while it was stopped
+        standby._lead(standby.store.acquire_lease(standby.controller_id, 5))
+        return result
+
+    monkeypatch.setattr(controller_module, "plan", plan_then_pause)
+    with pytest.raises(LeaseLost):
+        paused.reconcile_once()
+    assert store.replicas_of(NAME) == []
+    assert store.get_health(NAME) == DeploymentHealth()
+
+    monkeypatch.setattr(controller_module, "plan", real_plan)
+    standby.reconcile_once()
+    assert len(store.replicas_of(NAME)) == 3
+    assert store.acquire_lease(paused.controller_id, 5) is None   # it stands by from now on
+
+
+@needs_lua
+def test_a_lease_lost_between_the_check_and_a_write_refuses_the_write(store, server, monkeypatch):
+    with_nodes(store, "node-a")
+    deploy(store, NAME, num_replicas=3)
+    paused = leading_controller(store)
+    real_create = store.create_replica
+
+    def create_after_a_pause(replica, fence=None):
+        if store.lease_holder() == paused.controller_id:
+            store.redis.delete(Store.LEASE_KEY)
+            Store(fakeredis.FakeRedis(server=server)).acquire_lease("controller-b", 5)
+        return real_create(replica, fence=fence)
+
+    monkeypatch.setattr(store, "create_replica", create_after_a_pause)
+    with pytest.raises(LeaseLost):
+        paused.reconcile_once()
+    assert store.replicas_of(NAME) == []
+
+
+@needs_lua
+def test_replicas_of_a_node_that_stopped_heartbeating_wait_one_more_ttl(store, client):
+    with_nodes(store, "node-a", "node-b", ttl_s=2.0)
+    deploy(store, NAME, num_replicas=2)
+    clock = Clock()
+    controller = leading_controller(store, clock)
+    controller.reconcile_once()
+    running(store, NAME)
+    on_b = {r.replica_id for r in store.replicas_of(NAME) if r.node_id == "node-b"}
+    assert len(on_b) == 1
+
+    client.delete(Store.node_alive_key("node-b"))      # its heartbeat is late
+    controller.reconcile_once()
+    clock.now += 1.9
+    controller.reconcile_once()
+    assert on_b <= {r.replica_id for r in store.replicas_of(NAME)}, "kept within the grace"
+    assert len(store.replicas_of(NAME)) == 2
+
+    clock.now += 0.1                                   # one TTL after it was first seen dead
+    controller.reconcile_once()
+    replicas = store.replicas_of(NAME)
+    assert not on_b & {r.replica_id for r in replicas}
+    assert sorted(r.node_id for r in replicas) == ["node-a", "node-a"]
+
+
+@needs_lua
+def test_a_node_that_heartbeats_again_within_the_grace_keeps_its_replicas(store, client):
+    with_nodes(store, "node-a", "node-b", ttl_s=2.0)
+    deploy(store, NAME, num_replicas=2)
+    clock = Clock()
+    controller = leading_controller(store, clock)
+    controller.reconcile_once()
+    before = {r.replica_id for r in store.replicas_of(NAME)}
+    client.delete(Store.node_alive_key("node-b"))
+    controller.reconcile_once()
+    clock.now += 1.5
+    with_nodes(store, "node-b", ttl_s=2.0)             # it registers again
+    controller.reconcile_once()
+    clock.now += 10
+    controller.reconcile_once()
+    assert {r.replica_id for r in store.replicas_of(NAME)} == before
+    assert controller.dead_since == {}
+
+
+@needs_lua
+def test_when_every_node_looks_dead_no_replica_is_forgotten(store, client):
+    """Redis restarted and lost every heartbeat (or this controller was cut off)."""
+    with_nodes(store, "node-a", "node-b", ttl_s=2.0)
+    deploy(store, NAME, num_replicas=2)
+    clock = Clock()
+    controller = leading_controller(store, clock)
+    controller.reconcile_once()
+    running(store, NAME)
+    before = {r.replica_id for r in store.replicas_of(NAME)}
+
+    client.delete(Store.node_alive_key("node-a"), Store.node_alive_key("node-b"))
+    for _ in range(5):
+        clock.now += 10
+        controller.reconcile_once()
+        assert {r.replica_id for r in store.replicas_of(NAME)} == before
+
+    # node-a heartbeats again first: node-b gets a full TTL from then.
+    with_nodes(store, "node-a", ttl_s=2.0)
+    clock.now += 1
+    controller.reconcile_once()
+    with_nodes(store, "node-b", ttl_s=2.0)
+    clock.now += 10
+    controller.reconcile_once()
+    assert {r.replica_id for r in store.replicas_of(NAME)} == before

@@ -1,8 +1,10 @@
 """The node agent: runs the replica processes the controller assigns to its node.
 
 One agent per machine (or several with distinct ``--node-id``, which is how tests
-simulate a cluster). It registers the node's resources, heartbeats, and on each
-pass converges the processes to the records assigned to it. What to do is decided
+simulate a cluster). It claims its node id (refusing one whose agent is alive),
+registers the node's resources, heartbeats from a thread of its own (so a slow
+pass never lets the node expire), and on each pass converges the processes to the
+records assigned to it. What to do is decided
 by the pure :func:`taskserve.node.plan.plan_node` (every rule is listed there);
 this module gathers its inputs and carries its actions out:
 
@@ -29,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -38,7 +41,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Mapping, Optional
+from typing import IO, Any, Iterable, Mapping, Optional
 
 import psutil
 import redis
@@ -46,10 +49,23 @@ import redis
 from ..celery_app import make_app
 from ..runtime_env import env_key
 from ..state import Node, Replica, ReplicaState, Resources, package_sha
-from ..store import Store, wait_for_events
+from ..store import NodeClaim, NodeTaken, Store, wait_for_events
 from .envs import EnvironmentCache, unpack_working_dir
 from .inflight import read_tags
-from .plan import Mark, NodeAction, ProcessView, Reap, Restore, Signal, Spawn, adopt, plan_node
+from .plan import (
+    Mark,
+    NodeAction,
+    ProcessView,
+    Reap,
+    Restore,
+    Signal,
+    Spawn,
+    adopt,
+    claim_verdict,
+    heartbeat_interval,
+    plan_node,
+    renewed,
+)
 from .protocol import INFLIGHT_FILE_ENV, REPLICA_MODULE, THREAD_LIMIT_VARS
 
 log = logging.getLogger("taskserve.node.agent")
@@ -58,6 +74,7 @@ INSTALLING_MESSAGE = "installing runtime env"
 DRAINING_POLL_S = 0.05
 REDIS_RETRY_S = 1.0
 FAILED_BUILD_MEMORY_S = 30.0   # a failed install is not retried sooner for the same pip list
+CLAIM_POLL_S = 0.05
 
 
 def replica_environment(base: dict[str, str], config: dict, gpu_ids: list[int]) -> dict[str, str]:
@@ -137,7 +154,10 @@ class NodeAgent:
         self.builds: dict[str, Future] = {}
         self.build_finished: dict[str, float] = {}
         self.stopping = threading.Event()
+        self.left = threading.Event()         # set once the node is unregistered: heartbeats end
+        self.node_lost = False                # another agent holds the node id now
         self.malformed: set[str] = set()      # records already reported as unreadable
+        self.claim = NodeClaim(pid=os.getpid(), host=socket.gethostname(), token=secrets.token_hex(8))
         self._celery_app = None
 
     @property
@@ -148,27 +168,31 @@ class NodeAgent:
             labels=self.labels,
             hostname=socket.gethostname(),
             agent_pid=os.getpid(),
+            heartbeat_ttl_s=self.heartbeat_ttl_s,
         )
 
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT or :meth:`stop`, then drain every replica."""
+        """Serve until SIGTERM/SIGINT or :meth:`stop`, then drain every replica.
+
+        Raises :class:`~taskserve.store.NodeTaken` at once, touching nothing, if
+        another live agent runs this node id.
+        """
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.store.register_node(self.node, self.heartbeat_ttl_s)
-        self._adopt()
-        log.info("node agent %s up: %s", self.node_id, self.resources)
-        pubsub = self.store.subscribe()
-        next_heartbeat = 0.0
+        self.take_node()
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        try:
+            self._adopt()
+            log.info("node agent %s up: %s", self.node_id, self.resources)
+            pubsub = self.store.subscribe()
+        except BaseException:
+            self.left.set()
+            raise
         try:
             while not self.stopping.is_set():
                 try:
-                    now = time.monotonic()
-                    if now >= next_heartbeat:
-                        if not self.store.heartbeat_node(self.node_id, self.heartbeat_ttl_s):
-                            log.warning("node %s had expired; registering again", self.node_id)
-                            self.store.register_node(self.node, self.heartbeat_ttl_s)
-                        next_heartbeat = now + min(1.0, self.heartbeat_ttl_s / 4)
                     self.reconcile()
                     # A draining replica's exit is noticed by polling, so poll faster meanwhile.
                     draining = any(p.drain_deadline is not None for p in self.processes.values())
@@ -191,6 +215,81 @@ class NodeAgent:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    # ------------------------------------------------------------------ the node id
+
+    def take_node(self) -> None:
+        """Claim the node id for this agent and register the node.
+
+        The claim of an agent that died is replaced at once when its process is gone
+        from this host; one of another host is waited for (at most its remaining
+        TTL) to expire. A claim that is renewed meanwhile, or whose process runs
+        here, belongs to a live agent: :class:`~taskserve.store.NodeTaken`.
+        """
+        replacing: Optional[NodeClaim] = None
+        for _ in range(10):   # each round the holder changed; more is a fight over the id
+            try:
+                self.store.register_node(self.node, self.heartbeat_ttl_s, self.claim, replacing=replacing)
+                return
+            except NodeTaken as taken:
+                holder = taken.holder
+                here = holder.host == self.claim.host and holder.pid is not None
+                verdict = claim_verdict(here, _agent_running(holder.pid) if here and holder.pid else None)
+                if verdict == "refuse" or (verdict == "replace" and replacing == holder):
+                    raise
+                if verdict == "replace":
+                    log.info("node %s was held by %s, which is gone; taking it over", self.node_id, holder.describe())
+                    replacing = holder
+                    continue
+                self._wait_for_expiry(taken)
+        raise RuntimeError(f"node {self.node_id}: other agents keep claiming it; pick another --node-id")
+
+    def _wait_for_expiry(self, taken: NodeTaken) -> None:
+        """Wait until the claim ``taken`` names is gone or changed; raise ``taken`` if it
+        is renewed (its agent heartbeats) or outlives its TTL."""
+        log.info("node %s is held by %s; waiting for it to expire (or to heartbeat)",
+                 self.node_id, taken.holder.describe())
+        claim, pttl_ms = self.store.node_claim(self.node_id)
+        deadline = time.monotonic() + pttl_ms / 1000 + 1.0
+        while claim is not None and claim.text == taken.holder.text:
+            if time.monotonic() > deadline or self.stopping.wait(CLAIM_POLL_S):
+                raise taken
+            claim, later_ms = self.store.node_claim(self.node_id)
+            if claim is not None and claim.text == taken.holder.text and renewed(pttl_ms, later_ms, CLAIM_POLL_S):
+                raise taken
+            pttl_ms = later_ms
+
+    def _heartbeat_loop(self) -> None:
+        """Keep the node alive until it is unregistered, whatever the main loop does.
+
+        After an outage of Redis (or a restart that lost the key) the node is
+        registered again at once. If another agent holds the node id now, this agent
+        stops, leaving the node and its records to that one.
+        """
+        interval = heartbeat_interval(self.heartbeat_ttl_s)
+        unreachable = False
+        while not self.left.wait(interval):
+            try:
+                if not self.store.heartbeat_node(self.node_id, self.heartbeat_ttl_s, self.claim):
+                    log.warning("node %s had expired (Redis was unreachable or lost it); registering again",
+                                self.node_id)
+                    self.store.register_node(self.node, self.heartbeat_ttl_s, self.claim)
+                if unreachable:
+                    log.info("node %s heartbeats again", self.node_id)
+                unreachable = False
+            except NodeTaken as error:
+                log.error("%s; this agent stops and leaves its replicas' records to it", error)
+                self.node_lost = True
+                self.stop()
+                return
+            except redis.RedisError as error:
+                if not unreachable:
+                    log.warning("node %s cannot heartbeat: Redis is unreachable (%s); retrying", self.node_id, error)
+                unreachable = True
+            except Exception:
+                log.exception("heartbeat of node %s failed; retrying", self.node_id)
+
+    # ------------------------------------------------------------------ passes
 
     def _adopt(self) -> None:
         """Records left on this node by an earlier agent have no process any more."""
@@ -404,7 +503,8 @@ class NodeAgent:
         return unpack_working_dir(self.data_dir / "working_dirs", sha, lambda: self.store.get_code(sha))
 
     def _restore_inflight(self, process: ManagedProcess) -> None:
-        """Put the requests a dead replica held back on its queue, to be served next.
+        """Put the requests a dead replica held back on its queue, to be served next,
+        and count them as redelivered.
 
         Never raises: while Redis is unreachable the requests stay unacknowledged,
         and the transport hands them out again after its visibility timeout.
@@ -421,23 +521,32 @@ class NodeAgent:
                 self._celery_app = make_app(self.address)
             with self._celery_app.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=0)   # fail at once, not after seconds of retries
-                qos = connection.default_channel.qos
-                for tag in tags:
-                    # kombu publishes with LPUSH and consumes with BRPOP (the right end), so
-                    # leftmost=False (RPUSH) is what it pops next: ahead of newer requests.
-                    qos.restore_by_tag(tag, leftmost=False)
+                task_ids = put_back(connection.default_channel, tags)
         except Exception as error:
             log.warning("could not put back the %d request(s) replica %s held (%s); "
                         "they are handed out again after the visibility timeout",
                         len(tags), process.replica_id, error)
             return
         log.info("put back %d request(s) replica %s held when it died", len(tags), process.replica_id)
+        try:
+            self.store.count_redeliveries(task_ids)
+        except Exception as error:
+            log.warning("could not count the redeliveries of %s (%s)", ", ".join(task_ids), error)
 
     def shutdown(self) -> None:
         """Drain every replica (within their graceful timeouts), then leave the cluster.
 
-        Works without Redis too: the processes are drained either way.
+        Works without Redis too: the processes are drained either way. The node
+        heartbeats until it leaves, so its draining replicas are not replaced
+        meanwhile. An agent whose node id another agent took leaves the records
+        and the node to that one.
         """
+        try:
+            self._drain_and_leave()
+        finally:
+            self.left.set()
+
+    def _drain_and_leave(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         while self.processes:
             # Without records every process is drained (SIGKILL once its graceful
@@ -448,15 +557,66 @@ class NodeAgent:
                 log.warning("Redis is unreachable while draining (%s)", error)
             if self.processes:
                 time.sleep(DRAINING_POLL_S)
+        if self.node_lost:
+            log.info("node agent %s stopped (node %s belongs to another agent now)", self.node_id, self.node_id)
+            return
         try:
             for record in self._records().values():
                 if not record.is_gone:
                     self.store.update_replica(record.replica_id, state=ReplicaState.STOPPED,
                                               message="its node agent stopped")
-            self.store.unregister_node(self.node_id)
+            self.left.set()    # no heartbeat may register the node again once it left
+            self.store.unregister_node(self.node_id, self.claim)
         except redis.RedisError as error:
             log.warning("could not record the shutdown in Redis (%s); the node will expire", error)
         log.info("node agent %s stopped", self.node_id)
+
+
+def put_back(channel: Any, tags: list[str]) -> list[str]:
+    """Put the messages of ``tags`` back on their queues (kombu's Redis channel), to be
+    taken next; the task ids of those that were still unacknowledged.
+
+    The task id is read from kombu's entry of the unacknowledged message (its
+    payload's ``headers["id"]``) before it is restored.
+    """
+    qos = channel.qos
+    with channel.conn_or_acquire() as client:
+        entries = client.hmget(qos.unacked_key, tags)
+    task_ids = [task_id for task_id in (_task_id(entry) for entry in entries if entry) if task_id]
+    for tag in tags:
+        # kombu publishes with LPUSH and consumes with BRPOP (the right end), so
+        # leftmost=False (RPUSH) is what it pops next: ahead of newer requests.
+        qos.restore_by_tag(tag, leftmost=False)
+    return task_ids
+
+
+def _task_id(entry: bytes | str) -> Optional[str]:
+    """The Celery task id in kombu's unacked entry ``[payload, exchange, routing_key]``.
+
+    >>> _task_id('[{"headers": {"id": "d9b1"}, "properties": {}}, "", "taskserve.echo"]')
+    'd9b1'
+    >>> _task_id("not json") is None
+    True
+    """
+    try:
+        payload = json.loads(entry)[0]
+        task_id = (payload.get("headers") or {}).get("id") or (payload.get("properties") or {}).get("correlation_id")
+    except (ValueError, TypeError, IndexError, AttributeError):
+        return None
+    return str(task_id) if task_id else None
+
+
+def _agent_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process of this host that may be a taskserve agent."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return any("taskserve" in part for part in process.cmdline())
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:
+        return False
 
 
 def default_resources() -> Resources:

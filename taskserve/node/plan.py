@@ -145,6 +145,46 @@ class Reap:
 NodeAction = Union[Spawn, Signal, Mark, Restore, Reap]
 
 
+# --------------------------------------------------------------------------- the node id
+
+
+def heartbeat_interval(ttl_s: float) -> float:
+    """How often an agent renews its node's liveness: a quarter of the TTL, at most 1 s.
+
+    >>> heartbeat_interval(10.0), heartbeat_interval(2.0)
+    (1.0, 0.5)
+    """
+    return min(1.0, ttl_s / 4)
+
+
+def claim_verdict(same_host: bool, pid_running: Optional[bool]) -> Literal["refuse", "replace", "wait"]:
+    """What a starting agent does about another agent's claim on its node id.
+
+    ``same_host``: the claim names this host (and a pid); ``pid_running``: whether
+    that pid still runs an agent here (None when it cannot be known: another host).
+
+    - its process runs here: "refuse" at once, the node has a live agent;
+    - its process is gone from here: "replace" the claim at once (that agent died);
+    - another host: "wait" for the claim to expire, refusing if it is renewed.
+
+    >>> claim_verdict(True, True), claim_verdict(True, False), claim_verdict(False, None)
+    ('refuse', 'replace', 'wait')
+    """
+    if same_host and pid_running is not None:
+        return "refuse" if pid_running else "replace"
+    return "wait"
+
+
+def renewed(pttl_ms: int, later_pttl_ms: int, elapsed_s: float) -> bool:
+    """Whether a key's remaining TTL went up between two reads ``elapsed_s`` apart:
+    someone renewed it (a live agent heartbeats). A TTL that only ran down did not.
+
+    >>> renewed(1500, 1450, 0.05), renewed(1500, 1990, 0.05), renewed(1500, 0, 0.05)
+    (False, True, False)
+    """
+    return later_pttl_ms > pttl_ms - elapsed_s * 1000 + 20
+
+
 # --------------------------------------------------------------------------- plan
 
 
