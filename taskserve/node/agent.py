@@ -149,6 +149,7 @@ class NodeAgent:
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.resync_s = resync_s
         self.processes: dict[str, ManagedProcess] = {}
+        self.orphans: dict[str, Path] = {}     # in-flight files an earlier agent's replicas left
         self.envs = EnvironmentCache(self.data_dir / "envs")
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="runtime-env")
         self.builds: dict[str, Future] = {}
@@ -185,6 +186,7 @@ class NodeAgent:
         heartbeat.start()
         try:
             self._adopt()
+            self._find_orphans()
             log.info("node agent %s up: %s", self.node_id, self.resources)
             pubsub = self.store.subscribe()
         except BaseException:
@@ -298,6 +300,7 @@ class NodeAgent:
 
     def reconcile(self) -> None:
         """One pass: plan from the records and the processes, then act."""
+        self._restore_orphans()
         records = self._records()
         actions = plan_node(records, self._views(), time.monotonic())
         if self._carry_out(actions, records):
@@ -503,6 +506,9 @@ class NodeAgent:
         return unpack_working_dir(self.data_dir / "working_dirs", sha, lambda: self.store.get_code(sha))
 
     def _restore_inflight(self, process: ManagedProcess) -> None:
+        self._restore_file(process.replica_id, process.inflight_path)
+
+    def _restore_file(self, replica_id: str, inflight_path: Path) -> None:
         """Put the requests a dead replica held back on its queue, to be served next,
         and count them as redelivered.
 
@@ -510,9 +516,9 @@ class NodeAgent:
         and the transport hands them out again after its visibility timeout.
         """
         try:
-            tags = read_tags(process.inflight_path)
+            tags = read_tags(inflight_path)
         except Exception as error:
-            log.warning("could not read what replica %s held (%s)", process.replica_id, error)
+            log.warning("could not read what replica %s held (%s)", replica_id, error)
             return
         if not tags:
             return
@@ -525,13 +531,34 @@ class NodeAgent:
         except Exception as error:
             log.warning("could not put back the %d request(s) replica %s held (%s); "
                         "they are handed out again after the visibility timeout",
-                        len(tags), process.replica_id, error)
+                        len(tags), replica_id, error)
             return
-        log.info("put back %d request(s) replica %s held when it died", len(tags), process.replica_id)
+        log.info("put back %d request(s) replica %s held when it died", len(tags), replica_id)
         try:
             self.store.count_redeliveries(task_ids)
         except Exception as error:
             log.warning("could not count the redeliveries of %s (%s)", ", ".join(task_ids), error)
+
+    def _find_orphans(self) -> None:
+        """Note the in-flight files an earlier agent's replicas left behind.
+
+        Their requests go back on their queues once those replicas are gone (a
+        replica whose agent died drains, and may still be finishing them).
+        """
+        for path in sorted(self.log_dir.glob("*.inflight")):
+            if path.stem not in self.processes:
+                self.orphans[path.stem] = path
+
+    def _restore_orphans(self) -> None:
+        if not self.orphans:
+            return
+        alive = _replica_ids_running()
+        for replica_id, path in list(self.orphans.items()):
+            if replica_id in alive:
+                continue
+            self._restore_file(replica_id, path)
+            path.unlink(missing_ok=True)
+            del self.orphans[replica_id]
 
     def shutdown(self) -> None:
         """Drain every replica (within their graceful timeouts), then leave the cluster.
@@ -617,6 +644,18 @@ def _agent_running(pid: int) -> bool:
         return True
     except psutil.Error:
         return False
+
+
+def _replica_ids_running() -> set[str]:
+    """The replica ids of the replica processes running on this machine."""
+    ids = set()
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info.get("cmdline") or []
+        if REPLICA_MODULE in cmdline and "--replica-id" in cmdline:
+            index = cmdline.index("--replica-id")
+            if index + 1 < len(cmdline):
+                ids.add(cmdline[index + 1])
+    return ids
 
 
 def default_resources() -> Resources:

@@ -94,3 +94,28 @@ def test_node_agent_killed_and_restarted(tmp_path):
         assert result.duplicated <= 2
     finally:
         cluster.stop_all()
+
+
+def test_node_agent_and_its_replicas_killed_together(tmp_path):
+    """As the kernel's OOM killer or a container runtime may: the new agent finds
+    the in-flight files the dead replicas left and puts their requests back."""
+    cluster = start_cluster(tmp_path, ("node-a",), 4)
+    try:
+        model, served = deploy_recorder(cluster.url, "all_killed", seconds=0.5, num_replicas=2, version="1")
+        client = redis.Redis.from_url(cluster.url)
+        with SteadyLoad(model.get_handle(), threads=4, timeout_s=45) as load:
+            load.wait_for_answers(8)
+            victims = replica_pids("all_killed")
+            fault_at = time.monotonic()
+            cluster.stop("agent-node-a", sig=signal.SIGKILL)
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            cluster.restart("agent-node-a")
+            wait_until(lambda: len(replica_pids("all_killed")) == 2, timeout=90,
+                       message="the deployment to run 2 replicas again")
+            load.wait_for_answers(load.answered_count() + 8)
+        result = load.result("node agent and replicas SIGKILLed together", client, served, fault_at,
+                             notes="the new agent restores the in-flight files they left")
+        assert result.lost == 0 and result.failed == 0, describe_failures(load)
+    finally:
+        cluster.stop_all()
