@@ -20,7 +20,7 @@ from taskserve import redis_server
 from taskserve.celery_app import TASK_NAME, make_app
 from taskserve.store import queue_name, result_key
 
-from .helpers import replica_pids, start_cluster, wait_until
+from ..helpers import replica_pids, start_cluster, wait_until
 
 pytestmark = pytest.mark.integration
 

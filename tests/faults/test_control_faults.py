@@ -23,7 +23,7 @@ from taskserve.api import scale_deployment
 from taskserve.redis_server import RedisServer
 from taskserve.store import Store
 
-from .helpers import Cluster, RequestLoop, replica_pids, start_cluster, wait_until
+from ..helpers import Cluster, RequestLoop, replica_pids, start_cluster, wait_until
 
 pytestmark = pytest.mark.integration
 
