@@ -8,6 +8,8 @@ Example::
 
     >>> DeploymentOptions(name="my_model", num_replicas=2).num_replicas
     2
+    >>> validate_options({"num_replicas": "auto"}).autoscaling_config
+    AutoscalingConfig(min_replicas=1, max_replicas=100, target_ongoing_requests=2, upscale_delay_s=3, downscale_delay_s=60)
     >>> validate_options({"num_replica": 2})
     Traceback (most recent call last):
     ...
@@ -19,7 +21,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
+from dataclasses import dataclass, fields
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -49,16 +53,136 @@ def check_name(name: Any) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    """How an autoscaled deployment's replica count follows its load (:mod:`taskserve.autoscaler`).
+
+    The load is the requests waiting in the deployment's queue plus those its replicas
+    serve. The defaults are what ``num_replicas="auto"`` means. Constructing one checks
+    its values like :func:`check_autoscaling_config` does.
+
+    >>> AutoscalingConfig(max_replicas=10).max_replicas
+    10
+    >>> AutoscalingConfig(min_replicas=5, max_replicas=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid autoscaling_config: min_replicas=5 is above max_replicas=2; lower min_replicas or raise max_replicas
+    """
+
+    min_replicas: int = 1                   # 0: no replica while idle
+    max_replicas: int = 100
+    target_ongoing_requests: float = 2      # per replica: waiting in the queue + being served
+    upscale_delay_s: float = 3              # how long a higher need must last before scaling up
+    downscale_delay_s: float = 60           # ... and a lower one before scaling down
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            _check_autoscaling_value(item.name, getattr(self, item.name))
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(_min_above_max(self.min_replicas, self.max_replicas, max_given=True))
+
+
+AUTOSCALING_KEYS = tuple(item.name for item in fields(AutoscalingConfig))
+
+# What each autoscaling_config key takes, said as the fix.
+_AUTOSCALING_HINTS = {
+    "min_replicas": "use a whole number from 0 to 10000 (0: no replica while idle)",
+    "max_replicas": "use a whole number from 1 to 10000",
+    "target_ongoing_requests": "use a number > 0: the requests each replica should have waiting or in hand",
+    "upscale_delay_s": "use a number of seconds from 0 to 86400",
+    "downscale_delay_s": "use a number of seconds from 0 to 86400",
+}
+
+
+def _check_autoscaling_value(key: str, value: Any) -> None:
+    """Raise ``TypeError`` (not a number of the right kind) or ``ValueError`` (out of
+    range) naming ``autoscaling_config[key]``, its value and the fix."""
+    whole = key in ("min_replicas", "max_replicas")
+    is_number = isinstance(value, int) if whole else isinstance(value, (int, float))
+    message = f"invalid autoscaling_config[{key!r}]={value!r}: {_AUTOSCALING_HINTS[key]}"
+    if isinstance(value, bool) or not is_number:
+        raise TypeError(message)
+    if key == "min_replicas":
+        fits = 0 <= value <= 10_000
+    elif key == "max_replicas":
+        fits = 1 <= value <= 10_000
+    elif key == "target_ongoing_requests":
+        fits = math.isfinite(value) and value > 0
+    else:
+        fits = math.isfinite(value) and 0 <= value <= 86_400
+    if not fits:
+        raise ValueError(message)
+
+
+def _min_above_max(minimum: int, maximum: int, max_given: bool) -> str:
+    default = "" if max_given else " (the default)"
+    return (
+        f"invalid autoscaling_config: min_replicas={minimum} is above max_replicas={maximum}{default}; "
+        "lower min_replicas or raise max_replicas"
+    )
+
+
+def check_autoscaling_config(value: Any) -> Optional[AutoscalingConfig]:
+    """Return ``value`` as an :class:`AutoscalingConfig` (None stays None: no autoscaling).
+
+    ``value`` is a dict of some of its fields (the others keep their defaults) or an
+    AutoscalingConfig. Raises ``TypeError`` for an unknown key or a value of the wrong
+    type and ``ValueError`` for one out of range, each one sentence naming the key, the
+    value and the fix.
+
+    >>> check_autoscaling_config({"max_replicas": 10, "downscale_delay_s": 30.5})
+    AutoscalingConfig(min_replicas=1, max_replicas=10, target_ongoing_requests=2, upscale_delay_s=3, downscale_delay_s=30.5)
+    >>> check_autoscaling_config({"max_replica": 10})
+    Traceback (most recent call last):
+    ...
+    TypeError: unknown autoscaling_config key 'max_replica'; did you mean 'max_replicas'?
+    >>> check_autoscaling_config({"min_replicas": 200})
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid autoscaling_config: min_replicas=200 is above max_replicas=100 (the default); lower min_replicas or raise max_replicas
+    """
+    if value is None or isinstance(value, AutoscalingConfig):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(
+            f"invalid autoscaling_config={value!r}: use a dict with any of the keys "
+            f"{_quoted(AUTOSCALING_KEYS)}, or None for a fixed num_replicas"
+        )
+    for key in value:
+        if key not in AUTOSCALING_KEYS:
+            close = difflib.get_close_matches(key, AUTOSCALING_KEYS, n=1) if isinstance(key, str) else []
+            hint = f"did you mean {close[0]!r}?" if close else f"the keys are {_quoted(AUTOSCALING_KEYS)}"
+            raise TypeError(f"unknown autoscaling_config key {key!r}; {hint}")
+    for key, item in value.items():
+        _check_autoscaling_value(key, item)
+    defaults = AutoscalingConfig()
+    minimum = value.get("min_replicas", defaults.min_replicas)
+    maximum = value.get("max_replicas", defaults.max_replicas)
+    if minimum > maximum:
+        raise ValueError(_min_above_max(minimum, maximum, max_given="max_replicas" in value))
+    return AutoscalingConfig(**value)
+
+
+def _quoted(names: tuple[str, ...]) -> str:
+    return ", ".join(repr(name) for name in names[:-1]) + f" and {names[-1]!r}"
+
+
 class DeploymentOptions(BaseModel):
     """The options of one deployment, validated.
 
     ``name`` may be None until the decorator fills it from the class name.
+
+    ``autoscaling_config`` None means ``num_replicas`` replicas run. Set, the count
+    follows the load between its bounds (``num_replicas="auto"`` sets the default one),
+    and ``num_replicas`` holds the count an autoscaled deployment starts from: its
+    ``min_replicas``. :func:`validate_options` keeps the two consistent.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     name: Optional[str] = None
     num_replicas: int = Field(default=1, ge=0, le=10_000)
+    autoscaling_config: Optional[AutoscalingConfig] = None
     version: Optional[str] = None
     user_config: Any = None
     num_cpus: Union[int, float] = Field(default=1, ge=0, le=100_000)
@@ -86,6 +210,14 @@ class DeploymentOptions(BaseModel):
     @classmethod
     def _check_name(cls, value: Optional[str]) -> Optional[str]:
         return None if value is None else check_name(value)
+
+    @field_validator("autoscaling_config", mode="before")
+    @classmethod
+    def _check_autoscaling_config(cls, value: Any) -> Optional[AutoscalingConfig]:
+        try:
+            return check_autoscaling_config(value)
+        except TypeError as error:     # pydantic reports only ValueError as a validation error
+            raise ValueError(str(error)) from None
 
     @field_validator("version")
     @classmethod
@@ -150,6 +282,7 @@ class DeploymentOptions(BaseModel):
 # A hint that tells how to fix each option, used in error messages.
 _FIX_HINTS = {
     "num_replicas": "use a whole number from 0 to 10000",
+    "autoscaling_config": f"use a dict with any of the keys {_quoted(AUTOSCALING_KEYS)}, or None",
     "num_cpus": "use a number >= 0",
     "num_gpus": "use a number >= 0",
     "memory": "use a whole number of bytes >= 0, or None",
@@ -178,7 +311,21 @@ def validate_options(options: dict[str, Any], base: Optional[DeploymentOptions] 
     Raises ``TypeError`` for an unknown option name or a value of the wrong type
     and ``ValueError`` for a value out of range, each naming the option and the fix.
 
+    ``num_replicas="auto"`` autoscales with the default :class:`AutoscalingConfig`
+    (and the keys of an ``autoscaling_config`` given with it). A whole-number
+    ``num_replicas`` with an ``autoscaling_config`` is refused, and so is one over an
+    autoscaled ``base`` unless ``autoscaling_config=None`` comes with it.
+
     >>> validate_options({"num_replicas": 3}).num_replicas
+    3
+    >>> autoscaled = validate_options({"autoscaling_config": {"min_replicas": 2, "max_replicas": 8}})
+    >>> autoscaled.num_replicas, autoscaled.autoscaling_config.max_replicas
+    (2, 8)
+    >>> validate_options({"num_replicas": 3}, autoscaled)
+    Traceback (most recent call last):
+    ...
+    ValueError: num_replicas=3 conflicts with the deployment's autoscaling_config (2 to 8 replicas); pass autoscaling_config=None as well to run a fixed count, or change min_replicas and max_replicas
+    >>> validate_options({"num_replicas": 3, "autoscaling_config": None}, autoscaled).num_replicas
     3
     """
     for key in options:
@@ -186,11 +333,56 @@ def validate_options(options: dict[str, Any], base: Optional[DeploymentOptions] 
             close = difflib.get_close_matches(key, OPTION_NAMES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; the options are {', '.join(OPTION_NAMES)}"
             raise TypeError(f"unknown deployment option {key!r}{hint}")
+    options = _resolve_scale(options, base)
     merged = {**(base.model_dump() if base else {}), **options}
     try:
         return DeploymentOptions(**merged)
     except ValidationError as error:
         raise _one_sentence(error, merged) from None
+
+
+def _resolve_scale(options: dict[str, Any], base: Optional[DeploymentOptions]) -> dict[str, Any]:
+    """``options`` with ``num_replicas="auto"`` turned into an ``autoscaling_config``, the
+    config checked, and ``num_replicas`` set to its ``min_replicas`` when it is new;
+    raises when a fixed ``num_replicas`` meets autoscaling."""
+    options = dict(options)
+    if "autoscaling_config" in options:
+        try:
+            options["autoscaling_config"] = check_autoscaling_config(options["autoscaling_config"])
+        except (TypeError, ValueError) as error:
+            raise type(error)(str(error)) from None   # one sentence, like the other option errors
+    if "num_replicas" not in options:
+        config = options.get("autoscaling_config")
+        if config is not None:
+            options["num_replicas"] = config.min_replicas
+        return options
+    count = options["num_replicas"]
+    if isinstance(count, str) and count == "auto":
+        if "autoscaling_config" in options and options["autoscaling_config"] is None:
+            raise ValueError(
+                "num_replicas='auto' turns autoscaling on and autoscaling_config=None turns it off; drop one of them"
+            ) from None
+        config = options.get("autoscaling_config") or AutoscalingConfig()
+        options.update(autoscaling_config=config, num_replicas=config.min_replicas)
+        return options
+    if isinstance(count, str):
+        raise TypeError(
+            f"invalid num_replicas={count!r}: Input should be a valid integer; "
+            "use a whole number from 0 to 10000, or 'auto' to autoscale"
+        ) from None
+    if options.get("autoscaling_config") is not None:
+        raise ValueError(
+            f"num_replicas={count!r} and autoscaling_config cannot be used together: drop num_replicas to "
+            "autoscale (from min_replicas to max_replicas), or drop autoscaling_config to run a fixed count"
+        ) from None
+    if "autoscaling_config" not in options and base is not None and base.autoscaling_config is not None:
+        config = base.autoscaling_config
+        raise ValueError(
+            f"num_replicas={count!r} conflicts with the deployment's autoscaling_config "
+            f"({config.min_replicas} to {config.max_replicas} replicas); pass autoscaling_config=None as well "
+            "to run a fixed count, or change min_replicas and max_replicas"
+        ) from None
+    return options
 
 
 def _one_sentence(error: ValidationError, values: dict[str, Any]) -> Exception:
@@ -268,8 +460,8 @@ def stable_hash(value: Any) -> str:
 def replica_spec_hash(options: DeploymentOptions, version: str, init_sha: str) -> str:
     """What a running replica is: a change of any of these needs a new process.
 
-    ``num_replicas`` (scale) and ``user_config`` (reconfigure in place) are not part
-    of it, and neither are rollout or routing options.
+    ``num_replicas`` and ``autoscaling_config`` (scale) and ``user_config`` (reconfigure
+    in place) are not part of it, and neither are rollout or routing options.
     """
     return stable_hash(
         {

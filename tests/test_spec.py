@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pydantic
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taskserve.spec import (
+    AUTOSCALING_KEYS,
     OPTION_NAMES,
+    AutoscalingConfig,
     DeploymentOptions,
+    check_autoscaling_config,
     check_json_value,
     check_name,
     replica_spec_hash,
@@ -403,3 +408,282 @@ def test_env_var_values_with_nul_are_refused_and_ordinary_ones_pass():
 def test_limits_are_positive(option, value):
     with pytest.raises(ValueError, match=f"invalid {option}="):
         validate_options({option: value})
+
+
+# --------------------------------------------------------------------------- autoscaling_config
+
+AUTO_DEFAULTS = AutoscalingConfig(min_replicas=1, max_replicas=100, target_ongoing_requests=2,
+                                  upscale_delay_s=3, downscale_delay_s=60)
+
+
+def test_no_autoscaling_by_default():
+    assert validate_options({}).autoscaling_config is None
+    assert validate_options({"num_replicas": 4}).autoscaling_config is None
+
+
+def test_num_replicas_auto_is_the_default_autoscaling_config_starting_at_min_replicas():
+    options = validate_options({"num_replicas": "auto"})
+    assert options.autoscaling_config == AUTO_DEFAULTS == AutoscalingConfig()
+    assert options.num_replicas == 1 and isinstance(options.num_replicas, int)
+    assert validate_options({"autoscaling_config": {}}) == options
+
+
+def test_autoscaling_config_keys_are_kept_and_the_others_default():
+    options = validate_options({"autoscaling_config": {
+        "min_replicas": 0, "max_replicas": 10, "target_ongoing_requests": 2.5,
+        "upscale_delay_s": 0, "downscale_delay_s": 30.5,
+    }})
+    assert options.autoscaling_config == AutoscalingConfig(0, 10, 2.5, 0, 30.5)
+    assert options.num_replicas == 0        # where it starts: min_replicas
+    assert validate_options({"autoscaling_config": {"max_replicas": 10}}).autoscaling_config == AutoscalingConfig(
+        max_replicas=10)
+
+
+def test_num_replicas_auto_with_an_autoscaling_config_uses_its_keys():
+    options = validate_options({"num_replicas": "auto", "autoscaling_config": {"min_replicas": 2, "max_replicas": 5}})
+    assert options.autoscaling_config == AutoscalingConfig(min_replicas=2, max_replicas=5)
+    assert options.num_replicas == 2
+
+
+def test_an_autoscaling_config_object_is_accepted():
+    config = AutoscalingConfig(min_replicas=3, max_replicas=4)
+    assert validate_options({"autoscaling_config": config}).autoscaling_config is config
+
+
+def test_autoscaled_options_survive_the_goal_json():
+    options = validate_options({"name": "m", "autoscaling_config": {"max_replicas": 7, "target_ongoing_requests": 1.5}})
+    stored = json.loads(json.dumps(options.model_dump()))
+    assert stored["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 7, "target_ongoing_requests": 1.5,
+                                            "upscale_delay_s": 3, "downscale_delay_s": 60}
+    assert DeploymentOptions(**stored) == options
+
+
+def test_options_over_an_autoscaled_base_keep_its_config():
+    base = validate_options({"autoscaling_config": {"min_replicas": 2, "max_replicas": 8}})
+    changed = validate_options({"version": "v2", "num_cpus": 2}, base)
+    assert changed.autoscaling_config == base.autoscaling_config and changed.num_replicas == 2
+
+
+def test_a_new_autoscaling_config_starts_from_its_min_replicas():
+    base = validate_options({"num_replicas": 5})
+    changed = validate_options({"autoscaling_config": {"min_replicas": 2}}, base)
+    assert (changed.num_replicas, changed.autoscaling_config.min_replicas) == (2, 2)
+
+
+def test_autoscaling_config_none_turns_autoscaling_off():
+    base = validate_options({"num_replicas": "auto"})
+    fixed = validate_options({"num_replicas": 3, "autoscaling_config": None}, base)
+    assert (fixed.num_replicas, fixed.autoscaling_config) == (3, None)
+    kept = validate_options({"autoscaling_config": None}, base)
+    assert (kept.num_replicas, kept.autoscaling_config) == (1, None)     # the count it started from
+
+
+def _one_clean_sentence(info: pytest.ExceptionInfo) -> str:
+    message = str(info.value)
+    assert "\n" not in message and "pydantic" not in message and "For further information" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    return message
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_replicas": 3, "autoscaling_config": {"max_replicas": 5}},
+         "num_replicas=3 and autoscaling_config cannot be used together: drop num_replicas to autoscale "
+         "(from min_replicas to max_replicas), or drop autoscaling_config to run a fixed count"),
+        ({"num_replicas": 0, "autoscaling_config": {}},
+         "num_replicas=0 and autoscaling_config cannot be used together: drop num_replicas to autoscale "
+         "(from min_replicas to max_replicas), or drop autoscaling_config to run a fixed count"),
+        ({"num_replicas": "auto", "autoscaling_config": None},
+         "num_replicas='auto' turns autoscaling on and autoscaling_config=None turns it off; drop one of them"),
+    ],
+)
+def test_explicit_num_replicas_with_autoscaling_is_refused(options, message):
+    with pytest.raises(ValueError) as info:
+        validate_options(options)
+    assert _one_clean_sentence(info) == message
+
+
+def test_num_replicas_over_an_autoscaled_base_is_refused_unless_autoscaling_is_turned_off():
+    base = validate_options({"autoscaling_config": {"min_replicas": 1, "max_replicas": 10}})
+    with pytest.raises(ValueError) as info:
+        validate_options({"num_replicas": 3}, base)
+    assert _one_clean_sentence(info) == (
+        "num_replicas=3 conflicts with the deployment's autoscaling_config (1 to 10 replicas); "
+        "pass autoscaling_config=None as well to run a fixed count, or change min_replicas and max_replicas"
+    )
+    assert validate_options({"num_replicas": 3, "autoscaling_config": None}, base).num_replicas == 3
+    assert validate_options({"num_replicas": "auto"}, base).autoscaling_config == AUTO_DEFAULTS
+
+
+@pytest.mark.parametrize("value", ["Auto", "autoscale", "3", ""])
+def test_num_replicas_other_strings_are_refused_naming_auto(value):
+    with pytest.raises(TypeError) as info:
+        validate_options({"num_replicas": value})
+    assert _one_clean_sentence(info) == (
+        f"invalid num_replicas={value!r}: Input should be a valid integer; "
+        "use a whole number from 0 to 10000, or 'auto' to autoscale"
+    )
+
+
+BAD_AUTOSCALING = [
+    # (autoscaling_config, exception type, the whole message)
+    (5, TypeError,
+     "invalid autoscaling_config=5: use a dict with any of the keys 'min_replicas', 'max_replicas', "
+     "'target_ongoing_requests', 'upscale_delay_s' and 'downscale_delay_s', or None for a fixed num_replicas"),
+    ("auto", TypeError,
+     "invalid autoscaling_config='auto': use a dict with any of the keys 'min_replicas', 'max_replicas', "
+     "'target_ongoing_requests', 'upscale_delay_s' and 'downscale_delay_s', or None for a fixed num_replicas"),
+    ({"min_replicas": 5, "max_replicas": 2}, ValueError,
+     "invalid autoscaling_config: min_replicas=5 is above max_replicas=2; lower min_replicas or raise max_replicas"),
+    ({"min_replicas": 101}, ValueError,
+     "invalid autoscaling_config: min_replicas=101 is above max_replicas=100 (the default); "
+     "lower min_replicas or raise max_replicas"),
+    ({"min_replicas": -1}, ValueError,
+     "invalid autoscaling_config['min_replicas']=-1: use a whole number from 0 to 10000 (0: no replica while idle)"),
+    ({"min_replicas": 1.0}, TypeError,
+     "invalid autoscaling_config['min_replicas']=1.0: use a whole number from 0 to 10000 (0: no replica while idle)"),
+    ({"min_replicas": True}, TypeError,
+     "invalid autoscaling_config['min_replicas']=True: use a whole number from 0 to 10000 (0: no replica while idle)"),
+    ({"max_replicas": 10_001}, ValueError,
+     "invalid autoscaling_config['max_replicas']=10001: use a whole number from 1 to 10000"),
+    ({"max_replicas": 0}, ValueError,
+     "invalid autoscaling_config['max_replicas']=0: use a whole number from 1 to 10000"),
+    ({"max_replicas": "10"}, TypeError,
+     "invalid autoscaling_config['max_replicas']='10': use a whole number from 1 to 10000"),
+    ({"max_replicas": None}, TypeError,
+     "invalid autoscaling_config['max_replicas']=None: use a whole number from 1 to 10000"),
+    ({"target_ongoing_requests": 0}, ValueError,
+     "invalid autoscaling_config['target_ongoing_requests']=0: use a number > 0: "
+     "the requests each replica should have waiting or in hand"),
+    ({"target_ongoing_requests": -2.5}, ValueError,
+     "invalid autoscaling_config['target_ongoing_requests']=-2.5: use a number > 0: "
+     "the requests each replica should have waiting or in hand"),
+    ({"target_ongoing_requests": float("inf")}, ValueError,
+     "invalid autoscaling_config['target_ongoing_requests']=inf: use a number > 0: "
+     "the requests each replica should have waiting or in hand"),
+    ({"target_ongoing_requests": "2"}, TypeError,
+     "invalid autoscaling_config['target_ongoing_requests']='2': use a number > 0: "
+     "the requests each replica should have waiting or in hand"),
+    ({"upscale_delay_s": -1}, ValueError,
+     "invalid autoscaling_config['upscale_delay_s']=-1: use a number of seconds from 0 to 86400"),
+    ({"downscale_delay_s": -0.5}, ValueError,
+     "invalid autoscaling_config['downscale_delay_s']=-0.5: use a number of seconds from 0 to 86400"),
+    ({"downscale_delay_s": float("nan")}, ValueError,
+     "invalid autoscaling_config['downscale_delay_s']=nan: use a number of seconds from 0 to 86400"),
+    ({"downscale_delay_s": 86_401}, ValueError,
+     "invalid autoscaling_config['downscale_delay_s']=86401: use a number of seconds from 0 to 86400"),
+    ({"upscale_delay_s": [3]}, TypeError,
+     "invalid autoscaling_config['upscale_delay_s']=[3]: use a number of seconds from 0 to 86400"),
+    ({"max_replica": 5}, TypeError, "unknown autoscaling_config key 'max_replica'; did you mean 'max_replicas'?"),
+    ({"target_ongoing_request": 5}, TypeError,
+     "unknown autoscaling_config key 'target_ongoing_request'; did you mean 'target_ongoing_requests'?"),
+    ({"upscale_delay": 5}, TypeError, "unknown autoscaling_config key 'upscale_delay'; did you mean 'upscale_delay_s'?"),
+    ({"cooldown": 5}, TypeError,
+     "unknown autoscaling_config key 'cooldown'; the keys are 'min_replicas', 'max_replicas', "
+     "'target_ongoing_requests', 'upscale_delay_s' and 'downscale_delay_s'"),
+    ({1: 5}, TypeError,
+     "unknown autoscaling_config key 1; the keys are 'min_replicas', 'max_replicas', "
+     "'target_ongoing_requests', 'upscale_delay_s' and 'downscale_delay_s'"),
+]
+
+
+@pytest.mark.parametrize("value, error, message", BAD_AUTOSCALING, ids=[repr(v)[:40] for v, _, _ in BAD_AUTOSCALING])
+def test_bad_autoscaling_config_gives_one_clear_error_naming_the_value_and_the_fix(value, error, message):
+    with pytest.raises(error) as info:
+        validate_options({"autoscaling_config": value})
+    assert type(info.value) is error
+    assert _one_clean_sentence(info) == message
+    with pytest.raises(error) as direct:
+        check_autoscaling_config(value)
+    assert str(direct.value) == message
+
+
+BAD_AUTOSCALING_DICTS = [case for case in BAD_AUTOSCALING if isinstance(case[0], dict)]
+
+
+@pytest.mark.parametrize("value, error, message", BAD_AUTOSCALING_DICTS,
+                         ids=[repr(v)[:40] for v, _, _ in BAD_AUTOSCALING_DICTS])
+def test_bad_autoscaling_config_through_num_replicas_auto_is_refused_the_same(value, error, message):
+    with pytest.raises(error) as info:
+        validate_options({"num_replicas": "auto", "autoscaling_config": value})
+    assert str(info.value) == message
+
+
+def test_autoscaling_config_is_checked_when_built_directly_too():
+    with pytest.raises(ValueError, match="is above max_replicas"):
+        AutoscalingConfig(min_replicas=3, max_replicas=2)
+    with pytest.raises(TypeError, match=r"autoscaling_config\['max_replicas'\]='5'"):
+        AutoscalingConfig(max_replicas="5")
+    with pytest.raises(pydantic.ValidationError, match="unknown autoscaling_config key 'bad'"):
+        DeploymentOptions(autoscaling_config={"bad": 1})
+
+
+def test_autoscaling_config_is_one_option_among_the_others():
+    assert "autoscaling_config" in OPTION_NAMES
+    assert AUTOSCALING_KEYS == ("min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
+                                "downscale_delay_s")
+    with pytest.raises(TypeError, match="did you mean 'autoscaling_config'"):
+        validate_options({"autoscaling_conf": {}})
+
+
+@given(
+    st.integers(0, 10_000), st.integers(1, 10_000),
+    st.one_of(st.integers(1, 1000), st.floats(0.001, 1000)),
+    st.one_of(st.integers(0, 86_400), st.floats(0, 86_400)),
+    st.one_of(st.integers(0, 86_400), st.floats(0, 86_400)),
+)
+@settings(max_examples=100, deadline=None)
+def test_property_autoscaling_configs_pass_exactly_when_min_is_at_most_max(low, high, target, up, down):
+    value = {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": target,
+             "upscale_delay_s": up, "downscale_delay_s": down}
+    if low <= high:
+        options = validate_options({"autoscaling_config": value})
+        assert options.autoscaling_config == AutoscalingConfig(**value)
+        assert options.num_replicas == low
+        assert DeploymentOptions(**json.loads(json.dumps(options.model_dump()))) == options
+    else:
+        with pytest.raises(ValueError, match=f"min_replicas={low} is above max_replicas={high};"):
+            validate_options({"autoscaling_config": value})
+
+
+def test_decorator_and_options_refuse_num_replicas_with_autoscaling():
+    import taskserve
+
+    with pytest.raises(ValueError, match="cannot be used together"):
+        taskserve.deployment(num_replicas=2, autoscaling_config={"max_replicas": 3})
+
+    @taskserve.deployment(num_replicas="auto")
+    class Model:
+        def __call__(self, x):
+            return x
+
+    assert Model.config.autoscaling_config == AUTO_DEFAULTS and Model.num_replicas == 1
+    with pytest.raises(ValueError, match="pass autoscaling_config=None as well"):
+        Model.options(num_replicas=3)
+    assert Model.options(num_replicas=3, autoscaling_config=None).num_replicas == 3
+    with pytest.raises(TypeError, match="did you mean 'max_replicas'"):
+        Model.options(autoscaling_config={"max_replica": 3})
+
+
+# An autoscaling_config change (same version) restarts nothing.
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"num_replicas": "auto"},
+        {"autoscaling_config": {"min_replicas": 0, "max_replicas": 3}},
+        {"autoscaling_config": {"target_ongoing_requests": 9, "upscale_delay_s": 0, "downscale_delay_s": 600}},
+    ],
+)
+def test_spec_hash_ignores_autoscaling(change):
+    assert spec_hash(**change) == spec_hash()
+    autoscaled = spec_hash(autoscaling_config={"max_replicas": 10})
+    assert spec_hash(**change) == autoscaled
+
+
+@given(st.integers(0, 50), st.integers(50, 10_000), st.floats(0.01, 100), st.floats(0, 600), st.floats(0, 600))
+@settings(max_examples=60, deadline=None)
+def test_property_spec_hash_independent_of_autoscaling_config(low, high, target, up, down):
+    config = {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": target,
+              "upscale_delay_s": up, "downscale_delay_s": down}
+    assert spec_hash(autoscaling_config=config) == spec_hash()
