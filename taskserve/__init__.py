@@ -29,17 +29,28 @@ from .api import (
     scale_deployment,
 )
 from .connection import connect
-from .errors import DeploymentError, DeploymentNotFound, ReplicaError, TaskserveError
+from .errors import (
+    BackPressureError,
+    DeploymentError,
+    DeploymentNotFound,
+    DeploymentUnavailable,
+    RedisUnavailable,
+    ReplicaError,
+    TaskserveError,
+)
 from .handle import DeploymentHandle, Response
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackPressureError",
     "Deployment",
     "DeploymentError",
     "DeploymentHandle",
     "DeploymentNotFound",
     "DeploymentStatus",
+    "DeploymentUnavailable",
+    "RedisUnavailable",
     "ReplicaError",
     "ReplicaInfo",
     "Response",

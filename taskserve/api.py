@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from .code import pack, unpack
 from .connection import current_store
@@ -31,7 +32,7 @@ from .handle import DeploymentHandle
 from .history import previous_goal
 from .runtime_env import resolve as resolve_runtime_env
 from .spec import DeploymentOptions, check_json_value, check_name, replica_spec_hash, route_of, validate_options
-from .state import DeploymentState, Goal, package_sha
+from .state import DeploymentState, Goal, Node, Resources, package_sha
 from .store import Store, wait_for_events
 
 log = logging.getLogger("taskserve.deploy")
@@ -393,6 +394,8 @@ def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: O
 
     goal = store.update_goal(name, rescale, "scale")
     if goal is not None and wait:
+        _show_progress()
+        log.info("%s: scaling to %d replicas (generation %d)", name, num_replicas, goal.generation)
         wait_for_rollout(store, name, goal.generation, timeout)
 
 
@@ -418,6 +421,8 @@ def reconfigure_deployment(name: str, user_config: Any, wait: bool = True, timeo
 
     goal = store.update_goal(name, reconfigure, "reconfigure")
     if goal is not None and wait:
+        _show_progress()
+        log.info("%s: giving the replicas a new user_config (generation %d)", name, goal.generation)
         wait_for_rollout(store, name, goal.generation, timeout)
 
 
@@ -433,6 +438,8 @@ def restart_deployment(name: str, wait: bool = True, timeout: Optional[float] = 
 
     goal = store.update_goal(name, restart, "restart")
     if wait and goal is not None:
+        _show_progress()
+        log.info("%s: restarting every replica (generation %d)", name, goal.generation)
         wait_for_rollout(store, name, goal.generation, timeout)
 
 
@@ -462,6 +469,8 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
     goal = store.update_goal(name, roll_back, "rollback")
     assert goal is not None
     if wait:
+        _show_progress()
+        log.info("%s: rolling back to version %s (generation %d)", name, goal.version, goal.generation)
         wait_for_rollout(store, name, goal.generation, timeout)
     return goal.version
 
@@ -479,20 +488,33 @@ def delete_deployment(name: str, timeout: Optional[float] = None) -> None:
     check_name(name)
     store = current_store()
 
-    store.update_goal(name, lambda previous: {"deleting": True}, "delete")
+    goal = store.update_goal(name, lambda previous: {"deleting": True}, "delete")
+    _show_progress()
     deadline = None if timeout is None else time.monotonic() + timeout
     pubsub = store.subscribe()
+    last_message = None
     try:
         while store.get_goal(name) is not None:
+            health = store.get_health(name)
+            if health.observed_generation == goal.generation and health.message != last_message:
+                log.info("%s: %s", name, health.message)
+                last_message = health.message
             if deadline is not None and time.monotonic() > deadline:
                 raise DeploymentError(f"deployment {name!r} was not deleted within {timeout}s; its replicas are still draining")
             wait_for_events(pubsub, 0.5)
     finally:
         pubsub.close()
+    log.info("%s: deleted", name)
 
 
 def wait_for_rollout(store: Store, name: str, generation: int, timeout: Optional[float]) -> None:
-    """Wait until the controller reports generation ``generation`` done or failed."""
+    """Wait until the controller reports generation ``generation`` done or failed.
+
+    Logs each new status message (to stderr, unless the program set up logging). Raises
+    :class:`DeploymentError` when the rollout failed, ``timeout`` seconds passed, or
+    waiting cannot help: a replica needs more than any live node has in total.
+    """
+    _show_progress()
     deadline = None if timeout is None else time.monotonic() + timeout
     pubsub = store.subscribe()
     last_message = None
@@ -532,6 +554,16 @@ def wait_for_rollout(store: Store, name: str, generation: int, timeout: Optional
                 if health.message != last_message:
                     log.info("%s: %s", name, health.message)
                     last_message = health.message
+                    # The controller's "pending: needs 4 CPUs; the largest free is 2 on node-a" may
+                    # mean busy nodes (wait) or nodes too small (waiting cannot help).
+                    why = _unplaceable(goal.resources, store.list_nodes()) if "needs " in health.message else None
+                    if why is not None:
+                        raise DeploymentError(
+                            f"deployment {name!r} cannot be placed, and waiting cannot help: {why}. The "
+                            f"controller says: {health.message}. Its goal stays as written: deploy it with "
+                            f"smaller num_cpus/num_gpus/memory (or `taskserve rollback {name}`), or add a node "
+                            "that has them"
+                        )
             if deadline is not None and time.monotonic() > deadline:
                 raise DeploymentError(
                     f"deployment {name!r} did not finish within {timeout}s: {health.message or 'no progress'}"
@@ -554,3 +586,42 @@ def _check_route_is_free(store: Store, name: str, options: dict) -> None:
                 "choose another route_prefix, or route_prefix=False to serve no HTTP route"
             )
 
+
+def _unplaceable(need: Resources, nodes: Iterable[Node]) -> Optional[str]:
+    """Why no live node can ever hold a replica that needs ``need``: it needs more than
+    the largest one has in total. None if one could once it has room, or if no node is
+    alive (one may yet join).
+
+    >>> a = Node("node-a", Resources(2, 1, 8 * 2**30))
+    >>> _unplaceable(Resources(4), [a])
+    'a replica needs 4 CPUs and no node has 4 CPUs (the largest, node-a, has 2)'
+    >>> _unplaceable(Resources(1, 2), [a, Node("node-b", Resources(64, 1), alive=False)])
+    'a replica needs 2 GPUs and no node has 2 GPUs (the largest, node-a, has 1)'
+    >>> _unplaceable(Resources(2, 0.5), [a]) is None      # it fits once node-a has room
+    True
+    >>> _unplaceable(Resources(4), [Node("node-b", Resources(2), alive=False)]) is None
+    True
+    """
+    live = [node for node in nodes if node.alive]
+    if not live:
+        return None
+    gpus = math.ceil(need.num_gpus - 1e-9) if need.num_gpus >= 1 else need.num_gpus   # whole GPUs
+    for label, wanted, total_of in (
+        ("CPUs", need.num_cpus, lambda n: n.total.num_cpus),
+        ("GPUs", gpus, lambda n: n.total.num_gpus),
+        ("bytes of memory", need.memory, lambda n: n.total.memory),
+    ):
+        largest = max(live, key=total_of)
+        if wanted > total_of(largest) + 1e-9:
+            return (f"a replica needs {_amount(wanted)} {label} and no node has {_amount(wanted)} {label} "
+                    f"(the largest, {largest.node_id}, has {_amount(total_of(largest))})")
+    return None
+
+
+def _amount(value: float) -> str:
+    """A resource amount as the controller writes it: whole numbers without a fraction.
+
+    >>> _amount(4.0), _amount(0.5), _amount(17179869184)
+    ('4', '0.5', '17179869184')
+    """
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -10,6 +10,9 @@ Example::
 
 from __future__ import annotations
 
+from typing import Optional
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
 
 class TaskserveError(Exception):
     """Base class of every taskserve error."""
@@ -58,3 +61,89 @@ class ReplicaError(TaskserveError):
 
 class ConnectionNotConfigured(TaskserveError):
     """No Redis address was given and none could be found."""
+
+
+class DeploymentUnavailable(TaskserveError):
+    """The deployment has no replica that can serve, and none is coming: its rollout
+    failed (say its constructor always raises). Calls fail at once rather than wait in
+    the queue; ``reason`` is the controller's status message.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(name, reason)
+        self.name = name
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return (
+            f"deployment {self.name!r} has no replica that can serve: {self.reason}; "
+            f"`taskserve status {self.name}` shows its replicas, and a deploy of a fixed version serves again"
+        )
+
+
+class BackPressureError(TaskserveError):
+    """The deployment's queue holds ``max_queued_requests`` requests already: the call
+    was refused rather than queued. Retry later, or scale the deployment up.
+    """
+
+    def __init__(self, name: str, queued: int, limit: int) -> None:
+        super().__init__(name, queued, limit)
+        self.name = name
+        self.queued = queued
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return (
+            f"deployment {self.name!r} has {self.queued} requests waiting, its max_queued_requests of "
+            f"{self.limit}; retry later, or scale it up"
+        )
+
+
+class RedisUnavailable(TaskserveError, ConnectionError):
+    """The cluster's Redis cannot be reached: nothing can be sent or answered.
+
+    A ``ConnectionError`` as well. The message names the address without its password.
+
+    >>> print(RedisUnavailable("redis://:s3cret@10.0.0.5:6379/0", "Connection refused"))
+    cannot reach Redis at redis://10.0.0.5:6379/0 (Connection refused); is the cluster up?
+    """
+
+    def __init__(self, address: str, detail: str = "") -> None:
+        self.address = redact_address(address)
+        self.detail = detail
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"cannot reach Redis at {self.address}{detail}; is the cluster up?"
+
+
+def redact_address(url: str) -> str:
+    """``url`` without the password it may hold (in the user part or the query).
+
+    >>> redact_address("redis://:s3cret@10.0.0.5:6379/0")
+    'redis://10.0.0.5:6379/0'
+    >>> redact_address("rediss://alice:s3cret@cache.example:6380/1?ssl_cert_reqs=none")
+    'rediss://alice@cache.example:6380/1?ssl_cert_reqs=none'
+    >>> redact_address("unix:///run/redis.sock?db=0&password=s3cret")
+    'unix:///run/redis.sock?db=0'
+    >>> redact_address("redis://127.0.0.1:6379/0")
+    'redis://127.0.0.1:6379/0'
+    """
+    try:
+        parts = urlsplit(url)
+        password: Optional[str] = parts.password
+    except ValueError:   # not a URL we can take apart: say nothing of it
+        return "<an unreadable address>"
+    netloc = parts.netloc
+    if password is not None:
+        host = netloc.rpartition("@")[2]
+        netloc = f"{parts.username}@{host}" if parts.username else host
+    query = parts.query
+    if "password" in query:
+        query = urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "password"])
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    # Built by hand: urlunsplit would drop the empty host of "unix:///path".
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + \
+        (f"#{parts.fragment}" if parts.fragment else "")

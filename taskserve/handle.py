@@ -5,31 +5,110 @@ Example::
     handle = taskserve.get_deployment("echo").get_handle()
     handle.remote("hi").result(timeout=10)      # 'hi'
     handle.pid.remote().result()                # 41237, the replica's process id
+
+What a call costs in Redis: the push of its message and, once :meth:`Response.result`
+read the answer, one ``DEL`` of the answer (an answer nobody reads expires after the
+deployment's ``result_ttl_s``). A handle re-reads its deployment's goal and health (one
+``MGET``) at most once a second, and a deployment with ``max_queued_requests`` costs
+one ``LLEN`` per call.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
 
 import celery.exceptions
+import celery.result
 import kombu.exceptions
+import redis
+from celery import Celery
 
-from .celery_app import TASK_NAME, client_app
+from .celery_app import TASK_NAME, make_app
 from .connection import current_address, current_store
-from .errors import DeploymentNotFound, ReplicaError
-from .store import queue_name
+from .errors import BackPressureError, DeploymentNotFound, DeploymentUnavailable, RedisUnavailable, ReplicaError
+from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState
+from .store import Store, queue_name
 
-# A handle checks that its deployment still exists at most this often.
+# A handle re-reads its deployment (exists? can serve? queue limit?) at most this often.
 EXISTENCE_CHECK_INTERVAL_S = 1.0
+
+# How a caller's Celery app meets a Redis that does not answer: one immediate retry (a
+# pooled connection may be stale after a Redis restart), then the error, which the
+# caller sees as RedisUnavailable. Replicas retry their result writes for half a
+# minute (celery_app); a caller waiting that long would only hide the outage.
+CALLER_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+REDIS_CONNECT_TIMEOUT_S = 5.0
+
+# Replicas that take requests from the queue, or may soon (a constructor still running).
+SERVING_STATES = frozenset({ReplicaState.STARTING, ReplicaState.RUNNING, ReplicaState.RECONFIGURING})
+
+# What the Redis clients of Celery, kombu and redis-py raise when Redis is away.
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError, OSError)
+
+
+@functools.lru_cache(maxsize=None)
+def caller_app(address: str, serializer: str) -> Celery:
+    """The one caller-side Celery app per address and serializer in this process."""
+    app = make_app(address, serializer)
+    app.conf.update(
+        result_backend_always_retry=False,
+        task_publish_retry_policy=CALLER_RETRY_POLICY,
+        result_backend_transport_options={**app.conf.result_backend_transport_options,
+                                          "retry_policy": CALLER_RETRY_POLICY},
+        redis_socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+    )
+    return app
+
+
+def unavailable_reason(goal: Goal, health: DeploymentHealth,
+                       replicas: Callable[[], Iterable[Replica]]) -> Optional[str]:
+    """Why no call to ``goal``'s deployment can be served, or None if one can (or soon may).
+
+    Only a deployment the controller found UNHEALTHY at its current goal, with no
+    replica running or starting, is unavailable: its rollout failed and nothing will
+    take its requests until a new deploy. One that is UPDATING, or scaled to zero, keeps
+    its requests in the queue. ``replicas`` is read only when the health says UNHEALTHY.
+
+    >>> goal = Goal(name="m", generation=2, version="1", spec_hash="s", num_replicas=1, options={},
+    ...             code_sha="c", init_sha="i")
+    >>> failed = DeploymentHealth(DeploymentState.UNHEALTHY, "constructor failed 3 times: ValueError: no",
+    ...                           observed_generation=2)
+    >>> unavailable_reason(goal, failed, list)
+    'constructor failed 3 times: ValueError: no'
+    >>> old = Replica("m-1", "m", "s0", "0", node_id="a", state=ReplicaState.RUNNING)
+    >>> unavailable_reason(goal, failed, lambda: [old]) is None      # the previous version serves on
+    True
+    >>> unavailable_reason(goal, DeploymentHealth(DeploymentState.UPDATING, observed_generation=2), list) is None
+    True
+    """
+    if (health.status != DeploymentState.UNHEALTHY or health.observed_generation != goal.generation
+            or goal.num_replicas == 0):
+        return None
+    if any(r.state in SERVING_STATES and r.desired == "run" for r in replicas()):
+        return None
+    return health.message or "its rollout failed"
+
+
+def _unreachable(error: BaseException) -> Optional[BaseException]:
+    """The connection error behind ``error`` if it means Redis cannot be reached, else None."""
+    if isinstance(error, RuntimeError) and isinstance(error.__cause__, _UNREACHABLE):
+        return error.__cause__    # Celery's result consumer gave up reconnecting
+    if isinstance(error, _UNREACHABLE):
+        return error
+    return None
 
 
 class Response:
     """A request in flight; :meth:`result` waits for its value."""
 
-    def __init__(self, async_result: celery.result.AsyncResult, deployment: str) -> None:
+    def __init__(self, async_result: celery.result.AsyncResult, deployment: str, address: str = "") -> None:
         self._async_result = async_result
         self.deployment = deployment
+        self._address = address
+        self._outcome: Optional[tuple[bool, Any]] = None    # (ok, value or error) once read
 
     @property
     def request_id(self) -> str:
@@ -38,25 +117,58 @@ class Response:
     def result(self, timeout: Optional[float] = None) -> Any:
         """The value the replica returned.
 
-        Raises :class:`ReplicaError` if the replica's code raised, and
-        ``TimeoutError`` if no answer came within ``timeout`` seconds.
+        Raises :class:`ReplicaError` if the replica's code raised, ``TimeoutError`` if
+        no answer came within ``timeout`` seconds and :class:`RedisUnavailable` if Redis
+        cannot be reached. The answer is removed from Redis once read; asking again
+        gives the same value.
         """
+        if self._outcome is None:
+            self._outcome = self._read(timeout)
+        ok, value = self._outcome
+        if ok:
+            return value
+        raise value
+
+    def _read(self, timeout: Optional[float]) -> tuple[bool, Any]:
         try:
             envelope = self._async_result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+            failed = self._async_result.failed()
+            traceback_text = self._async_result.traceback if failed else ""
         except celery.exceptions.TimeoutError:
             raise TimeoutError(
                 f"no answer from deployment {self.deployment!r} within {timeout}s "
                 f"(request {self.request_id}); `taskserve status {self.deployment}` shows its replicas"
             ) from None
-        if self._async_result.failed():
-            error = envelope
-            raise ReplicaError(type(error).__name__, str(error), self._async_result.traceback or "")
+        except Exception as error:
+            cause = _unreachable(error)
+            if cause is None:
+                raise
+            raise RedisUnavailable(self._address or current_address(), str(cause).strip()) from None
+        self._forget()
+        if failed:
+            return False, ReplicaError(type(envelope).__name__, str(envelope), traceback_text or "")
         if envelope.get("ok"):
-            return envelope["value"]
-        raise ReplicaError(envelope["type"], envelope["message"], envelope.get("traceback", ""))
+            return True, envelope["value"]
+        return False, ReplicaError(envelope["type"], envelope["message"], envelope.get("traceback", ""))
+
+    def _forget(self) -> None:
+        """Delete the answer from Redis: read, it is of no more use."""
+        try:
+            self._async_result.forget()
+        except _UNREACHABLE:
+            pass    # Redis went away after answering; the answer expires on its own
 
     def __repr__(self) -> str:
         return f"<Response {self.deployment} {self.request_id}>"
+
+
+@dataclass
+class _Checked:
+    """What a handle last read of its deployment; shared with its method handles."""
+
+    at: float = float("-inf")
+    max_queued: Optional[int] = None
+    unavailable: Optional[str] = None
 
 
 class DeploymentHandle:
@@ -64,20 +176,31 @@ class DeploymentHandle:
 
     ``handle.remote(...)`` calls ``__call__``; ``handle.method.remote(...)`` calls
     another public method. Handles are cheap and safe to share between threads.
+
+    A call fails at once, without queueing, with :class:`DeploymentNotFound` once the
+    deployment is deleted, :class:`DeploymentUnavailable` while its rollout failed with
+    no replica left to serve, :class:`BackPressureError` while its queue holds
+    ``max_queued_requests`` requests and :class:`RedisUnavailable` while Redis is
+    away. The first three are read at most once a second, so each takes up to a second
+    to show. The queue limit is read with one ``LLEN`` before each push: callers racing
+    each other can put a few requests over it.
     """
 
     def __init__(self, deployment: str, serializer: str = "json", method: str = "__call__") -> None:
         self.deployment = deployment
         self.serializer = serializer
         self.method = method
-        self._checked_at = time.monotonic()
+        self._checked = _Checked()
 
     def remote(self, *args: Any, **kwargs: Any) -> Response:
         """Enqueue a call and return at once with its :class:`Response`."""
-        self._check_exists()
-        app = client_app(current_address(), self.serializer)
+        store = current_store()
+        address = current_address()
         try:
-            async_result = app.send_task(
+            self._check(store)
+            if self._checked.max_queued is not None:
+                self._check_queue(store, self._checked.max_queued)
+            async_result = caller_app(address, self.serializer).send_task(
                 TASK_NAME,
                 args=(self.method, list(args), kwargs),
                 queue=queue_name(self.deployment),
@@ -87,21 +210,41 @@ class DeploymentHandle:
                 f"the arguments of this call to {self.deployment!r} cannot travel as "
                 f"{self.serializer} ({error}); pass plain data, or deploy it with serializer='pickle'"
             ) from None
-        return Response(async_result, self.deployment)
+        except Exception as error:
+            cause = _unreachable(error)
+            if cause is None:
+                raise
+            raise RedisUnavailable(address, str(cause).strip()) from None
+        return Response(async_result, self.deployment, address)
 
-    def _check_exists(self) -> None:
+    def _check(self, store: Store) -> None:
+        """Re-read the deployment (one ``MGET``) if the last read is a second old; raise
+        if it cannot take calls."""
+        checked = self._checked
         now = time.monotonic()
-        if now - self._checked_at < EXISTENCE_CHECK_INTERVAL_S:
-            return
-        if not current_store().deployment_exists(self.deployment):
-            raise DeploymentNotFound(self.deployment)
-        self._checked_at = now
+        if now - checked.at >= EXISTENCE_CHECK_INTERVAL_S:
+            goal_text, health_text = store.redis.mget([store.goal_key(self.deployment),
+                                                       store.health_key(self.deployment)])
+            goal = Goal.from_json(goal_text) if goal_text else None
+            if goal is None or goal.deleting:
+                raise DeploymentNotFound(self.deployment)
+            health = DeploymentHealth.from_json(health_text) if health_text else DeploymentHealth()
+            checked.unavailable = unavailable_reason(goal, health, lambda: store.replicas_of(self.deployment))
+            checked.max_queued = goal.options.get("max_queued_requests")
+            checked.at = now
+        if checked.unavailable is not None:
+            raise DeploymentUnavailable(self.deployment, checked.unavailable)
+
+    def _check_queue(self, store: Store, limit: int) -> None:
+        queued = store.redis.llen(queue_name(self.deployment))
+        if queued >= limit:
+            raise BackPressureError(self.deployment, queued, limit)
 
     def __getattr__(self, method: str) -> "DeploymentHandle":
         if method.startswith("_"):
             raise AttributeError(method)
         handle = DeploymentHandle(self.deployment, self.serializer, method)
-        handle._checked_at = self._checked_at
+        handle._checked = self._checked
         return handle
 
     def __repr__(self) -> str:

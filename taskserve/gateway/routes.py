@@ -7,7 +7,7 @@ path (on ``/`` boundaries); see :meth:`RouteTable.match`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 from ..spec import route_of
 from ..state import Goal
@@ -15,12 +15,16 @@ from ..state import Goal
 
 @dataclass(frozen=True)
 class Route:
-    """Where requests under ``prefix`` go, and how long to wait for an answer."""
+    """Where requests under ``prefix`` go, how long to wait for an answer, how many
+    may wait in the queue (``max_queued``, None: no limit), and why the deployment
+    cannot serve at all (``unavailable``, "" when it can)."""
 
     prefix: str
     deployment: str
     serializer: str = "json"
     timeout_s: float = 60.0
+    max_queued: Optional[int] = None
+    unavailable: str = ""
 
 
 class RouteTable:
@@ -46,15 +50,20 @@ class RouteTable:
         self.routes = sorted(chosen.values(), key=lambda r: len(r.prefix), reverse=True)
 
     @classmethod
-    def from_goals(cls, goals: Iterable[Goal]) -> "RouteTable":
-        """The routes of the deployments that exist and are served over HTTP."""
+    def from_goals(cls, goals: Iterable[Goal], unavailable: Optional[Mapping[str, str]] = None) -> "RouteTable":
+        """The routes of the deployments that exist and are served over HTTP.
+
+        ``unavailable`` maps the deployments that cannot serve to why.
+        """
+        unavailable = unavailable or {}
         routes = []
         for goal in goals:
             prefix = route_of(goal.name, goal.options)
             if goal.deleting or prefix is None:
                 continue
             routes.append(Route(prefix, goal.name, goal.options.get("serializer") or "json",
-                                float(goal.options.get("request_timeout_s") or 60)))
+                                float(goal.options.get("request_timeout_s") or 60),
+                                goal.options.get("max_queued_requests"), unavailable.get(goal.name, "")))
         return cls(routes)
 
     def match(self, path: str) -> Optional[Route]:
