@@ -233,12 +233,20 @@ def agent(address: Optional[str], node_id: Optional[str], num_cpus: Optional[flo
 @click.option("--max-body-size", type=int, default=10 * 1024 * 1024, show_default=True,
               help="Largest request body in bytes; a larger one gets 413.")
 @click.option("--debug", is_flag=True, help="Put the replica's traceback in 500 responses.")
-def gateway(address: Optional[str], host: str, port: int, max_body_size: int, debug: bool) -> None:
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+              help="Seconds a client has to send a request's headers; then 408.")
+@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds a client has to send a request's body; then 408.")
+@click.option("--max-in-flight", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Requests answered at once; beyond it 503 with Retry-After.")
+def gateway(address: Optional[str], host: str, port: int, max_body_size: int, debug: bool, header_timeout: float,
+            body_timeout: float, max_in_flight: int) -> None:
     """Serve every deployment over HTTP at its route prefix."""
     from .gateway.app import serve
 
     _log_to_stderr()
-    serve(resolve_address(address), host=host, port=port, max_body_bytes=max_body_size, debug=debug)
+    serve(resolve_address(address), host=host, port=port, max_body_bytes=max_body_size, debug=debug,
+          header_timeout_s=header_timeout, body_timeout_s=body_timeout, max_in_flight=max_in_flight)
 
 
 def _log_to_stderr() -> None:

@@ -32,7 +32,7 @@ from typing import Optional
 
 import redis
 
-from .errors import ConnectionNotConfigured
+from .errors import ConnectionNotConfigured, RedisUnavailable
 from .store import Store
 
 ADDRESS_ENV = "TASKSERVE_ADDRESS"
@@ -164,7 +164,10 @@ def _check_url(url: str) -> str:
 
 def make_store(address: str) -> Store:
     """A new :class:`Store` on its own connection pool (for long-running processes)."""
-    client = redis.Redis.from_url(address, health_check_interval=30, socket_keepalive=True)
+    # A Redis that hangs (paused, cut off) fails a call after a while instead of blocking it
+    # forever; every blocking read taskserve makes waits for at most a few seconds.
+    client = redis.Redis.from_url(address, health_check_interval=30, socket_keepalive=True,
+                                  socket_connect_timeout=5, socket_timeout=30)
     return Store(client)
 
 
@@ -187,9 +190,7 @@ def connect(address: Optional[str] = None) -> Store:
         try:
             store.redis.ping()
         except redis.RedisError as error:
-            raise ConnectionNotConfigured(
-                f"cannot reach Redis at {url} ({error}); is `taskserve up` running?"
-            ) from None
+            raise RedisUnavailable(url, str(error)) from None
         _store, _address, _source = store, url, "connect()" if address else found.source
         return store
 
