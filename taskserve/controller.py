@@ -7,6 +7,16 @@ notification costs latency, never correctness; after a crash a new controller
 resumes from Redis alone. One controller leads at a time (a lease key with a TTL);
 others stand by.
 
+An autoscaled deployment (its goal has an ``autoscaling_config``) is planned for the
+count the pure :func:`taskserve.autoscaler.decide` wants for its recent load, which
+each pass samples (requests waiting in its queue, and those its replicas took and have
+not acknowledged). The decision lives in its own key (:class:`taskserve.store.AutoscaleState`),
+not in the goal: an autoscaling change writes no generation, so it neither disturbs a
+``deploy()`` waiting for its rollout nor is undone by one, and a new controller goes
+on from the count stored. Each change of the count is one history line by "autoscaler".
+While an autoscaled deployment has no replica, the controller looks at its queue every
+``WAKE_POLL_S`` between passes, so the first request starts a replica at once.
+
 Example::
 
     taskserve controller --address redis://10.0.0.5:6379/0
@@ -20,12 +30,13 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Optional
 
 import redis
 
+from .autoscaler import LoadSample, decide, trim_history, wanted_replicas
 from .history import previous_goal
 from .planner import (
     ForgetDeployment,
@@ -39,12 +50,70 @@ from .planner import (
     plan,
     reserve,
 )
+from .spec import AutoscalingConfig, check_autoscaling_config
 from .state import DEFAULT_HEARTBEAT_TTL_S, DeploymentHealth, DeploymentState, Goal, Node, Replica
-from .store import LeaseLost, Store, wait_for_events
+from .store import AutoscaleState, LeaseLost, Store, wait_for_events
 
 log = logging.getLogger("taskserve.controller")
 
 REDIS_RETRY_S = 1.0
+
+# While an autoscaled deployment has no replica, how often its queue is looked at
+# between passes (one pipelined LLEN), so that its first request wakes it at once.
+WAKE_POLL_S = 0.1
+
+
+@dataclass
+class Scaling:
+    """What the leading controller keeps of an autoscaled deployment between passes."""
+
+    target: int                                    # the count in force (decide's ``current``)
+    samples: tuple[LoadSample, ...] = ()           # recent load, trimmed to what decide uses
+    written: Optional[AutoscaleState] = None       # what its key holds, as far as this controller knows
+    due: Optional[float] = None                    # (clock) when a delay running now could end
+
+
+def autoscaling_config(goal: Goal) -> Optional[AutoscalingConfig]:
+    """The goal's ``autoscaling_config`` (a dict after the JSON round trip), or None.
+
+    >>> goal = Goal(name="m", generation=1, version="v", spec_hash="s", num_replicas=1, code_sha="c",
+    ...             init_sha="i", options={"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}})
+    >>> autoscaling_config(goal).max_replicas
+    4
+    >>> autoscaling_config(replace(goal, options={})) is None
+    True
+    """
+    return check_autoscaling_config(goal.options.get("autoscaling_config"))
+
+
+def next_change_at(config: AutoscalingConfig, target: int, samples: tuple[LoadSample, ...]) -> Optional[float]:
+    """When :func:`~taskserve.autoscaler.decide` would move ``target`` if the load stays as
+    in the latest sample: the start of the run of samples that want more (or fewer)
+    replicas, plus the delay of that direction. None when the latest wants ``target``.
+
+    >>> config = AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=1,
+    ...                            upscale_delay_s=0.5, downscale_delay_s=2)
+    >>> rising = (LoadSample(10.0, 0, 1), LoadSample(11.0, 3, 1), LoadSample(12.0, 5, 1))
+    >>> next_change_at(config, 1, rising)               # more than 1 wanted since 11.0
+    11.5
+    >>> next_change_at(config, 4, rising) is None       # 4 wanted now: nothing would move
+    True
+    >>> next_change_at(config, 4, (LoadSample(10.0, 1, 0), LoadSample(11.0, 0, 2)))   # fewer since 10.0
+    12.0
+    """
+    if not samples:
+        return None
+    wanted = wanted_replicas(config, samples[-1].load)
+    if wanted == target:
+        return None
+    up = wanted > target
+    start = samples[-1].at
+    for sample in reversed(samples):
+        count = wanted_replicas(config, sample.load)
+        if (count > target) != up or count == target:
+            break
+        start = sample.at
+    return start + (config.upscale_delay_s if up else config.downscale_delay_s)
 
 
 class Controller:
@@ -59,6 +128,9 @@ class Controller:
     restarted and lost the heartbeats, or this controller was cut off) no node
     counts as dead: replicas that kept running are never replaced because of
     an outage of Redis.
+
+    Autoscaling keeps the last load samples of each autoscaled deployment in memory
+    (``scaling``); a new leadership starts them over from the stored counts.
     """
 
     def __init__(self, store: Store, resync_s: float = 1.0, lease_ttl_s: float = 5.0,
@@ -72,6 +144,10 @@ class Controller:
         self.lease: Optional[str] = None          # the lease token while leading
         self.dead_since: dict[str, float] = {}    # node id -> when it was first seen dead (clock)
         self.errors: dict[str, str] = {}          # deployment -> the error last logged for it
+        self.scaling: dict[str, Scaling] = {}     # autoscaled deployment -> its recent load and target
+        self.asleep: tuple[str, ...] = ()         # autoscaled deployments with no replica (target 0)
+        self.due: Optional[float] = None          # (clock) the next end of an autoscaling delay
+        self.stale_scales_dropped = False         # this leadership removed the states of non-autoscaled ones
 
     @property
     def leading(self) -> bool:
@@ -86,7 +162,9 @@ class Controller:
                     self._lead(self.store.acquire_lease(self.controller_id, self.lease_ttl_s))
                     if self.leading:
                         self.reconcile_once()
-                    wait_for_events(pubsub, self.resync_s if self.leading else self.lease_ttl_s / 3)
+                        self._wait(pubsub)
+                    else:
+                        wait_for_events(pubsub, self.lease_ttl_s / 3)
                 except LeaseLost:
                     log.warning("controller %s lost its lease during a pass; it wrote nothing more", self.controller_id)
                     self._lead(None)
@@ -106,6 +184,30 @@ class Controller:
     def stop(self) -> None:
         self.stopping.set()
 
+    def _wait(self, pubsub: redis.client.PubSub) -> None:
+        """Until the next pass: a notification, ``resync_s``, the end of an autoscaling
+        delay, or a request in the queue of an autoscaled deployment that has no replica.
+
+        Blocking on the notifications costs nothing; looking at the queues of the
+        deployments at zero costs one pipelined LLEN per ``WAKE_POLL_S``, and only while
+        there are some.
+        """
+        start = self.clock()
+        deadline = start + self.resync_s
+        if self.due is not None and self.due > start:
+            deadline = min(deadline, self.due)
+        while not self.stopping.is_set():
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return
+            if not self.asleep:
+                wait_for_events(pubsub, remaining)
+                return
+            if wait_for_events(pubsub, min(WAKE_POLL_S, remaining)):
+                return
+            if any(self.store.queue_depths(self.asleep).values()):
+                return
+
     def _lead(self, token: Optional[str]) -> None:
         """Take note of the lease token (None: another controller leads)."""
         if token == self.lease:
@@ -114,9 +216,14 @@ class Controller:
             log.info("controller %s stands by", self.controller_id)
         else:
             log.info("controller %s leads (lease %s)", self.controller_id, token.partition(":")[0])
-        # What an earlier leadership saw may be stale: dead nodes get their grace anew.
+        # What an earlier leadership saw may be stale: dead nodes get their grace anew,
+        # and autoscaling goes on from the counts stored (another leader may have moved them).
         self.dead_since.clear()
         self.errors.clear()
+        self.scaling.clear()
+        self.asleep = ()
+        self.due = None
+        self.stale_scales_dropped = False
         self.lease = token
 
     def _check_lease(self) -> None:
@@ -137,6 +244,9 @@ class Controller:
         unreadable_replicas: dict[str, str] = {}
         all_replicas = self.store.all_replicas(unreadable_replicas)
         nodes = self.store.list_nodes()
+        autoscaled = [g.name for g in goals if not g.deleting and g.options.get("autoscaling_config") is not None]
+        loads = self.store.deployment_loads(autoscaled)     # nothing is read when none autoscales
+        clock = self.clock()
         dead_nodes = self.nodes_considered_dead(nodes, all_replicas)
         capacities = node_capacities(nodes, all_replicas)
         by_deployment: dict[str, list[Replica]] = {}
@@ -150,6 +260,8 @@ class Controller:
                 self._failed(goal.name, unreadable_replicas[goal.name])
                 continue
             try:
+                if goal.name in loads:
+                    goal = self._autoscale(goal, loads[goal.name], now, clock)
                 capacities = self._reconcile(goal, by_deployment.get(goal.name, []), capacities, dead_nodes, now)
             except (redis.RedisError, LeaseLost):
                 raise
@@ -160,6 +272,58 @@ class Controller:
                     log.info("%s: reconciled again", goal.name)
         for name in set(self.errors) - {g.name for g in goals} - set(unreadable_goals):
             del self.errors[name]     # deleted meanwhile
+        self._forget_scaling(goals, set(autoscaled), set(unreadable_goals))
+
+    # ------------------------------------------------------------------ autoscaling
+
+    def _autoscale(self, goal: Goal, load: tuple[int, int], now: float, clock: float) -> Goal:
+        """Sample the deployment's load, ask the autoscaler for its target, record the
+        decision (fenced), and return the goal to plan: ``goal`` with that target."""
+        config = autoscaling_config(goal)
+        if config is None:
+            return goal
+        scaling = self.scaling.get(goal.name)
+        if scaling is None:
+            # A new leadership goes on from the stored count; a new deployment starts from
+            # the goal's (min_replicas).
+            stored = self.store.autoscale_state(goal.name)
+            scaling = Scaling(target=stored.target if stored else goal.num_replicas, written=stored)
+        waiting, serving = load
+        samples = trim_history(config, (*scaling.samples, LoadSample(clock, waiting, serving)), clock)
+        decision = decide(config, scaling.target, samples, clock)
+        written = scaling.written
+        changed = written is None or decision.target != written.target
+        state = AutoscaleState(target=decision.target, reason=decision.reason, waiting=waiting, serving=serving,
+                               at=now, changed_at=now if changed else written.changed_at)
+        if written is None or replace(state, at=written.at) != written:
+            change = None
+            if decision.target != scaling.target:
+                change = {"from": scaling.target, "to": decision.target, "reason": decision.reason,
+                          "waiting": waiting, "serving": serving,
+                          "generation": goal.generation, "version": goal.version}
+                log.info("%s: autoscaling from %d to %d replicas (%s)", goal.name, scaling.target,
+                         decision.target, decision.reason)
+            self.store.set_autoscale_state(goal.name, state, change, fence=self.lease)
+            written = state
+        self.scaling[goal.name] = Scaling(decision.target, samples, written,
+                                          next_change_at(config, decision.target, samples))
+        return replace(goal, num_replicas=decision.target)
+
+    def _forget_scaling(self, goals: list[Goal], autoscaled: set[str], unreadable: set[str]) -> None:
+        """After a pass: drop what is kept of deployments that no longer autoscale (and
+        their stored states), and note which ones sleep at zero and the next delay's end."""
+        # A new leadership does not know which of them an earlier one scaled: it looks once.
+        stopped = [g.name for g in goals if g.name not in autoscaled and
+                   (g.name in self.scaling or not self.stale_scales_dropped)]
+        if stopped:
+            self.store.delete_autoscale_states(stopped, fence=self.lease)
+        self.stale_scales_dropped = True
+        for name in list(self.scaling):
+            if name not in autoscaled and name not in unreadable:
+                del self.scaling[name]     # no longer autoscaled, or deleted
+        self.asleep = tuple(sorted(name for name, s in self.scaling.items() if s.target == 0))
+        dues = [s.due for s in self.scaling.values() if s.due is not None]
+        self.due = min(dues) if dues else None
 
     def nodes_considered_dead(self, nodes: list[Node], replicas: list[Replica]) -> frozenset[str]:
         """The nodes whose replicas may be forgotten and replaced.
@@ -255,8 +419,11 @@ class Controller:
         def restore(current: Goal | None) -> Goal | None:
             if current is None or current.generation != failed.generation:
                 return None  # deleted or deployed meanwhile; that goal wins
-            return replace(previous, num_replicas=current.num_replicas,
-                           options={**previous.options, "num_replicas": current.num_replicas}, deleting=False)
+            # The scale is not part of a version: the current count and autoscaling stay.
+            options = {**previous.options, "num_replicas": current.num_replicas}
+            if "autoscaling_config" in current.options or "autoscaling_config" in previous.options:
+                options["autoscaling_config"] = current.options.get("autoscaling_config")
+            return replace(previous, num_replicas=current.num_replicas, options=options, deleting=False)
 
         restored = self.store.update_goal(
             failed.name, restore, "auto-rollback", by=self.controller_id, missing_ok=True,

@@ -1,8 +1,11 @@
 """Reading a deployment's history of goals: what to roll back to.
 
-Each entry is what :meth:`taskserve.store.Store.write_goal` recorded: the action
+Each goal change is what :meth:`taskserve.store.Store.write_goal` recorded: the action
 ("deploy", "scale", "restart", "rollback", "auto-rollback", "delete"), who, when,
 the generation and the whole goal, and once known its outcome ("done"/"failed").
+The autoscaler's changes of the replica count are entries too ("autoscale", by
+"autoscaler", with ``from``, ``to`` and ``reason``), with no goal of their own: they are
+never gone back to.
 
 Example::
 
@@ -12,6 +15,9 @@ Example::
     ...                 num_replicas=1, options={}, code_sha="c", init_sha="i")
     >>> history = [{"generation": g.generation, "action": "deploy", "goal": g.__dict__}
     ...            for g in (goal(1, "v1"), goal(2, "v2"))]
+    >>> previous_goal(history, goal(3, "v2")).version
+    'v1'
+    >>> history.append({"generation": 2, "action": "autoscale", "by": "autoscaler", "from": 1, "to": 3})
     >>> previous_goal(history, goal(3, "v2")).version
     'v1'
 """
@@ -24,7 +30,8 @@ from .state import Goal
 def previous_goal(history: list[dict], current: Goal, version: str | None = None) -> Goal | None:
     """The newest goal in ``history`` before ``current`` that ran other code or config.
 
-    With ``version``, the newest one of that version instead.
+    With ``version``, the newest one of that version instead. Entries without a goal
+    (autoscaling changes) are passed over.
     """
     for entry in reversed(history):
         goal_data = entry.get("goal")

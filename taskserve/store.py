@@ -8,7 +8,11 @@ key                                    type      what
 ``{p}:deployments``                    set       names of all deployments
 ``{p}:goal:{name}``                    string    the deployment's goal (JSON, see Goal)
 ``{p}:health:{name}``                  string    the controller's conclusion (JSON)
-``{p}:history:{name}``                 list      every goal change, newest last (JSON)
+``{p}:history:{name}``                 list      every goal change, and every change of an
+                                                 autoscaled replica count, newest last (JSON)
+``{p}:scale:{name}``                   string    an autoscaled deployment's target replica
+                                                 count, the load it was decided for and why
+                                                 (JSON, see AutoscaleState); the controller's
 ``{p}:code:{sha256}``                  string    pickled class/function and init args, or a
                                                  zipped working_dir
 ``{p}:codes:{name}``                   set       code shas a deployment refers to
@@ -29,6 +33,11 @@ key                                    type      what
 ``taskserve.{name}``                   list      Celery's queue of a deployment (kombu's)
 ``celery-task-meta-{task_id}``         string    Celery's result of a request, also published
                                                  on the channel of the same name
+``unacked``                            hash      kombu's messages taken but not acknowledged:
+                                                 delivery tag -> JSON ``[message, exchange,
+                                                 routing_key]``, the routing key being the
+                                                 queue's name (read for the autoscaler's load)
+``unacked_index``                      zset      kombu's: delivery tag -> when it was taken
 =====================================  ========  ==========================================
 
 Example::
@@ -63,6 +72,14 @@ QUEUE_PREFIX = f"{PREFIX}."
 RESULT_KEY_PREFIX = "celery-task-meta-"   # Celery's, see celery.backends.base.KeyValueStoreBackend
 
 HISTORY_LIMIT = 50
+# At most this many of the history's entries are autoscaling changes: a busy autoscaler
+# drops its own oldest line, so the goals a rollback goes back to stay.
+AUTOSCALE_HISTORY_LIMIT = 20
+AUTOSCALE_ACTION = "autoscale"
+
+# kombu's Redis transport (kombu.transport.redis.Channel.unacked_key, unacked_index_key).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 # A change for Store.update_goal: from the current goal, the fields to change, a whole
 # new goal, or None for nothing to do. It sees None (no deployment) only with missing_ok.
@@ -130,6 +147,44 @@ if redis.call('EXISTS', KEYS[2]) == 0 or redis.call('GET', KEYS[3]) == ARGV[2] t
 end
 redis.call('SET', KEYS[3], ARGV[2])
 return 1
+"""
+
+# KEYS: lease, goal, scale, history; ARGV: fence, state JSON, history entry JSON ('' for
+# none), history limit, limit of autoscaling entries, the prefix of their JSON. Written
+# only while the deployment exists. An entry beyond the autoscaling limit replaces the
+# oldest autoscaling entry, not a goal change.
+_SET_SCALE = _FENCE + """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return 0
+end
+redis.call('SET', KEYS[3], ARGV[2])
+if ARGV[3] ~= '' then
+  local prefix = ARGV[6]
+  local oldest = nil
+  local count = 0
+  for _, item in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do
+    if string.sub(item, 1, string.len(prefix)) == prefix then
+      count = count + 1
+      if oldest == nil then
+        oldest = item
+      end
+    end
+  end
+  if oldest ~= nil and count >= tonumber(ARGV[5]) then
+    redis.call('LREM', KEYS[4], 1, oldest)
+  end
+  redis.call('RPUSH', KEYS[4], ARGV[3])
+  redis.call('LTRIM', KEYS[4], -tonumber(ARGV[4]), -1)
+end
+return 1
+"""
+
+# KEYS: lease, keys to delete; ARGV: fence. The number deleted.
+_DELETE_FENCED = _FENCE + """
+if #KEYS < 2 then
+  return 0
+end
+return redis.call('DEL', unpack(KEYS, 2))
 """
 
 # The lease's value is "<epoch>:<holder>"; the epoch (KEYS[2]) grows with every new
@@ -272,6 +327,59 @@ class NodeTaken(RuntimeError):
         self.holder = holder
 
 
+@dataclass(frozen=True)
+class AutoscaleState:
+    """What the controller decided for an autoscaled deployment, as ``{p}:scale:{name}`` holds it.
+
+    ``target`` is the replica count the controller plans for (the goal's ``num_replicas``
+    is only where autoscaling starts); ``waiting`` and ``serving`` are the load it was
+    decided for: requests in the deployment's queue, and those its replicas took and have
+    not acknowledged. ``at`` (seconds since the epoch) is when this load, target and reason
+    were first seen together, ``changed_at`` when the target last changed.
+
+    >>> state = AutoscaleState(target=3, reason="3 replicas for 14 waiting/serving, target 5 each",
+    ...                        waiting=10, serving=4, at=1700000000.0, changed_at=1699999990.0)
+    >>> state.load
+    14
+    >>> AutoscaleState.from_json(state.to_json()) == state
+    True
+    >>> AutoscaleState.from_json('{"target": 2, "zone": "a"}')      # unknown fields are left out
+    AutoscaleState(target=2, reason='', waiting=0, serving=0, at=0.0, changed_at=0.0)
+    """
+
+    target: int
+    reason: str = ""
+    waiting: int = 0
+    serving: int = 0
+    at: float = 0.0
+    changed_at: float = 0.0
+
+    @property
+    def load(self) -> int:
+        """Requests waiting or being served."""
+        return self.waiting + self.serving
+
+    def to_json(self) -> str:
+        return json.dumps({"target": self.target, "reason": self.reason, "waiting": self.waiting,
+                           "serving": self.serving, "at": self.at, "changed_at": self.changed_at})
+
+    @classmethod
+    def from_json(cls, text: Union[str, bytes]) -> "AutoscaleState":
+        """Read a state; raises ``ValueError`` (or ``TypeError``) for one that is not a state."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or isinstance(data.get("target"), bool) or \
+                not isinstance(data.get("target"), int) or data["target"] < 0:
+            raise ValueError(f"not an autoscaling state: {_short(text)}")
+        return cls(
+            target=data["target"],
+            reason=str(data.get("reason") or ""),
+            waiting=int(data.get("waiting") or 0),
+            serving=int(data.get("serving") or 0),
+            at=float(data.get("at") or 0.0),
+            changed_at=float(data.get("changed_at") or 0.0),
+        )
+
+
 def queue_name(deployment: str) -> str:
     """The Celery queue a deployment's replicas consume.
 
@@ -293,6 +401,44 @@ def result_key(task_id: str) -> str:
 
 def _text(value: Optional[bytes]) -> Optional[str]:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _short(value: Union[str, bytes], limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def unacked_routing_key(entry: Union[str, bytes]) -> Optional[str]:
+    """The routing key (the queue's name) of kombu's unacked entry ``[message, exchange,
+    routing_key]``; None for anything else.
+
+    The entry holds the whole message; its routing key is read off the end without
+    parsing the rest when the entry ends like a JSON list of strings does.
+
+    >>> unacked_routing_key(json.dumps([{"body": "e30=", "headers": {"id": "d9b1"}}, "", "taskserve.echo"]))
+    'taskserve.echo'
+    >>> unacked_routing_key(json.dumps([{}, "", 'a "quoted" key']).encode())
+    'a "quoted" key'
+    >>> unacked_routing_key("not json"), unacked_routing_key("[1]"), unacked_routing_key('["x"]')
+    (None, None, None)
+    """
+    raw = entry if isinstance(entry, bytes) else entry.encode("utf-8", "surrogatepass")
+    if raw.endswith(b'"]'):
+        start = raw.rfind(b'"', 0, len(raw) - 2)
+        key = raw[start + 1:-2]
+        # The key is whole only if nothing in it was escaped and a separator precedes it.
+        if start > 1 and raw[start - 1:start] in (b" ", b",") and b"\\" not in key:
+            try:
+                return key.decode()
+            except UnicodeDecodeError:
+                return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(data, list) and len(data) == 3 and isinstance(data[2], str):
+        return data[2]
+    return None
 
 
 def _user_at_host() -> str:
@@ -320,6 +466,8 @@ class Store:
         self._claim_node = client.register_script(_CLAIM_NODE)
         self._heartbeat_node = client.register_script(_HEARTBEAT_NODE)
         self._unregister_node = client.register_script(_UNREGISTER_NODE)
+        self._set_scale = client.register_script(_SET_SCALE)
+        self._delete_fenced = client.register_script(_DELETE_FENCED)
         self._reported: dict[str, str] = {}   # what was logged as unreadable, so once per change
 
     def _fenced(self, script: Any, keys: list[str], args: list[Any], fence: Optional[str]) -> Any:
@@ -385,6 +533,10 @@ class Store:
     @staticmethod
     def node_alive_key(node_id: str) -> str:
         return f"{PREFIX}:node-alive:{node_id}"
+
+    @staticmethod
+    def scale_key(name: str) -> str:
+        return f"{PREFIX}:scale:{name}"
 
     DEPLOYMENTS_KEY = f"{PREFIX}:deployments"
     NODES_KEY = f"{PREFIX}:nodes"
@@ -561,7 +713,7 @@ class Store:
             shas = [_text(s) for s in pipe.smembers(self.codes_key(name)) if _text(s) not in shared]
             pipe.multi()
             pipe.delete(key, self.health_key(name), self.codes_key(name),
-                        self.replicas_key(name), self.history_key(name))
+                        self.replicas_key(name), self.history_key(name), self.scale_key(name))
             for sha in shas:
                 pipe.delete(self.code_key(sha))
             pipe.srem(self.DEPLOYMENTS_KEY, name)
@@ -579,7 +731,13 @@ class Store:
         return blob
 
     def history(self, name: str) -> list[dict]:
-        """Every goal change of ``name``, oldest first."""
+        """Every goal change of ``name`` and every change of an autoscaled replica count,
+        oldest first.
+
+        A goal change holds its ``goal``; an autoscaling change (``action`` "autoscale",
+        ``by`` "autoscaler") holds none, but ``from`` and ``to`` (the replica counts), the
+        ``reason`` and the generation and version of the goal it scaled.
+        """
         return [json.loads(item) for item in self.redis.lrange(self.history_key(name), 0, -1)]
 
     def record_outcome(self, name: str, generation: int, outcome: str, message: str = "",
@@ -592,7 +750,8 @@ class Store:
             items = pipe.lrange(key, 0, -1)
             for index in range(len(items) - 1, -1, -1):
                 entry = json.loads(items[index])
-                if entry.get("generation") == generation:
+                # Autoscaling lines carry the generation they scaled, but no goal of their own.
+                if entry.get("generation") == generation and "goal" in entry:
                     break
             else:
                 return
@@ -611,6 +770,106 @@ class Store:
             for name in names:
                 pipe.llen(queue_name(name))
             return dict(zip(names, pipe.execute(), strict=True))
+
+    def serving_requests(self, names: Iterable[str]) -> dict[str, int]:
+        """How many requests the replicas of each deployment took and have not
+        acknowledged yet (served now, or prefetched): one ``HGETALL`` of kombu's
+        ``unacked`` hash.
+
+        >>> import fakeredis
+        >>> store = Store(fakeredis.FakeRedis())
+        >>> store.redis.hset(UNACKED_KEY, "tag-1", json.dumps([{"body": ""}, "", "taskserve.echo"]))
+        1
+        >>> store.serving_requests(["echo", "other"])
+        {'echo': 1, 'other': 0}
+        """
+        return _count_serving(list(names), self.redis.hgetall(UNACKED_KEY))
+
+    def deployment_loads(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """Each deployment's load as ``(waiting, serving)``: :meth:`queue_depths` and
+        :meth:`serving_requests` in one round trip. Reads nothing without ``names``.
+
+        >>> import fakeredis
+        >>> store = Store(fakeredis.FakeRedis())
+        >>> store.redis.lpush(queue_name("echo"), "request-1", "request-2")
+        2
+        >>> store.deployment_loads(["echo"])
+        {'echo': (2, 0)}
+        """
+        names = list(names)
+        if not names:
+            return {}
+        # One transaction: a message moving from a queue to the unacked hash meanwhile
+        # is not counted twice.
+        with self.redis.pipeline(transaction=True) as pipe:
+            for name in names:
+                pipe.llen(queue_name(name))
+            pipe.hgetall(UNACKED_KEY)
+            *depths, unacked = pipe.execute()
+        serving = _count_serving(names, unacked)
+        return {name: (int(depth), serving[name]) for name, depth in zip(names, depths, strict=True)}
+
+    # ------------------------------------------------------------------ autoscaling
+
+    def autoscale_state(self, name: str) -> Optional[AutoscaleState]:
+        """What the controller decided for the autoscaled deployment ``name`` (None before
+        its first decision, or when the record cannot be read, which is logged once).
+
+        Callers show it only while the goal has an ``autoscaling_config``.
+        """
+        return self.autoscale_states([name])[name]
+
+    def autoscale_states(self, names: Iterable[str]) -> dict[str, Optional[AutoscaleState]]:
+        """:meth:`autoscale_state` of each of ``names``, in one ``MGET``.
+
+        >>> import fakeredis
+        >>> store = Store(fakeredis.FakeRedis())
+        >>> store.autoscale_states(["echo"])
+        {'echo': None}
+        """
+        names = list(names)
+        if not names:
+            return {}
+        states: dict[str, Optional[AutoscaleState]] = {}
+        for name, text in zip(names, self.redis.mget([self.scale_key(n) for n in names]), strict=True):
+            states[name] = None
+            if text is not None:
+                try:
+                    states[name] = AutoscaleState.from_json(text)
+                except (ValueError, TypeError) as error:
+                    self._report_unreadable(f"the autoscaling state of deployment {name}", _describe(error))
+        return states
+
+    def set_autoscale_state(self, name: str, state: AutoscaleState, change: Optional[dict] = None,
+                            fence: Optional[str] = None) -> bool:
+        """Record the controller's autoscaling decision for ``name`` (only while the
+        deployment exists); True if written.
+
+        ``change``, when the target changed, is the history entry that says so: it is
+        recorded as an ``action`` "autoscale" by "autoscaler" entry with the time, in the
+        same atomic write. The history keeps at most ``AUTOSCALE_HISTORY_LIMIT`` of them.
+        No goal changes and no generation is used up: a ``deploy()`` waiting for its
+        rollout is not disturbed. ``fence`` is the controller's lease token.
+
+        >>> import fakeredis
+        >>> store = Store(fakeredis.FakeRedis())
+        >>> store.set_autoscale_state("echo", AutoscaleState(target=2))     # no such deployment
+        False
+        """
+        entry = ""
+        if change is not None:
+            entry = json.dumps({"action": AUTOSCALE_ACTION, "by": "autoscaler", **change, "at": time.time()})
+        keys = [self.goal_key(name), self.scale_key(name), self.history_key(name)]
+        args = [state.to_json(), entry, HISTORY_LIMIT, AUTOSCALE_HISTORY_LIMIT, _AUTOSCALE_ENTRY_PREFIX]
+        return bool(self._fenced(self._set_scale, keys, args, fence))
+
+    def delete_autoscale_states(self, names: Iterable[str], fence: Optional[str] = None) -> int:
+        """Forget the autoscaling states of ``names`` (their deployments no longer
+        autoscale); how many there were."""
+        keys = [self.scale_key(name) for name in names]
+        if not keys:
+            return 0
+        return int(self._fenced(self._delete_fenced, keys, [], fence))
 
     # ------------------------------------------------------------------ redeliveries
 
@@ -900,6 +1159,21 @@ def _describe(error: BaseException) -> str:
     """
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+# How an autoscaling history entry's JSON starts (set_autoscale_state writes "action" first).
+_AUTOSCALE_ENTRY_PREFIX = json.dumps({"action": AUTOSCALE_ACTION})[:-1]
+
+
+def _count_serving(names: list[str], unacked: dict) -> dict[str, int]:
+    """Per deployment of ``names``, the entries of kombu's unacked hash routed to its queue."""
+    queues = {queue_name(name): name for name in names}
+    counts = dict.fromkeys(names, 0)
+    for entry in unacked.values():
+        name = queues.get(unacked_routing_key(entry) or "")
+        if name is not None:
+            counts[name] += 1
+    return counts
 
 
 def _decode_hash(fields: dict) -> dict[str, str]:

@@ -20,7 +20,18 @@ import taskserve.controller as controller_module
 from taskserve.controller import Controller
 from taskserve.errors import DeploymentNotFound
 from taskserve.state import DeploymentHealth, DeploymentState, Goal, Node, Replica, ReplicaState, Resources
-from taskserve.store import HISTORY_LIMIT, LeaseLost, NodeClaim, NodeTaken, Store, queue_name, wait_for_events
+from taskserve.store import (
+    AUTOSCALE_HISTORY_LIMIT,
+    HISTORY_LIMIT,
+    UNACKED_KEY,
+    AutoscaleState,
+    LeaseLost,
+    NodeClaim,
+    NodeTaken,
+    Store,
+    queue_name,
+    wait_for_events,
+)
 
 NAME = "echo"
 
@@ -441,14 +452,16 @@ def test_forget_deployment_removes_every_key_of_a_deleted_deployment(store, clie
     store.write_goal("shares", next_goal("v2", name="shares"), blobs=[("code-v2", b"two")])
     store.set_health(NAME, DeploymentHealth(status=DeploymentState.HEALTHY))
     store.create_replica(make_replica("echo-1"))
+    store.set_autoscale_state(NAME, AutoscaleState(target=2))
     deleting = store.write_goal(NAME, next_goal("v2", deleting=True), event={"action": "delete"})
 
     assert store.forget_deployment(NAME, deleting.generation) is True
     assert store.get_goal(NAME) is None
     assert store.history(NAME) == []
     assert store.get_health(NAME) == DeploymentHealth()
+    assert store.autoscale_state(NAME) is None
     for key in (Store.goal_key(NAME), Store.health_key(NAME), Store.codes_key(NAME), Store.replicas_key(NAME),
-                Store.history_key(NAME), Store.code_key("code-v1")):
+                Store.history_key(NAME), Store.scale_key(NAME), Store.code_key("code-v1")):
         assert not client.exists(key), key
     assert client.smembers(Store.DEPLOYMENTS_KEY) == {b"other", b"shares"}
     assert store.get_code("code-v3") == b"x"                 # other deployments keep theirs,
@@ -856,6 +869,8 @@ def test_fenced_writes_are_refused_once_the_lease_moved(store, client, server):
         lambda: store.update_goal(NAME, lambda previous: {"num_replicas": 5}, "auto-rollback", fence=old),
         lambda: store.write_goal(NAME, next_goal("v9"), fence=old),
         lambda: store.forget_deployment(NAME, 1, fence=old),
+        lambda: store.set_autoscale_state(NAME, AutoscaleState(target=3), {"from": 2, "to": 3}, fence=old),
+        lambda: store.delete_autoscale_states([NAME], fence=old),
     ]
     for write in refused:
         with pytest.raises(LeaseLost):
@@ -922,6 +937,99 @@ def test_wait_for_events(store):
 
 def test_queue_name():
     assert queue_name("echo") == "taskserve.echo"
+
+
+# --------------------------------------------------------------------------- autoscaling
+
+
+def unacked_entry(queue: str, tag: str = "t") -> str:
+    """kombu's entry of an unacknowledged message: ``[message, exchange, routing_key]``."""
+    return json.dumps([{"body": "W1tdLCB7fV0=", "headers": {"id": tag, "argsrepr": '"]'},
+                        "properties": {"delivery_tag": tag, "delivery_info": {"routing_key": queue}}},
+                       "", queue])
+
+
+def test_loads_count_waiting_and_unacknowledged_requests_per_deployment(store, client):
+    client.lpush(queue_name("a"), "m1", "m2", "m3")
+    client.lpush(queue_name("b"), "m4")
+    client.hset(UNACKED_KEY, mapping={
+        "t1": unacked_entry(queue_name("a"), "t1"),
+        "t2": unacked_entry(queue_name("a"), "t2"),
+        "t3": unacked_entry(queue_name("b"), "t3"),
+        "t4": unacked_entry("celery", "t4"),                 # another app's queue on the same Redis
+        "t5": unacked_entry(queue_name("ab"), "t5"),         # a name that starts like another
+        "t6": "not json",
+        "t7": json.dumps({"routing_key": queue_name("a")}),
+        "t8": json.dumps([{}, "", 'taskserve.a"']),
+        "t9": b"\xff\xfe[",
+    })
+    assert store.deployment_loads(["a", "b", "c"]) == {"a": (3, 2), "b": (1, 1), "c": (0, 0)}
+    assert store.serving_requests(["a", "ab"]) == {"a": 2, "ab": 1}
+    assert store.deployment_loads([]) == {}
+
+
+@needs_lua
+def test_autoscale_state_round_trips_and_is_written_only_while_the_deployment_exists(store, client):
+    state = AutoscaleState(target=3, reason="3 replicas for 5 waiting/serving, target 2 each", waiting=4,
+                           serving=1, at=1700000000.5, changed_at=1699999999.0)
+    assert store.set_autoscale_state(NAME, state) is False
+    assert store.autoscale_state(NAME) is None
+    deployed(store)
+    assert store.set_autoscale_state(NAME, state) is True
+    assert store.autoscale_state(NAME) == state
+    assert store.autoscale_states([NAME, "other"]) == {NAME: state, "other": None}
+    assert [e["action"] for e in store.history(NAME)] == ["deploy"], "no change, no history line"
+    assert store.get_goal(NAME).generation == 1
+
+
+@needs_lua
+def test_an_autoscaling_change_is_one_history_line_without_a_goal(store):
+    deployed(store)
+    store.set_autoscale_state(NAME, AutoscaleState(target=4), {"from": 1, "to": 4, "reason": "r", "generation": 1})
+    deploy_entry, line = store.history(NAME)
+    assert (line["action"], line["by"], line["from"], line["to"], line["reason"]) == ("autoscale", "autoscaler", 1, 4, "r")
+    assert "goal" not in line and line["at"] >= deploy_entry["at"]
+
+    store.record_outcome(NAME, 1, "done")             # the goal change's entry, not the autoscaling line
+    deploy_entry, line = store.history(NAME)
+    assert deploy_entry["outcome"] == "done" and "outcome" not in line
+
+
+@needs_lua
+def test_autoscaling_lines_never_push_the_goal_changes_out_of_the_history(store):
+    for i in range(HISTORY_LIMIT - 10):
+        store.write_goal(NAME, next_goal(f"v{i}"), event={"action": "deploy"})
+    for count in range(3 * AUTOSCALE_HISTORY_LIMIT):
+        store.set_autoscale_state(NAME, AutoscaleState(target=count), {"from": count, "to": count + 1})
+    history = store.history(NAME)
+    lines = [e for e in history if e["action"] == "autoscale"]
+    assert len(lines) == AUTOSCALE_HISTORY_LIMIT
+    assert [e["to"] for e in lines] == list(range(2 * AUTOSCALE_HISTORY_LIMIT + 1, 3 * AUTOSCALE_HISTORY_LIMIT + 1))
+    assert len(history) == HISTORY_LIMIT
+    deploys = [e for e in history if e["action"] == "deploy"]
+    assert len(deploys) == HISTORY_LIMIT - AUTOSCALE_HISTORY_LIMIT
+    assert deploys[-1]["version"] == f"v{HISTORY_LIMIT - 11}"
+
+    for i in range(5):                                # goal changes still push out the oldest entries
+        store.write_goal(NAME, next_goal(f"w{i}"), event={"action": "deploy"})
+    assert len(store.history(NAME)) == HISTORY_LIMIT and store.history(NAME)[-1]["version"] == "w4"
+
+
+@needs_lua
+def test_delete_autoscale_states(store, client):
+    deployed(store)
+    store.set_autoscale_state(NAME, AutoscaleState(target=2))
+    assert store.delete_autoscale_states([NAME, "other"]) == 1
+    assert store.autoscale_state(NAME) is None
+    assert store.delete_autoscale_states([]) == 0
+
+
+def test_an_unreadable_autoscale_state_reads_as_none_and_is_logged_once(store, client, caplog):
+    client.set(Store.scale_key(NAME), '{"target": "four"}')
+    with caplog.at_level("ERROR", logger="taskserve.store"):
+        assert store.autoscale_state(NAME) is None
+        assert store.autoscale_state(NAME) is None
+    assert len(caplog.records) == 1
 
 
 def test_a_goal_with_fields_this_version_does_not_know_reads_fine(store, client):
