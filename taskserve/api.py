@@ -76,6 +76,9 @@ class DeploymentStatus:
     num_replicas: int
     generation: int
     replicas: list[ReplicaInfo] = field(default_factory=list)
+    # For an autoscaled deployment: the controller's decision and the load behind it
+    # (target, waiting, serving, load, reason, min_replicas, max_replicas); else None.
+    autoscaling: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +89,7 @@ class DeploymentStatus:
             "num_replicas": self.num_replicas,
             "generation": self.generation,
             "replicas": [info.__dict__ for info in self.replicas],
+            "autoscaling": self.autoscaling,
         }
 
 
@@ -365,13 +369,29 @@ def deployment_status(name: str) -> DeploymentStatus:
         raise DeploymentNotFound(name)
     status = health.status.value if health.observed_generation == goal.generation else DeploymentState.UPDATING.value
     message = health.message if health.observed_generation == goal.generation else "waiting for the controller"
+    num_replicas, autoscaling = goal.num_replicas, None
+    config = goal.options.get("autoscaling_config")
+    if config:
+        state = store.autoscale_state(name)
+        num_replicas = state.target if state is not None else goal.num_replicas
+        autoscaling = {
+            "target": num_replicas,
+            "waiting": state.waiting if state else 0,
+            "serving": state.serving if state else 0,
+            "load": state.load if state else 0,
+            "reason": state.reason if state else "no load measured yet",
+            "min_replicas": config.get("min_replicas"),
+            "max_replicas": config.get("max_replicas"),
+            "target_ongoing_requests": config.get("target_ongoing_requests"),
+        }
     return DeploymentStatus(
         name=name,
         status=status,
         message=message,
         version=goal.version,
-        num_replicas=goal.num_replicas,
+        num_replicas=num_replicas,
         generation=goal.generation,
+        autoscaling=autoscaling,
         replicas=[
             ReplicaInfo(r.replica_id, r.version, r.state.value, r.node_id, r.pid, r.message, r.applied_config_hash)
             for r in sorted(replicas, key=lambda r: (r.created_at, r.replica_id))
@@ -388,6 +408,12 @@ def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: O
     store = current_store()
 
     def rescale(previous: Goal) -> Optional[dict]:
+        if previous.options.get("autoscaling_config"):
+            raise ValueError(
+                f"deployment {name!r} is autoscaled, so the controller sets its replica count; "
+                "change its autoscaling_config (min_replicas, max_replicas), or deploy it with "
+                "autoscaling_config=None and num_replicas to fix the count"
+            )
         if previous.num_replicas == num_replicas:
             return None
         return {"num_replicas": num_replicas, "options": {**previous.options, "num_replicas": num_replicas}}
@@ -463,8 +489,11 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
                     f"known versions: {', '.join(versions) or 'none'}"
                 )
             raise ValueError(f"deployment {name!r} has no earlier version to roll back to")
+        # The count, and whether the controller sets it, stay as they are now.
         return replace(target, num_replicas=current.num_replicas,
-                       options={**target.options, "num_replicas": current.num_replicas}, deleting=False)
+                       options={**target.options, "num_replicas": current.num_replicas,
+                                "autoscaling_config": current.options.get("autoscaling_config")},
+                       deleting=False)
 
     goal = store.update_goal(name, roll_back, "rollback")
     assert goal is not None

@@ -356,6 +356,10 @@ def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bo
         return
     console.print(f"[bold]{snapshot.name}[/bold]  {_colored(snapshot.status)}  version {snapshot.version}  "
                   f"replicas {snapshot.num_replicas}  generation {snapshot.generation}")
+    if snapshot.autoscaling:
+        scaling = snapshot.autoscaling
+        console.print(f"autoscaling {scaling['min_replicas']}..{scaling['max_replicas']}: {scaling['reason']}",
+                      markup=False, highlight=False)
     if snapshot.message:
         console.print(snapshot.message, markup=False, highlight=False)
     table = Table("replica", "version", "state", "node", "pid", "user_config", "message")
@@ -523,8 +527,12 @@ def history(name: str, address: Optional[str], as_json: bool) -> None:
     for entry in entries:
         goal = entry.get("goal") or {}
         outcome = entry.get("outcome", "")
+        replicas = str(goal.get("num_replicas", ""))
+        if entry.get("action") == "autoscale":        # a change of count, not of the goal
+            replicas = f"{entry.get('from')} -> {entry.get('to')}"
+            outcome = outcome or entry.get("reason", "")
         table.add_row(str(entry.get("generation")), entry.get("action", ""), entry.get("version", ""),
-                      str(goal.get("num_replicas", "")), entry.get("by", ""),
+                      replicas, entry.get("by", ""),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.get("at", 0))),
                       {"done": "[green]done[/green]", "failed": "[red]failed[/red]"}.get(outcome, outcome))
     console.print(table)

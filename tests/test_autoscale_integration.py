@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 from typing import Iterator
 
@@ -156,3 +158,26 @@ def test_bench_autoscale_smoke() -> None:
                                               "2 autoscaled, 1 replica each", "2 autoscaled, at zero"]
     for row in idle:
         assert_figures(row, ["controller CPU ms/s", "controller CPU %"])
+
+
+def test_status_history_and_scale_speak_of_the_autoscaler(store, own_cluster, unique_name):
+    config = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+              "upscale_delay_s": 0.3, "downscale_delay_s": 30}
+    model = taskserve.deployment(Slow).options(name=unique_name, num_cpus=0.5, autoscaling_config=config)
+    model.deploy()
+    handle = model.get_handle()
+    responses = [handle.remote(f"r{i}", 1.0) for i in range(6)]
+    wait_until(lambda: target(store, unique_name) > 1, timeout=30, message="the autoscaler to scale up")
+    status = model.status()
+    assert status.autoscaling is not None and status.num_replicas == status.autoscaling["target"] > 1
+    assert re.fullmatch(r"\d+ replicas? for \d+ waiting/serving, target 1 each.*", status.autoscaling["reason"])
+    assert [r[0] for r in (response.result(timeout=60) for response in responses)] == [f"r{i}" for i in range(6)]
+    lines = [entry for entry in taskserve.history(unique_name) if entry.get("action") == "autoscale"]
+    assert lines and lines[0]["by"] == "autoscaler" and lines[0]["from"] == 1 and lines[0]["to"] > 1
+    with pytest.raises(ValueError, match="is autoscaled"):
+        taskserve.scale_deployment(unique_name, 2)
+    result = subprocess.run(
+        [sys.executable, "-m", "taskserve", "status", unique_name], capture_output=True, text=True,
+        timeout=60, env={**os.environ, "TASKSERVE_ADDRESS": own_cluster.url})
+    assert "autoscaling 1..3:" in result.stdout and "waiting/serving" in result.stdout
+    model.delete()

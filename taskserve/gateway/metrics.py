@@ -51,7 +51,8 @@ def cluster_status(store: Store) -> dict[str, Any]:
         except DeploymentNotFound:
             continue   # deleted since the goals were read
         events = [
-            {key: entry.get(key) for key in ("generation", "action", "version", "by", "at", "outcome", "outcome_message")}
+            {key: entry.get(key) for key in ("generation", "action", "version", "by", "at", "outcome", "outcome_message",
+                                              "from", "to", "reason")}
             for entry in store.history(goal.name)[-HISTORY_SHOWN:]
         ]
         deployments.append({
@@ -91,10 +92,16 @@ class ClusterCollector:
                                      labels=["deployment", "state", "version"])
         target = GaugeMetricFamily("taskserve_target_replicas", "The replica count a deployment should have.",
                                    labels=["deployment"])
+        load = GaugeMetricFamily("taskserve_autoscale_load", "An autoscaled deployment's load: requests "
+                                 "waiting in its queue and being served.", labels=["deployment", "kind"])
         for deployment in status["deployments"]:
             name = deployment["name"]
             depth.add_metric([name], deployment["queue_depth"])
             target.add_metric([name], deployment["num_replicas"])
+            scaling = deployment.get("autoscaling")
+            if scaling:
+                load.add_metric([name, "waiting"], scaling["waiting"])
+                load.add_metric([name, "serving"], scaling["serving"])
             counts: dict[tuple[str, str], int] = {}
             for replica in deployment["replicas"]:
                 key = (replica["state"], replica["version"])
@@ -104,6 +111,7 @@ class ClusterCollector:
         yield depth
         yield replicas
         yield target
+        yield load
         yield GaugeMetricFamily("taskserve_rollouts_in_progress", "Deployments whose rollout is not done yet.",
                                 value=status["rollouts_in_progress"])
 
