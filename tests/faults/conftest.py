@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from .harness import RESULTS, table
+pytest.register_assert_rewrite("tests.faults.harness")
+
+from .harness import RESULTS, table  # noqa: E402  (after its assertions are set to be rewritten)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

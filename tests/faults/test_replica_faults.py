@@ -1,9 +1,16 @@
 """Replicas under faults: a hung check_health, garbage in the queue, a request that
-kills its replica, Redis restarting mid-request, results nobody reads."""
+kills its replica, Redis restarting mid-request, results nobody reads.
+
+Each fault runs under a steady load of requests with known ids, for a row of the
+fault table, but for two tests: garbage pushed one item at a time, each followed by
+a request (its row is that of the same garbage pushed under load), and an answer's
+time to live, which is not a fault of serving.
+"""
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import socket
@@ -11,6 +18,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import redis
@@ -21,6 +29,7 @@ from taskserve.celery_app import TASK_NAME, make_app
 from taskserve.store import queue_name, result_key
 
 from ..helpers import replica_pids, start_cluster, wait_until
+from .harness import REFUSED_WHILE_REDIS_DOWN, Recorder, SteadyLoad, check_row, deploy_recorder
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +46,8 @@ def replica_log(cluster, name: str) -> str:
 def test_a_hung_check_health_holds_up_no_request_and_gets_the_replica_replaced(connected, unique_name, tmp_path):
     sick, hung = tmp_path / "sick", tmp_path / "hung"
 
-    class Hangs:
-        def __call__(self, x):
+    class Hangs(Recorder):
+        def served_by(self, x):
             return [x, os.getpid()]
 
         def check_health(self):
@@ -46,36 +55,34 @@ def test_a_hung_check_health_holds_up_no_request_and_gets_the_replica_replaced(c
                 hung.write_text(str(os.getpid()))
                 threading.Event().wait()
 
-    model = taskserve.deployment(Hangs).options(name=unique_name, version="1", num_cpus=0.1,
-                                                health_check_period_s=0.5, health_check_timeout_s=2)
-    model.deploy()
+    model, served = deploy_recorder(connected.url, unique_name, target=Hangs, version="1",
+                                    health_check_period_s=0.5, health_check_timeout_s=2)
     [pid] = replica_pids(unique_name)
     handle = model.get_handle()
-    sick.touch()
-    wait_until(hung.exists, timeout=30, message="check_health to hang")
-    sick.unlink()                                  # its replacement is healthy
+    with SteadyLoad(handle, threads=2) as load:
+        load.wait_for_answers(20)
+        fault_at = time.monotonic()
+        sick.touch()
+        wait_until(hung.exists, timeout=30, message="check_health to hang")
+        sick.unlink()                                  # its replacement is healthy
 
-    # check_health hangs in the replica, and it answers anyway.
-    assert hung.read_text() == str(pid)
-    assert handle.remote("during").result(timeout=10) == ["during", pid]
+        # check_health hangs in the replica, and it answers anyway.
+        assert hung.read_text() == str(pid)
+        assert handle.served_by.remote("during").result(timeout=10) == ["during", pid]
 
-    wait_until(lambda: pid not in replica_pids(unique_name, state=None), timeout=60,
-               message="the replica whose check hangs to be replaced")
-    wait_until(lambda: len(replica_pids(unique_name)) == 1 and model.status().status == "HEALTHY", timeout=60,
-               message="a healthy replacement")
-    assert handle.remote("after").result(timeout=10)[0] == "after"
+        wait_until(lambda: pid not in replica_pids(unique_name, state=None), timeout=60,
+                   message="the replica whose check hangs to be replaced")
+        wait_until(lambda: len(replica_pids(unique_name)) == 1 and model.status().status == "HEALTHY", timeout=60,
+                   message="a healthy replacement")
+        assert handle.served_by.remote("after").result(timeout=10)[0] == "after"
+        load.wait_for_more_answers(20)
+    result = load.result("check_health hung (the replica's only one)", redis.Redis.from_url(connected.url),
+                         served, fault_at, notes="it serves on meanwhile, then is drained and replaced")
+    check_row(load, result)
     model.delete()
 
 
 # --------------------------------------------------------------------------- poison messages
-
-
-class Echo:
-    def __call__(self, x):
-        return x
-
-    def pid(self):
-        return os.getpid()
 
 
 def _envelope_of(url: str, deployment: str, args: tuple) -> dict:
@@ -93,13 +100,11 @@ def _with_body(envelope: dict, body: bytes) -> bytes:
     return json.dumps(changed).encode()
 
 
-def test_garbage_in_the_queue_is_dropped_with_a_reason_and_the_replica_serves_on(connected, unique_name):
-    model = taskserve.deployment(Echo).options(name=unique_name, num_cpus=0.1)
-    model.deploy()
-    handle = model.get_handle()
-    pid = handle.pid.remote().result(timeout=10)
-    url = connected.url
-    request = _envelope_of(url, unique_name, ("__call__", ["from the template"], {}))
+def _garbage(url: str, deployment: str) -> list[tuple[str, Callable[[], object], str]]:
+    """Items that are not taskserve requests, in the order they are to be pushed: what
+    each is, a function pushing it onto the deployment's queue, and the reason the
+    replica logs as it drops it."""
+    request = _envelope_of(url, deployment, ("__call__", ["from the template"], {}))
     garbage: dict[str, tuple[bytes, str]] = {
         "random bytes": (bytes(range(256)), "not JSON (JSONDecodeError"),
         "non-JSON text": (b"GET / HTTP/1.1", "not JSON (JSONDecodeError"),
@@ -121,28 +126,63 @@ def test_garbage_in_the_queue_is_dropped_with_a_reason_and_the_replica_serves_on
                                                     "it has keyword arguments: {'method': '__call__'}"),
     }
     client = redis.Redis.from_url(url)
-    queue = queue_name(unique_name)
-    for kind, (item, _) in garbage.items():
-        client.lpush(queue, item)
-        assert handle.remote(kind).result(timeout=10) == kind
-    for kind, ((task_name, args, kwargs), _) in tasks.items():
-        make_app(url).send_task(task_name, args=args, kwargs=kwargs, queue=queue)
-        assert handle.remote(kind).result(timeout=10) == kind
+    queue = queue_name(deployment)
+    items = [(kind, functools.partial(client.lpush, queue, item), why) for kind, (item, why) in garbage.items()]
+    for kind, ((task_name, args, kwargs), why) in tasks.items():
+        send = functools.partial(make_app(url).send_task, task_name, args=args, kwargs=kwargs, queue=queue)
+        items.append((kind, send, why))
     # A pickled request to a JSON deployment is refused, not unpickled.
-    make_app(url, "pickle").send_task(TASK_NAME, args=("__call__", [{1, 2}], {}), queue=queue)
-    assert handle.remote("after pickle").result(timeout=10) == "after pickle"
+    items.append(("a pickled request",
+                  functools.partial(make_app(url, "pickle").send_task, TASK_NAME, args=("__call__", [{1, 2}], {}),
+                                    queue=queue),
+                  "its body cannot be decoded (ContentDisallowed: Refusing to deserialize untrusted content"))
+    return items
 
+
+def _check_garbage_dropped(cluster, deployment: str, pid: int, reasons: list[str]) -> None:
+    """The replica (still ``pid``) dropped each item, in order, with one log line saying why."""
+    handle = taskserve.get_deployment(deployment).get_handle()
     assert handle.pid.remote().result(timeout=10) == pid
-    assert replica_pids(unique_name) == {pid}
-    assert client.llen(queue) == 0
-    log = replica_log(connected, unique_name)
+    assert replica_pids(deployment) == {pid}
+    queue = queue_name(deployment)
+    assert redis.Redis.from_url(cluster.url).llen(queue) == 0
+    log = replica_log(cluster, deployment)
     dropped = [line for line in log.splitlines() if " ERROR taskserve.node.replica: dropped " in line]
-    reasons = [why for _, why in garbage.values()] + [why for _, why in tasks.values()]
-    reasons.append("its body cannot be decoded (ContentDisallowed: Refusing to deserialize untrusted content")
     assert len(dropped) == len(reasons), "\n".join(dropped)
     for line, why in zip(dropped, reasons):
         assert f"dropped an item of {queue}: {why}" in line or f"dropped a message of {queue}: {why}" in line
     assert "Traceback" not in log
+
+
+def test_garbage_in_the_queue_is_dropped_with_a_reason_and_the_replica_serves_on(connected, unique_name):
+    model, _ = deploy_recorder(connected.url, unique_name)
+    handle = model.get_handle()
+    pid = handle.pid.remote().result(timeout=10)
+    garbage = _garbage(connected.url, unique_name)
+    for kind, push, _ in garbage:
+        push()
+        assert handle.remote(kind).result(timeout=10) == kind
+    _check_garbage_dropped(connected, unique_name, pid, [why for _, _, why in garbage])
+    model.delete()
+
+
+def test_garbage_pushed_under_load_costs_no_request(connected, unique_name):
+    model, served = deploy_recorder(connected.url, unique_name)
+    handle = model.get_handle()
+    pid = handle.pid.remote().result(timeout=10)
+    garbage = _garbage(connected.url, unique_name)
+    with SteadyLoad(handle, threads=3) as load:
+        load.wait_for_answers(30)
+        fault_at = time.monotonic()
+        for _, push, _ in garbage:          # between requests of the load
+            push()
+            load.wait_for_more_answers(3, timeout_s=30)
+        load.wait_for_more_answers(30)
+    result = load.result(f"garbage in the queue ({len(garbage)} items that are not requests)",
+                         redis.Redis.from_url(connected.url), served, fault_at,
+                         notes="each dropped with one log line saying why; the replica serves on")
+    check_row(load, result)
+    _check_garbage_dropped(connected, unique_name, pid, [why for _, _, why in garbage])
     model.delete()
 
 
@@ -153,8 +193,8 @@ def test_a_request_that_killed_its_replica_max_deliveries_times_is_answered_with
         connected, unique_name, tmp_path):
     ran = tmp_path / "ran"
 
-    class Fragile:
-        def __call__(self, x):
+    class Fragile(Recorder):
+        def fragile(self, x):
             with open(ran, "a") as log:
                 log.write(f"{x}\n")
             once = tmp_path / x
@@ -163,22 +203,28 @@ def test_a_request_that_killed_its_replica_max_deliveries_times_is_answered_with
                 os._exit(1)                        # the replica dies serving x
             return x
 
-    model = taskserve.deployment(Fragile).options(name=unique_name, num_cpus=0.1, max_deliveries=2)
-    model.deploy()
+    model, served = deploy_recorder(connected.url, unique_name, target=Fragile, max_deliveries=2)
     handle = model.get_handle()
+    with SteadyLoad(handle, threads=2) as load:
+        load.wait_for_answers(20)
+        fault_at = time.monotonic()
+        # Put back after each crash, and counted by the node agent; run twice, then refused.
+        with pytest.raises(taskserve.ReplicaError) as caught:
+            handle.fragile.remote("always crashes").result(timeout=120)
+        assert caught.value.type_name == "ReplicaCrashed"
+        assert caught.value.message == ("a replica died 2 times while serving this request; "
+                                        "it is not delivered again (max_deliveries=2)")
+        assert ran.read_text() == "always crashes\n" * 2
 
-    # Put back after each crash, and counted by the node agent; run twice, then refused.
-    with pytest.raises(taskserve.ReplicaError) as caught:
-        handle.remote("always crashes").result(timeout=120)
-    assert caught.value.type_name == "ReplicaCrashed"
-    assert caught.value.message == ("a replica died 2 times while serving this request; "
-                                    "it is not delivered again (max_deliveries=2)")
-    assert ran.read_text() == "always crashes\n" * 2
-
-    # Below the limit, a request put back after a crash runs again.
-    assert handle.remote("crashes once").result(timeout=120) == "crashes once"
-    assert ran.read_text() == "always crashes\n" * 2 + "crashes once\n" * 2
-    assert handle.remote("fine").result(timeout=30) == "fine"
+        # Below the limit, a request put back after a crash runs again.
+        assert handle.fragile.remote("crashes once").result(timeout=120) == "crashes once"
+        assert ran.read_text() == "always crashes\n" * 2 + "crashes once\n" * 2
+        assert handle.fragile.remote("fine").result(timeout=30) == "fine"
+        load.wait_for_more_answers(20)
+    result = load.result("a request that kills its replica (3 crashes, max_deliveries=2)",
+                         redis.Redis.from_url(connected.url), served, fault_at,
+                         notes="it is answered with ReplicaCrashed after 2; the load waits for each restart")
+    check_row(load, result)
     model.delete()
 
 
@@ -201,8 +247,8 @@ def test_a_request_in_flight_when_redis_restarts_is_answered_once(tmp_path, monk
     monkeypatch.setattr(redis_server, "port_is_free", _port_is_free)
     started, ran = tmp_path / "started", tmp_path / "ran"
 
-    class Slow:
-        def __call__(self, x):
+    class Slow(Recorder):
+        def slow(self, x):
             started.touch()
             with open(ran, "a") as log:
                 log.write(f"{x}\n")
@@ -211,19 +257,29 @@ def test_a_request_in_flight_when_redis_restarts_is_answered_once(tmp_path, monk
 
     cluster = start_cluster(tmp_path / "cluster", ("node-a",), 4, redis_data_dir=tmp_path / "redis")
     try:
-        model = taskserve.deployment(Slow).options(name="slow", version="1", num_cpus=0.5)
-        model.deploy()
+        model, served = deploy_recorder(cluster.url, "slow", target=Slow, version="1", num_cpus=0.5)
         [pid] = replica_pids("slow")
-        response = model.get_handle().remote("in flight")
-        wait_until(started.exists, timeout=30, message="the request to be served")
+        handle = model.get_handle()
+        with SteadyLoad(handle, threads=2) as load:
+            load.wait_for_answers(20)
+            response = handle.slow.remote("in flight")
+            wait_until(started.exists, timeout=30, message="the request to be served")
 
-        cluster.restart_redis()
+            fault_at = time.monotonic()
+            cluster.restart_redis()
+            back_at = time.monotonic()
 
-        assert response.result(timeout=60) == ["in flight", pid]
+            assert response.result(timeout=60) == ["in flight", pid]
+            load.wait_for_more_answers(20)
         client = redis.Redis.from_url(cluster.url)
+        result = load.result("Redis restarted (from its AOF) with a request in flight", client, served, fault_at,
+                             failed_because=REFUSED_WHILE_REDIS_DOWN,
+                             notes=f"down {back_at - fault_at:.1f}s; the request in flight, "
+                                   "and each queued one, is answered once")
+        check_row(load, result, refused_between=(fault_at, back_at))
         assert client.hlen("unacked") == 0         # acknowledged: it is not delivered again
         assert client.llen(queue_name("slow")) == 0
-        assert model.get_handle().remote("next").result(timeout=30) == ["next", pid]
+        assert handle.slow.remote("next").result(timeout=30) == ["next", pid]
         assert ran.read_text() == "in flight\nnext\n"
         model.delete()
     finally:
@@ -234,8 +290,7 @@ def test_a_request_in_flight_when_redis_restarts_is_answered_once(tmp_path, monk
 
 
 def test_results_expire_after_result_ttl_s(connected, unique_name):
-    model = taskserve.deployment(Echo).options(name=unique_name, num_cpus=0.1, result_ttl_s=30)
-    model.deploy()
+    model, _ = deploy_recorder(connected.url, unique_name, result_ttl_s=30)
     response = model.get_handle().remote("kept briefly")
     client = redis.Redis.from_url(connected.url)
     # Read before the answer: a handle deletes the answer it read.
