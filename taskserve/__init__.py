@@ -28,6 +28,7 @@ from .api import (
     rollback_deployment,
     scale_deployment,
 )
+from .batching import batch
 from .connection import connect
 from .errors import (
     BackPressureError,
@@ -43,6 +44,7 @@ from .handle import DeploymentHandle, Response
 __version__ = "0.1.0"
 
 __all__ = [
+    "batch",
     "BackPressureError",
     "Deployment",
     "DeploymentError",

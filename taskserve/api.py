@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional
 
+from .batching import check_batched_methods
 from .code import pack, unpack
 from .connection import current_store
 from .errors import DeploymentError, DeploymentNotFound
@@ -230,6 +231,7 @@ class Deployment:
             args, kwargs = self._init_args, self._init_kwargs
         self._check_static()
         self._check_constructor(args, kwargs)
+        check_batched_methods(self._target)
         code_sha, blob, init_sha = pack(self._target, args, kwargs)
         runtime_env, packages = resolve_runtime_env(self._options.runtime_env)
         options = self._options.model_copy(update={"runtime_env": runtime_env})

@@ -8,7 +8,9 @@ The order is what makes a replica safe to route to: the constructor (and
 ``reconfigure``) run first; only then does the Celery worker start consuming the
 deployment's queue, and ``RUNNING`` is recorded when it does. SIGTERM drains: the
 worker stops taking messages, finishes the one it serves and exits; a message it
-held but had not started goes back to the queue.
+held but had not started goes back to the queue. A class with ``@taskserve.batch``
+methods is served by :class:`~taskserve.node.batcher.BatchServer` instead, with the
+same guarantees.
 
 Faults it rides out: ``check_health()`` runs beside the requests, in a thread of its
 own with a time limit, so a hung one holds up nothing and counts as a failure; a
@@ -42,6 +44,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from vine import promise
 
+from ..batching import batched_methods
 from ..celery_app import DEFAULT_RESULT_EXPIRES_S, TASK_NAME, make_app
 from ..code import unpack
 from ..connection import make_store
@@ -362,7 +365,22 @@ class ReplicaProcess:
             log.warning("cannot read how often request %s was delivered (%s); serving it", task_id, error)
             return 0
 
+    def started(self, dispatcher: Dispatcher) -> None:
+        """Taking requests: check health, follow the user_config, and say RUNNING."""
+        self.watch_health(dispatcher)
+        self.follow_config(dispatcher)
+        self.store.update_replica(self.replica_id, state=ReplicaState.RUNNING, pid=os.getpid(), message="")
+        self.store.notify(f"replica:{self.record.deployment}")
+        log.info("replica %s serves %s", self.replica_id, queue_name(self.record.deployment))
+
+    def stopping(self) -> None:
+        """Draining: taking no more requests, finishing those in hand."""
+        self.draining = True
+        self.store.update_replica(self.replica_id, state=ReplicaState.DRAINING)
+
     def serve(self, dispatcher: Dispatcher) -> int:
+        """Serve the deployment's queue until drained: with a Celery worker, or a
+        :class:`~taskserve.node.batcher.BatchServer` when the class has batched methods."""
         serializer = self.config.get("serializer", "json")
         concurrency = int(self.config.get("max_concurrent_queries") or 1)
         if serializer == "pickle" and hasattr(os, "getuid") and os.getuid() == 0:
@@ -374,6 +392,9 @@ class ReplicaProcess:
         app.conf.broker_transport = ReplicaTransport   # this worker's connections only
         inflight = InflightFile(self.inflight_path)
         max_deliveries = int(self.config.get("max_deliveries") or DEFAULT_MAX_DELIVERIES)
+        if batched_methods(dispatcher.target):
+            from .batcher import BatchServer  # it imports this module; only batched deployments load it
+            return BatchServer(self, dispatcher, app, inflight, max_deliveries, concurrency, serializer).serve()
 
         @app.task(name=TASK_NAME, acks_late=True, bind=True)
         def call(task: Any, method: str, args: list, kwargs: dict) -> Any:
@@ -401,16 +422,11 @@ class ReplicaProcess:
 
         @signals.worker_ready.connect(weak=False)
         def on_ready(**_: Any) -> None:
-            self.watch_health(dispatcher)
-            self.follow_config(dispatcher)
-            self.store.update_replica(self.replica_id, state=ReplicaState.RUNNING, pid=os.getpid(), message="")
-            self.store.notify(f"replica:{self.record.deployment}")
-            log.info("replica %s serves %s", self.replica_id, queue_name(self.record.deployment))
+            self.started(dispatcher)
 
         @signals.worker_shutting_down.connect(weak=False)
         def on_shutdown(**_: Any) -> None:
-            self.draining = True
-            self.store.update_replica(self.replica_id, state=ReplicaState.DRAINING)
+            self.stopping()
 
         # Celery logs every request and its result at INFO: costly per request, and
         # results may be private. Startup and errors still reach the log.
