@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,6 @@ import pytest
 import redis
 
 import taskserve
-from taskserve import redis_server
 from taskserve.batching import BATCH_SIZES_FIELD, batch
 from taskserve.celery_app import TASK_NAME, make_app
 from taskserve.connection import current_store
@@ -367,19 +365,9 @@ def test_the_benchmark_smoke_run():
 # --------------------------------------------------------------------------- Redis restarts
 
 
-def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    # As redis-server binds (SO_REUSEADDR): its closed connections linger in TIME_WAIT on its port.
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
-def test_a_batch_in_flight_when_redis_restarts_is_answered_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(redis_server, "port_is_free", _port_is_free)
+def test_a_batch_in_flight_when_redis_restarts_is_answered_once(tmp_path):
     running = tmp_path / "running"
     cluster = start_cluster(tmp_path / "cluster", ("node-a",), 4, redis_data_dir=tmp_path / "redis")
     try:

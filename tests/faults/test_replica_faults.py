@@ -13,7 +13,6 @@ import base64
 import functools
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -24,7 +23,6 @@ import pytest
 import redis
 
 import taskserve
-from taskserve import redis_server
 from taskserve.celery_app import TASK_NAME, make_app
 from taskserve.store import queue_name, result_key
 
@@ -231,20 +229,9 @@ def test_a_request_that_killed_its_replica_max_deliveries_times_is_answered_with
 # --------------------------------------------------------------------------- Redis restarts
 
 
-def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    # As redis-server binds (SO_REUSEADDR): the connections Redis closed when it
-    # stopped linger in TIME_WAIT on its port, and a plain bind fails on them.
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
-def test_a_request_in_flight_when_redis_restarts_is_answered_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(redis_server, "port_is_free", _port_is_free)
+def test_a_request_in_flight_when_redis_restarts_is_answered_once(tmp_path):
     started, ran = tmp_path / "started", tmp_path / "ran"
 
     class Slow(Recorder):
