@@ -164,6 +164,12 @@ def test_http_requests_are_batched_and_each_gets_its_own_answer(connected, uniqu
                    message="the route to serve")
         with ThreadPoolExecutor(max_workers=20) as pool:
             answers = list(pool.map(lambda x: http.post(f"/{unique_name}", json={"x": x}), range(60)))
+        # The replica records its batch sizes at most once a second; Prometheus reads them.
+        count_line = f'taskserve_batch_size_count{{deployment="{unique_name}"'
+        metrics = wait_until(lambda: (lambda text: count_line in text and text)(http.get("/-/metrics").text),
+                             timeout=30, message="the batch sizes in the metrics")
+        served = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(count_line))
+        assert served >= 1
     assert [answer.status_code for answer in answers] == [200] * 60
     assert [answer.json()["double"] for answer in answers] == [2 * x for x in range(60)]
     assert max(answer.json()["batch"] for answer in answers) > 1

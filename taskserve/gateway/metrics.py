@@ -16,14 +16,16 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from .. import api
+from ..batching import BATCH_SIZES_FIELD
 from ..errors import DeploymentNotFound
 from ..spec import route_of
 from ..store import Store
@@ -55,8 +57,15 @@ def cluster_status(store: Store) -> dict[str, Any]:
                                               "from", "to", "reason")}
             for entry in store.history(goal.name)[-HISTORY_SHOWN:]
         ]
+        batch_sizes = {}
+        for replica_id, text in store.replica_field((r.replica_id for r in status.replicas), BATCH_SIZES_FIELD).items():
+            try:
+                batch_sizes[replica_id] = json.loads(text)
+            except ValueError:
+                log.warning("replica %s has unreadable batch sizes; left out of the metrics", replica_id)
         deployments.append({
             **status.to_dict(),
+            "batch_sizes": batch_sizes,
             "route_prefix": route_of(goal.name, goal.options),
             "queue_depth": depths.get(goal.name, 0),
             "history": events[::-1],
@@ -112,8 +121,28 @@ class ClusterCollector:
         yield replicas
         yield target
         yield load
+        yield from _batch_size_histograms(status["deployments"])
         yield GaugeMetricFamily("taskserve_rollouts_in_progress", "Deployments whose rollout is not done yet.",
                                 value=status["rollouts_in_progress"])
+
+
+def _batch_size_histograms(deployments: list[dict[str, Any]]) -> Iterator[Metric]:
+    """``taskserve_batch_size``: the batch sizes each batched replica served, per method,
+    as the replica counts them (its record holds ``{method: histogram}``)."""
+    family = HistogramMetricFamily("taskserve_batch_size", "Requests per model call of batched replicas.",
+                                   labels=["deployment", "replica", "method"])
+    for deployment in deployments:
+        for replica_id, methods in sorted((deployment.get("batch_sizes") or {}).items()):
+            for method, sizes in sorted(methods.items() if isinstance(methods, dict) else ()):
+                try:
+                    buckets = sorted((float(bound), int(count)) for bound, count in sizes["buckets"].items())
+                    family.add_metric([deployment["name"], replica_id, method],
+                                      [("+Inf" if bound == float("inf") else f"{bound:g}", count)
+                                       for bound, count in buckets],
+                                      sum_value=float(sizes["sum"]))
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    continue   # written by another version of the replica: left out
+    yield family
 
 
 class GatewayMetrics:
