@@ -105,7 +105,7 @@ class RedisUnavailable(TaskserveError, ConnectionError):
     A ``ConnectionError`` as well. The message names the address without its password.
 
     >>> print(RedisUnavailable("redis://:s3cret@10.0.0.5:6379/0", "Connection refused"))
-    cannot reach Redis at redis://10.0.0.5:6379/0 (Connection refused); is the cluster up?
+    cannot reach Redis at redis://10.0.0.5:6379/0 (Connection refused); is the cluster up (`taskserve up`, or check --address)?
     """
 
     def __init__(self, address: str, detail: str = "") -> None:
@@ -115,7 +115,7 @@ class RedisUnavailable(TaskserveError, ConnectionError):
 
     def __str__(self) -> str:
         detail = f" ({self.detail})" if self.detail else ""
-        return f"cannot reach Redis at {self.address}{detail}; is the cluster up?"
+        return f"cannot reach Redis at {self.address}{detail}; is the cluster up (`taskserve up`, or check --address)?"
 
 
 def redact_address(url: str) -> str:

@@ -90,7 +90,7 @@ def test_a_handle_refuses_calls_beyond_max_queued_requests(store):
 
 def test_redis_unavailable_names_the_address_without_its_password():
     error = taskserve.RedisUnavailable("redis://admin:hunter2@10.1.2.3:6379/0", "Connection refused")
-    assert str(error) == "cannot reach Redis at redis://admin@10.1.2.3:6379/0 (Connection refused); is the cluster up?"
+    assert str(error) == "cannot reach Redis at redis://admin@10.1.2.3:6379/0 (Connection refused); is the cluster up (`taskserve up`, or check --address)?"
     assert "hunter2" not in repr(error) and "hunter2" not in str(error.args)
     assert isinstance(error, ConnectionError) and isinstance(error, taskserve.TaskserveError)
 
