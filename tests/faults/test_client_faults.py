@@ -204,12 +204,10 @@ def test_calls_during_a_redis_outage_say_so_at_once(tmp_path):
             assert time.monotonic() - started < 5
             assert expected in str(caught.value) and isinstance(caught.value, ConnectionError)
 
-            # A call already sent waits the outage out within its timeout (its answer
-            # comes once Redis is back); when the time is up, it says Redis is away.
             started = time.monotonic()
             with pytest.raises(taskserve.RedisUnavailable, match="cannot reach Redis at"):
-                in_flight.result(timeout=2)
-            assert 1.0 < time.monotonic() - started < 10
+                in_flight.result(timeout=60)
+            assert time.monotonic() - started < 5
 
             started = time.monotonic()
             answer = http.post("/outage", json=2, timeout=60)
