@@ -3,38 +3,57 @@
 What it measures
 ----------------
 The script starts an embedded Redis (no persistence), a controller, a node agent
-(``--num-cpus 8``) and ``taskserve gateway`` on free ports, and deploys ``bench_http``,
-an echo (``num_cpus=0.5``) that answers a handle call with its argument and an HTTP
-request with its body. With 1 and then 2 replicas it measures two paths:
+(``--num-cpus 8``) and a gateway (``serve(..., reuse_port=True)``, what
+``taskserve gateway`` runs) on free ports, and deploys ``bench_http``, an echo
+(``num_cpus=0.5``) that answers a handle call with its argument and an HTTP request with
+its body, with ``--replicas`` replicas (default 1). For each ``--concurrency`` (default
+1 and 32) it measures two paths:
 
-* **http** — ``POST /bench_http`` with an 8-byte body over keep-alive HTTP/1.1
-  connections, from a minimal asyncio client (a few lines on ``asyncio.open_connection``,
-  so that the client's own cost stays small next to the gateway's);
+* **http** — ``POST /bench_http`` with a small JSON body, from one asyncio event loop
+  running ``--concurrency`` callers, each sending one request after the other. The
+  client (``--client``) is ``httpx.AsyncClient`` with its default pool (100
+  connections, 20 kept alive) by default: the shape of a typical Python caller;
+  ``raw`` is a few lines on ``asyncio.open_connection`` (one keep-alive connection per
+  caller), whose own cost is small next to the gateway's;
 * **handle** (the baseline) — ``handle.remote(body).result()`` from as many threads.
 
-Each path runs ``--concurrency`` (default 4) callers that send one request after
-the other for ``--requests`` requests in all (default 2000 per path and replica
-count), after ``--warmup`` requests. The blocks alternate between the two paths for
-``--rounds`` rounds (default 3), so background load hits both alike. Reported:
-requests per second over all blocks, p50/p99 of each request's round trip, and the
-CPU time the gateway process spent per HTTP request (from /proc via psutil), which
-moves much less with the machine's other load than the wall-clock figures.
+Each round sends ``--requests`` requests (default 3000) per path, after ``--warmup``
+(default 300); the two paths take turns round by round (``--rounds``, default 3), so
+background load hits both alike. Reported per path: the medians over the rounds of
+requests per second, p50 and p99 of the round trips; the CPU time the gateway process
+spent per request (for the handle rows: while handle calls ran, which should be its
+idle background only, since handle results are never delivered to it), the client
+process and the replicas (from /proc via psutil), which move much less with the
+machine's other load than the wall-clock figures. The HTTP client runs in a process of
+its own (:class:`ClientProcess`), as a caller's would, and each http round's warm-up is
+a block of its own before the measured one; the handle calls run in this process.
+
+Then (``--overload-s``, default 10; 0 skips it) ``--overload-concurrency`` (default
+256) httpx connections send requests for that long: every request must be answered
+(200) or refused with 503 and ``Retry-After``, none may hang (30 s client timeout) or
+be reset, and the gateway's resident memory is read idle before, at its peak, and
+once the connections are closed. Last (``--gateways``, default 2; 1 skips it), the
+http path at the highest concurrency against 1 gateway and against that many
+gateways sharing the port through ``SO_REUSEPORT``, taking turns round by round.
 
 How to read it
 --------------
 ``ratio = http / handle`` for throughput (higher is better) and p50 (lower is
-better). Both paths enqueue the same Celery task on the same queue and wait for its
-result through Redis pub/sub; HTTP adds a process hop (client -> gateway) and the
-gateway's own work (HTTP parsing, routing, base64 of the body). On a 2-core machine
-the client, the gateway, Redis and the replicas share the cores, so compare ratios
-across machines, not absolute figures.
+better). Both paths enqueue the same Celery task on the same queue and get its result
+through Redis pub/sub; HTTP adds a process hop (client -> gateway), the gateway's own
+work and the HTTP client's. On a 2-core machine the client, the gateway, Redis and the
+replicas share the cores, so a CPU microsecond saved anywhere is throughput, and the
+"client CPU" column shows what the caller's own HTTP stack costs. Compare ratios across
+machines, not absolute figures. The last table checks the targets of docs/performance.md.
 
 Usage, from the repository root::
 
-    python -m benchmarks.bench_http [--requests 2000] [--warmup 200] [--concurrency 4] [--rounds 3]
-                                    [--replicas 1 2]
+    python -m benchmarks.bench_http [--requests 3000] [--warmup 300] [--concurrency 1 32] [--rounds 3]
+                                    [--replicas 1] [--client httpx|raw] [--overload-s 10]
+                                    [--overload-concurrency 256] [--gateways 2]
 
-A smoke run (seconds; the figures mean nothing)::
+A smoke run (about 25 s, most of it the overload and the second gateway; the figures
+mean nothing)::
 
     python -m benchmarks.bench_http --requests 40 --warmup 4 --concurrency 2 --rounds 2 --replicas 1
 
@@ -47,19 +66,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
+import multiprocessing
+import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
+import httpx
+import psutil
 import starlette
 import uvicorn
 
 import taskserve
 from benchmarks.common import (
     START_TIMEOUT_S,
+    Child,
     bench_main,
     cluster,
     cpu_seconds,
@@ -68,13 +95,26 @@ from benchmarks.common import (
     markdown_table,
     percentile,
     split,
+    wait_until,
 )
 from taskserve.redis_server import free_port
 
 NAME = "bench_http"
 RESULT_TIMEOUT_S = 10.0
 AGENT_NUM_CPUS = 8
-BODY = b"12345678"
+BODY = b'{"x": 1}'
+JSON_HEADERS = {"content-type": "application/json"}
+CLIENT_TIMEOUT_S = 30.0
+# Targets (docs/performance.md): at TARGET_CONCURRENCY, at least this many req/s, this
+# share of the handle's throughput and this p99; one caller's p50; after the overload,
+# the gateway's memory within this factor of its idle size.
+TARGET_CONCURRENCY = 32
+TARGET_PER_SECOND = 440.0
+TARGET_RATIO = 0.9
+TARGET_P99_MS = 150.0
+TARGET_P50_ONE_MS = 2.0
+TARGET_MEMORY_FACTOR = 1.10
+MEMORY_SETTLE_S = 10.0
 
 
 @taskserve.deployment(name=NAME, num_cpus=0.5)
@@ -85,7 +125,7 @@ class BenchEcho:
         return value
 
 
-# --------------------------------------------------------------------------- the two clients
+# --------------------------------------------------------------------------- the clients
 
 
 class HTTPConnection:
@@ -97,7 +137,8 @@ class HTTPConnection:
     @classmethod
     async def open(cls, port: int, path: str, body: bytes) -> "HTTPConnection":
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {len(body)}\r\n\r\n"
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
         return cls(reader, writer, head.encode() + body)
 
     async def post(self) -> bytes:
@@ -118,25 +159,83 @@ class HTTPConnection:
         self.writer.close()
 
 
-async def http_block(port: int, count: int, concurrency: int) -> tuple[list[float], float]:
-    """``count`` requests from ``concurrency`` connections: (latencies, seconds)."""
-    connections = [await HTTPConnection.open(port, f"/{NAME}", BODY) for _ in range(concurrency)]
+async def http_block(port: int, count: int, concurrency: int, client: str) -> tuple[list[float], float]:
+    """``count`` requests from ``concurrency`` callers on one event loop: (latencies, seconds)."""
     latencies: list[float] = []
+    if client == "raw":
+        connections = [await HTTPConnection.open(port, f"/{NAME}", BODY) for _ in range(concurrency)]
+        posts: list[Callable[[], Awaitable[bytes]]] = [connection.post for connection in connections]
+    else:
+        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=CLIENT_TIMEOUT_S)
 
-    async def caller(connection: HTTPConnection, share: int) -> None:
+        async def post() -> bytes:
+            answer = await http.post(f"/{NAME}", content=BODY, headers=JSON_HEADERS)
+            if answer.status_code != 200:
+                raise RuntimeError(f"the gateway answered {answer.status_code}: {answer.text[:200]}")
+            return answer.content
+
+        posts = [post] * concurrency
+
+    async def caller(post: Callable[[], Awaitable[bytes]], share: int) -> None:
         for _ in range(share):
             started = time.perf_counter()
-            body = await connection.post()
+            body = await post()
             latencies.append(time.perf_counter() - started)
             if body != BODY:
                 raise RuntimeError(f"wrong answer {body!r}")
 
     started = time.perf_counter()
-    await asyncio.gather(*(caller(c, share) for c, share in zip(connections, split(count, concurrency))))
-    elapsed = time.perf_counter() - started
-    for connection in connections:
-        connection.close()
-    return latencies, elapsed
+    try:
+        await asyncio.gather(*(caller(post, share) for post, share in zip(posts, split(count, concurrency))))
+    finally:
+        if client == "raw":
+            for connection in connections:
+                connection.close()
+        else:
+            await http.aclose()
+    return latencies, time.perf_counter() - started
+
+
+def http_session(port: int, count: int, concurrency: int, client: str) -> tuple[list[float], float, float]:
+    """:func:`http_block` with a client of its own: (latencies, seconds, client CPU seconds).
+
+    Runs in the client process (:class:`ClientProcess`).
+    """
+    cpu_before = time.process_time()
+    latencies, seconds = asyncio.run(http_block(port, count, concurrency, client))
+    return latencies, seconds, time.process_time() - cpu_before
+
+
+def _freeze_imports() -> None:
+    gc.collect()
+    gc.freeze()   # the modules imported so far are never garbage: keep them out of every collection
+
+
+class ClientProcess:
+    """The HTTP client's own process, as a caller would have it: one event loop that does
+    nothing else, not this process's heap and handle threads (whose garbage collections
+    would stall it, and whose CPU it would share through the GIL).
+
+    Example::
+
+        with ClientProcess() as client:
+            client.session(port, 300, 32, "httpx")                           # warm-up
+            latencies, seconds, cpu_s = client.session(port, 3000, 32, "httpx")
+    """
+
+    def __init__(self) -> None:
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_freeze_imports)
+
+    def session(self, port: int, count: int, concurrency: int, client: str) -> tuple[list[float], float, float]:
+        """:func:`http_session` in the client process."""
+        return self.pool.submit(http_session, port, count, concurrency, client).result()
+
+    def __enter__(self) -> "ClientProcess":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.pool.shutdown(cancel_futures=True)
 
 
 def handle_block(handle: taskserve.DeploymentHandle, count: int, concurrency: int) -> tuple[list[float], float]:
@@ -172,73 +271,284 @@ def handle_block(handle: taskserve.DeploymentHandle, count: int, concurrency: in
 
 
 @dataclass
+class Round:
+    """One measured block of one path."""
+
+    per_second: float
+    p50_ms: float
+    p99_ms: float
+    gateway_cpu_us: float
+    client_cpu_us: float
+    replica_cpu_us: float = 0.0
+
+
+@dataclass
 class Figures:
-    """What the measured blocks of one path at one replica count added up to."""
+    """The rounds of one path at one replica count and concurrency, summed up by medians."""
 
     path: str
     replicas: int
-    latencies: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    gateway_cpu_s: float = 0.0
+    concurrency: int
+    rounds: list[Round] = field(default_factory=list)
 
-    def add(self, block: tuple[list[float], float], gateway_cpu_s: float) -> None:
-        """Count in one block (latencies, seconds) and the gateway CPU it cost."""
-        self.latencies += block[0]
-        self.seconds += block[1]
-        self.gateway_cpu_s += gateway_cpu_s
+    def add(self, block: tuple[list[float], float], gateway_cpu_s: float, client_cpu_s: float,
+            replica_cpu_s: float = 0.0) -> Round:
+        """Count in one block (latencies, seconds) and the gateway, client and replica CPU it cost."""
+        latencies, seconds = block
+        ordered = sorted(latencies)
+        count = len(latencies)
+        measured = Round(count / seconds, 1000 * percentile(ordered, 0.5), 1000 * percentile(ordered, 0.99),
+                         1e6 * gateway_cpu_s / count, 1e6 * client_cpu_s / count, 1e6 * replica_cpu_s / count)
+        self.rounds.append(measured)
+        return measured
+
+    def median(self, name: str) -> float:
+        """The median over the rounds of one :class:`Round` figure."""
+        return statistics.median(getattr(measured, name) for measured in self.rounds)
+
+
+class Gateways:
+    """The gateway processes serving one port with ``SO_REUSEPORT``; started and stopped here."""
+
+    def __init__(self, url: str, env: dict[str, str], work_dir: Path) -> None:
+        self.url, self.env, self.work_dir = url, env, work_dir
+        self.port = free_port()
+        self.children: list[Child] = []
+
+    def start(self) -> Child:
+        """One more gateway on the port; returns once it serves."""
+        index = len(self.children)
+        log_path = self.work_dir / f"gateway-{index}.log"
+        code = ("import logging; logging.basicConfig(level=logging.INFO); from taskserve.gateway.app import serve; "
+                f"serve({self.url!r}, port={self.port}, reuse_port=True)")
+        child = Child(f"gateway {index}", [sys.executable, "-c", code], log_path, env=self.env)
+        self.children.append(child)
+
+        def serving() -> bool:
+            child.check_alive()
+            return log_path.exists() and "Application startup complete" in log_path.read_text()
+
+        wait_until(serving, START_TIMEOUT_S, f"gateway {index} to serve")
+        return child
+
+    def stop_last(self) -> None:
+        self.children.pop().stop()
+
+    def stop(self) -> None:
+        while self.children:
+            self.stop_last()
 
     @property
-    def gateway_cpu_us(self) -> float:
-        """Gateway CPU time per request, in microseconds."""
-        return 1e6 * self.gateway_cpu_s / len(self.latencies)
-
-    @property
-    def per_second(self) -> float:
-        """Requests per second over all blocks."""
-        return len(self.latencies) / self.seconds
-
-    def percentile_ms(self, fraction: float) -> float:
-        """The nearest-rank percentile of the round trips, in milliseconds."""
-        return 1000 * percentile(sorted(self.latencies), fraction)
+    def pids(self) -> list[int]:
+        return [child.popen.pid for child in self.children]
 
 
-def measure(port: int, gateway_pid: int, replicas: int, args: argparse.Namespace) -> tuple[Figures, Figures]:
-    """Deploy ``replicas`` replicas, warm both paths up, then measure them in alternating blocks."""
-    BenchEcho.options(num_replicas=replicas).deploy(timeout=START_TIMEOUT_S)
-    handle = BenchEcho.get_handle()
-    asyncio.run(http_block(port, args.warmup, args.concurrency))
-    handle_block(handle, args.warmup, args.concurrency)
-    http, baseline = Figures("http", replicas), Figures("handle", replicas)
-    for round_index, share in enumerate(split(args.requests, args.rounds)):
+def wait_for_route(port: int) -> None:
+    """Until every gateway on ``port`` routes ``/bench_http`` (new connections land on any)."""
+    def routed() -> bool:
+        return all(httpx.get(f"http://127.0.0.1:{port}/-/routes").json().get(f"/{NAME}") == NAME for _ in range(8))
+
+    wait_until(routed, START_TIMEOUT_S, "the gateways to route the deployment")
+
+
+def measure(gateways: Gateways, client: ClientProcess, handle: taskserve.DeploymentHandle, replicas: int,
+            concurrency: int, args: argparse.Namespace) -> tuple[Figures, Figures]:
+    """Measure both paths in alternating rounds (each http round after its own warm-up)."""
+    handle_block(handle, args.warmup, concurrency)
+    replica_pids = [replica.pid for replica in BenchEcho.status().replicas if replica.pid]
+    http, baseline = Figures("http", replicas, concurrency), Figures("handle", replicas, concurrency)
+    for round_index in range(args.rounds):
         order = [("http", http), ("handle", baseline)]
         for path, figures in order if round_index % 2 == 0 else order[::-1]:
-            cpu_before = cpu_seconds([gateway_pid])
-            block = (asyncio.run(http_block(port, share, args.concurrency)) if path == "http"
-                     else handle_block(handle, share, args.concurrency))
-            figures.add(block, cpu_seconds([gateway_pid]) - cpu_before)
-            print(f"  {replicas} replica(s), round {round_index + 1}, {path:6}: "
-                  f"{len(block[0]) / block[1]:7.0f} req/s", flush=True)
+            if path == "http":
+                client.session(gateways.port, args.warmup, concurrency, args.client)
+            gateway_before, replica_before = cpu_seconds(gateways.pids), cpu_seconds(replica_pids)
+            if path == "http":
+                latencies, seconds, client_cpu_s = client.session(gateways.port, args.requests, concurrency,
+                                                                  args.client)
+                block = (latencies, seconds)
+            else:   # the gateway's CPU meanwhile too: handle results must not reach it
+                client_before = time.process_time()
+                block = handle_block(handle, args.requests, concurrency)
+                client_cpu_s = time.process_time() - client_before
+            measured = figures.add(block, cpu_seconds(gateways.pids) - gateway_before, client_cpu_s,
+                                   cpu_seconds(replica_pids) - replica_before)
+            print(f"  {replicas} replica(s), {concurrency:3d} callers, round {round_index + 1}, {path:6}: "
+                  f"{measured.per_second:6.0f} req/s, p50 {measured.p50_ms:6.2f} ms, p99 {measured.p99_ms:7.2f} ms",
+                  flush=True)
     return http, baseline
+
+
+def measure_gateways(gateways: Gateways, client: ClientProcess, count: int, replicas: int, concurrency: int,
+                     args: argparse.Namespace) -> list[Figures]:
+    """The http path against 1 gateway and against ``count`` sharing the port, in alternating rounds."""
+    results = [Figures(f"http, {n} gateway{'s' if n > 1 else ''}", replicas, concurrency) for n in (1, count)]
+    order = list(zip((1, count), results))
+    for round_index in range(args.rounds):
+        for n, figures in order if round_index % 2 == 0 else order[::-1]:
+            while len(gateways.children) < n:
+                gateways.start()
+            while len(gateways.children) > n:
+                gateways.stop_last()
+            wait_for_route(gateways.port)
+            client.session(gateways.port, args.warmup, concurrency, args.client)
+            gateway_before = cpu_seconds(gateways.pids)
+            latencies, seconds, client_cpu_s = client.session(gateways.port, args.requests, concurrency, args.client)
+            measured = figures.add((latencies, seconds), cpu_seconds(gateways.pids) - gateway_before, client_cpu_s)
+            print(f"  {n} gateway(s), {concurrency:3d} callers, round {round_index + 1}: "
+                  f"{measured.per_second:6.0f} req/s, p50 {measured.p50_ms:6.2f} ms, p99 {measured.p99_ms:7.2f} ms",
+                  flush=True)
+    while len(gateways.children) > 1:
+        gateways.stop_last()
+    return results
+
+
+@dataclass
+class Overload:
+    """What ``concurrency`` connections sending for ``seconds`` got, and the gateway's memory."""
+
+    concurrency: int
+    seconds: float
+    answered: int = 0
+    refused: int = 0                   # 503 with Retry-After
+    other: dict[str, int] = field(default_factory=dict)   # anything else, by kind
+    idle_mb: float = 0.0
+    peak_mb: float = 0.0
+    after_mb: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.other and self.answered > 0
+
+    @property
+    def memory_factor(self) -> float:
+        return self.after_mb / self.idle_mb
+
+
+async def overload_block(port: int, concurrency: int, seconds: float, result: Overload,
+                         gateway: psutil.Process) -> None:
+    """``concurrency`` callers on one httpx client, each sending until ``seconds`` are up."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    deadline = time.monotonic() + seconds
+    stop = asyncio.Event()
+
+    async def sample_memory() -> None:
+        while not stop.is_set():
+            result.peak_mb = max(result.peak_mb, gateway.memory_info().rss / 2**20)
+            await asyncio.sleep(0.2)
+
+    async def caller(http: httpx.AsyncClient) -> None:
+        while time.monotonic() < deadline:
+            try:
+                answer = await http.post(f"/{NAME}", content=BODY, headers=JSON_HEADERS)
+            except httpx.HTTPError as error:      # a reset, a hang (timeout), a refused connection
+                kind = type(error).__name__
+                result.other[kind] = result.other.get(kind, 0) + 1
+                continue
+            if answer.status_code == 200 and answer.content == BODY:
+                result.answered += 1
+            elif answer.status_code == 503 and "retry-after" in answer.headers:
+                result.refused += 1
+            else:
+                kind = f"HTTP {answer.status_code}"
+                result.other[kind] = result.other.get(kind, 0) + 1
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=CLIENT_TIMEOUT_S,
+                                 limits=limits) as http:
+        sampler = asyncio.create_task(sample_memory())
+        await asyncio.gather(*(caller(http) for _ in range(concurrency)))
+        stop.set()
+        await sampler
+
+
+def measure_overload(gateways: Gateways, args: argparse.Namespace) -> Overload:
+    """``--overload-concurrency`` connections for ``--overload-s``; the gateway's memory before and after."""
+    gateway = psutil.Process(gateways.pids[0])
+    result = Overload(args.overload_concurrency, args.overload_s)
+    result.idle_mb = gateway.memory_info().rss / 2**20
+    asyncio.run(overload_block(gateways.port, args.overload_concurrency, args.overload_s, result, gateway))
+    # The connections are closed; give the gateway a moment to drop what they held.
+    deadline = time.monotonic() + MEMORY_SETTLE_S
+    while True:
+        result.after_mb = gateway.memory_info().rss / 2**20
+        if result.memory_factor <= TARGET_MEMORY_FACTOR or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    print(f"  overload: {result.concurrency} connections for {result.seconds:g}s: {result.answered} answered, "
+          f"{result.refused} refused (503 + Retry-After), other {result.other or 'none'}; gateway RSS "
+          f"{result.idle_mb:.1f} MB idle, {result.peak_mb:.1f} MB peak, {result.after_mb:.1f} MB after", flush=True)
+    return result
 
 
 # --------------------------------------------------------------------------- report
 
 
-def report(results: list[tuple[Figures, Figures]]) -> str:
-    """The figures of both paths, then the ratios, as two Markdown tables."""
+def report(results: list[tuple[Figures, Figures]], overload: Optional[Overload],
+           gateway_results: list[Figures]) -> str:
+    """The figures of both paths, the ratios, the overload, the gateways and the targets, as Markdown tables."""
     figures_rows = []
     for http, baseline in results:
         for figures in (http, baseline):
-            gateway = f"{figures.gateway_cpu_us:.0f}" if figures.path == "http" else "-"
-            figures_rows.append([str(figures.replicas), figures.path, f"{figures.per_second:.0f}",
-                                 f"{figures.percentile_ms(0.5):.2f}", f"{figures.percentile_ms(0.99):.2f}", gateway])
-    ratio_rows = [[str(http.replicas), f"{http.per_second / baseline.per_second:.2f}",
-                   f"{http.percentile_ms(0.5) / baseline.percentile_ms(0.5):.2f}"] for http, baseline in results]
-    return "\n\n".join([
-        markdown_table(["replicas", "path", "req/s", "p50 ms", "p99 ms", "gateway CPU us/req"], figures_rows,
-                       align="rlrrrr"),
-        markdown_table(["replicas", "throughput http/handle", "p50 http/handle"], ratio_rows, left=0),
-    ])
+            gateway = f"{figures.median('gateway_cpu_us'):.0f}"
+            figures_rows.append([str(figures.replicas), str(figures.concurrency), figures.path,
+                                 f"{figures.median('per_second'):.0f}", f"{figures.median('p50_ms'):.2f}",
+                                 f"{figures.median('p99_ms'):.2f}", gateway,
+                                 f"{figures.median('client_cpu_us'):.0f}", f"{figures.median('replica_cpu_us'):.0f}"])
+    ratio_rows = [[str(http.replicas), str(http.concurrency),
+                   f"{http.median('per_second') / baseline.median('per_second'):.2f}",
+                   f"{http.median('p50_ms') / baseline.median('p50_ms'):.2f}",
+                   f"{http.median('p99_ms') / baseline.median('p99_ms'):.2f}"] for http, baseline in results]
+    tables = [
+        markdown_table(["replicas", "concurrency", "path", "req/s", "p50 ms", "p99 ms", "gateway CPU us/req",
+                        "client CPU us/req", "replica CPU us/req"], figures_rows, align="rrlrrrrrr"),
+        markdown_table(["replicas", "concurrency", "throughput http/handle", "p50 http/handle", "p99 http/handle"],
+                       ratio_rows, left=0),
+    ]
+    if overload is not None:
+        tables.append(markdown_table(
+            ["connections", "seconds", "answered", "refused 503", "other", "RSS idle MB", "RSS peak MB",
+             "RSS after MB"],
+            [[str(overload.concurrency), f"{overload.seconds:g}", str(overload.answered), str(overload.refused),
+              ", ".join(f"{kind}: {n}" for kind, n in overload.other.items()) or "0",
+              f"{overload.idle_mb:.1f}", f"{overload.peak_mb:.1f}", f"{overload.after_mb:.1f}"]], left=0))
+    if gateway_results:
+        tables.append(markdown_table(
+            ["gateways", "concurrency", "req/s", "p50 ms", "p99 ms", "gateway CPU us/req"],
+            [[figures.path.split()[1], str(figures.concurrency), f"{figures.median('per_second'):.0f}",
+              f"{figures.median('p50_ms'):.2f}", f"{figures.median('p99_ms'):.2f}",
+              f"{figures.median('gateway_cpu_us'):.0f}"] for figures in gateway_results], left=0))
+    checks = target_checks(results, overload)
+    if checks:
+        tables.append(markdown_table(["target", "value"], checks))
+    return "\n\n".join(tables)
+
+
+def target_checks(results: list[tuple[Figures, Figures]], overload: Optional[Overload]) -> list[list[str]]:
+    """The targets of docs/performance.md that this run measured, each with its value and ok/MISS."""
+    def verdict(good: bool) -> str:
+        return "ok" if good else "MISS"
+
+    rows = []
+    for http, baseline in results:
+        if http.replicas != 1:
+            continue
+        if http.concurrency == TARGET_CONCURRENCY:
+            per_second, ratio = http.median("per_second"), http.median("per_second") / baseline.median("per_second")
+            p99 = http.median("p99_ms")
+            rows += [[f"C={http.concurrency} req/s (>= {TARGET_PER_SECOND:g})",
+                      f"{per_second:.0f} {verdict(per_second >= TARGET_PER_SECOND)}"],
+                     [f"C={http.concurrency} throughput http/handle (>= {TARGET_RATIO:g})",
+                      f"{ratio:.2f} {verdict(ratio >= TARGET_RATIO)}"],
+                     [f"C={http.concurrency} p99 ms (<= {TARGET_P99_MS:g})", f"{p99:.1f} {verdict(p99 <= TARGET_P99_MS)}"]]
+        if http.concurrency == 1:
+            p50 = http.median("p50_ms")
+            rows.append([f"C=1 p50 ms (<= {TARGET_P50_ONE_MS:g})", f"{p50:.2f} {verdict(p50 <= TARGET_P50_ONE_MS)}"])
+    if overload is not None:
+        rows += [[f"C={overload.concurrency}: every request answered or 503 + Retry-After",
+                  "yes" if overload.ok else "NO"],
+                 [f"C={overload.concurrency}: RSS after / idle (<= {TARGET_MEMORY_FACTOR:g})",
+                  f"{overload.memory_factor:.3f} {verdict(overload.memory_factor <= TARGET_MEMORY_FACTOR)}"]]
+    return rows
 
 
 # --------------------------------------------------------------------------- main
@@ -247,25 +557,60 @@ def report(results: list[tuple[Figures, Figures]]) -> str:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     """The command line (``sys.argv[1:]`` when ``argv`` is None)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=2000, help="requests per path and replica count")
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=4, help="connections (http) and threads (handle)")
+    parser.add_argument("--requests", type=int, default=3000, help="requests per path and round")
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, TARGET_CONCURRENCY],
+                        help="callers (http) and threads (handle)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1])
+    parser.add_argument("--client", choices=["httpx", "raw"], default="httpx")
+    parser.add_argument("--overload-s", type=float, default=10.0, help="0: no overload phase")
+    parser.add_argument("--overload-concurrency", type=int, default=256)
+    parser.add_argument("--gateways", type=int, default=2, help="gateways sharing the port in the last phase; 1: none")
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace, argv: list[str], work_dir: Path) -> list[tuple[Figures, Figures]]:
-    """The cluster and a gateway on a free port; both paths at every replica count."""
+def run(args: argparse.Namespace, argv: list[str], work_dir: Path
+        ) -> tuple[list[tuple[Figures, Figures]], Optional[Overload], list[Figures]]:
+    """The cluster and a gateway on a free port; the measurements of every phase."""
     # The controller's own --resync, and the agent keeps this shell's *_NUM_THREADS (an echo uses no BLAS).
-    with cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None, clear_thread_limits=False) as local:
-        port = free_port()
-        gateway = local.start_gateway(port)   # waits until it listens; stopped with the cluster
-        with deleted_on_exit([NAME]):
-            print("\n".join(machine_lines(local.url, {"starlette": starlette.__version__,
-                                                      "uvicorn": uvicorn.__version__})))
-            print(f"command:  python -m benchmarks.bench_http {' '.join(argv)}".rstrip())
-            return [measure(port, gateway.pid, replicas, args) for replicas in args.replicas]
+    with contextlib.ExitStack() as stack:
+        local = stack.enter_context(cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None,
+                                            clear_thread_limits=False))
+        gateways = Gateways(local.url, local.env(), work_dir)
+        try:
+            gateways.start()
+            client = stack.enter_context(ClientProcess())
+            with deleted_on_exit([NAME]):
+                print("\n".join(machine_lines(local.url, {"starlette": starlette.__version__,
+                                                          "uvicorn": uvicorn.__version__, "httpx": httpx.__version__,
+                                                          "http parser": http_parser()})))
+                print(f"command:  python -m benchmarks.bench_http {' '.join(argv)}".rstrip())
+                results: list[tuple[Figures, Figures]] = []
+                overload, gateway_results = None, []
+                for replicas in args.replicas:
+                    BenchEcho.options(num_replicas=replicas).deploy(timeout=START_TIMEOUT_S)
+                    wait_for_route(gateways.port)
+                    handle = BenchEcho.get_handle()
+                    results += [measure(gateways, client, handle, replicas, concurrency, args)
+                                for concurrency in args.concurrency]
+                if args.overload_s > 0:
+                    overload = measure_overload(gateways, args)
+                if args.gateways > 1:
+                    gateway_results = measure_gateways(gateways, client, args.gateways, args.replicas[-1],
+                                                       max(args.concurrency), args)
+                return results, overload, gateway_results
+        finally:
+            gateways.stop()
+
+
+def http_parser() -> str:
+    """The HTTP parser the gateway uses here: httptools when installed, else h11."""
+    try:
+        import httptools
+    except ImportError:
+        return "h11"
+    return f"httptools {httptools.__version__}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -274,9 +619,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(command_args)
 
     def body(work_dir: Path) -> None:
-        results = run(args, command_args, work_dir)
+        results, overload, gateway_results = run(args, command_args, work_dir)
         print()
-        print(report(results))
+        print(report(results, overload, gateway_results))
 
     return bench_main(body, "bench_http-")
 

@@ -239,14 +239,17 @@ def agent(address: Optional[str], node_id: Optional[str], num_cpus: Optional[flo
               help="Seconds a client has to send a request's body; then 408.")
 @click.option("--max-in-flight", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Requests answered at once; beyond it 503 with Retry-After.")
+@click.option("--reuse-port", is_flag=True,
+              help="Share the port with other gateways started with it (SO_REUSEPORT; see docs/http.md).")
 def gateway(address: Optional[str], host: str, port: int, max_body_size: int, debug: bool, header_timeout: float,
-            body_timeout: float, max_in_flight: int) -> None:
+            body_timeout: float, max_in_flight: int, reuse_port: bool) -> None:
     """Serve every deployment over HTTP at its route prefix."""
     from .gateway.app import serve
 
     _log_to_stderr()
     serve(resolve_address(address), host=host, port=port, max_body_bytes=max_body_size, debug=debug,
-          header_timeout_s=header_timeout, body_timeout_s=body_timeout, max_in_flight=max_in_flight)
+          header_timeout_s=header_timeout, body_timeout_s=body_timeout, max_in_flight=max_in_flight,
+          reuse_port=reuse_port)
 
 
 def _log_to_stderr() -> None:

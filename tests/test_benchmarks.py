@@ -126,7 +126,7 @@ def test_bench_requests() -> None:
 @pytest.mark.integration
 def test_bench_http() -> None:
     out = run_benchmark("bench_http", "--requests", "40", "--warmup", "4", "--concurrency", "2", "--rounds", "2",
-                        "--replicas", "1")
+                        "--replicas", "1", "--overload-s", "2", "--overload-concurrency", "32")
     assert "command:  python -m benchmarks.bench_http --requests 40" in out
     figures = table_with(out, "gateway CPU us/req")
     assert [(row["replicas"], row["path"]) for row in figures] == [("1", "http"), ("1", "handle")]

@@ -8,30 +8,36 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fnmatch
 import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Iterator
 
+import fakeredis
 import httpx
 import pytest
 import redis
+import redis.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 import taskserve
 from taskserve.celery_app import TASK_NAME, make_app
-from taskserve.gateway.messaging import TaskSender, unwrap
+from taskserve.gateway.app import listen
+from taskserve.gateway.messaging import ResultWaiter, TaskSender, unwrap
 from taskserve.gateway.routes import Route, RouteTable
 from taskserve.http import HTTP_METHOD, Request, Response, decode_response, encode_request, encode_response
 from taskserve.redis_server import free_port
 from taskserve.state import Goal
-from taskserve.store import queue_name
+from taskserve.store import queue_name, result_key
 from workers.threshold import Threshold as SeedThreshold
 
 from .helpers import REPO, Cluster, running_gateway, wait_until
@@ -459,3 +465,269 @@ def test_up_serves_http_on_its_http_port(tmp_path):
         up.wait(timeout=90)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{http_port}/-/healthz", timeout=2)
+
+
+# --------------------------------------------------------------------------- answers on one subscription
+
+
+def stored_result(task_id: str, value: object) -> bytes:
+    """A Celery result record of a successful request, as a replica stores it."""
+    return json.dumps({"status": "SUCCESS", "result": {"ok": True, "value": value}, "traceback": None,
+                       "children": [], "date_done": None, "task_id": task_id}).encode()
+
+
+async def started_waiter(url: str, **kwargs: object) -> tuple[redis.asyncio.Redis, ResultWaiter]:
+    client = redis.asyncio.Redis.from_url(url, **kwargs)
+    waiter = ResultWaiter(client, on_event=lambda: None)
+    await waiter.start()
+    return client, waiter
+
+
+def test_task_ids_fall_under_their_gateways_pattern_only():
+    client = fakeredis.aioredis.FakeRedis()
+    first, second = ResultWaiter(client, lambda: None), ResultWaiter(client, lambda: None)
+    ids = [first.new_task_id() for _ in range(3)]
+    assert len(set(ids)) == 3 and first.gateway_id != second.gateway_id
+    for task_id in ids:
+        assert fnmatch.fnmatchcase(result_key(task_id), first.pattern)
+        assert not fnmatch.fnmatchcase(result_key(task_id), second.pattern)
+    # A handle's task id (a UUID) matches no gateway.
+    assert not fnmatch.fnmatchcase(result_key("d9b1c2e3-0000-4000-8000-000000000000"), first.pattern)
+
+
+def test_a_result_published_before_the_request_is_pushed_is_delivered(cluster):
+    """No subscription per request: an answer that comes before the push completes is not missed."""
+    async def run() -> None:
+        client, waiter = await started_waiter(cluster.url)
+        try:
+            task_id = waiter.new_task_id()
+            with waiter.expecting(task_id) as pending:
+                value = stored_result(task_id, "early")
+                await client.set(result_key(task_id), value)
+                await client.publish(result_key(task_id), value)
+                meta = await waiter.wait(pending, 10, "json")
+            assert unwrap(meta) == "early"
+            assert waiter.pending == {}
+        finally:
+            await waiter.close()
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_an_answer_whose_message_never_came_is_read_from_its_key(cluster):
+    async def run() -> None:
+        client, waiter = await started_waiter(cluster.url)
+        try:
+            task_id = waiter.new_task_id()
+            with waiter.expecting(task_id) as pending:
+                await client.set(result_key(task_id), stored_result(task_id, "stored, not published"))
+                meta = await waiter.wait(pending, 30, "json")      # the sweep finds it
+            assert unwrap(meta) == "stored, not published"
+        finally:
+            await waiter.close()
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_answers_stored_while_the_subscription_was_down_are_delivered(cluster):
+    async def run() -> None:
+        name = f"waiter-{uuid.uuid4().hex[:8]}"
+        client, waiter = await started_waiter(cluster.url, client_name=name)
+        admin = redis.asyncio.Redis.from_url(cluster.url)
+        try:
+            task_id = waiter.new_task_id()
+            with waiter.expecting(task_id) as pending:
+                waiting = asyncio.ensure_future(waiter.wait(pending, 30, "json"))
+                [pubsub] = [c for c in await admin.client_list() if c["name"] == name and "P" in c["flags"]]
+                await admin.client_kill_filter(_id=pubsub["id"])
+                # Stored while the gateway is (re)subscribing: its message may be lost.
+                await client.set(result_key(task_id), stored_result(task_id, "during the outage"))
+                assert unwrap(await waiting) == "during the outage"
+            # Once subscribed again, the next answer comes by message as before.
+            deadline = time.monotonic() + 30
+            while waiter.lost is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            task_id = waiter.new_task_id()
+            with waiter.expecting(task_id) as pending:
+                value = stored_result(task_id, "after")
+                await client.set(result_key(task_id), value)
+                await client.publish(result_key(task_id), value)
+                assert unwrap(await waiter.wait(pending, 30, "json")) == "after"
+        finally:
+            await waiter.close()
+            await client.aclose()
+            await admin.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_request_without_an_answer_times_out(cluster):
+    async def run() -> None:
+        client, waiter = await started_waiter(cluster.url)
+        try:
+            with waiter.expecting(waiter.new_task_id()) as pending:
+                with pytest.raises(TimeoutError):
+                    await waiter.wait(pending, 0.2, "json")
+        finally:
+            await waiter.close()
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_requests_sent_together_are_pushed_together_in_order():
+    async def run() -> None:
+        client = fakeredis.aioredis.FakeRedis()
+        sender = TaskSender("redis://127.0.0.1:6379/0", client)
+        batches: list[int] = []
+        push = sender._push
+
+        async def counted(batch: list) -> None:
+            batches.append(len(batch))
+            await push(batch)
+
+        sender._push = counted                     # type: ignore[method-assign]
+        free, limited = Route("/free", "free"), Route("/limited", "limited", max_queued=3)
+        payload = {"method": "POST", "path": "/x"}
+        outcomes = await asyncio.gather(
+            *(sender.send(free if i % 2 == 0 else limited, f"t{i}", payload) for i in range(12)),
+            return_exceptions=True)
+        assert batches == [12]                     # one round trip for the twelve
+        refused = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, taskserve.BackPressureError)]
+        assert refused == [7, 9, 11]               # the limited queue took its first three
+        assert all(outcome is None for i, outcome in enumerate(outcomes) if i not in refused)
+
+        def ids(queue: str) -> list[str]:
+            return [json.loads(m)["headers"]["id"] for m in reversed(items[queue])]   # consumers pop the right end
+
+        items = {queue: await client.lrange(queue, 0, -1) for queue in (queue_name("free"), queue_name("limited"))}
+        assert ids(queue_name("free")) == [f"t{i}" for i in range(0, 12, 2)]
+        assert ids(queue_name("limited")) == ["t1", "t3", "t5"]
+
+        assert await asyncio.gather(sender.send(free, "alone", payload)) == [None]
+        assert batches == [12, 1]
+
+    asyncio.run(run())
+
+
+def test_a_failed_push_fails_the_requests_sent_with_it():
+    class Down:
+        def pipeline(self, transaction: bool = True) -> object:
+            raise redis.ConnectionError("Connection refused")
+
+        async def lpush(self, *args: object) -> int:
+            raise redis.ConnectionError("Connection refused")
+
+    async def run() -> None:
+        sender = TaskSender("redis://127.0.0.1:6379/0", Down())   # type: ignore[arg-type]
+        payload = {"method": "GET", "path": "/x"}
+        outcomes = await asyncio.gather(*(sender.send(Route("/x", "x"), f"t{i}", payload) for i in range(3)),
+                                        return_exceptions=True)
+        assert all(isinstance(outcome, redis.ConnectionError) for outcome in outcomes)
+        with pytest.raises(redis.ConnectionError):
+            await sender.send(Route("/x", "x"), "t3", payload)    # alone: a plain LPUSH, same error
+
+    asyncio.run(run())
+
+
+def named_echo(name: str):
+    def answer(request):
+        return [name, request.json()]
+    return answer
+
+
+def test_64_concurrent_requests_to_interleaved_deployments_each_get_their_own_answer(connected, unique_name, http):
+    names = [f"{unique_name}-a", f"{unique_name}-b"]
+    deployments = [taskserve.deployment(name=name, version="1", num_cpus=0.1, max_concurrent_queries=4)(named_echo(name))
+                   for name in names]
+    for deployment in deployments:
+        deployment.deploy()
+    for name in names:
+        wait_for_route(http, f"/{name}", name)
+
+    async def send_all() -> list[list]:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=30, limits=limits) as client:
+            answers = await asyncio.gather(*(client.post(f"/{names[i % 2]}", json={"i": i}) for i in range(64)))
+        assert {answer.status_code for answer in answers} == {200}
+        return [answer.json() for answer in answers]
+
+    assert asyncio.run(send_all()) == [[names[i % 2], {"i": i}] for i in range(64)]
+    for deployment in deployments:
+        deployment.delete()
+
+
+# --------------------------------------------------------------------------- the HTTP protocol
+
+
+def test_gateways_share_a_port_with_reuse_port():
+    port = free_port()
+    first = listen("127.0.0.1", port, reuse_port=True)
+    try:
+        second = listen("127.0.0.1", port, reuse_port=True)
+        second.close()
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} \\(Address already in use\\)"):
+            listen("127.0.0.1", port)                       # one that did not ask cannot join
+    finally:
+        first.close()
+
+
+def installed_parsers() -> list[str]:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return ["h11"]
+    return ["h11", "httptools"]
+
+
+@pytest.mark.parametrize("parser", installed_parsers())
+def test_both_http_parsers_cut_off_slow_clients_and_answer_in_order(connected, unique_name, tmp_path, parser):
+    from .faults.test_client_faults import gateway_process, read_until_closed
+
+    model = taskserve.deployment(name=unique_name, version="1", num_cpus=0.1)(named_echo(unique_name))
+    model.deploy()
+    with gateway_process(connected, tmp_path, header_timeout_s=1.0, body_timeout_s=1.0,
+                         http_parser=parser) as (port, _):
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/-/routes").json().get(f"/{unique_name}"),
+                   timeout=5, message="the route")
+
+        # Two requests in one write: two answers, in order, in one answer each.
+        request = (f"POST /{unique_name} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                   "content-length: {length}\r\n\r\n{body}")
+        bodies = ['{"n": 1}', '{"n": 2}']
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall("".join(request.format(length=len(b), body=b) for b in bodies).encode())
+            sock.settimeout(30)
+            received = b""
+            while received.count(b"HTTP/1.1 200") < 2 or not received.endswith(b"]"):
+                chunk = sock.recv(65536)
+                assert chunk, received
+                received += chunk
+            # The head timer runs again once both are answered: the idle connection is cut off.
+            rest = read_until_closed(sock, timeout_s=30)
+        assert received.count(b"HTTP/1.1 200") == 2
+        assert received.index(b'{"n":1}') < received.index(b'{"n":2}')
+        assert rest.startswith(b"HTTP/1.1 408 ") and json.loads(rest.partition(b"\r\n\r\n")[2])["error"] == \
+            "RequestTimeout"
+
+        # A head that never ends: 408 once it is late.
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(f"GET /{unique_name} HTTP/1.1\r\nhost: x\r\n".encode())
+            assert read_until_closed(sock, timeout_s=30).startswith(b"HTTP/1.1 408 ")
+
+        # A head over the limit: refused at once, the connection closed.
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(f"GET /{unique_name} HTTP/1.1\r\nhost: x\r\nx-big: {'a' * 40_000}\r\n".encode())
+            answer = read_until_closed(sock, timeout_s=30)
+        assert answer.startswith(b"HTTP/1.1 431 " if parser == "httptools" else b"HTTP/1.1 400 "), answer[:80]
+
+        # A body that stops coming: 408 with connection: close.
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(f"POST /{unique_name} HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n[1".encode())
+            answer = read_until_closed(sock, timeout_s=30)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower()
+
+        assert httpx.post(f"http://127.0.0.1:{port}/{unique_name}", json=3).json() == [unique_name, 3]
+    model.delete()

@@ -2,30 +2,44 @@
 
 A request travels as the usual Celery task ``taskserve.call`` with the arguments
 ``("__http__", [request data], {})`` on the deployment's queue (:class:`TaskSender`
-builds the message kombu's Redis transport would). Its answer is awaited on the
-result's pub/sub channel (:class:`ResultWaiter`), subscribed *before* the task is
-pushed, so no answer can be published unseen; :func:`unwrap` reads it. An answer
-read is deleted from Redis by :class:`ResultJanitor`, in batches, off the request's path.
-A deployment with ``max_queued_requests`` gets its request pushed only if its queue has
-room, checked in the same Lua script as the push.
+builds the message kombu's Redis transport would, and pushes the requests of one
+event-loop step in one round trip). Its answer arrives through pub/sub
+(:class:`ResultWaiter`): the gateway subscribes **once**, when it starts, to a pattern
+that matches the result channel of every task id it hands out, so a request
+subscribes to nothing of its own and no answer can be published unseen. :func:`unwrap`
+reads an answer. An answer read is deleted from Redis by :class:`ResultJanitor`, in
+batches, off the request's path. A deployment with ``max_queued_requests`` gets its
+request pushed only if its queue has room, checked in the same Lua script as the push.
+
+Example::
+
+    waiter = ResultWaiter(client, on_event=lambda: None)
+    await waiter.start()                          # PSUBSCRIBE celery-task-meta-<gateway id>.*
+    task_id = waiter.new_task_id()                # "<gateway id>.<n>"
+    with waiter.expecting(task_id) as pending:
+        await TaskSender(address, client).send(route, task_id, payload)
+        meta = await waiter.wait(pending, route.timeout_s, route.serializer)
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
+import json
 import logging
 import pickle
+import secrets
 import time
 import uuid
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Optional
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterator, Optional
 
 import kombu.serialization
 import redis
 import redis.asyncio
 from celery import states
-from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
 
 from ..celery_app import TASK_NAME, make_app
@@ -36,9 +50,11 @@ from .routes import Route
 
 log = logging.getLogger("taskserve.gateway")
 
-# A request also reads its result key this often, in case its pub/sub message was
-# lost (say while the connection to Redis was re-established).
+# Every RESULT_POLL_S, the result keys of the requests that have waited that long are
+# read (one MGET for all of them), in case a pub/sub message was lost: say while the
+# connection to Redis was re-established.
 RESULT_POLL_S = 1.0
+MGET_BATCH = 500
 SUBSCRIBE_TIMEOUT_S = 10.0
 # Between attempts to reach Redis again, once the pub/sub connection was lost.
 RECONNECT_PAUSE_S = 0.5
@@ -129,42 +145,112 @@ class Expired(Exception):
     """The request expired in the queue: no replica took it in time."""
 
 
+class Pending:
+    """One request waiting for its answer (see :meth:`ResultWaiter.expecting`).
+
+    :attr:`data` holds the result record once it arrived; :attr:`future` is resolved
+    whenever the waiting request should look: an answer came, its deadline passed, or
+    the pub/sub connection was lost (then it reads its result key).
+
+    >>> loop = asyncio.new_event_loop()
+    >>> pending = Pending("9f3ab2c4d5e6f708.7", loop)
+    >>> pending.key
+    b'celery-task-meta-9f3ab2c4d5e6f708.7'
+    >>> pending.deliver(b'{"status": "SUCCESS"}')
+    >>> pending.future.done(), pending.data
+    (True, b'{"status": "SUCCESS"}')
+    >>> loop.close()
+    """
+
+    __slots__ = ("task_id", "key", "future", "data", "since")
+
+    def __init__(self, task_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.task_id = task_id
+        self.key = result_key(task_id).encode()     # also its channel: Celery publishes on the key's name
+        self.future: asyncio.Future = loop.create_future()
+        self.data: Optional[bytes] = None
+        self.since = loop.time()
+
+    def deliver(self, data: bytes) -> None:
+        """The result record arrived."""
+        self.data = data
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the waiting request look (at :attr:`data`, its deadline, or its result key)."""
+        if not self.future.done():
+            self.future.set_result(None)
+
+
 class ResultWaiter:
     """Delivers each request's result to the coroutine waiting for it.
 
-    One pub/sub connection serves every request: a request subscribes to its
-    result's channel, is told once Redis confirmed the subscription, and only then
-    is its task sent, so the result cannot be published unseen. The same connection
+    One pub/sub connection serves every request. When the gateway starts, it
+    subscribes to the pattern ``celery-task-meta-<gateway id>.*`` and waits for Redis to
+    confirm it; every request gets a task id under that prefix (:meth:`new_task_id`), and
+    Celery publishes a result on the channel named like its key, so each answer reaches
+    this gateway (and no other) without a subscription per request: a request costs no
+    ``SUBSCRIBE``/``UNSUBSCRIBE`` and waits for no confirmation. The same connection
     follows the store's events channel (``on_event`` is called for each notification).
+
+    A result key that an answer was stored under but whose message never came (the
+    connection was lost meanwhile) is read by a sweep: every ``RESULT_POLL_S``, one
+    ``MGET`` reads the keys of all requests that have waited that long, and once the
+    connection is back, all of them at once.
 
     While that connection is lost (:attr:`lost` says why), requests fail at once with
     ``redis.ConnectionError``, those waiting too, rather than wait out their timeout.
 
     Example::
 
-        async with waiter.subscription(task_id) as queue:
+        task_id = waiter.new_task_id()
+        with waiter.expecting(task_id) as pending:
             await sender.send(route, task_id, payload)
-            meta = await waiter.wait(task_id, queue, route.timeout_s, route.serializer)
+            meta = await waiter.wait(pending, route.timeout_s, route.serializer)
     """
 
-    def __init__(self, client: redis.asyncio.Redis, on_event: Callable[[], None]) -> None:
+    def __init__(self, client: redis.asyncio.Redis, on_event: Callable[[], None],
+                 gateway_id: Optional[str] = None) -> None:
         self.client = client
         self.pubsub = client.pubsub()
         self.on_event = on_event
-        self.queues: dict[str, asyncio.Queue] = {}
-        self.confirmations: dict[str, asyncio.Future] = {}
-        self.lock = asyncio.Lock()
+        # Hex only: no character that means something in a Redis glob pattern.
+        self.gateway_id = gateway_id or secrets.token_hex(8)
+        self.pattern = result_key(f"{self.gateway_id}.") + "*"
+        self.counter = itertools.count(1)
+        self.pending: dict[bytes, Pending] = {}
         self.reader: Optional[asyncio.Task] = None
+        self.sweeper: Optional[asyncio.Task] = None
+        self.sweep_all = asyncio.Event()
         self.lost: Optional[str] = None
         self.lost_log = RateLimitedLog(log)
+        self.sweep_log = RateLimitedLog(log)
+
+    def new_task_id(self) -> str:
+        """A task id whose result this gateway receives: ``"<gateway id>.<n>"``, unique since
+        the gateway id is random."""
+        return f"{self.gateway_id}.{next(self.counter)}"
 
     async def start(self) -> None:
+        """Subscribe, and return once Redis confirmed the pattern: from then on no answer is missed."""
         await self.pubsub.subscribe(EVENTS_CHANNEL)
+        await self.pubsub.psubscribe(self.pattern)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SUBSCRIBE_TIMEOUT_S
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise redis.TimeoutError(f"Redis did not confirm a subscription within {SUBSCRIBE_TIMEOUT_S:g}s")
+            message = await self.pubsub.get_message(timeout=remaining)
+            if message is not None and message["type"] == "psubscribe":
+                break
         self.reader = asyncio.create_task(self._read(), name="results")
+        self.sweeper = asyncio.create_task(self._sweep_forever(), name="result-sweep")
 
     async def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
+        for task in (self.reader, self.sweeper):
+            if task is not None:
+                task.cancel()
         await self.pubsub.aclose()
 
     async def _read(self) -> None:
@@ -183,140 +269,215 @@ class ResultWaiter:
                 self.lost = None
             if message is None:
                 continue
-            channel = message["channel"].decode()
-            if message["type"] == "subscribe":
-                confirmed = self.confirmations.pop(channel, None)
-                if confirmed is not None and not confirmed.done():
-                    confirmed.set_result(None)
-            elif message["type"] == "message":
-                if channel == EVENTS_CHANNEL:
-                    self.on_event()
-                elif channel in self.queues:
-                    self.queues[channel].put_nowait(message["data"])
+            kind = message["type"]
+            if kind == "pmessage":
+                pending = self.pending.get(message["channel"])
+                if pending is not None:
+                    pending.deliver(message["data"])
+            elif kind == "message":
+                self.on_event()
+            elif kind == "psubscribe":
+                # Subscribed again after a reconnection: answers published in between
+                # are only in their keys.
+                self.sweep_all.set()
 
     def _lose(self, error: BaseException) -> None:
-        """The pub/sub connection failed: fail the requests that wait on it."""
+        """The pub/sub connection failed: wake the requests that wait on it."""
         if self.lost is None:
             self.lost_log.last = float("-inf")   # the first failure of an outage is always logged
         self.lost = str(error) or type(error).__name__
         self.lost_log.warning("lost the pub/sub connection to Redis (%s); reconnecting", error)
-        for confirmed in self.confirmations.values():
-            if not confirmed.done():
-                confirmed.set_exception(redis.ConnectionError(self.lost))
-        for queue in self.queues.values():
-            queue.put_nowait(None)   # wakes its request, which reads its result or fails
+        for pending in self.pending.values():
+            pending.wake()   # it reads its result, or fails
 
     def check_connected(self) -> None:
         """Raise ``redis.ConnectionError`` while the pub/sub connection is lost."""
         if self.lost is not None:
             raise redis.ConnectionError(self.lost)
 
-    @asynccontextmanager
-    async def subscription(self, task_id: str) -> AsyncIterator[asyncio.Queue]:
-        """Subscribe to ``task_id``'s result channel until the block ends; ``redis.RedisError``
-        if Redis cannot be reached or does not confirm the subscription."""
+    @contextmanager
+    def expecting(self, task_id: str) -> Iterator[Pending]:
+        """Expect ``task_id``'s answer until the block ends (``task_id`` from :meth:`new_task_id`);
+        ``redis.ConnectionError`` while the pub/sub connection is lost."""
         self.check_connected()
-        channel = result_key(task_id)
-        queue: asyncio.Queue = asyncio.Queue()
-        confirmed = asyncio.get_running_loop().create_future()
-        self.queues[channel] = queue
-        self.confirmations[channel] = confirmed
+        pending = Pending(task_id, asyncio.get_running_loop())
+        self.pending[pending.key] = pending
         try:
-            async with self.lock:
-                await self.pubsub.subscribe(channel)
-            try:
-                await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                raise redis.TimeoutError(f"Redis did not confirm a subscription within {SUBSCRIBE_TIMEOUT_S:g}s") \
-                    from None
-            yield queue
+            yield pending
         finally:
-            self.queues.pop(channel, None)
-            self.confirmations.pop(channel, None)
-            try:
-                async with self.lock:
-                    await self.pubsub.unsubscribe(channel)
-            except (redis.RedisError, OSError):
-                pass   # the connection is gone, and the subscription with it
+            del self.pending[pending.key]
 
-    async def wait(self, task_id: str, queue: asyncio.Queue, timeout_s: float, serializer: str) -> dict:
-        """The finished result record of ``task_id``; ``TimeoutError`` after ``timeout_s``.
+    async def wait(self, pending: Pending, timeout_s: float, serializer: str) -> dict:
+        """The finished result record of ``pending``'s task; ``TimeoutError`` after ``timeout_s``.
 
         If the pub/sub connection is lost meanwhile, the result key is read at once: a
         Redis that is away raises ``redis.ConnectionError`` then.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(task_id)
-            try:
-                data = await asyncio.wait_for(queue.get(), min(remaining, RESULT_POLL_S))
-            except asyncio.TimeoutError:
-                data = None
-            if data is None:   # nothing published, or the connection was lost: read the key
-                data = await self.client.get(result_key(task_id))
+        timer = loop.call_at(deadline, pending.wake)
+        try:
+            while True:
+                await pending.future
+                pending.future = loop.create_future()
+                data, pending.data = pending.data, None
                 if data is None:
-                    continue
-            meta = decode_meta(data, serializer)
-            if meta.get("status") == states.REVOKED:
-                raise Expired(task_id)
-            if meta.get("status") in states.READY_STATES:
-                return meta
+                    if loop.time() >= deadline:
+                        raise TimeoutError(pending.task_id)
+                    data = await self.client.get(pending.key)   # woken by a lost connection
+                    if data is None:
+                        continue
+                meta = decode_meta(data, serializer)
+                if meta.get("status") == states.REVOKED:
+                    raise Expired(pending.task_id)
+                if meta.get("status") in states.READY_STATES:
+                    return meta
+        finally:
+            timer.cancel()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.sweep_all.wait(), RESULT_POLL_S)
+            except asyncio.TimeoutError:
+                pass
+            everything = self.sweep_all.is_set()
+            self.sweep_all.clear()
+            try:
+                await self.sweep(0.0 if everything else RESULT_POLL_S)
+            except (redis.RedisError, OSError) as error:
+                self.sweep_log.warning("cannot read the results of waiting requests (%s); trying again", error)
+
+    async def sweep(self, min_age_s: float) -> int:
+        """Read the result keys of the requests waiting at least ``min_age_s`` and deliver
+        what is there; how many were delivered."""
+        now = asyncio.get_running_loop().time()
+        due = [pending for pending in self.pending.values() if now - pending.since >= min_age_s]
+        delivered = 0
+        for start in range(0, len(due), MGET_BATCH):
+            chunk = due[start:start + MGET_BATCH]
+            values = await self.client.mget([pending.key for pending in chunk])
+            for pending, value in zip(chunk, values):
+                if value is not None:
+                    pending.deliver(value)
+                    delivered += 1
+        return delivered
 
 
 class TaskSender:
     """Enqueues requests without leaving the event loop.
 
-    Celery builds the task message (its protocol 2: headers, properties, body), and it
-    is pushed onto the deployment's queue list in the envelope kombu's Redis transport
-    gives a message published to the queue (``Channel.prepare_message`` and
+    The task message is the one Celery builds (its protocol 2: headers, properties,
+    body), pushed onto the deployment's queue list in the envelope kombu's Redis
+    transport gives a message published to the queue (``Channel.prepare_message`` and
     ``basic_publish`` on the default exchange): what ``app.send_task(..., queue=...)``
     pushes, but through ``redis.asyncio`` rather than kombu's blocking client, so no
-    thread is needed. ``tests/test_gateway.py`` checks the two messages match.
+    thread is needed. Celery builds one message per serializer up front; each request
+    fills in its own id, expiry and arguments (``tests/test_gateway.py`` checks the
+    result matches ``send_task``'s).
+
+    Pushes are grouped: while one round trip to Redis is under way, the requests sent
+    meanwhile gather, and go together (one pipeline) once it is back. Under load a push
+    then costs a fraction of a round trip and of a ``send()``; alone, a request is
+    pushed at once.
 
     Example::
 
-        await TaskSender(address, client).send(Route("/echo", "echo"), str(uuid.uuid4()), payload)
+        await TaskSender(address, client).send(Route("/echo", "echo"), task_id, payload)
     """
 
     def __init__(self, address: str, client: Optional[redis.asyncio.Redis]) -> None:
         self.client = client
         # The apps only build messages; they never connect.
-        self.apps = {serializer: make_app(address, serializer) for serializer in ("json", "pickle")}
-        self.push_if_room = client.register_script(PUSH_IF_ROOM) if client is not None else None
+        apps = {serializer: make_app(address, serializer) for serializer in ("json", "pickle")}
+        self.templates = {serializer: _message_template(app) for serializer, app in apps.items()}
+        self.batch: list[tuple[str, str, Optional[int], asyncio.Future]] = []
+        self.pushing: Optional[asyncio.Task] = None
 
     async def send(self, route: Route, task_id: str, payload: dict) -> None:
         """Push the request; :class:`BackPressureError` if its queue holds ``route.max_queued``."""
-        assert self.client is not None and self.push_if_room is not None
-        queue = queue_name(route.deployment)
+        assert self.client is not None
         message = self.message(route, task_id, payload)
-        if route.max_queued is None:
-            await self.client.lpush(queue, message)
-            return
-        pushed = await self.push_if_room(keys=[queue], args=[message, route.max_queued])
+        future = asyncio.get_running_loop().create_future()
+        self.batch.append((queue_name(route.deployment), message, route.max_queued, future))
+        if self.pushing is None:
+            self._start_push()
+        pushed = await future
         if pushed < 0:
             raise BackPressureError(route.deployment, -pushed, route.max_queued)
 
+    def _start_push(self) -> None:
+        self.pushing = asyncio.ensure_future(self._push_gathered())
+        self.pushing.add_done_callback(self._pushed)
+
+    async def _push_gathered(self) -> None:
+        # Runs a step after the first send(): the others of that step have joined the batch.
+        batch, self.batch = self.batch, []
+        await self._push(batch)
+
+    def _pushed(self, _: asyncio.Task) -> None:
+        self.pushing = None
+        if self.batch:
+            self._start_push()
+
+    async def _push(self, batch: list[tuple[str, str, Optional[int], asyncio.Future]]) -> None:
+        """Push ``batch`` in one round trip; each request's future gets its queue's new length
+        (negative: refused, the queue was full) or the error."""
+        assert self.client is not None
+        try:
+            if len(batch) == 1:
+                queue, message, max_queued, _ = batch[0]
+                results: list[Any] = [await (self.client.lpush(queue, message) if max_queued is None else
+                                             self.client.eval(PUSH_IF_ROOM, 1, queue, message, max_queued))]
+            else:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for queue, message, max_queued, _ in batch:
+                        if max_queued is None:
+                            pipe.lpush(queue, message)
+                        else:
+                            pipe.eval(PUSH_IF_ROOM, 1, queue, message, max_queued)
+                    results = await pipe.execute(raise_on_error=False)
+        except BaseException as error:   # the requests see it; nothing else waits for this task
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (*_, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
     def message(self, route: Route, task_id: str, payload: dict) -> str:
         """The message of one request, as it sits in the queue list."""
-        headers, properties, body, _ = self.apps[route.serializer].amqp.create_task_message(
-            task_id, TASK_NAME, (HTTP_METHOD, [payload], {}), {},
-            expires=route.timeout_s,    # a replica skips a request its caller gave up on
+        headers, properties, embed = self.templates[route.serializer]
+        expires = datetime.now(timezone.utc) + timedelta(seconds=route.timeout_s)
+        headers = {
+            **headers, "id": task_id, "root_id": task_id,
+            "expires": expires.isoformat(),    # a replica skips a request its caller gave up on
             # What `celery inspect` shows; Celery's own repr of the base64 body costs more
             # than the rest of the message.
-            argsrepr=f"('{HTTP_METHOD}', '{payload['method']} {payload['path']}')", kwargsrepr="{}")
-        content_type, encoding, data = kombu.serialization.dumps(body, route.serializer)
-        raw = data.encode(encoding) if isinstance(data, str) else data
+            "argsrepr": f"('{HTTP_METHOD}', '{payload['method']} {payload['path']}')",
+        }
+        body = ((HTTP_METHOD, [payload], {}), {}, embed)
+        if route.serializer == "json":    # plain data: the standard library's encoder writes what kombu's would
+            content_type, encoding, raw = "application/json", "utf-8", json.dumps(body).encode()
+        else:
+            content_type, encoding, data = kombu.serialization.dumps(body, route.serializer)
+            raw = data.encode(encoding) if isinstance(data, str) else data
         queue = queue_name(route.deployment)
-        return json_dumps({
+        return json.dumps({
             "body": base64.b64encode(raw).decode("ascii"),
             "content-encoding": encoding,
             "content-type": content_type,
             "headers": headers,
             "properties": {
                 **properties,
+                "correlation_id": task_id,
                 "delivery_mode": 2,                   # persistent, Celery's default
                 "priority": 0,                        # priority 0 lives in the queue's own list
                 "expiration": str(int(route.timeout_s * 1000)),
@@ -325,6 +486,14 @@ class TaskSender:
                 "delivery_info": {"exchange": "", "routing_key": queue},
             },
         })
+
+
+def _message_template(app: Any) -> tuple[dict, dict, dict]:
+    """The headers, properties and body options Celery gives every ``taskserve.call``
+    message of ``app``; what differs per request is filled in by :meth:`TaskSender.message`."""
+    headers, properties, body, _ = app.amqp.create_task_message(
+        "", TASK_NAME, (HTTP_METHOD, [], {}), {}, expires=1.0, argsrepr="", kwargsrepr="{}")
+    return headers, properties, body[2]
 
 
 class ResultJanitor:
