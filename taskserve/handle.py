@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import celery.exceptions
 import celery.result
+import celery.states
 import kombu.exceptions
 import redis
 from celery import Celery
@@ -41,6 +42,12 @@ EXISTENCE_CHECK_INTERVAL_S = 1.0
 # minute (celery_app); a caller waiting that long would only hide the outage.
 CALLER_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 REDIS_CONNECT_TIMEOUT_S = 5.0
+# A caller waiting for an answer reads it again this often after Redis went away, for up
+# to its timeout (OUTAGE_WAIT_S when it gave none).
+OUTAGE_RETRY_S = 0.2
+OUTAGE_WAIT_S = 60.0
+# A caller still waiting reads its answer's key this often, in case its publication was missed.
+RESULT_RECHECK_S = 1.0
 
 # Replicas that take requests from the queue, or may soon (a constructor still running).
 SERVING_STATES = frozenset({ReplicaState.STARTING, ReplicaState.RUNNING, ReplicaState.RECONFIGURING})
@@ -131,25 +138,85 @@ class Response:
 
     def _read(self, timeout: Optional[float]) -> tuple[bool, Any]:
         try:
-            envelope = self._async_result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
-            failed = self._async_result.failed()
-            traceback_text = self._async_result.traceback if failed else ""
+            envelope, failed, traceback_text = self._await(timeout)
         except celery.exceptions.TimeoutError:
-            raise TimeoutError(
-                f"no answer from deployment {self.deployment!r} within {timeout}s "
-                f"(request {self.request_id}); `taskserve status {self.deployment}` shows its replicas"
-            ) from None
+            self._stop_waiting()
+            raise self._timed_out(timeout) from None
         except Exception as error:
             cause = _unreachable(error)
             if cause is None:
                 raise
-            raise RedisUnavailable(self._address or current_address(), str(cause).strip()) from None
+            envelope, failed, traceback_text = self._wait_out_outage(timeout, cause)
         self._forget()
         if failed:
             return False, ReplicaError(type(envelope).__name__, str(envelope), traceback_text or "")
         if envelope.get("ok"):
             return True, envelope["value"]
         return False, ReplicaError(envelope["type"], envelope["message"], envelope.get("traceback", ""))
+
+    def _await(self, timeout: Optional[float]) -> tuple[Any, bool, str]:
+        """The answer as it is published, read from its key too every ``RESULT_RECHECK_S``.
+
+        Celery's result consumer, reconnecting after Redis went away, reads the keys of
+        the answers it awaits and only then subscribes again: an answer published in
+        between is never heard of. Reading the key now and then finds it anyway.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait_s = RESULT_RECHECK_S if deadline is None else min(RESULT_RECHECK_S, deadline - time.monotonic())
+            try:
+                envelope = self._async_result.get(timeout=max(wait_s, 0.0), propagate=False,
+                                                  disable_sync_subtasks=False)
+            except celery.exceptions.TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                meta = self._async_result.backend.get_task_meta(self.request_id, cache=False)
+                if meta.get("status") not in celery.states.READY_STATES:
+                    continue
+                self._stop_waiting()
+                failed = meta["status"] in celery.states.PROPAGATE_STATES
+                return meta.get("result"), failed, meta.get("traceback") or ""
+            failed = self._async_result.failed()
+            return envelope, failed, (self._async_result.traceback if failed else "")
+
+    def _wait_out_outage(self, timeout: Optional[float], cause: BaseException) -> tuple[Any, bool, str]:
+        """Read the answer from its key once Redis is back, within the caller's timeout.
+
+        A request already sent is answered after an outage (replicas retry storing
+        their answer), but the pub/sub subscription it was awaited on is gone with the
+        connection, so the answer is read from its key. Only when the time is up with
+        Redis still away does the caller get :class:`RedisUnavailable`.
+        """
+        deadline = time.monotonic() + (OUTAGE_WAIT_S if timeout is None else timeout)
+        backend = self._async_result.backend
+        while True:
+            try:
+                meta = backend.get_task_meta(self.request_id, cache=False)
+                if meta.get("status") in celery.states.READY_STATES:
+                    failed = meta["status"] in celery.states.PROPAGATE_STATES
+                    return meta.get("result"), failed, meta.get("traceback") or ""
+                unreachable = False
+            except _UNREACHABLE as error:
+                cause, unreachable = error, True
+            if time.monotonic() + OUTAGE_RETRY_S >= deadline:
+                if unreachable:
+                    raise RedisUnavailable(self._address or current_address(), str(cause).strip())
+                raise self._timed_out(timeout)
+            time.sleep(OUTAGE_RETRY_S)
+
+    def _timed_out(self, timeout: Optional[float]) -> TimeoutError:
+        return TimeoutError(
+            f"no answer from deployment {self.deployment!r} within {timeout}s "
+            f"(request {self.request_id}); `taskserve status {self.deployment}` shows its replicas"
+        )
+
+    def _stop_waiting(self) -> None:
+        """Unsubscribe from the answer now: left to ``AsyncResult.__del__``, the unsubscribe
+        may run while the interpreter shuts down and print a traceback after the error."""
+        try:
+            self._async_result.backend.remove_pending_result(self._async_result)
+        except Exception:   # the timeout is what the caller must see
+            pass
 
     def _forget(self) -> None:
         """Delete the answer from Redis: read, it is of no more use."""

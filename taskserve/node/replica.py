@@ -68,6 +68,11 @@ DEFAULT_MAX_DELIVERIES = 3
 # How long an acknowledgement keeps retrying while Redis is unreachable (say, restarting).
 ACK_RETRY_S = 30.0
 
+# The consumer's reconnection attempts after Redis went away: 0.1 s, then 0.2 s more each
+# time, at most 1 s apart (Celery's own: 2, 4, 6 ... 30 s, so a replica resumed serving
+# up to 12 s after a restarted Redis was back).
+RECONNECT_INTERVALS_S = {"interval_start": 0.1, "interval_step": 0.2, "interval_max": 1.0}
+
 # What a Redis that is down or restarting raises (BusyLoadingError is a ConnectionError).
 REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -613,6 +618,12 @@ class ReplicaQoS(kombu_redis.QoS):
     again after the visibility timeout.
     """
 
+    def append(self, message: Any, delivery_tag: str) -> None:
+        # A message BRPOP took just as Redis went away is held nowhere but here until
+        # it is in the unacknowledged hash: recorded once Redis is back, then served.
+        retry_while_unreachable(lambda: super(ReplicaQoS, self).append(message, delivery_tag),
+                                "record a request as taken")
+
     def ack(self, delivery_tag: str) -> None:
         retry_while_unreachable(lambda: super(ReplicaQoS, self).ack(delivery_tag), "acknowledge a request")
 
@@ -671,6 +682,11 @@ class ReplicaConsumer(Consumer):
     Anything else on the queue is rejected (acknowledged and dropped) with one log
     line saying why, where Celery would log a traceback, or raise out of the worker.
     """
+
+    def ensure_connected(self, conn: Any) -> Any:
+        ensure_connection = conn.ensure_connection
+        conn.ensure_connection = lambda *args, **kwargs: ensure_connection(*args, **{**RECONNECT_INTERVALS_S, **kwargs})
+        return super().ensure_connected(conn)
 
     def create_task_handler(self, promise: Any = promise) -> Callable[[Any], Any]:
         serve = super().create_task_handler(promise)

@@ -242,7 +242,7 @@ def test_replicas_outlive_a_redis_restart_from_its_aof_after_the_node_ttl(tmp_pa
                              redis.Redis.from_url(cluster.url), served, fault_at,
                              failed_because=REFUSED_WHILE_REDIS_DOWN,
                              notes=f"down {back_at - fault_at:.1f}s (TTL {TTL_S:g}s); answers resume as the replicas' "
-                                   "Celery consumers reconnect (their backoff: 2, 4, 6 s); no replica is replaced")
+                                   "Celery consumers reconnect (at most 1 s apart); no replica is replaced")
         # Refused only while Redis was down; none once it was back, and every answer the request's own.
         check_row(load, result, refused_between=(fault_at, back_at))
         assert replica_pids("restarted-redis") == before
