@@ -13,8 +13,10 @@ its body, with ``--replicas`` replicas (default 1). For each ``--concurrency`` (
   running ``--concurrency`` callers, each sending one request after the other. The
   client (``--client``) is ``httpx.AsyncClient`` with its default pool (100
   connections, 20 kept alive) by default: the shape of a typical Python caller;
-  ``raw`` is a few lines on ``asyncio.open_connection`` (one keep-alive connection per
-  caller), whose own cost is small next to the gateway's;
+  ``httpx-keepalive`` is the same with a pool that keeps one connection per caller
+  (``max_keepalive_connections=concurrency``); ``raw`` is a few lines on
+  ``asyncio.open_connection`` (one keep-alive connection per caller), whose own cost is
+  small next to the gateway's;
 * **handle** (the baseline) — ``handle.remote(body).result()`` from as many threads.
 
 Each round sends ``--requests`` requests (default 3000) per path, after ``--warmup``
@@ -23,8 +25,8 @@ background load hits both alike. Reported per path: the medians over the rounds 
 requests per second, p50 and p99 of the round trips; the CPU time the gateway process
 spent per request (for the handle rows: while handle calls ran, which should be its
 idle background only, since handle results are never delivered to it), the client
-process and the replicas (from /proc via psutil), which move much less with the
-machine's other load than the wall-clock figures. The HTTP client runs in a process of
+process, the replicas and Redis (from /proc via psutil), and their sum, which move
+much less with the machine's other load than the wall-clock figures. The HTTP client runs in a process of
 its own (:class:`ClientProcess`), as a caller's would, and each http round's warm-up is
 a block of its own before the measured one; the handle calls run in this process.
 
@@ -39,7 +41,10 @@ gateways sharing the port through ``SO_REUSEPORT``, taking turns round by round.
 How to read it
 --------------
 ``ratio = http / handle`` for throughput (higher is better) and p50 (lower is
-better). Both paths enqueue the same Celery task on the same queue and get its result
+better). ``total CPU handle/http`` is the handle's total CPU per request over the
+http path's: a path whose processes keep every core busy serves at most cores / its
+CPU per request, so once both paths are held by CPU the throughput ratio cannot go
+much above it, whatever the gateway's latency. Both paths enqueue the same Celery task on the same queue and get its result
 through Redis pub/sub; HTTP adds a process hop (client -> gateway), the gateway's own
 work and the HTTP client's. On a 2-core machine the client, the gateway, Redis and the
 replicas share the cores, so a CPU microsecond saved anywhere is throughput, and the
@@ -49,7 +54,8 @@ machines, not absolute figures. The last table checks the targets of docs/perfor
 Usage, from the repository root::
 
     python -m benchmarks.bench_http [--requests 3000] [--warmup 300] [--concurrency 1 32] [--rounds 3]
-                                    [--replicas 1] [--client httpx|raw] [--overload-s 10]
+                                    [--replicas 1] [--client httpx|httpx-keepalive|raw] [--event-loop asyncio|uvloop|auto]
+                                    [--overload-s 10]
                                     [--overload-concurrency 256] [--gateways 2]
 
 A smoke run (about 25 s, most of it the overload and the second gateway; the figures
@@ -97,6 +103,7 @@ from benchmarks.common import (
     split,
     wait_until,
 )
+from taskserve.gateway.app import event_loop_name
 from taskserve.redis_server import free_port
 
 NAME = "bench_http"
@@ -166,7 +173,11 @@ async def http_block(port: int, count: int, concurrency: int, client: str) -> tu
         connections = [await HTTPConnection.open(port, f"/{NAME}", BODY) for _ in range(concurrency)]
         posts: list[Callable[[], Awaitable[bytes]]] = [connection.post for connection in connections]
     else:
-        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=CLIENT_TIMEOUT_S)
+        # "httpx-keepalive": a pool that keeps every caller's connection (httpx keeps 20 by
+        # default and, with more open, closes a connection as soon as it is idle).
+        pool = ({"limits": httpx.Limits(max_connections=max(100, concurrency), max_keepalive_connections=concurrency)}
+                if client == "httpx-keepalive" else {})
+        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=CLIENT_TIMEOUT_S, **pool)
 
         async def post() -> bytes:
             answer = await http.post(f"/{NAME}", content=BODY, headers=JSON_HEADERS)
@@ -280,6 +291,12 @@ class Round:
     gateway_cpu_us: float
     client_cpu_us: float
     replica_cpu_us: float = 0.0
+    redis_cpu_us: float = 0.0
+
+    @property
+    def total_cpu_us(self) -> float:
+        """The CPU one request cost in every process it touched: client, gateway, replicas, Redis."""
+        return self.client_cpu_us + self.gateway_cpu_us + self.replica_cpu_us + self.redis_cpu_us
 
 
 @dataclass
@@ -292,26 +309,27 @@ class Figures:
     rounds: list[Round] = field(default_factory=list)
 
     def add(self, block: tuple[list[float], float], gateway_cpu_s: float, client_cpu_s: float,
-            replica_cpu_s: float = 0.0) -> Round:
-        """Count in one block (latencies, seconds) and the gateway, client and replica CPU it cost."""
+            replica_cpu_s: float = 0.0, redis_cpu_s: float = 0.0) -> Round:
+        """Count in one block (latencies, seconds) and the gateway, client, replica and Redis CPU it cost."""
         latencies, seconds = block
         ordered = sorted(latencies)
         count = len(latencies)
         measured = Round(count / seconds, 1000 * percentile(ordered, 0.5), 1000 * percentile(ordered, 0.99),
-                         1e6 * gateway_cpu_s / count, 1e6 * client_cpu_s / count, 1e6 * replica_cpu_s / count)
+                         1e6 * gateway_cpu_s / count, 1e6 * client_cpu_s / count, 1e6 * replica_cpu_s / count,
+                         1e6 * redis_cpu_s / count)
         self.rounds.append(measured)
         return measured
 
     def median(self, name: str) -> float:
-        """The median over the rounds of one :class:`Round` figure."""
+        """The median over the rounds of one :class:`Round` figure (or property)."""
         return statistics.median(getattr(measured, name) for measured in self.rounds)
 
 
 class Gateways:
     """The gateway processes serving one port with ``SO_REUSEPORT``; started and stopped here."""
 
-    def __init__(self, url: str, env: dict[str, str], work_dir: Path) -> None:
-        self.url, self.env, self.work_dir = url, env, work_dir
+    def __init__(self, url: str, env: dict[str, str], work_dir: Path, event_loop: str = "asyncio") -> None:
+        self.url, self.env, self.work_dir, self.event_loop = url, env, work_dir, event_loop
         self.port = free_port()
         self.children: list[Child] = []
 
@@ -320,7 +338,7 @@ class Gateways:
         index = len(self.children)
         log_path = self.work_dir / f"gateway-{index}.log"
         code = ("import logging; logging.basicConfig(level=logging.INFO); from taskserve.gateway.app import serve; "
-                f"serve({self.url!r}, port={self.port}, reuse_port=True)")
+                f"serve({self.url!r}, port={self.port}, reuse_port=True, event_loop={self.event_loop!r})")
         child = Child(f"gateway {index}", [sys.executable, "-c", code], log_path, env=self.env)
         self.children.append(child)
 
@@ -352,7 +370,7 @@ def wait_for_route(port: int) -> None:
 
 
 def measure(gateways: Gateways, client: ClientProcess, handle: taskserve.DeploymentHandle, replicas: int,
-            concurrency: int, args: argparse.Namespace) -> tuple[Figures, Figures]:
+            concurrency: int, args: argparse.Namespace, redis_pids: list[int]) -> tuple[Figures, Figures]:
     """Measure both paths in alternating rounds (each http round after its own warm-up)."""
     handle_block(handle, args.warmup, concurrency)
     replica_pids = [replica.pid for replica in BenchEcho.status().replicas if replica.pid]
@@ -363,6 +381,7 @@ def measure(gateways: Gateways, client: ClientProcess, handle: taskserve.Deploym
             if path == "http":
                 client.session(gateways.port, args.warmup, concurrency, args.client)
             gateway_before, replica_before = cpu_seconds(gateways.pids), cpu_seconds(replica_pids)
+            redis_before = cpu_seconds(redis_pids)
             if path == "http":
                 latencies, seconds, client_cpu_s = client.session(gateways.port, args.requests, concurrency,
                                                                   args.client)
@@ -372,7 +391,7 @@ def measure(gateways: Gateways, client: ClientProcess, handle: taskserve.Deploym
                 block = handle_block(handle, args.requests, concurrency)
                 client_cpu_s = time.process_time() - client_before
             measured = figures.add(block, cpu_seconds(gateways.pids) - gateway_before, client_cpu_s,
-                                   cpu_seconds(replica_pids) - replica_before)
+                                   cpu_seconds(replica_pids) - replica_before, cpu_seconds(redis_pids) - redis_before)
             print(f"  {replicas} replica(s), {concurrency:3d} callers, round {round_index + 1}, {path:6}: "
                   f"{measured.per_second:6.0f} req/s, p50 {measured.p50_ms:6.2f} ms, p99 {measured.p99_ms:7.2f} ms",
                   flush=True)
@@ -493,16 +512,19 @@ def report(results: list[tuple[Figures, Figures]], overload: Optional[Overload],
             figures_rows.append([str(figures.replicas), str(figures.concurrency), figures.path,
                                  f"{figures.median('per_second'):.0f}", f"{figures.median('p50_ms'):.2f}",
                                  f"{figures.median('p99_ms'):.2f}", gateway,
-                                 f"{figures.median('client_cpu_us'):.0f}", f"{figures.median('replica_cpu_us'):.0f}"])
+                                 f"{figures.median('client_cpu_us'):.0f}", f"{figures.median('replica_cpu_us'):.0f}",
+                                 f"{figures.median('redis_cpu_us'):.0f}", f"{figures.median('total_cpu_us'):.0f}"])
     ratio_rows = [[str(http.replicas), str(http.concurrency),
                    f"{http.median('per_second') / baseline.median('per_second'):.2f}",
                    f"{http.median('p50_ms') / baseline.median('p50_ms'):.2f}",
-                   f"{http.median('p99_ms') / baseline.median('p99_ms'):.2f}"] for http, baseline in results]
+                   f"{http.median('p99_ms') / baseline.median('p99_ms'):.2f}",
+                   f"{baseline.median('total_cpu_us') / http.median('total_cpu_us'):.2f}"] for http, baseline in results]
     tables = [
         markdown_table(["replicas", "concurrency", "path", "req/s", "p50 ms", "p99 ms", "gateway CPU us/req",
-                        "client CPU us/req", "replica CPU us/req"], figures_rows, align="rrlrrrrrr"),
-        markdown_table(["replicas", "concurrency", "throughput http/handle", "p50 http/handle", "p99 http/handle"],
-                       ratio_rows, left=0),
+                        "client CPU us/req", "replica CPU us/req", "Redis CPU us/req", "total CPU us/req"],
+                       figures_rows, align="rrlrrrrrrrr"),
+        markdown_table(["replicas", "concurrency", "throughput http/handle", "p50 http/handle", "p99 http/handle",
+                        "total CPU handle/http"], ratio_rows, left=0),
     ]
     if overload is not None:
         tables.append(markdown_table(
@@ -563,7 +585,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="callers (http) and threads (handle)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1])
-    parser.add_argument("--client", choices=["httpx", "raw"], default="httpx")
+    parser.add_argument("--client", choices=["httpx", "httpx-keepalive", "raw"], default="httpx")
+    parser.add_argument("--event-loop", choices=["asyncio", "uvloop", "auto"], default="asyncio",
+                        help="the gateway's (auto: uvloop when installed)")
     parser.add_argument("--overload-s", type=float, default=10.0, help="0: no overload phase")
     parser.add_argument("--overload-concurrency", type=int, default=256)
     parser.add_argument("--gateways", type=int, default=2, help="gateways sharing the port in the last phase; 1: none")
@@ -577,14 +601,16 @@ def run(args: argparse.Namespace, argv: list[str], work_dir: Path
     with contextlib.ExitStack() as stack:
         local = stack.enter_context(cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None,
                                             clear_thread_limits=False))
-        gateways = Gateways(local.url, local.env(), work_dir)
+        gateways = Gateways(local.url, local.env(), work_dir, args.event_loop)
+        redis_pids = [local.redis.process.pid] if local.redis is not None and local.redis.process is not None else []
         try:
             gateways.start()
             client = stack.enter_context(ClientProcess())
             with deleted_on_exit([NAME]):
                 print("\n".join(machine_lines(local.url, {"starlette": starlette.__version__,
                                                           "uvicorn": uvicorn.__version__, "httpx": httpx.__version__,
-                                                          "http parser": http_parser()})))
+                                                          "http parser": http_parser(),
+                                                          "event loop": event_loop_name(args.event_loop)})))
                 print(f"command:  python -m benchmarks.bench_http {' '.join(argv)}".rstrip())
                 results: list[tuple[Figures, Figures]] = []
                 overload, gateway_results = None, []
@@ -592,7 +618,7 @@ def run(args: argparse.Namespace, argv: list[str], work_dir: Path
                     BenchEcho.options(num_replicas=replicas).deploy(timeout=START_TIMEOUT_S)
                     wait_for_route(gateways.port)
                     handle = BenchEcho.get_handle()
-                    results += [measure(gateways, client, handle, replicas, concurrency, args)
+                    results += [measure(gateways, client, handle, replicas, concurrency, args, redis_pids)
                                 for concurrency in args.concurrency]
                 if args.overload_s > 0:
                     overload = measure_overload(gateways, args)

@@ -16,7 +16,10 @@ starts (no persistence):
   --concurrency 1 -Q bench_raw --without-mingle --without-gossip
   --without-heartbeat`` processes. Requests go through
   ``app.send_task(...).get(timeout=10)``; ``send_task`` is what the taskserve
-  handle itself calls, so the difference is taskserve's own layers.
+  handle used to call (it now pushes the same message itself), so the
+  difference is taskserve's own path.
+* **taskserve .echo** — the same deployment through a method handle,
+  ``handle.echo.remote(i)``: the method call against ``__call__``.
 
 For each replica count, both paths are warmed up (``--warmup``, default 200
 sequential requests each), then measured with ``--requests`` (default 5000)
@@ -25,8 +28,8 @@ requests per path in two ways:
 * **sequential**: one call after the other; each call's round trip (enqueue,
   served, result read back) is timed. Reported as p50 and p99 in milliseconds,
   and as requests per second over the whole loop.
-* **pipelined**: all calls enqueued first (``remote``/``send_task``), then all
-  results collected in order; reported as requests per second.
+* **pipelined**: at most ``IN_FLIGHT`` (100) calls sent and not yet collected,
+  the oldest collected first; reported as requests per second.
 
 Over both modes it also reads the CPU time the serving processes (replicas or
 Celery workers, from ``/proc`` via psutil) and this client process spent, per
@@ -41,9 +44,10 @@ all the time spent. ``--rounds 1`` measures each path in one go.
 
 How to read the ratios
 ----------------------
-``p50 ratio = taskserve p50 / Celery p50`` (lower is better; target <= 1.15)
+``p50 ratio = taskserve p50 / Celery p50`` (lower is better; target <= 1.0)
 and ``throughput ratio = taskserve req/s / Celery req/s`` (higher is better;
 target >= 0.90), per replica count, for sequential and pipelined throughput.
+The method ratio is ``handle.echo`` p50 over ``handle`` p50 (target <= 1.05).
 Both paths share the same Redis, machine and client code, so a ratio near 1.0
 means taskserve adds nothing measurable on top of Celery. Sequential figures
 are dominated by the round trip through Redis; pipelined ones by the CPU the
@@ -71,6 +75,7 @@ report helpers come from :mod:`benchmarks.common`.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib
 import os
@@ -107,13 +112,18 @@ RAW_MODULE = "bench_raw_app"
 RAW_TASK = "bench_raw.echo"
 RESULT_TIMEOUT_S = 10.0
 AGENT_NUM_CPUS = 8
-P50_TARGET = 1.15
+P50_TARGET = 1.0
 THROUGHPUT_TARGET = 0.90
+METHOD_P50_TARGET = 1.05      # handle.echo.remote against handle.remote
+IN_FLIGHT = 100               # the pipelined mode's most requests sent and not yet collected
 
 
 @taskserve.deployment(name=DEPLOYMENT_NAME, num_replicas=1, num_cpus=0.5)
 class BenchEcho:
     def __call__(self, x: Any) -> Any:
+        return x
+
+    def echo(self, x: Any) -> Any:
         return x
 
 
@@ -190,12 +200,18 @@ def run_sequential(client: Client, count: int) -> tuple[list[float], float]:
     return latencies, clock() - started
 
 
-def run_pipelined(client: Client, count: int) -> float:
-    """Enqueue ``count`` requests, then collect them all in order: total seconds."""
+def run_pipelined(client: Client, count: int, in_flight: int = IN_FLIGHT) -> float:
+    """``count`` requests with at most ``in_flight`` of them sent and not yet collected
+    (collected in order, the oldest first): total seconds."""
     send, collect, clock = client.send, client.collect, time.perf_counter
     started = clock()
-    pending = [send(i) for i in range(count)]
-    values = [collect(p) for p in pending]
+    pending: collections.deque = collections.deque()
+    values = []
+    for i in range(count):
+        if len(pending) >= in_flight:
+            values.append(collect(pending.popleft()))
+        pending.append(send(i))
+    values.extend(collect(p) for p in pending)
     elapsed = clock() - started
     if values != list(range(count)):
         wrong = next(i for i, v in enumerate(values) if v != i)
@@ -245,6 +261,11 @@ def deploy_taskserve(replicas: int) -> Client:
     handle = BenchEcho.get_handle()
     return Client("taskserve", handle.remote, lambda response: response.result(timeout=RESULT_TIMEOUT_S),
                   [r.pid for r in running_replicas if r.pid])
+
+
+def method_client(client: Client) -> Client:
+    """The same deployment called through a method handle: ``handle.echo.remote``."""
+    return Client("taskserve .echo", BenchEcho.get_handle().echo.remote, client.collect, client.worker_pids)
 
 
 # --------------------------------------------------------------------------- Celery path
@@ -336,17 +357,21 @@ def ratios_table(results: list[Measurement]) -> str:
     header = ["replicas", f"p50 taskserve/Celery (target <= {P50_TARGET:.2f})",
               f"sequential req/s taskserve/Celery (target >= {THROUGHPUT_TARGET:.2f})",
               f"pipelined req/s taskserve/Celery (target >= {THROUGHPUT_TARGET:.2f})",
-              "worker CPU/req taskserve/Celery"]
+              "worker CPU/req taskserve/Celery",
+              f"p50 handle.echo/handle (target <= {METHOD_P50_TARGET:.2f})"]
     rows = []
     for replicas in sorted({r.replicas for r in results}):
         ts, raw = by_key[("taskserve", replicas)], by_key[("celery", replicas)]
         p50 = ts.p50_ms / raw.p50_ms
         sequential = ts.sequential_rps / raw.sequential_rps
         pipelined = ts.pipelined_rps / raw.pipelined_rps
+        method = by_key.get(("taskserve .echo", replicas))
+        method_p50 = method.p50_ms / ts.p50_ms if method else float("nan")
         rows.append([str(replicas), verdict(p50, p50 <= P50_TARGET),
                      verdict(sequential, sequential >= THROUGHPUT_TARGET),
                      verdict(pipelined, pipelined >= THROUGHPUT_TARGET),
-                     f"{ts.worker_cpu_us / raw.worker_cpu_us:.3f}"])
+                     f"{ts.worker_cpu_us / raw.worker_cpu_us:.3f}",
+                     verdict(method_p50, method_p50 <= METHOD_P50_TARGET)])
     return markdown_table(header, rows, left=0)
 
 
@@ -389,8 +414,8 @@ def run(args: argparse.Namespace, work_dir: Path) -> list[Measurement]:
             taskserve_client = deploy_taskserve(replicas)
             with raw_workers(raw_app, replicas, work_dir / "raw_app", work_dir,
                              args.celery_loglevel) as celery_client:
-                results += measure_pair([taskserve_client, celery_client], replicas,
-                                        args.requests, args.warmup, args.rounds)
+                results += measure_pair([taskserve_client, celery_client, method_client(taskserve_client)],
+                                        replicas, args.requests, args.warmup, args.rounds)
     return results
 
 

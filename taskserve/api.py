@@ -26,15 +26,25 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional
 
 from .batching import check_batched_methods
-from .code import pack, unpack
-from .connection import current_store
-from .errors import DeploymentError, DeploymentNotFound
+from .canary import VersionStats, baseline_of
+from .code import pack, reseal, sign, unpack
+from .connection import cluster_secret, current_store
+from .errors import DeploymentError, DeploymentNotFound, SignatureError, TaskserveError
 from .handle import DeploymentHandle
 from .history import previous_goal
 from .runtime_env import resolve as resolve_runtime_env
-from .spec import DeploymentOptions, check_json_value, check_name, replica_spec_hash, route_of, validate_options
-from .state import DeploymentState, Goal, Node, Resources, package_sha
-from .store import Store, wait_for_events
+from .signing import manifest, resign_user_config, sign_user_config
+from .spec import (
+    DeploymentOptions,
+    check_canary_config,
+    check_json_value,
+    check_name,
+    replica_spec_hash,
+    route_of,
+    validate_options,
+)
+from .state import Canary, DeploymentHealth, DeploymentState, Goal, Node, Replica, Resources, package_sha
+from .store import AutoscaleState, Store, wait_for_events
 
 log = logging.getLogger("taskserve.deploy")
 
@@ -64,6 +74,7 @@ class ReplicaInfo:
     pid: Optional[int]
     message: str = ""
     config_hash: str = ""       # the user_config this replica runs ("" when there is none)
+    canary: bool = False        # one of the canary's replicas
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,10 @@ class DeploymentStatus:
     # For an autoscaled deployment: the controller's decision and the load behind it
     # (target, waiting, serving, load, reason, min_replicas, max_replicas); else None.
     autoscaling: Optional[dict[str, Any]] = None
+    # While a canary runs (SPEC §9): its version, percent, replicas running, requests,
+    # errors, error_rate and p95 (seconds), its thresholds, and the same counts of the
+    # stable version since the canary started (under "stable"); else None.
+    canary: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +106,7 @@ class DeploymentStatus:
             "generation": self.generation,
             "replicas": [info.__dict__ for info in self.replicas],
             "autoscaling": self.autoscaling,
+            "canary": self.canary,
         }
 
 
@@ -162,7 +178,9 @@ class Deployment:
             return
         blob = current_store().get_code(self._code_sha)
         try:
-            self._target, self._init_args, self._init_kwargs = unpack(blob)
+            self._target, self._init_args, self._init_kwargs = unpack(blob, cluster_secret())
+        except TaskserveError:
+            raise                          # a signature refused, no secret: said plainly
         except Exception as error:
             raise DeploymentError(
                 f"cannot load the code of deployment {self.name!r} here ({error}); "
@@ -224,6 +242,9 @@ class Deployment:
         :class:`DeploymentError` if the rollout fails or ``timeout`` seconds pass.
         """
         _show_progress()
+        if self._code_sha is not None and self._goal is not None and not (init_args or init_kwargs):
+            self._deploy_stored(self._goal, timeout)
+            return
         self._load_code()
         if init_args or init_kwargs:
             args, kwargs = tuple(init_args), dict(init_kwargs)
@@ -243,8 +264,34 @@ class Deployment:
         version = options.version or secrets.token_hex(4)
         spec_hash = replica_spec_hash(options, version, init_sha)
         new_options = options.model_dump()
+        canary_config = new_options.pop("canary")     # the goal holds a canary apart from the options
+        # Sealed with what decides how it runs: a replica refuses any other pairing.
+        secret = cluster_secret()
+        code_sha, blob = sign(blob, manifest(self.name, {**new_options, "kind": self._kind}), secret)
+        user_config = new_options.get("user_config")
         _check_route_is_free(store, self.name, new_options)
         health = store.get_health(self.name)
+        if canary_config is not None:
+            baseline = _prepare_canary(store, self.name, version)
+            has_reconfigure = self._kind == "class" and callable(getattr(self._target, "reconfigure", None))
+
+            def make_canary_goal(previous: Optional[Goal]) -> Optional[dict]:
+                return _start_or_move_canary(previous, self.name, Canary(
+                    version=version, spec_hash=spec_hash, code_sha=code_sha, init_sha=init_sha,
+                    options=new_options, kind=self._kind, has_reconfigure=has_reconfigure,
+                    baseline=baseline, started_at=time.time(),
+                    user_config_signature=sign_user_config(self.name, code_sha, user_config, secret),
+                    **canary_config))
+
+            goal = store.update_goal(self.name, make_canary_goal, "canary", blobs=[(code_sha, blob), *packages])
+            if goal is None:
+                log.info("%s: canary %s already runs with these options; nothing to do", self.name, version)
+                return
+            log.info("%s: canary %s at %g%% of the requests (generation %d)", self.name, version,
+                     canary_config["traffic_percent"], goal.generation)
+            wait_for_rollout(store, self.name, goal.generation, timeout)
+            self._goal = goal
+            return
 
         def make_goal(previous: Optional[Goal]) -> Optional[Goal]:
             # previous is None for a new deployment, or a goal being deleted: deploy creates it again.
@@ -255,11 +302,16 @@ class Deployment:
                 and previous.user_version == options.version
                 and previous.spec_hash == spec_hash
                 and previous.options == new_options
+                and previous.canary is None     # deploying the stable version again aborts its canary
                 # a goal that failed is tried again rather than taken as done
                 and not (health.observed_generation == previous.generation and health.outcome == "failed")
+                # signed with this secret (else it is written again: a rotated secret re-signs it)
+                and previous.user_config_signature == sign_user_config(self.name, previous.code_sha,
+                                                                       user_config, secret)
             ):
                 return None  # same version, same options: nothing to do
             same_spec = previous is not None and not previous.deleting and previous.spec_hash == spec_hash
+            runs = previous.code_sha if same_spec else code_sha
             return Goal(
                 name=self.name,
                 generation=0,               # update_goal sets the generation and created_at
@@ -268,15 +320,86 @@ class Deployment:
                 num_replicas=options.num_replicas,
                 options=new_options,
                 # Same version and spec: new replicas must run what the others run.
-                code_sha=previous.code_sha if same_spec else code_sha,
+                code_sha=runs,
                 init_sha=init_sha,
                 kind=self._kind,
                 user_version=options.version,
                 restart_nonce=previous.restart_nonce if same_spec else "",
                 has_reconfigure=self._kind == "class" and callable(getattr(self._target, "reconfigure", None)),
+                user_config_signature=sign_user_config(self.name, runs, user_config, secret),
             )
 
         goal = store.update_goal(self.name, make_goal, "deploy", blobs=[(code_sha, blob), *packages], missing_ok=True)
+        if goal is None:
+            log.info("%s: version %s is already deployed with these options; nothing to do", self.name, version)
+            return
+        log.info("%s: deploying version %s (generation %d)", self.name, goal.version, goal.generation)
+        wait_for_rollout(store, self.name, goal.generation, timeout)
+        self._goal = goal
+
+    def _deploy_stored(self, source: Goal, timeout: Optional[float]) -> None:
+        """Deploy these options with the code and constructor arguments ``source`` runs,
+        already in the cluster: nothing is loaded or uploaded from this process.
+
+        What ``get_deployment(name).options(...).deploy()`` and an exported file's
+        ``code:`` entries do. The update rules are deploy()'s: with an unchanged version,
+        resources and init args, running replicas keep running.
+        """
+        store = current_store()
+        if not store.redis.exists(store.code_key(source.code_sha)):
+            raise DeploymentError(
+                f"the code {source.code_sha[:12]} of deployment {self.name!r} is no longer in the cluster; "
+                "deploy it from its source (FILE.py:ATTR or an import_path)"
+            )
+        if self._options.user_config is not None and not source.has_reconfigure:
+            raise ValueError(f"deployment {self.name!r} has a user_config but its class has no "
+                             "reconfigure(self, config) method; add one, or drop user_config")
+        runtime_env, packages = resolve_runtime_env(self._options.runtime_env)
+        options = self._options.model_copy(update={"runtime_env": runtime_env})
+        shipped = package_sha(runtime_env)
+        if shipped and shipped not in {sha for sha, _ in packages}:
+            packages.append((shipped, store.get_code(shipped)))
+        version = options.version or secrets.token_hex(4)
+        spec_hash = replica_spec_hash(options, version, source.init_sha)
+        new_options = options.model_dump()
+        new_options.pop("canary", None)     # a canary is started by deploy(), not carried over
+        # Signed again for this name and these options (checked, never unpickled here).
+        secret = cluster_secret()
+        code_sha, blob = reseal(store.get_code(source.code_sha),
+                                manifest(self.name, {**new_options, "kind": source.kind}), secret)
+        packages.append((code_sha, blob))
+        user_config = new_options.get("user_config")
+        _check_route_is_free(store, self.name, new_options)
+        health = store.get_health(self.name)
+
+        def make_goal(previous: Optional[Goal]) -> Optional[Goal]:
+            live = previous is not None and not previous.deleting
+            if (
+                live
+                and options.version is not None
+                and options.version in (previous.user_version, previous.version)
+                and previous.spec_hash == spec_hash
+                and previous.options == new_options
+                and getattr(previous, "canary", None) is None
+                and not (health.observed_generation == previous.generation and health.outcome == "failed")
+                and previous.user_config_signature == sign_user_config(self.name, previous.code_sha,
+                                                                       user_config, secret)
+            ):
+                return None
+            same_spec = live and previous.spec_hash == spec_hash
+            runs = previous.code_sha if same_spec else code_sha
+            return Goal(
+                name=self.name, generation=0, version=version, spec_hash=spec_hash,
+                num_replicas=options.num_replicas, options=new_options,
+                code_sha=runs,
+                init_sha=source.init_sha, kind=source.kind,
+                user_version=options.version,
+                restart_nonce=previous.restart_nonce if same_spec else "",
+                has_reconfigure=source.has_reconfigure,
+                user_config_signature=sign_user_config(self.name, runs, user_config, secret),
+            )
+
+        goal = store.update_goal(self.name, make_goal, "deploy", blobs=packages, missing_ok=True)
         if goal is None:
             log.info("%s: version %s is already deployed with these options; nothing to do", self.name, version)
             return
@@ -369,12 +492,24 @@ def deployment_status(name: str) -> DeploymentStatus:
     goal, health, replicas = store.snapshot(name)
     if goal is None or goal.deleting:
         raise DeploymentNotFound(name)
+    scale = store.autoscale_state(name) if goal.options.get("autoscaling_config") else None
+    stats = store.stats(name) if goal.canary is not None else {}
+    return status_of(goal, health, replicas, scale, stats)
+
+
+def status_of(goal: Goal, health: DeploymentHealth, replicas: list[Replica], scale: Optional[AutoscaleState],
+              stats: dict[str, int]) -> DeploymentStatus:
+    """A deployment's status from what was read of it: its goal, health and replicas,
+    its autoscaling state (used only with an ``autoscaling_config``) and its stats (used
+    only while a canary runs). Reads nothing: the gateway's status page builds every
+    deployment's status from one pipelined read this way."""
+    name = goal.name
     status = health.status.value if health.observed_generation == goal.generation else DeploymentState.UPDATING.value
     message = health.message if health.observed_generation == goal.generation else "waiting for the controller"
     num_replicas, autoscaling = goal.num_replicas, None
     config = goal.options.get("autoscaling_config")
     if config:
-        state = store.autoscale_state(name)
+        state = scale
         num_replicas = state.target if state is not None else goal.num_replicas
         autoscaling = {
             "target": num_replicas,
@@ -394,11 +529,43 @@ def deployment_status(name: str) -> DeploymentStatus:
         num_replicas=num_replicas,
         generation=goal.generation,
         autoscaling=autoscaling,
+        canary=_canary_status(goal, replicas, stats),
         replicas=[
-            ReplicaInfo(r.replica_id, r.version, r.state.value, r.node_id, r.pid, r.message, r.applied_config_hash)
+            ReplicaInfo(r.replica_id, r.version, r.state.value, r.node_id, r.pid, r.message, r.applied_config_hash,
+                        r.canary)
             for r in sorted(replicas, key=lambda r: (r.created_at, r.replica_id))
         ],
     )
+
+
+def _canary_status(goal: Goal, replicas: list, stats: dict[str, int]) -> Optional[dict[str, Any]]:
+    """``status().canary``: the canary and how it does against the stable version (None without one)."""
+    canary = goal.canary
+    if canary is None:
+        return None
+    mine = VersionStats.of(stats, canary.version)
+    stable = VersionStats.of(stats, goal.version, canary.baseline)
+    running = sum(1 for r in replicas if r.canary and r.spec_hash == canary.spec_hash and r.is_available)
+    return {
+        "version": canary.version,
+        "percent": canary.traffic_percent,
+        "replicas": running,
+        "target_replicas": canary.replica_count(goal.num_replicas),
+        "requests": mine.requests,
+        "errors": mine.errors,
+        "error_rate": mine.error_rate,
+        "p95": _finite(mine.p95),
+        "min_requests": canary.min_requests,
+        "max_error_rate_increase": canary.max_error_rate_increase,
+        "max_p95_ratio": canary.max_p95_ratio,
+        "stable": {"version": goal.version, "requests": stable.requests, "errors": stable.errors,
+                   "error_rate": stable.error_rate, "p95": _finite(stable.p95)},
+    }
+
+
+def _finite(seconds: Optional[float]) -> Optional[float]:
+    """A p95 for JSON: beyond the last latency bound (infinite) it is reported as None."""
+    return None if seconds is None or math.isinf(seconds) else seconds
 
 
 def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: Optional[float] = None) -> None:
@@ -436,6 +603,7 @@ def reconfigure_deployment(name: str, user_config: Any, wait: bool = True, timeo
     """
     check_json_value(user_config, "user_config")
     store = current_store()
+    secret = cluster_secret()
 
     def reconfigure(previous: Goal) -> Optional[dict]:
         if not previous.has_reconfigure:
@@ -443,9 +611,10 @@ def reconfigure_deployment(name: str, user_config: Any, wait: bool = True, timeo
                 f"deployment {name!r} has no reconfigure(self, config) method, so it cannot take a "
                 "user_config; add one and deploy it again"
             )
-        if previous.options.get("user_config") == user_config:
+        signature = sign_user_config(name, previous.code_sha, user_config, secret)
+        if previous.options.get("user_config") == user_config and previous.user_config_signature == signature:
             return None
-        return {"options": {**previous.options, "user_config": user_config}}
+        return {"options": {**previous.options, "user_config": user_config}, "user_config_signature": signature}
 
     goal = store.update_goal(name, reconfigure, "reconfigure")
     if goal is not None and wait:
@@ -479,9 +648,17 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
     version rolled back to.
     """
     store = current_store()
+    secret = cluster_secret()
     history = store.history(name)
+    running = store.require_goal(name)
+    if to_version is not None and to_version == running.version and getattr(running, "canary", None) is None:
+        _show_progress()
+        log.info("%s: version %s is the one running; nothing to roll back", name, to_version)
+        return running.version
 
     def roll_back(current: Goal) -> Goal:
+        if current.canary is not None and to_version in (None, current.version):
+            return replace(current, canary=None)     # aborts the canary: the stable version stays
         target = previous_goal(history, current, version=to_version)
         if target is None:
             versions = sorted({e["goal"]["version"] for e in history if e.get("goal")} - {current.version})
@@ -491,11 +668,18 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
                     f"known versions: {', '.join(versions) or 'none'}"
                 )
             raise ValueError(f"deployment {name!r} has no earlier version to roll back to")
-        # The count, and whether the controller sets it, stay as they are now.
+        # The count, and whether the controller sets it, stay as they are now. The old
+        # user_config keeps a signature only if it had a valid one (then signed with the
+        # current secret, which may have been rotated since).
+        try:
+            signature = resign_user_config(name, target.code_sha, target.options.get("user_config"),
+                                           target.user_config_signature, secret)
+        except SignatureError as error:
+            raise SignatureError(f"cannot roll {name!r} back to version {target.version}: its {error}") from None
         return replace(target, num_replicas=current.num_replicas,
                        options={**target.options, "num_replicas": current.num_replicas,
                                 "autoscaling_config": current.options.get("autoscaling_config")},
-                       deleting=False)
+                       deleting=False, user_config_signature=signature)
 
     goal = store.update_goal(name, roll_back, "rollback")
     assert goal is not None
@@ -504,6 +688,94 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
         log.info("%s: rolling back to version %s (generation %d)", name, goal.version, goal.generation)
         wait_for_rollout(store, name, goal.generation, timeout)
     return goal.version
+
+
+def promote_canary(name: str, wait: bool = True, timeout: Optional[float] = None) -> str:
+    """Promote the canary of ``name``: a rolling update of the stable replicas to its
+    version (by the usual rules), after which the canary's replicas drain.
+
+    What ``taskserve promote NAME`` does, and what a deploy of the canary's version
+    without ``canary`` does. Returns the version promoted.
+    """
+    store = current_store()
+
+    def promote(current: Goal) -> Goal:
+        canary = current.canary
+        if canary is None:
+            raise ValueError(f"deployment {name!r} runs no canary; start one with "
+                             f"`taskserve deploy ... --version V --canary PERCENT`")
+        count = current.num_replicas
+        return Goal(name=name, generation=0, version=canary.version, spec_hash=canary.spec_hash, num_replicas=count,
+                    options={**canary.options, "num_replicas": count}, code_sha=canary.code_sha,
+                    init_sha=canary.init_sha, kind=canary.kind, user_version=canary.version,
+                    has_reconfigure=canary.has_reconfigure, user_config_signature=canary.user_config_signature)
+
+    goal = store.update_goal(name, promote, "promote")
+    assert goal is not None
+    if wait:
+        _show_progress()
+        log.info("%s: promoting canary %s (generation %d)", name, goal.version, goal.generation)
+        wait_for_rollout(store, name, goal.generation, timeout)
+    return goal.version
+
+
+def set_canary_traffic(name: str, traffic_percent: float, wait: bool = True, timeout: Optional[float] = None) -> None:
+    """Send ``traffic_percent`` of the requests of ``name`` to its canary (no replica
+    restarts; the canary's replica count follows). What ``taskserve canary NAME --percent P`` does."""
+    store = current_store()
+
+    def move(current: Goal) -> Optional[dict]:
+        canary = current.canary
+        if canary is None:
+            raise ValueError(f"deployment {name!r} runs no canary; start one with "
+                             f"`taskserve deploy ... --version V --canary PERCENT`")
+        config = check_canary_config({"traffic_percent": traffic_percent, "min_requests": canary.min_requests,
+                                      "max_error_rate_increase": canary.max_error_rate_increase,
+                                      "max_p95_ratio": canary.max_p95_ratio})
+        assert config is not None
+        if config["traffic_percent"] == canary.traffic_percent:
+            return None
+        return {"canary": replace(canary, traffic_percent=config["traffic_percent"])}
+
+    goal = store.update_goal(name, move, "canary")
+    if goal is not None and wait:
+        _show_progress()
+        log.info("%s: canary %s at %g%% (generation %d)", name, goal.canary.version if goal.canary else "",
+                 traffic_percent, goal.generation)
+        wait_for_rollout(store, name, goal.generation, timeout)
+
+
+def _prepare_canary(store: Store, name: str, version: str) -> dict[str, int]:
+    """Before a canary of ``version`` starts (not when it moves): forget what replicas of
+    that version counted before, and return the stable version's counters now, from
+    which the two are compared."""
+    current = store.get_goal(name)
+    if current is None or current.deleting or (current.canary is not None and current.canary.version == version):
+        return current.canary.baseline if current is not None and current.canary is not None else {}
+    if current.version != version:
+        store.reset_stats(name, version)
+    return baseline_of(store.stats(name), current.version)
+
+
+def _start_or_move_canary(previous: Optional[Goal], name: str, canary: Canary) -> Optional[dict]:
+    """The change of a deploy with ``canary``: start it beside the running version, move
+    the split (same version and code), or replace a canary of another version."""
+    if previous is None or previous.deleting:
+        raise ValueError(f"deployment {name!r} does not run yet, so a canary has nothing to run beside; "
+                         "deploy it once without canary first")
+    if previous.version == canary.version:
+        raise ValueError(f"version {canary.version!r} of {name!r} already runs as its stable version; "
+                         "a canary needs another version")
+    if canary.options.get("serializer") != previous.options.get("serializer", "json"):
+        raise ValueError(f"the canary's serializer {canary.options.get('serializer')!r} differs from the running "
+                         f"version's {previous.options.get('serializer', 'json')!r}; callers send both the same "
+                         "messages, so keep the serializer (change it with a rolling update)")
+    running = previous.canary
+    if running is not None and (running.version, running.spec_hash) == (canary.version, canary.spec_hash):
+        moved = replace(running, traffic_percent=canary.traffic_percent, min_requests=canary.min_requests,
+                        max_error_rate_increase=canary.max_error_rate_increase, max_p95_ratio=canary.max_p95_ratio)
+        return None if moved == running else {"canary": moved}
+    return {"canary": canary}
 
 
 def history(name: str) -> list[dict]:

@@ -53,9 +53,14 @@ __all__ = [
     "ReplicaLoad",
     "choose_replicas_to_remove",
     "decide",
+    "direction",
+    "sample_interval",
     "trim_history",
     "wanted_replicas",
 ]
+
+# The shortest interval between two looks at a deployment's load (one Redis command).
+MIN_SAMPLE_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,32 @@ def decide(config: AutoscalingConfig, current: int, history: Sequence[LoadSample
     return Decision(held, _describe(config, held, latest))
 
 
+def sample_interval(config: AutoscalingConfig) -> float:
+    """How often the load must be looked at: a quarter of ``upscale_delay_s`` (at least
+    :data:`MIN_SAMPLE_INTERVAL_S`).
+
+    A rise is seen at most one interval after it began and acted on ``upscale_delay_s``
+    after it was seen, so a scale-up comes at most a quarter of the delay late.
+
+    >>> [sample_interval(AutoscalingConfig(upscale_delay_s=d)) for d in (0, 0.5, 3)]
+    [0.1, 0.125, 0.75]
+    """
+    return max(MIN_SAMPLE_INTERVAL_S, config.upscale_delay_s / 4)
+
+
+def direction(config: AutoscalingConfig, current: int, load: int) -> int:
+    """Which way ``load`` pulls a pool of ``current`` replicas: 1 (more wanted), -1 (fewer)
+    or 0. A run of samples of one direction is what starts a delay, so a new look at the
+    load that pulls another way than the last sample is worth a new decision.
+
+    >>> config = AutoscalingConfig(min_replicas=0, max_replicas=4, target_ongoing_requests=2)
+    >>> [direction(config, 1, load) for load in (0, 1, 2, 3)]
+    [-1, 0, 0, 1]
+    """
+    wanted = wanted_replicas(config, load)
+    return (wanted > current) - (wanted < current)
+
+
 def trim_history(config: AutoscalingConfig, history: Iterable[LoadSample], now: float) -> tuple[LoadSample, ...]:
     """The samples ``decide`` can still use at ``now`` or later, oldest first: those after
     ``now - max(upscale_delay_s, downscale_delay_s)`` and the one in effect then.
@@ -181,9 +212,10 @@ _LEAVING = (ReplicaState.DRAINING, ReplicaState.STOPPED, ReplicaState.FAILED)
 def choose_replicas_to_remove(replicas: Iterable[ReplicaLoad], count: int) -> tuple[str, ...]:
     """The ids of ``count`` replicas a scale-down should stop, in order.
 
-    Not placed first, then placed but not spawned, starting, reconfiguring, then idle
-    running ones, then busy ones (fewest requests in hand first); within each, the
-    newest first. Replicas already leaving (draining, stopped, failed) are never chosen.
+    Replicas already leaving (draining, stopped, failed: choosing them costs nothing, and
+    the count they leave is right) first, then not placed, placed but not spawned,
+    starting, reconfiguring, then idle running ones, then busy ones (fewest requests in
+    hand first); within each, the newest first.
 
     >>> replicas = [ReplicaLoad("busy", ReplicaState.RUNNING, in_flight=3),
     ...             ReplicaLoad("idle", ReplicaState.RUNNING),
@@ -194,13 +226,14 @@ def choose_replicas_to_remove(replicas: Iterable[ReplicaLoad], count: int) -> tu
     """
     if count <= 0:
         return ()
-    candidates = [replica for replica in replicas if replica.state not in _LEAVING]
-    ordered = sorted(candidates, key=_removal_key)
+    ordered = sorted(replicas, key=_removal_key)
     return tuple(replica.replica_id for replica in ordered[:count])
 
 
 def _removal_key(replica: ReplicaLoad) -> tuple:
-    if replica.in_flight > 0:
+    if replica.state in _LEAVING:
+        tier = -1
+    elif replica.in_flight > 0:
         tier = 5
     elif not replica.placed:
         tier = 0

@@ -20,6 +20,8 @@ import math
 
 from celery import Celery
 
+from .connection import parse_sentinel, with_tls_defaults
+
 TASK_NAME = "taskserve.call"
 
 # How long the Redis transport waits before handing an unacknowledged message to
@@ -43,6 +45,13 @@ def make_app(address: str, serializer: str = "json", result_expires: float = DEF
     The results it stores expire after ``result_expires`` seconds (whole seconds,
     at least one: Redis takes no fraction, and 0 would mean never).
     """
+    transport_options: dict = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    sentinel = parse_sentinel(address)
+    if sentinel is not None:
+        address = sentinel.kombu_url
+        transport_options.update(sentinel.transport_options())
+    else:
+        address = with_tls_defaults(address)   # a verified certificate unless the URL says otherwise
     app = Celery("taskserve", broker=address, backend=address, set_as_current=False)
     app.conf.update(
         task_serializer=serializer,
@@ -64,8 +73,8 @@ def make_app(address: str, serializer: str = "json", result_expires: float = DEF
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
-        result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_transport_options=dict(transport_options),
+        result_backend_transport_options=dict(transport_options),
     )
     return app
 

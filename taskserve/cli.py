@@ -19,8 +19,9 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import click
 import redis
@@ -30,7 +31,8 @@ from rich.table import Table
 from . import api
 from .config_file import load_deployments_file, load_target
 from .connection import ADDRESS_ENV, connect, register_cluster, resolve_address, unregister_cluster
-from .errors import TaskserveError
+from .errors import TaskserveError, redact_text
+from .planner import plural
 
 # Piped output is not cut to 80 columns, so scripts can grep it.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -62,7 +64,7 @@ class TaskserveGroup(click.Group):
                 text = str(error.args[0])
             else:
                 text = str(error) if expected else f"{type(error).__name__}: {error}"
-            first, _, rest = text.partition("\n")
+            first, _, rest = redact_text(text).partition("\n")
             errors.print(f"[red]error:[/red] {first}", markup=True, highlight=False)
             if os.environ.get("TASKSERVE_DEBUG"):
                 if rest.strip():
@@ -97,10 +99,15 @@ def _connect(address: Optional[str]) -> None:
 @click.option("--http-port", type=int, default=8000, show_default=True, help="Port of the HTTP gateway (0: no gateway).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface the HTTP gateway listens on (0.0.0.0: every interface).")
+@click.option("--redis-host", default="127.0.0.1", show_default=True,
+              help="Interface the embedded Redis listens on (it always requires its generated password).")
 def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_cpus: Optional[float],
-       num_gpus: Optional[float], example: bool, http_port: int, host: str) -> None:
+       num_gpus: Optional[float], example: bool, http_port: int, host: str, redis_host: str) -> None:
     """Run a whole cluster here: Redis, a controller, a node agent and the HTTP gateway."""
+    from .errors import redact_address
     from .local import LocalCluster, PartExited, PartSupervisor
+    from .redis_server import generate_password
+    from .signing import SECRET_FILE_ENV, SECRET_FILE_NAME, ensure_secret_file, secret_from_environment
 
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(data_dir, 0o700)   # it holds the Redis file and the address
@@ -113,8 +120,15 @@ def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    env = dict(os.environ)
+    if secret_from_environment() is None:
+        # Kept across restarts, so the code in the Redis file stays valid; the parts read the file.
+        secret_file = (data_dir / SECRET_FILE_NAME).resolve()
+        ensure_secret_file(secret_file)
+        env[SECRET_FILE_ENV] = str(secret_file)
     cluster = LocalCluster(log_dir, redis_url=redis_url, redis_port=redis_port,
-                           redis_data_dir=None if redis_url else data_dir)
+                           redis_data_dir=None if redis_url else data_dir, env=env,
+                           redis_password=None if redis_url else generate_password(), redis_host=redis_host)
     written: list[Path] = []
     address = ""
     try:
@@ -127,7 +141,8 @@ def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_
         except (PartExited, TimeoutError):
             raise RuntimeError(f"the node agent did not start; see its log in {log_dir}/") from None
         connect(address)
-        console.print(f"taskserve is up at [bold]{address}[/bold]  (logs: {log_dir}/)")
+        console.print(f"taskserve is up at [bold]{redact_address(address)}[/bold]  (logs: {log_dir}/; "
+                      f"its password is in {data_dir / 'address'})")
         if http_port:
             try:
                 cluster.start_gateway(http_port, host)
@@ -273,10 +288,13 @@ def _stop_on_signals(stop: Any) -> None:
 @click.option("--num-replicas", type=int, default=None)
 @click.option("--version", "version", default=None)
 @click.option("--user-config", default=None, help="JSON passed to reconfigure().")
+@click.option("--canary", "canary_percent", type=float, default=None,
+              help="Start --version as a canary beside the running version, with this percent of the requests.")
 @click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
+@click.option("--prune", is_flag=True, help="With -f: delete the deployments the file does not list (after saying which).")
 def deploy(target: Optional[str], address: Optional[str], config_file: Optional[Path], name: Optional[str],
            num_replicas: Optional[int], version: Optional[str], user_config: Optional[str],
-           timeout: Optional[float]) -> None:
+           canary_percent: Optional[float], timeout: Optional[float], prune: bool) -> None:
     """Deploy TARGET (FILE.py:ATTR or MODULE:ATTR), or every deployment of -f FILE, and wait until they serve.
 
     \b
@@ -290,15 +308,20 @@ def deploy(target: Optional[str], address: Optional[str], config_file: Optional[
     if (target is None) == (config_file is None):
         raise click.UsageError("give either TARGET or -f FILE")
     if config_file is not None:
-        if any(value is not None for value in (name, num_replicas, version, user_config)):
-            raise click.UsageError("--name, --num-replicas, --version and --user-config apply to a TARGET; "
-                                   "with -f, set them in the file")
-        loaded = load_deployments_file(config_file)
+        if any(value is not None for value in (name, num_replicas, version, user_config, canary_percent)):
+            raise click.UsageError("--name, --num-replicas, --version, --user-config and --canary apply to a "
+                                   "TARGET; with -f, set them in the file")
         _connect(address)
+        loaded = load_deployments_file(config_file)
         for item in loaded:
-            item.deploy(timeout=timeout)
-            console.print(f"deployed [bold]{item.name}[/bold]: {item.num_replicas} replicas")
+            with _interrupted_note(item.name, "deploy"):
+                item.deploy(timeout=timeout)
+            console.print(f"deployed [bold]{item.name}[/bold]: {plural(item.num_replicas, 'replica')}")
+        if prune:
+            _prune({item.name for item in loaded}, timeout)
         return
+    if prune:
+        raise click.UsageError("--prune deletes what a -f FILE leaves out: give -f FILE")
     chosen = load_target(target)
     _connect(address)
     changes: dict[str, Any] = {}
@@ -310,10 +333,50 @@ def deploy(target: Optional[str], address: Optional[str], config_file: Optional[
         changes["version"] = version
     if user_config is not None:
         changes["user_config"] = _parse_json(user_config, "--user-config")
+    if canary_percent is not None:
+        changes["canary"] = {**(chosen.config.canary or {}), "traffic_percent": canary_percent}
     if changes:
         chosen = chosen.options(**changes)
-    chosen.deploy(timeout=timeout)
-    console.print(f"deployed [bold]{chosen.name}[/bold]: {chosen.num_replicas} replicas")
+    with _interrupted_note(chosen.name, "deploy"):
+        chosen.deploy(timeout=timeout)
+    if chosen.config.canary is not None:
+        console.print(f"[bold]{chosen.name}[/bold]: canary {chosen.version} serves "
+                      f"{chosen.config.canary['traffic_percent']:g}% of the requests")
+        return
+    console.print(f"deployed [bold]{chosen.name}[/bold]: {plural(chosen.num_replicas, 'replica')}")
+
+
+def _prune(keep: set[str], timeout: Optional[float]) -> None:
+    """Delete every deployment not in ``keep``, naming them first."""
+    doomed = sorted(set(api.list_deployments()) - keep)
+    if not doomed:
+        console.print("--prune: every deployment is in the file; nothing to delete")
+        return
+    console.print(f"--prune: deleting {', '.join(doomed)} (not in the file)", markup=False, highlight=False)
+    for name in doomed:
+        api.delete_deployment(name, timeout=timeout)
+        console.print(f"deleted {name}")
+
+
+@contextmanager
+def _interrupted_note(name: str, what: str) -> Iterator[None]:
+    """On Ctrl-C while waiting for ``name``'s rollout, say the state it was left in."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        text = f"interrupted: stopped waiting, not the {what}"
+        try:
+            snapshot = api.deployment_status(name)
+            running = sum(1 for r in snapshot.replicas if r.state == "RUNNING")
+            text += (f". {name} is {snapshot.status} at version {snapshot.version} (generation "
+                     f"{snapshot.generation}), {running}/{snapshot.num_replicas} replicas running"
+                     + (f": {_first_line(snapshot.message)}" if snapshot.message else "")
+                     + f". The controller carries on; `taskserve status {name} --watch` follows it, "
+                     f"`taskserve rollback {name}` undoes it")
+        except Exception as error:   # the note must not hide the interrupt
+            text += f" (the state of {name} could not be read: {error})"
+        errors.print(text, markup=False, highlight=False)
+        raise
 
 
 @main.command(name="list")
@@ -333,7 +396,8 @@ def list_command(address: Optional[str], as_json: bool) -> None:
 @click.argument("name", required=False)
 @ADDRESS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--watch", is_flag=True, help="Follow NAME's rollout with a progress bar until it is done.")
+@click.option("--watch", is_flag=True,
+              help="Follow NAME's rollout (or, if none runs, the next one) with a progress bar until it is done.")
 def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bool) -> None:
     """Show every deployment and node, or one deployment and its replicas."""
     _connect(address)
@@ -343,12 +407,13 @@ def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bo
         _watch(name)
         return
     if name is None:
-        statuses = [api.deployment_status(n) for n in api.list_deployments()]
-        if as_json:
-            click.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
-            return
         from .connection import describe_address
 
+        statuses = [api.deployment_status(n) for n in api.list_deployments()]
+        if as_json:
+            click.echo(json.dumps({"cluster": describe_address(), "deployments": [s.to_dict() for s in statuses],
+                                   "nodes": _node_rows()}, indent=2))
+            return
         console.print(f"cluster: {describe_address()}", markup=False, highlight=False)
         _print_deployments(statuses)
         _print_nodes()
@@ -365,15 +430,22 @@ def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bo
                       markup=False, highlight=False)
     if snapshot.message:
         console.print(snapshot.message, markup=False, highlight=False)
+    if snapshot.canary:
+        console.print(describe_canary(snapshot.canary), markup=False, highlight=False)
     table = Table("replica", "version", "state", "node", "pid", "user_config", "message")
     for replica in snapshot.replicas:
-        table.add_row(replica.replica_id, replica.version, _colored(replica.state), replica.node_id or "-",
+        version = f"{replica.version} (canary)" if replica.canary else replica.version
+        table.add_row(replica.replica_id, version, _colored(replica.state), replica.node_id or "-",
                       str(replica.pid or "-"), replica.config_hash or "-", _first_line(replica.message))
     console.print(table)
 
 
 def _watch(name: str) -> None:
-    """A progress bar of replicas running the current version, until the rollout ends."""
+    """A progress bar of replicas running the current version, until the rollout ends.
+
+    A deployment with no rollout in progress is watched until its next one starts,
+    which is then followed to its end.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from .connection import current_store
@@ -385,12 +457,19 @@ def _watch(name: str) -> None:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[message]}"), console=console) as progress:
             task = progress.add_task(name, total=None, message="")
+            snapshot = api.deployment_status(name)
+            first_generation, following = snapshot.generation, snapshot.status == "UPDATING"
+            if not following:
+                progress.console.print(f"{name}: {snapshot.status} at version {snapshot.version} (generation "
+                                       f"{snapshot.generation}); waiting for its next rollout (Ctrl-C stops)",
+                                       markup=False, highlight=False)
             while True:
                 snapshot = api.deployment_status(name)
+                following = following or snapshot.generation != first_generation or snapshot.status == "UPDATING"
                 updated = sum(1 for r in snapshot.replicas if r.version == snapshot.version and r.state == "RUNNING")
                 progress.update(task, total=max(1, snapshot.num_replicas), completed=updated,
                                 description=f"{name} → {snapshot.version}", message=_first_line(snapshot.message))
-                if snapshot.status != "UPDATING":
+                if following and snapshot.status != "UPDATING":
                     break
                 wait_for_events(pubsub, 0.5)
     finally:
@@ -412,19 +491,31 @@ def _print_deployments(statuses: list[api.DeploymentStatus]) -> None:
     console.print(table)
 
 
-def _print_nodes() -> None:
+def _node_rows() -> list[dict[str, Any]]:
+    """Every node as ``status`` shows it (and ``status --json`` prints it)."""
     from .connection import current_store
     from .planner import node_capacities
 
     store = current_store()
     nodes = store.list_nodes()
     free = {c.node_id: c.free for c in node_capacities(nodes, store.all_replicas())}
-    table = Table("node", "alive", "CPUs used/total", "GPUs used/total", "host")
+    rows = []
     for node in nodes:
         left = free.get(node.node_id, node.total)
-        table.add_row(node.node_id, "yes" if node.alive else "no",
-                      f"{node.total.num_cpus - left.num_cpus:g}/{node.total.num_cpus:g}",
-                      f"{node.total.num_gpus - left.num_gpus:g}/{node.total.num_gpus:g}", node.hostname)
+        rows.append({"node_id": node.node_id, "alive": node.alive, "hostname": node.hostname,
+                     "num_cpus": node.total.num_cpus, "num_cpus_used": node.total.num_cpus - left.num_cpus,
+                     "num_gpus": node.total.num_gpus, "num_gpus_used": node.total.num_gpus - left.num_gpus,
+                     "memory": node.total.memory, "memory_used": node.total.memory - left.memory,
+                     "labels": node.labels, "agent_pid": node.agent_pid, "log_dir": node.log_dir})
+    return rows
+
+
+def _print_nodes() -> None:
+    table = Table("node", "alive", "CPUs used/total", "GPUs used/total", "host")
+    for row in _node_rows():
+        table.add_row(row["node_id"], "yes" if row["alive"] else "no",
+                      f"{row['num_cpus_used']:g}/{row['num_cpus']:g}",
+                      f"{row['num_gpus_used']:g}/{row['num_gpus']:g}", row["hostname"])
     console.print(table)
 
 
@@ -448,19 +539,50 @@ def _parse_json(text: str, what: str) -> Any:
 
 @main.command()
 @click.argument("name")
-@click.argument("payload", required=False)
+@click.argument("payload", nargs=-1)
 @ADDRESS_OPTION
 @click.option("--method", default="__call__", show_default=True, help="Method to call.")
+@click.option("--kwargs", "kwargs_json", default=None, help="Keyword arguments, a JSON object.")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
-def call(name: str, payload: Optional[str], address: Optional[str], method: str, timeout: float) -> None:
-    """Send one request to NAME; PAYLOAD (JSON) is its one argument."""
-    args = [] if payload is None else [_parse_json(payload, "PAYLOAD")]
+def call(name: str, payload: tuple[str, ...], address: Optional[str], method: str, kwargs_json: Optional[str],
+         timeout: float) -> None:
+    """Send one request to NAME; each PAYLOAD (JSON) is one positional argument.
+
+    \b
+      taskserve call echo '"hi"'
+      taskserve call model 1 2 --kwargs '{"scale": 3}' --method add
+    """
+    check_method_name(method)
+    args = [_parse_json(item, "PAYLOAD" if len(payload) == 1 else f"PAYLOAD {index}")
+            for index, item in enumerate(payload, start=1)]
+    kwargs = {} if kwargs_json is None else _parse_json(kwargs_json, "--kwargs")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--kwargs is a JSON object of keyword arguments, not {kwargs_json!r}; "
+                         "like '{\"scale\": 3}'")
     _connect(address)
     handle = api.get_deployment(name).get_handle()
     if method != "__call__":
         handle = getattr(handle, method)
-    result = handle.remote(*args).result(timeout=timeout)
+    result = handle.remote(*args, **kwargs).result(timeout=timeout)
     click.echo(json.dumps(result))
+
+
+def check_method_name(method: str) -> None:
+    """Refuse a method no request may call: a private one, or not an identifier.
+
+    >>> check_method_name("predict")
+    >>> check_method_name("__init__")
+    Traceback (most recent call last):
+    ...
+    ValueError: --method '__init__' cannot be called: only public methods (not starting with '_') and __call__ can; drop --method to call __call__
+    """
+    if method == "__call__":
+        return
+    if method.startswith("_"):
+        raise ValueError(f"--method {method!r} cannot be called: only public methods (not starting with '_') "
+                         "and __call__ can; drop --method to call __call__")
+    if not method.isidentifier():
+        raise ValueError(f"--method {method!r} is not a method name; give the name of a method of the class")
 
 
 @main.command()
@@ -472,8 +594,9 @@ def call(name: str, payload: Optional[str], address: Optional[str], method: str,
 def scale(name: str, num_replicas: int, address: Optional[str], wait: bool, timeout: Optional[float]) -> None:
     """Set NAME's replica count; running replicas keep running."""
     _connect(address)
-    api.scale_deployment(name, num_replicas, wait=wait, timeout=timeout)
-    console.print(f"{name}: {num_replicas} replicas" + ("" if wait else " (scaling)"))
+    with _interrupted_note(name, "scale"):
+        api.scale_deployment(name, num_replicas, wait=wait, timeout=timeout)
+    console.print(f"{name}: {plural(num_replicas, 'replica')}" + ("" if wait else " (scaling)"))
 
 
 @main.command()
@@ -486,7 +609,8 @@ def reconfigure(name: str, user_config: str, address: Optional[str], wait: bool,
     """Give NAME's replicas a new USER_CONFIG (JSON) in place, without a restart."""
     config = _parse_json(user_config, "USER_CONFIG")
     _connect(address)
-    api.reconfigure_deployment(name, config, wait=wait, timeout=timeout)
+    with _interrupted_note(name, "reconfigure"):
+        api.reconfigure_deployment(name, config, wait=wait, timeout=timeout)
     console.print(f"{name}: " + ("every replica runs the new user_config" if wait else "reconfiguring"))
 
 
@@ -498,7 +622,8 @@ def reconfigure(name: str, user_config: str, address: Optional[str], wait: bool,
 def restart(name: str, address: Optional[str], wait: bool, timeout: Optional[float]) -> None:
     """Replace every replica of NAME in rolling batches, at the same version."""
     _connect(address)
-    api.restart_deployment(name, wait=wait, timeout=timeout)
+    with _interrupted_note(name, "restart"):
+        api.restart_deployment(name, wait=wait, timeout=timeout)
     console.print(f"{name}: " + ("every replica restarted" if wait else "restarting"))
 
 
@@ -511,8 +636,59 @@ def restart(name: str, address: Optional[str], wait: bool, timeout: Optional[flo
 def rollback(name: str, address: Optional[str], to_version: Optional[str], wait: bool, timeout: Optional[float]) -> None:
     """Roll NAME back to its previous version: a rolling update."""
     _connect(address)
-    version = api.rollback_deployment(name, to_version=to_version, wait=wait, timeout=timeout)
+    running = api.deployment_status(name)
+    if to_version is not None and to_version == running.version and not running.canary:
+        console.print(f"{name}: version {to_version} is the one running; nothing to roll back")
+        return
+    with _interrupted_note(name, "rollback"):
+        version = api.rollback_deployment(name, to_version=to_version, wait=wait, timeout=timeout)
     console.print(f"{name}: " + (f"rolled back to version {version}" if wait else f"rolling back to version {version}"))
+
+
+# --------------------------------------------------------------------------- canary releases (SPEC §9)
+
+
+def describe_canary(canary: dict[str, Any]) -> str:
+    """One line of ``taskserve status NAME`` about its canary.
+
+    >>> print(describe_canary({"version": "2", "percent": 10.0, "replicas": 1, "target_replicas": 1,
+    ...     "requests": 40, "errors": 2, "error_rate": 0.05, "p95": 0.025, "min_requests": 20,
+    ...     "stable": {"version": "1", "requests": 360, "errors": 0, "error_rate": 0.0, "p95": 0.01}}))
+    canary 2 at 10%: 1/1 replicas; 40 requests, 2 errors (5.0%), p95 <= 0.025s; stable 1: 360 requests, 0 errors (0.0%), p95 <= 0.01s
+    """
+    def p95(value: Optional[float]) -> str:
+        return "-" if value is None else f"<= {value:g}s"
+
+    stable = canary["stable"]
+    return (f"canary {canary['version']} at {canary['percent']:g}%: {canary['replicas']}/{canary['target_replicas']} "
+            f"replicas; {canary['requests']} requests, {canary['errors']} errors ({canary['error_rate']:.1%}), "
+            f"p95 {p95(canary['p95'])}; stable {stable['version']}: {stable['requests']} requests, "
+            f"{stable['errors']} errors ({stable['error_rate']:.1%}), p95 {p95(stable['p95'])}")
+
+
+@main.command(name="canary")
+@click.argument("name")
+@click.option("--percent", type=float, required=True, help="The share of the requests the canary gets.")
+@ADDRESS_OPTION
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--timeout", type=float, default=None)
+def canary_command(name: str, percent: float, address: Optional[str], wait: bool, timeout: Optional[float]) -> None:
+    """Send PERCENT of NAME's requests to its canary (no replica restarts)."""
+    _connect(address)
+    api.set_canary_traffic(name, percent, wait=wait, timeout=timeout)
+    console.print(f"{name}: the canary gets {percent:g}% of the requests")
+
+
+@main.command()
+@click.argument("name")
+@ADDRESS_OPTION
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.option("--timeout", type=float, default=None)
+def promote(name: str, address: Optional[str], wait: bool, timeout: Optional[float]) -> None:
+    """Promote NAME's canary: a rolling update of every replica to its version."""
+    _connect(address)
+    version = api.promote_canary(name, wait=wait, timeout=timeout)
+    console.print(f"{name}: " + (f"version {version} promoted" if wait else f"promoting version {version}"))
 
 
 @main.command()
@@ -520,22 +696,22 @@ def rollback(name: str, address: Optional[str], to_version: Optional[str], wait:
 @ADDRESS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def history(name: str, address: Optional[str], as_json: bool) -> None:
-    """Every goal change of NAME: version, who, when, outcome."""
+    """Every goal change of NAME: what it changed, version, who, when, outcome."""
+    from .history import annotate
+
     _connect(address)
-    entries = api.history(name)
+    entries = annotate(api.history(name))
     if as_json:
         click.echo(json.dumps([{k: v for k, v in e.items() if k != "goal"} for e in entries], indent=2))
         return
-    table = Table("generation", "action", "version", "replicas", "by", "at", "outcome")
+    table = Table("generation", "action", "change", "version", "replicas", "by", "at", "outcome")
     for entry in entries:
-        goal = entry.get("goal") or {}
         outcome = entry.get("outcome", "")
-        replicas = str(goal.get("num_replicas", ""))
+        replicas = str(entry.get("num_replicas", ""))
         if entry.get("action") == "autoscale":        # a change of count, not of the goal
             replicas = f"{entry.get('from')} -> {entry.get('to')}"
-            outcome = outcome or entry.get("reason", "")
-        table.add_row(str(entry.get("generation")), entry.get("action", ""), entry.get("version", ""),
-                      replicas, entry.get("by", ""),
+        table.add_row(str(entry.get("generation")), entry.get("action", ""), entry["change"],
+                      entry.get("version", ""), replicas, entry.get("by", ""),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.get("at", 0))),
                       {"done": "[green]done[/green]", "failed": "[red]failed[/red]"}.get(outcome, outcome))
     console.print(table)
@@ -550,6 +726,118 @@ def delete(name: str, address: Optional[str], timeout: Optional[float]) -> None:
     _connect(address)
     api.delete_deployment(name, timeout=timeout)
     console.print(f"deleted {name}")
+
+
+# --------------------------------------------------------------------------- declarative use
+
+
+@main.command()
+@ADDRESS_OPTION
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write to this file (default: stdout).")
+def export(address: Optional[str], output: Optional[Path]) -> None:
+    """Print the running deployments as a file `taskserve deploy -f` accepts.
+
+    Each entry names the code already in the cluster; applying the file unchanged
+    restarts nothing.
+    """
+    from .config_file import export as export_goals
+    from .connection import current_store
+
+    _connect(address)
+    text = export_goals([goal for goal in current_store().list_goals() if not goal.deleting])
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        errors.print(f"wrote {output}", markup=False, highlight=False)
+
+
+@main.command()
+@ADDRESS_OPTION
+@click.option("-f", "--file", "config_file", type=click.Path(path_type=Path), required=True,
+              help="The deployments file to compare with the cluster.")
+@click.option("--prune", is_flag=True, help="Count the deployments the file leaves out as deleted, as `deploy --prune` does.")
+def diff(address: Optional[str], config_file: Path, prune: bool) -> None:
+    """What `taskserve deploy -f FILE` would change: exit 0 and "no changes", else 1 with the changes."""
+    from .config_file import changes
+    from .connection import current_store
+
+    _connect(address)
+    loaded = load_deployments_file(config_file)
+    lines, notes = changes(loaded, current_store().list_goals(), prune=prune)
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
+    if not lines:
+        console.print("no changes", markup=False, highlight=False)
+    for note in notes:
+        console.print(note, markup=False, highlight=False)
+    if lines:
+        raise SystemExit(1)
+
+
+# --------------------------------------------------------------------------- operations
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="The data dir of the `taskserve up` to stop (default: ./.taskserve, else your one running up).")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for it to drain its replicas and stop.")
+def down(data_dir: Optional[Path], timeout: float) -> None:
+    """Stop the cluster `taskserve up` started (its replicas drain first)."""
+    from .connection import find_up, up_is_running
+    from .errors import redact_address
+    from .local import wait_until
+
+    record = find_up(data_dir)
+    pid, where = record["pid"], Path(record["data_dir"])
+    console.print(f"stopping the taskserve up with pid {pid} (data dir {where}, "
+                  f"{redact_address(record['url'])})", markup=False, highlight=False)
+    os.kill(pid, signal.SIGTERM)
+    try:
+        wait_until(lambda: not up_is_running(where), timeout, "`taskserve up` to stop", interval_s=0.2)
+    except TimeoutError:
+        raise RuntimeError(f"the taskserve up with pid {pid} did not stop within {timeout:g}s; its replicas may "
+                           f"still be draining: wait, or `kill {pid}` again") from None
+    console.print(f"stopped: Redis, the controller, the node agent and the gateway of {where} are down; "
+                  f"logs stay in {where / 'logs'}", markup=False, highlight=False)
+
+
+@main.command()
+@click.argument("name")
+@ADDRESS_OPTION
+@click.option("--replica", "replica_id", default=None, help="Only this replica (default: every replica of NAME).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what the replicas write, until Ctrl-C.")
+@click.option("--tail", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Lines to print from the end of each log first (0: none).")
+def logs(name: str, address: Optional[str], replica_id: Optional[str], follow: bool, tail: int) -> None:
+    """Print the logs of NAME's replicas (what they print, their tracebacks).
+
+    A replica's log is <agent data dir>/logs/<replica id>.log on its node; a log on
+    another machine is named, not read.
+    """
+    from .logs import LogFollower, replica_logs
+
+    _connect(address)
+    found = replica_logs(name, replica_id)
+    for item in found:
+        if item.problem:
+            errors.print(f"{item.replica_id}: {item.problem}", markup=False, highlight=False)
+    readable = [item for item in found if not item.problem]
+    if not readable and not follow:
+        if found:
+            raise SystemExit(1)
+        raise LookupError(f"deployment {name!r} has no replica{' ' + replica_id if replica_id else ''} "
+                          "with a log on this machine; `taskserve status " + name + "` lists its replicas")
+    prefix = len(readable) > 1 or (follow and replica_id is None)
+    follower = LogFollower(readable, tail, lambda line: click.echo(line), prefix=prefix)
+    follower.print_tails()
+    if not follow:
+        return
+    try:
+        follower.follow(lambda: replica_logs(name, replica_id))
+    except KeyboardInterrupt:
+        return
 
 
 @main.group()

@@ -13,6 +13,17 @@ Which cluster a process talks to, first match wins:
 Address files are mode 0600 and belong to one user: another user's ``up`` never
 changes which cluster yours reaches.
 
+An address is a Redis URL: ``redis://[:PASSWORD@]HOST:PORT/DB``, ``rediss://...`` for
+TLS (the system's CA store and a verified certificate unless ``ssl_cert_reqs`` /
+``ssl_ca_certs`` say otherwise), ``unix://PATH``, or Redis Sentinel as kombu spells
+it: ``sentinel://[:PASSWORD@]HOST:PORT;sentinel://HOST2:PORT/DB?master_name=NAME``
+(the password is the master's; ``sentinel_password=`` sets the sentinels' own).
+
+The cluster secret that signs code (:mod:`taskserve.signing`), first match wins:
+``$TASKSERVE_SECRET``; the file ``$TASKSERVE_SECRET_FILE``; the secret of a
+:class:`~taskserve.local.LocalCluster` this process started; the file ``secret``
+beside the address file of the ``taskserve up`` whose address this is.
+
 Example::
 
     taskserve.connect("redis://127.0.0.1:6379/0")
@@ -29,10 +40,19 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis
 
-from .errors import ConnectionNotConfigured, RedisUnavailable
+from .errors import ConnectionNotConfigured, RedisUnavailable, SecretNotConfigured, redact_address
+from .signing import (
+    SECRET_ENV,
+    SECRET_FILE_ENV,
+    SECRET_FILE_NAME,
+    ClusterSecret,
+    read_secret_file,
+    secret_from_environment,
+)
 from .store import Store
 
 ADDRESS_ENV = "TASKSERVE_ADDRESS"
@@ -44,14 +64,21 @@ _lock = threading.Lock()
 _store: Optional[Store] = None
 _address: Optional[str] = None
 _source: str = ""
+_data_dir: Optional[Path] = None
+_known_secrets: dict[str, ClusterSecret] = {}
+
+SENTINEL_SCHEME = "sentinel://"
+DEFAULT_MASTER_NAME = "mymaster"
 
 
 @dataclass(frozen=True)
 class ClusterAddress:
-    """A cluster's Redis URL and where it was found (for ``taskserve status``)."""
+    """A cluster's Redis URL and where it was found (for ``taskserve status``);
+    ``data_dir`` is that of the ``taskserve up`` it belongs to, when known."""
 
     url: str
     source: str
+    data_dir: Optional[Path] = None
 
 
 def user_clusters_dir() -> Path:
@@ -111,10 +138,41 @@ def running_clusters() -> list[ClusterAddress]:
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if up_is_running(data_dir):
-            found.append(ClusterAddress(url, f"the `taskserve up` with data dir {data_dir}"))
+            found.append(ClusterAddress(url, f"the `taskserve up` with data dir {data_dir}", data_dir))
         else:
             entry.unlink(missing_ok=True)
     return found
+
+
+def find_up(data_dir: Optional[Path] = None) -> dict:
+    """The registry entry (``url``, ``data_dir``, ``pid``) of a running ``taskserve up``:
+    the one of ``data_dir``, else of ``./.taskserve``, else this user's only one.
+
+    Raises ``LookupError`` saying what runs when none (or several) match.
+    """
+    entries = []
+    for entry in sorted(user_clusters_dir().glob("*.json")):
+        try:
+            record = json.loads(entry.read_text())
+            record["data_dir"], record["pid"] = str(record["data_dir"]), int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if up_is_running(Path(record["data_dir"])):
+            entries.append(record)
+    wanted = data_dir if data_dir is not None else (
+        Path.cwd() / DATA_DIR_NAME if up_is_running(Path.cwd() / DATA_DIR_NAME) else None)
+    if wanted is not None:
+        for record in entries:
+            if Path(record["data_dir"]) == Path(wanted).resolve():
+                return record
+        raise LookupError(f"no `taskserve up` runs with the data dir {wanted}"
+                          + (f"; running: {', '.join(r['data_dir'] for r in entries)}" if entries else ""))
+    if len(entries) == 1:
+        return entries[0]
+    if not entries:
+        raise LookupError("no `taskserve up` of yours is running here")
+    raise LookupError(f"{len(entries)} `taskserve up` are running (data dirs "
+                      f"{', '.join(r['data_dir'] for r in entries)}); pass --data-dir DIR to say which")
 
 
 def find_cluster(address: Optional[str] = None) -> ClusterAddress:
@@ -123,12 +181,9 @@ def find_cluster(address: Optional[str] = None) -> ClusterAddress:
         return ClusterAddress(_check_url(address), "--address")
     if os.environ.get(ADDRESS_ENV):
         return ClusterAddress(_check_url(os.environ[ADDRESS_ENV]), f"${ADDRESS_ENV}")
-    local = Path.cwd() / DATA_DIR_NAME
-    local_file = local / ADDRESS_FILE_NAME
-    if local_file.is_file() and up_is_running(local):
-        text = local_file.read_text().strip()
-        if text:
-            return ClusterAddress(_check_url(text), str(local_file))
+    local = _local_cluster()
+    if local is not None:
+        return local
     clusters = running_clusters()
     if len(clusters) == 1:
         return clusters[0]
@@ -143,31 +198,198 @@ def find_cluster(address: Optional[str] = None) -> ClusterAddress:
     )
 
 
+def _local_cluster() -> Optional[ClusterAddress]:
+    """The running ``up`` of ``./.taskserve``, if there is one."""
+    local = Path.cwd() / DATA_DIR_NAME
+    local_file = local / ADDRESS_FILE_NAME
+    if local_file.is_file() and up_is_running(local):
+        text = local_file.read_text().strip()
+        if text:
+            return ClusterAddress(_check_url(text), str(local_file), local)
+    return None
+
+
+def _data_dir_of(url: str) -> Optional[Path]:
+    """The data dir of the running ``up`` (here, or registered) whose address is ``url``."""
+    local = _local_cluster()
+    for cluster in ([local] if local else []) + running_clusters():
+        if cluster.url == url:
+            return cluster.data_dir
+    return None
+
+
+def remember_secret(url: str, secret: ClusterSecret) -> None:
+    """Use ``secret`` for the cluster at ``url`` in this process (what LocalCluster does)."""
+    _known_secrets[url] = secret
+
+
+def cluster_secret(url: Optional[str] = None) -> ClusterSecret:
+    """The secret that signs and checks code for the cluster at ``url`` (default: the
+    connected one); the order is in the module docstring. :class:`SecretNotConfigured`
+    says how to give one.
+    """
+    found = secret_from_environment()
+    if found is not None:
+        return found
+    url = url or current_address()
+    if url in _known_secrets:
+        return _known_secrets[url]
+    data_dir = _data_dir if url == _address and _data_dir is not None else _data_dir_of(url)
+    if data_dir is not None and (data_dir / SECRET_FILE_NAME).is_file():
+        return read_secret_file(data_dir / SECRET_FILE_NAME)
+    raise SecretNotConfigured(
+        f"no cluster secret for {redact_address(url)}, so no code can be signed or checked: set ${SECRET_ENV} "
+        f"to the cluster's secret (the file {DATA_DIR_NAME}/{SECRET_FILE_NAME} of its `taskserve up`), "
+        f"or ${SECRET_FILE_ENV} to that file's path"
+    )
+
+
 def resolve_address(address: Optional[str] = None) -> str:
     """The Redis URL to use, or a ``ConnectionNotConfigured`` saying how to get one."""
     return find_cluster(address).url
 
 
 def describe_address() -> str:
-    """The connected cluster's URL and where it was found, for ``taskserve status``."""
+    """The connected cluster's URL (without its password) and where it was found,
+    for ``taskserve status``."""
     current_store()
-    return f"{_address} (from {_source})"
+    return f"{redact_address(_address or '')} (from {_source})"
 
 
 def _check_url(url: str) -> str:
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    if not url.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME)):
         raise ConnectionNotConfigured(
-            f"invalid address {url!r}: use a Redis URL like redis://127.0.0.1:6379/0"
+            f"invalid address {redact_address(url)!r}: use a Redis URL like redis://127.0.0.1:6379/0, "
+            "rediss://... for TLS, or sentinel://HOST:PORT;sentinel://HOST2:PORT/0?master_name=NAME"
         )
     return url
+
+
+@dataclass(frozen=True)
+class SentinelAddress:
+    """A ``sentinel://`` address taken apart.
+
+    >>> found = parse_sentinel("sentinel://:pw@h1:26379;sentinel://:pw@h2:26380/2?master_name=cache")
+    >>> found.sentinels, found.master_name, found.db, found.password
+    ([('h1', 26379), ('h2', 26380)], 'cache', 2, 'pw')
+    >>> found.kombu_url
+    'sentinel://:pw@h1:26379/2;sentinel://:pw@h2:26380/2'
+    """
+
+    sentinels: list[tuple[str, int]]
+    master_name: str
+    db: int = 0
+    username: Optional[str] = None
+    password: Optional[str] = None
+    sentinel_password: Optional[str] = None
+    tls: bool = False
+
+    @property
+    def kombu_url(self) -> str:
+        """The address as kombu and Celery take it (the options go in transport options)."""
+        auth = ""
+        if self.password is not None:
+            auth = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
+        return ";".join(f"{SENTINEL_SCHEME}{auth}{host}:{port}/{self.db}" for host, port in self.sentinels)
+
+    def transport_options(self) -> dict:
+        """kombu's and Celery's transport options for it."""
+        options: dict = {"master_name": self.master_name}
+        sentinel_kwargs = {}
+        if self.sentinel_password is not None:
+            sentinel_kwargs["password"] = self.sentinel_password
+        if self.tls:
+            sentinel_kwargs["ssl"] = True
+        if sentinel_kwargs:
+            options["sentinel_kwargs"] = sentinel_kwargs
+        return options
+
+
+def parse_sentinel(url: str) -> Optional[SentinelAddress]:
+    """The parts of a ``sentinel://`` address; None for any other URL.
+
+    Options (``master_name``, ``sentinel_password``, ``ssl``) may follow any of the
+    ``;``-separated parts; the password of the first part that has one is the master's.
+    """
+    if not url.startswith(SENTINEL_SCHEME):
+        return None
+    sentinels: list[tuple[str, int]] = []
+    query: dict[str, str] = {}
+    db, username, password = 0, None, None
+    for part in url.split(";"):
+        parts = urlsplit(part.strip())
+        if parts.scheme != "sentinel" or not parts.hostname:
+            raise ConnectionNotConfigured(
+                f"invalid Sentinel address {redact_address(part)!r}: write sentinel://HOST:PORT, several "
+                "joined by ';', like sentinel://h1:26379;sentinel://h2:26379/0?master_name=mymaster"
+            )
+        sentinels.append((parts.hostname, parts.port or 26379))
+        query.update(parse_qsl(parts.query))
+        if parts.path.strip("/"):
+            db = int(parts.path.strip("/"))
+        if password is None and parts.password is not None:
+            username, password = parts.username or None, unquote(parts.password)
+    return SentinelAddress(sentinels, query.get("master_name") or DEFAULT_MASTER_NAME, db, username, password,
+                           query.get("sentinel_password"), query.get("ssl", "").lower() in ("1", "true", "yes"))
+
+
+def with_tls_defaults(url: str) -> str:
+    """A ``rediss://`` URL with ``ssl_cert_reqs=required`` when it sets none: the
+    certificate is verified against the system's CA store unless the URL says
+    otherwise (Celery's result backend refuses rediss without it).
+
+    >>> with_tls_defaults("rediss://:pw@cache:6380/0")
+    'rediss://:pw@cache:6380/0?ssl_cert_reqs=required'
+    >>> with_tls_defaults("rediss://cache:6380/0?ssl_cert_reqs=none")
+    'rediss://cache:6380/0?ssl_cert_reqs=none'
+    >>> with_tls_defaults("redis://cache:6379/0")
+    'redis://cache:6379/0'
+    """
+    if not url.startswith("rediss://") or "ssl_cert_reqs=" in url:
+        return url
+    return url + ("&" if "?" in url else "?") + "ssl_cert_reqs=required"
+
+
+def redis_client(url: str, **kwargs: object) -> redis.Redis:
+    """A redis-py client for any address taskserve takes (Sentinel: the current master)."""
+    sentinel = parse_sentinel(url)
+    if sentinel is None:
+        return redis.Redis.from_url(with_tls_defaults(url), **kwargs)  # type: ignore[arg-type]
+    from redis.sentinel import Sentinel
+
+    options = sentinel.transport_options()
+    watchers = Sentinel(sentinel.sentinels, sentinel_kwargs=options.get("sentinel_kwargs"),
+                        socket_connect_timeout=kwargs.get("socket_connect_timeout", 5))
+    return watchers.master_for(sentinel.master_name, db=sentinel.db, username=sentinel.username,
+                               password=sentinel.password, ssl=sentinel.tls, **kwargs)
+
+
+def async_connection_pool(url: str, max_connections: int, timeout: float, **kwargs: object) -> object:
+    """A ``redis.asyncio`` connection pool for any address taskserve takes: one that
+    waits up to ``timeout`` for a free connection, or for Sentinel the current master's
+    pool (which fails at once beyond ``max_connections``)."""
+    import redis.asyncio
+
+    sentinel = parse_sentinel(url)
+    if sentinel is None:
+        return redis.asyncio.BlockingConnectionPool.from_url(
+            with_tls_defaults(url), max_connections=max_connections, timeout=timeout, **kwargs)
+    from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+    options = sentinel.transport_options()
+    watchers = Sentinel(sentinel.sentinels, sentinel_kwargs=options.get("sentinel_kwargs"),
+                        socket_connect_timeout=kwargs.get("socket_connect_timeout", 5))
+    return SentinelConnectionPool(sentinel.master_name, watchers, max_connections=max_connections,
+                                  db=sentinel.db, username=sentinel.username, password=sentinel.password,
+                                  ssl=sentinel.tls, **kwargs)
 
 
 def make_store(address: str) -> Store:
     """A new :class:`Store` on its own connection pool (for long-running processes)."""
     # A Redis that hangs (paused, cut off) fails a call after a while instead of blocking it
     # forever; every blocking read taskserve makes waits for at most a few seconds.
-    client = redis.Redis.from_url(address, health_check_interval=30, socket_keepalive=True,
-                                  socket_connect_timeout=5, socket_timeout=30)
+    client = redis_client(address, health_check_interval=30, socket_keepalive=True,
+                          socket_connect_timeout=5, socket_timeout=30)
     return Store(client)
 
 
@@ -180,7 +402,7 @@ def connect(address: Optional[str] = None) -> Store:
 
         taskserve.connect("redis://127.0.0.1:6379/0")
     """
-    global _store, _address, _source
+    global _store, _address, _source, _data_dir
     found = find_cluster(address)
     url = found.url
     with _lock:
@@ -192,6 +414,7 @@ def connect(address: Optional[str] = None) -> Store:
         except redis.RedisError as error:
             raise RedisUnavailable(url, str(error)) from None
         _store, _address, _source = store, url, "connect()" if address else found.source
+        _data_dir = found.data_dir
         return store
 
 

@@ -14,8 +14,14 @@ not acknowledged). The decision lives in its own key (:class:`taskserve.store.Au
 not in the goal: an autoscaling change writes no generation, so it neither disturbs a
 ``deploy()`` waiting for its rollout nor is undone by one, and a new controller goes
 on from the count stored. Each change of the count is one history line by "autoscaler".
-While an autoscaled deployment has no replica, the controller looks at its queue every
-``WAKE_POLL_S`` between passes, so the first request starts a replica at once.
+Between passes, the controller looks at the queues of autoscaled deployments (one Redis
+command for all): every ``WAKE_POLL_S`` for those with no replica, so the first request
+starts one at once, and, while they have load, every
+:func:`~taskserve.autoscaler.sample_interval` (a quarter of the upscale delay) for those
+whose delay is shorter than four resyncs. A queue that pulls the pool another way than the
+last sample did starts a pass at once. An idle deployment with replicas costs no look: the
+replica that takes its first request notifies the controller at once. So a backlog is
+sampled within that interval of its arrival, not up to a resync later.
 
 Example::
 
@@ -32,11 +38,12 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable, Optional
+from typing import AbstractSet, Callable, Optional
 
 import redis
 
-from .autoscaler import LoadSample, decide, trim_history, wanted_replicas
+from .autoscaler import LoadSample, decide, direction, sample_interval, trim_history, wanted_replicas
+from .canary import VersionStats, abort_reason
 from .history import previous_goal
 from .planner import (
     ForgetDeployment,
@@ -52,7 +59,7 @@ from .planner import (
 )
 from .spec import AutoscalingConfig, check_autoscaling_config
 from .state import DEFAULT_HEARTBEAT_TTL_S, DeploymentHealth, DeploymentState, Goal, Node, Replica
-from .store import AutoscaleState, LeaseLost, Store, wait_for_events
+from .store import AutoscaleState, ClusterReader, LeaseLost, Store, wait_for_events
 
 log = logging.getLogger("taskserve.controller")
 
@@ -71,6 +78,7 @@ class Scaling:
     samples: tuple[LoadSample, ...] = ()           # recent load, trimmed to what decide uses
     written: Optional[AutoscaleState] = None       # what its key holds, as far as this controller knows
     due: Optional[float] = None                    # (clock) when a delay running now could end
+    config: Optional[AutoscalingConfig] = None     # the config of the last decision
 
 
 def autoscaling_config(goal: Goal) -> Optional[AutoscalingConfig]:
@@ -146,8 +154,12 @@ class Controller:
         self.errors: dict[str, str] = {}          # deployment -> the error last logged for it
         self.scaling: dict[str, Scaling] = {}     # autoscaled deployment -> its recent load and target
         self.asleep: tuple[str, ...] = ()         # autoscaled deployments with no replica (target 0)
+        self.watched: tuple[str, ...] = ()        # autoscaled deployments whose queue is looked at between passes
+        self.watch_s: Optional[float] = None      # how often (the shortest interval any of them needs)
         self.due: Optional[float] = None          # (clock) the next end of an autoscaling delay
         self.stale_scales_dropped = False         # this leadership removed the states of non-autoscaled ones
+        self.reader = ClusterReader(store, clock=clock)   # goals, healths, replicas: re-read as they change
+        self.settled: set[str] = set()            # deployments planned HEALTHY with nothing to do, unchanged since
 
     @property
     def leading(self) -> bool:
@@ -189,7 +201,7 @@ class Controller:
         delay, or a request in the queue of an autoscaled deployment that has no replica.
 
         Blocking on the notifications costs nothing; looking at the queues of the
-        deployments at zero costs one pipelined LLEN per ``WAKE_POLL_S``, and only while
+        ``watched`` deployments costs one Redis command per ``watch_s``, and only while
         there are some.
         """
         start = self.clock()
@@ -200,13 +212,26 @@ class Controller:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 return
-            if not self.asleep:
+            if not self.watched or self.watch_s is None:
                 wait_for_events(pubsub, remaining)
                 return
-            if wait_for_events(pubsub, min(WAKE_POLL_S, remaining)):
+            if wait_for_events(pubsub, min(self.watch_s, remaining)):
                 return
-            if any(self.store.queue_depths(self.asleep).values()):
+            if self._load_turned(self.store.waiting_requests(self.watched)):
                 return
+
+    def _load_turned(self, waiting: dict[str, int]) -> bool:
+        """True when a queue pulls its pool another way than the last sample did (with the
+        requests served then): a delay starts or ends, or a deployment at zero wakes."""
+        for name, count in waiting.items():
+            scaling = self.scaling.get(name)
+            if scaling is None or scaling.config is None or not scaling.samples:
+                continue
+            last = scaling.samples[-1]
+            was = direction(scaling.config, scaling.target, last.load)
+            if direction(scaling.config, scaling.target, count + last.serving) != was:
+                return True
+        return False
 
     def _lead(self, token: Optional[str]) -> None:
         """Take note of the lease token (None: another controller leads)."""
@@ -222,8 +247,12 @@ class Controller:
         self.errors.clear()
         self.scaling.clear()
         self.asleep = ()
+        self.watched = ()
+        self.watch_s = None
         self.due = None
         self.stale_scales_dropped = False
+        self.reader.forget()
+        self.settled.clear()
         self.lease = token
 
     def _check_lease(self) -> None:
@@ -240,39 +269,94 @@ class Controller:
         once per change); the others go on. Redis errors and a lost lease end the pass.
         """
         now = time.time() if now is None else now
-        goals, unreadable_goals = self.store.read_goals()
-        unreadable_replicas: dict[str, str] = {}
-        all_replicas = self.store.all_replicas(unreadable_replicas)
+        records, changed = self.reader.read()
+        goals = [r.goal for r in records.values() if r.goal is not None]
+        unreadable_goals = {name: r.error for name, r in records.items() if r.goal is None and r.error}
         nodes = self.store.list_nodes()
         autoscaled = [g.name for g in goals if not g.deleting and g.options.get("autoscaling_config") is not None]
         loads = self.store.deployment_loads(autoscaled)     # nothing is read when none autoscales
         clock = self.clock()
-        dead_nodes = self.nodes_considered_dead(nodes, all_replicas)
-        capacities = node_capacities(nodes, all_replicas)
-        by_deployment: dict[str, list[Replica]] = {}
-        for replica in all_replicas:
-            by_deployment.setdefault(replica.deployment, []).append(replica)
+        dead_nodes = self.nodes_considered_dead(nodes, [], set().union(*(r.nodes for r in records.values())))
+        capacities: Optional[list[NodeCapacity]] = None     # computed once a deployment is planned
         for name, error in unreadable_goals.items():
-            self._failed(name, f"its goal cannot be read: {error}")
+            self._failed(name, error)
         for goal in goals:
-            if goal.name in unreadable_replicas:
+            record = records[goal.name]
+            if goal.name in self.settled and goal.name not in changed and goal.name not in loads \
+                    and goal.canary is None and record.nodes.isdisjoint(dead_nodes):
+                continue     # planned HEALTHY with nothing to do, and nothing it depends on moved
+            self.settled.discard(goal.name)
+            if record.error:
                 # Planned without that record, the deployment could get one replica too many.
-                self._failed(goal.name, unreadable_replicas[goal.name])
+                self._failed(goal.name, record.error)
                 continue
             try:
+                if goal.canary is not None and not goal.deleting:
+                    goal = self._watch_canary(goal)
                 if goal.name in loads:
                     goal = self._autoscale(goal, loads[goal.name], now, clock)
-                capacities = self._reconcile(goal, by_deployment.get(goal.name, []), capacities, dead_nodes, now)
+                if capacities is None:
+                    capacities = node_capacities(nodes, (r for d in records.values() for r in d.replicas))
+                capacities, settled = self._reconcile(goal, list(record.replicas), record.health, capacities,
+                                                      dead_nodes, now)
             except (redis.RedisError, LeaseLost):
                 raise
             except Exception as error:
                 self._failed(goal.name, _one_line(error), error)
             else:
+                if settled:
+                    self.settled.add(goal.name)
                 if self.errors.pop(goal.name, None) is not None:
                     log.info("%s: reconciled again", goal.name)
+        self.settled &= set(records)
         for name in set(self.errors) - {g.name for g in goals} - set(unreadable_goals):
             del self.errors[name]     # deleted meanwhile
+        self._empty_canary_queues(goals)
         self._forget_scaling(goals, set(autoscaled), set(unreadable_goals))
+
+    # ------------------------------------------------------------------ canary releases
+
+    def _watch_canary(self, goal: Goal) -> Goal:
+        """Abort the goal's canary if :func:`taskserve.canary.abort_reason` says so, and
+        return the goal to plan (the one without the canary, then)."""
+        canary = goal.canary
+        assert canary is not None
+        stats = self.store.stats(goal.name)
+        reason = abort_reason(canary, VersionStats.of(stats, canary.version),
+                              VersionStats.of(stats, goal.version, canary.baseline))
+        if reason is None:
+            return goal
+        return self._abort_canary(goal, f"canary {canary.version} aborted: {reason}") or goal
+
+    def _abort_canary(self, goal: Goal, reason: str, error: str = "") -> Optional[Goal]:
+        """Write ``goal`` without its canary (unless it changed meanwhile), recorded as
+        "canary-abort" by "controller" with the reason; the goal written, or None."""
+        canary = goal.canary
+        assert canary is not None
+
+        def abort(current: Optional[Goal]) -> Optional[dict]:
+            if current is None or current.deleting or current.canary is None \
+                    or current.canary.version != canary.version:
+                return None   # aborted, promoted or changed meanwhile: that goal wins
+            return {"canary": None}
+
+        aborted = self.store.update_goal(
+            goal.name, abort, "canary-abort", by="controller", missing_ok=True,
+            event_extra={"reason": reason, "canary_version": canary.version, "error": error,
+                         "rollback_of": goal.generation},
+            fence=self.lease)
+        if aborted is not None:
+            log.warning("%s: %s; version %s takes all the requests", goal.name, reason, aborted.version)
+        return aborted
+
+    def _empty_canary_queues(self, goals: list[Goal]) -> None:
+        """Requests left in the canary queue of a deployment that has no canary now (sent
+        before its callers saw the abort or promotion, or given back by a draining canary
+        replica) go to its own queue: one round trip for every deployment."""
+        moved = self.store.move_canary_queues(g.name for g in goals if g.canary is None)
+        for name, count in moved.items():
+            if count:
+                log.info("%s: moved %d request(s) of its former canary to its queue", name, count)
 
     # ------------------------------------------------------------------ autoscaling
 
@@ -306,7 +390,7 @@ class Controller:
             self.store.set_autoscale_state(goal.name, state, change, fence=self.lease)
             written = state
         self.scaling[goal.name] = Scaling(decision.target, samples, written,
-                                          next_change_at(config, decision.target, samples))
+                                          next_change_at(config, decision.target, samples), config)
         return replace(goal, num_replicas=decision.target)
 
     def _forget_scaling(self, goals: list[Goal], autoscaled: set[str], unreadable: set[str]) -> None:
@@ -322,11 +406,22 @@ class Controller:
             if name not in autoscaled and name not in unreadable:
                 del self.scaling[name]     # no longer autoscaled, or deleted
         self.asleep = tuple(sorted(name for name, s in self.scaling.items() if s.target == 0))
+        # An idle deployment with replicas is not looked at: the replica that takes its
+        # first request tells the controller (a notification) at once.
+        intervals = {name: WAKE_POLL_S if s.target == 0 else sample_interval(s.config)
+                     for name, s in self.scaling.items()
+                     if s.config is not None and (s.target == 0 or (s.samples and s.samples[-1].load > 0))}
+        # Polling more often than a resync is only worth it where it shortens a delay.
+        intervals = {name: interval for name, interval in intervals.items() if interval < self.resync_s}
+        self.watched = tuple(sorted(intervals))
+        self.watch_s = min(intervals.values()) if intervals else None
         dues = [s.due for s in self.scaling.values() if s.due is not None]
         self.due = min(dues) if dues else None
 
-    def nodes_considered_dead(self, nodes: list[Node], replicas: list[Replica]) -> frozenset[str]:
-        """The nodes whose replicas may be forgotten and replaced.
+    def nodes_considered_dead(self, nodes: list[Node], replicas: list[Replica],
+                              replica_nodes: AbstractSet[str] = frozenset()) -> frozenset[str]:
+        """The nodes whose replicas may be forgotten and replaced (``replicas``: those
+        whose nodes count, or their nodes as ``replica_nodes``).
 
         A node that stopped heartbeating counts as dead one more heartbeat timeout
         after this controller first saw it so. While every node looks dead at once,
@@ -335,7 +430,8 @@ class Controller:
         clock = self.clock()
         ttls = {node.node_id: node.heartbeat_ttl_s for node in nodes}
         alive = {node.node_id for node in nodes if node.alive}
-        looking_dead = (set(ttls) | {r.node_id for r in replicas if r.node_id and not r.is_gone}) - alive
+        looking_dead = (set(ttls) | set(replica_nodes)
+                        | {r.node_id for r in replicas if r.node_id and not r.is_gone}) - alive
         for node_id in set(self.dead_since) - looking_dead:
             del self.dead_since[node_id]
         if not alive:
@@ -350,10 +446,14 @@ class Controller:
         return frozenset(node_id for node_id in looking_dead
                          if clock - self.dead_since[node_id] >= ttls.get(node_id, DEFAULT_HEARTBEAT_TTL_S))
 
-    def _reconcile(self, goal: Goal, replicas: list[Replica], capacities: list[NodeCapacity],
-                   dead_nodes: frozenset[str], now: float) -> list[NodeCapacity]:
-        """Plan one deployment and write what it decided; the capacities left after it."""
-        health = self.store.get_health(goal.name)
+    def _reconcile(self, goal: Goal, replicas: list[Replica], health: DeploymentHealth,
+                   capacities: list[NodeCapacity], dead_nodes: frozenset[str],
+                   now: float) -> tuple[list[NodeCapacity], bool]:
+        """Plan one deployment (``health``: what was concluded before) and write what it
+        decided; the capacities left after it, and whether it is settled: HEALTHY with
+        nothing to do and nothing to write, so planning it again gives the same until its
+        records, or the nodes it runs on, change."""
+        stored = health
         if health.observed_generation != goal.generation:
             health = DeploymentHealth(observed_generation=goal.generation)
         result = plan(goal, replicas, capacities, health, now, new_id=partial(_new_replica_id, goal.name),
@@ -370,9 +470,7 @@ class Controller:
             self.store.record_outcome(goal.name, goal.generation, outcome, result.message, fence=self.lease)
             if outcome == "failed":
                 self._roll_back(goal, result.message, result.last_error)
-        self.store.set_health(
-            goal.name,
-            replace(
+        concluded = replace(
                 health,
                 status=result.status,
                 message=result.message,
@@ -382,10 +480,11 @@ class Controller:
                 last_failure_at=result.last_failure_at,
                 outcome=outcome,
                 outcome_generation=goal.generation,
-            ),
-            fence=self.lease,
         )
-        return reserve(capacities, result.actions, goal.resources)
+        if concluded != stored:
+            self.store.set_health(goal.name, concluded, fence=self.lease)
+        settled = result.status == DeploymentState.HEALTHY and not result.actions and concluded == stored
+        return reserve(capacities, result.actions, goal.resources), settled
 
     def _failed(self, name: str, error: str, exc: Optional[BaseException] = None) -> None:
         """A deployment could not be reconciled: log it once per change, and say it in
@@ -409,6 +508,11 @@ class Controller:
         A first deploy has nothing to go back to and stays UNHEALTHY; neither does
         an automatic rollback that failed itself (no rollback loops).
         """
+        if failed.canary is not None:
+            # The canary failed (or the stable version while it ran): abort it; the stable
+            # version serves on.
+            self._abort_canary(failed, f"canary {failed.canary.version} aborted: {message}", error)
+            return
         history = self.store.history(failed.name)
         if any(e.get("generation") == failed.generation and e.get("action") == "auto-rollback" for e in history):
             return
@@ -450,7 +554,8 @@ class Controller:
                 self.store.update_replica(action.replica_id, fence=fence, desired="stop")
                 notify = True
             elif isinstance(action, SetReplicaConfig):
-                self.store.set_replica_config(action.replica_id, action.user_config, action.config_hash, fence=fence)
+                self.store.set_replica_config(action.replica_id, action.user_config, action.config_hash,
+                                              action.user_config_signature, fence=fence)
             elif isinstance(action, ForgetReplica):
                 record = records.get(action.replica_id)
                 if record is not None:

@@ -10,8 +10,11 @@ Example::
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+_URL_IN_TEXT = re.compile(r"\b(?:rediss?|sentinel|unix|amqps?)://[^\s'\"<>;,]+")
 
 
 class TaskserveError(Exception):
@@ -61,6 +64,18 @@ class ReplicaError(TaskserveError):
 
 class ConnectionNotConfigured(TaskserveError):
     """No Redis address was given and none could be found."""
+
+
+class SignatureError(TaskserveError):
+    """Code or its manifest in Redis is not signed with the cluster's secret: refused.
+
+    Raised where code is loaded (a node agent, a replica, a client reading a
+    deployment's code); the message is one line and says how to fix it.
+    """
+
+
+class SecretNotConfigured(TaskserveError):
+    """This process has no cluster secret, so it can neither sign nor check code."""
 
 
 class DeploymentUnavailable(TaskserveError):
@@ -147,3 +162,12 @@ def redact_address(url: str) -> str:
     # Built by hand: urlunsplit would drop the empty host of "unix:///path".
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + \
         (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every Redis URL in it redacted (see :func:`redact_address`).
+
+    >>> redact_text("cannot use 'redis://:s3cret@h:6379/0' or sentinel://:pw@h1:26379;sentinel://:pw@h2:26379")
+    "cannot use 'redis://h:6379/0' or sentinel://h1:26379;sentinel://h2:26379"
+    """
+    return _URL_IN_TEXT.sub(lambda match: redact_address(match.group(0)), text)

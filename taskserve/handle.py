@@ -8,7 +8,8 @@ Example::
 
 What a call costs in Redis: the push of its message and, once :meth:`Response.result`
 read the answer, one ``DEL`` of the answer (an answer nobody reads expires after the
-deployment's ``result_ttl_s``). A handle re-reads its deployment's goal and health (one
+deployment's ``result_ttl_s``). The answer arrives on the one pub/sub subscription this
+process makes (:mod:`taskserve.answers`), so a call subscribes to nothing of its own. A handle re-reads its deployment's goal and health (one
 ``MGET``) at most once a second, and a deployment with ``max_queued_requests`` costs
 one ``LLEN`` per call.
 """
@@ -16,32 +17,38 @@ one ``LLEN`` per call.
 from __future__ import annotations
 
 import functools
+import os
+import pickle
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
-import celery.exceptions
-import celery.result
 import celery.states
 import kombu.exceptions
 import redis
-from celery import Celery
+from kombu.utils.json import loads as json_loads
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from .celery_app import TASK_NAME, make_app
-from .connection import current_address, current_store
+from .answers import AnswerListener, Waiter
+from .call_message import CallMessages
+from .celery_app import make_app
+from .connection import current_address, current_store, redis_client
 from .errors import BackPressureError, DeploymentNotFound, DeploymentUnavailable, RedisUnavailable, ReplicaError
 from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState
-from .store import Store, queue_name
+from .store import Store, canary_queue_name, queue_name
 
 # A handle re-reads its deployment (exists? can serve? queue limit?) at most this often.
 EXISTENCE_CHECK_INTERVAL_S = 1.0
 
-# How a caller's Celery app meets a Redis that does not answer: one immediate retry (a
-# pooled connection may be stale after a Redis restart), then the error, which the
-# caller sees as RedisUnavailable. Replicas retry their result writes for half a
-# minute (celery_app); a caller waiting that long would only hide the outage.
-CALLER_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+# A caller meets a Redis that does not answer with one immediate retry (a pooled
+# connection may be stale after a Redis restart), then the error, which it sees as
+# RedisUnavailable. Replicas retry their result writes for half a minute; a caller
+# waiting that long would only hide the outage.
 REDIS_CONNECT_TIMEOUT_S = 5.0
+# A Redis that hangs fails a call after this long instead of blocking it forever.
+REDIS_SOCKET_TIMEOUT_S = 30.0
 # A caller waiting for an answer reads it again this often after Redis went away, for up
 # to its timeout (OUTAGE_WAIT_S when it gave none).
 OUTAGE_RETRY_S = 0.2
@@ -56,18 +63,41 @@ SERVING_STATES = frozenset({ReplicaState.STARTING, ReplicaState.RUNNING, Replica
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError, OSError)
 
 
+@dataclass(frozen=True)
+class Caller:
+    """What this process calls with, per address and serializer: a Redis client that
+    retries once (a pooled connection may be stale after a Redis restart), then lets
+    the caller see :class:`RedisUnavailable`; the message template; the answer listener."""
+
+    address: str
+    client: redis.Redis
+    messages: CallMessages
+    listener: AnswerListener
+    serializer: str
+
+
+def caller(address: str, serializer: str) -> Caller:
+    """The :class:`Caller` of this process for ``address`` and ``serializer`` (a forked
+    child gets its own: a connection and a listener thread do not survive a fork)."""
+    pid = os.getpid()
+    return Caller(address, _client(address, pid), _messages(address, serializer),
+                  _listener(address, pid), serializer)
+
+
 @functools.lru_cache(maxsize=None)
-def caller_app(address: str, serializer: str) -> Celery:
-    """The one caller-side Celery app per address and serializer in this process."""
-    app = make_app(address, serializer)
-    app.conf.update(
-        result_backend_always_retry=False,
-        task_publish_retry_policy=CALLER_RETRY_POLICY,
-        result_backend_transport_options={**app.conf.result_backend_transport_options,
-                                          "retry_policy": CALLER_RETRY_POLICY},
-        redis_socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-    )
-    return app
+def _client(address: str, pid: int) -> redis.Redis:
+    return redis_client(address, retry=Retry(NoBackoff(), 1), socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+                        socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_keepalive=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _messages(address: str, serializer: str) -> CallMessages:
+    return CallMessages(make_app(address, serializer), serializer)
+
+
+@functools.lru_cache(maxsize=None)
+def _listener(address: str, pid: int) -> AnswerListener:
+    return AnswerListener(_client(address, pid))
 
 
 def unavailable_reason(goal: Goal, health: DeploymentHealth,
@@ -102,7 +132,7 @@ def unavailable_reason(goal: Goal, health: DeploymentHealth,
 def _unreachable(error: BaseException) -> Optional[BaseException]:
     """The connection error behind ``error`` if it means Redis cannot be reached, else None."""
     if isinstance(error, RuntimeError) and isinstance(error.__cause__, _UNREACHABLE):
-        return error.__cause__    # Celery's result consumer gave up reconnecting
+        return error.__cause__    # a client that gave up reconnecting
     if isinstance(error, _UNREACHABLE):
         return error
     return None
@@ -111,15 +141,16 @@ def _unreachable(error: BaseException) -> Optional[BaseException]:
 class Response:
     """A request in flight; :meth:`result` waits for its value."""
 
-    def __init__(self, async_result: celery.result.AsyncResult, deployment: str, address: str = "") -> None:
-        self._async_result = async_result
+    def __init__(self, caller: Caller, waiter: Waiter, task_id: str, deployment: str) -> None:
+        self._caller = caller
+        self._waiter = waiter
+        self._task_id = task_id
         self.deployment = deployment
-        self._address = address
         self._outcome: Optional[tuple[bool, Any]] = None    # (ok, value or error) once read
 
     @property
     def request_id(self) -> str:
-        return self._async_result.id
+        return self._task_id
 
     def result(self, timeout: Optional[float] = None) -> Any:
         """The value the replica returned.
@@ -130,79 +161,60 @@ class Response:
         gives the same value.
         """
         if self._outcome is None:
-            self._outcome = self._read(timeout)
+            meta = self._await(timeout)
+            self._forget()
+            self._outcome = outcome(meta)
         ok, value = self._outcome
         if ok:
             return value
         raise value
 
-    def _read(self, timeout: Optional[float]) -> tuple[bool, Any]:
-        try:
-            envelope, failed, traceback_text = self._await(timeout)
-        except celery.exceptions.TimeoutError:
-            self._stop_waiting()
-            raise self._timed_out(timeout) from None
-        except Exception as error:
-            cause = _unreachable(error)
-            if cause is None:
-                raise
-            envelope, failed, traceback_text = self._wait_out_outage(timeout, cause)
-        self._forget()
-        if failed:
-            return False, ReplicaError(type(envelope).__name__, str(envelope), traceback_text or "")
-        if envelope.get("ok"):
-            return True, envelope["value"]
-        return False, ReplicaError(envelope["type"], envelope["message"], envelope.get("traceback", ""))
+    def _await(self, timeout: Optional[float]) -> dict:
+        """The answer's result record: as it is published, or read from its key.
 
-    def _await(self, timeout: Optional[float]) -> tuple[Any, bool, str]:
-        """The answer as it is published, read from its key too every ``RESULT_RECHECK_S``.
-
-        Celery's result consumer, reconnecting after Redis went away, reads the keys of
-        the answers it awaits and only then subscribes again: an answer published in
-        between is never heard of. Reading the key now and then finds it anyway.
+        The key is read every ``RESULT_RECHECK_S`` while no answer is heard (one
+        published while the listener's connection was re-established is only there),
+        and at once when the listener lost its connection. While Redis cannot be
+        reached, it is read every ``OUTAGE_RETRY_S``: a call already sent waits the
+        outage out (replicas retry storing their answer) until its timeout
+        (``OUTAGE_WAIT_S`` of outage without one), then raises :class:`RedisUnavailable`.
         """
+        waiter, client = self._waiter, self._caller.client
         deadline = None if timeout is None else time.monotonic() + timeout
+        outage_since: Optional[float] = None
+        cause: Optional[BaseException] = None
         while True:
-            wait_s = RESULT_RECHECK_S if deadline is None else min(RESULT_RECHECK_S, deadline - time.monotonic())
-            try:
-                envelope = self._async_result.get(timeout=max(wait_s, 0.0), propagate=False,
-                                                  disable_sync_subtasks=False)
-            except celery.exceptions.TimeoutError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                meta = self._async_result.backend.get_task_meta(self.request_id, cache=False)
-                if meta.get("status") not in celery.states.READY_STATES:
+            pause = RESULT_RECHECK_S if outage_since is None else OUTAGE_RETRY_S
+            if deadline is not None:
+                pause = min(pause, deadline - time.monotonic())
+            if waiter.event.wait(max(pause, 0.0)):
+                waiter.event.clear()
+                data, waiter.data = waiter.data, None
+                if data is not None:
+                    meta = self._decode(data)
+                    if meta.get("status") in celery.states.READY_STATES:
+                        return meta
                     continue
-                self._stop_waiting()
-                failed = meta["status"] in celery.states.PROPAGATE_STATES
-                return meta.get("result"), failed, meta.get("traceback") or ""
-            failed = self._async_result.failed()
-            return envelope, failed, (self._async_result.traceback if failed else "")
-
-    def _wait_out_outage(self, timeout: Optional[float], cause: BaseException) -> tuple[Any, bool, str]:
-        """Read the answer from its key once Redis is back, within the caller's timeout.
-
-        A request already sent is answered after an outage (replicas retry storing
-        their answer), but the pub/sub subscription it was awaited on is gone with the
-        connection, so the answer is read from its key. Only when the time is up with
-        Redis still away does the caller get :class:`RedisUnavailable`.
-        """
-        deadline = time.monotonic() + (OUTAGE_WAIT_S if timeout is None else timeout)
-        backend = self._async_result.backend
-        while True:
             try:
-                meta = backend.get_task_meta(self.request_id, cache=False)
-                if meta.get("status") in celery.states.READY_STATES:
-                    failed = meta["status"] in celery.states.PROPAGATE_STATES
-                    return meta.get("result"), failed, meta.get("traceback") or ""
-                unreachable = False
+                data = client.get(waiter.key)
+                outage_since = None
             except _UNREACHABLE as error:
-                cause, unreachable = error, True
-            if time.monotonic() + OUTAGE_RETRY_S >= deadline:
-                if unreachable:
-                    raise RedisUnavailable(self._address or current_address(), str(cause).strip())
+                data, cause = None, error
+                outage_since = outage_since or time.monotonic()
+            if data is not None:
+                meta = self._decode(data)
+                if meta.get("status") in celery.states.READY_STATES:
+                    return meta
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                if outage_since is not None:
+                    raise RedisUnavailable(self._caller.address, str(cause).strip())
                 raise self._timed_out(timeout)
-            time.sleep(OUTAGE_RETRY_S)
+            if deadline is None and outage_since is not None and now - outage_since >= OUTAGE_WAIT_S:
+                raise RedisUnavailable(self._caller.address, str(cause).strip())
+
+    def _decode(self, data: bytes) -> dict:
+        return pickle.loads(data) if self._caller.serializer == "pickle" else json_loads(data)
 
     def _timed_out(self, timeout: Optional[float]) -> TimeoutError:
         return TimeoutError(
@@ -210,23 +222,40 @@ class Response:
             f"(request {self.request_id}); `taskserve status {self.deployment}` shows its replicas"
         )
 
-    def _stop_waiting(self) -> None:
-        """Unsubscribe from the answer now: left to ``AsyncResult.__del__``, the unsubscribe
-        may run while the interpreter shuts down and print a traceback after the error."""
-        try:
-            self._async_result.backend.remove_pending_result(self._async_result)
-        except Exception:   # the timeout is what the caller must see
-            pass
-
     def _forget(self) -> None:
         """Delete the answer from Redis: read, it is of no more use."""
         try:
-            self._async_result.forget()
+            self._caller.client.delete(self._waiter.key)
         except _UNREACHABLE:
             pass    # Redis went away after answering; the answer expires on its own
 
     def __repr__(self) -> str:
         return f"<Response {self.deployment} {self.request_id}>"
+
+
+def outcome(meta: dict) -> tuple[bool, Any]:
+    """(True, value) or (False, ReplicaError) for a finished request's result record.
+
+    >>> outcome({"status": "SUCCESS", "result": {"ok": True, "value": 42}})
+    (True, 42)
+    >>> outcome({"status": "SUCCESS", "result": {"ok": False, "type": "ValueError", "message": "bad"}})[1]
+    ReplicaError('ValueError: bad')
+    >>> outcome({"status": "FAILURE", "result": {"exc_type": "WorkerLostError", "exc_message": ["lost"]},
+    ...          "traceback": "tb"})[1]
+    ReplicaError('WorkerLostError: lost')
+    """
+    envelope = meta.get("result")
+    if meta.get("status") == celery.states.SUCCESS and isinstance(envelope, dict):
+        if envelope.get("ok"):
+            return True, envelope["value"]
+        return False, ReplicaError(envelope["type"], envelope["message"], envelope.get("traceback", ""))
+    # Celery itself failed the task (say, its worker was lost): an exception or its description.
+    if isinstance(envelope, BaseException):
+        return False, ReplicaError(type(envelope).__name__, str(envelope), meta.get("traceback") or "")
+    error = envelope if isinstance(envelope, dict) else {}
+    args = error.get("exc_message")
+    message = str(args[0]) if isinstance(args, (list, tuple)) and len(args) == 1 else str(args or "")
+    return False, ReplicaError(error.get("exc_type") or str(meta.get("status")), message, meta.get("traceback") or "")
 
 
 @dataclass
@@ -236,6 +265,9 @@ class _Checked:
     at: float = float("-inf")
     max_queued: Optional[int] = None
     unavailable: Optional[str] = None
+    version: str = ""                   # the stable version
+    canary_version: str = ""            # the canary's, "" without one
+    canary_percent: float = 0.0         # the share of the requests it gets
 
 
 class DeploymentHandle:
@@ -253,11 +285,25 @@ class DeploymentHandle:
     each other can put a few requests over it.
     """
 
-    def __init__(self, deployment: str, serializer: str = "json", method: str = "__call__") -> None:
+    def __init__(self, deployment: str, serializer: str = "json", method: str = "__call__",
+                 version: Optional[str] = None) -> None:
         self.deployment = deployment
         self.serializer = serializer
         self.method = method
+        self.version = version          # pinned: every call goes to this version's replicas
         self._checked = _Checked()
+
+    def options(self, *, version: Optional[str] = None) -> "DeploymentHandle":
+        """A handle whose calls all go to ``version`` (the stable one or the canary's),
+        whatever the split: to try a canary by hand. ``version=None`` follows the split.
+
+        Example::
+
+            handle.options(version="2").remote("hi").result()    # answered by version 2
+        """
+        handle = DeploymentHandle(self.deployment, self.serializer, self.method, version)
+        handle._checked = self._checked
+        return handle
 
     def remote(self, *args: Any, **kwargs: Any) -> Response:
         """Enqueue a call and return at once with its :class:`Response`."""
@@ -267,11 +313,12 @@ class DeploymentHandle:
             self._check(store)
             if self._checked.max_queued is not None:
                 self._check_queue(store, self._checked.max_queued)
-            async_result = caller_app(address, self.serializer).send_task(
-                TASK_NAME,
-                args=(self.method, list(args), kwargs),
-                queue=queue_name(self.deployment),
-            )
+            queue = self._queue()
+            call = caller(address, self.serializer)
+            task_id = call.listener.new_task_id()
+            item = call.messages.encode(task_id, queue, self.method, list(args), kwargs)
+            waiter = call.listener.expect(task_id)      # listening before the call can be answered
+            call.client.lpush(queue, item)
         except kombu.exceptions.EncodeError as error:
             raise TypeError(
                 f"the arguments of this call to {self.deployment!r} cannot travel as "
@@ -282,7 +329,7 @@ class DeploymentHandle:
             if cause is None:
                 raise
             raise RedisUnavailable(address, str(cause).strip()) from None
-        return Response(async_result, self.deployment, address)
+        return Response(call, waiter, task_id, self.deployment)
 
     def _check(self, store: Store) -> None:
         """Re-read the deployment (one ``MGET``) if the last read is a second old; raise
@@ -298,9 +345,28 @@ class DeploymentHandle:
             health = DeploymentHealth.from_json(health_text) if health_text else DeploymentHealth()
             checked.unavailable = unavailable_reason(goal, health, lambda: store.replicas_of(self.deployment))
             checked.max_queued = goal.options.get("max_queued_requests")
+            checked.version = goal.version
+            checked.canary_version = goal.canary.version if goal.canary else ""
+            checked.canary_percent = goal.canary.traffic_percent if goal.canary else 0.0
             checked.at = now
         if checked.unavailable is not None:
             raise DeploymentUnavailable(self.deployment, checked.unavailable)
+
+    def _queue(self) -> str:
+        """The queue of this call: the canary's for its share of the calls (a weighted
+        random choice each time) or when pinned to its version, else the deployment's."""
+        checked = self._checked
+        if self.version is None:
+            to_canary = bool(checked.canary_version) and random.random() * 100 < checked.canary_percent
+        elif self.version == checked.canary_version:
+            to_canary = True
+        elif self.version == checked.version:
+            to_canary = False
+        else:
+            runs = repr(checked.version) + (f" and the canary {checked.canary_version!r}" if checked.canary_version else "")
+            raise ValueError(f"deployment {self.deployment!r} runs version {runs}, not {self.version!r}; "
+                             "pin one of those, or use a handle without version=")
+        return canary_queue_name(self.deployment) if to_canary else queue_name(self.deployment)
 
     def _check_queue(self, store: Store, limit: int) -> None:
         queued = store.redis.llen(queue_name(self.deployment))
@@ -310,7 +376,7 @@ class DeploymentHandle:
     def __getattr__(self, method: str) -> "DeploymentHandle":
         if method.startswith("_"):
             raise AttributeError(method)
-        handle = DeploymentHandle(self.deployment, self.serializer, method)
+        handle = DeploymentHandle(self.deployment, self.serializer, method, self.version)
         handle._checked = self._checked
         return handle
 

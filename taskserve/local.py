@@ -32,7 +32,9 @@ from typing import Callable, Iterable, Optional, TypeVar
 
 import redis
 
+from .connection import remember_secret
 from .redis_server import RedisServer
+from .signing import SECRET_ENV, generate_secret, secret_from_environment
 
 T = TypeVar("T")
 
@@ -96,21 +98,30 @@ class LocalCluster:
     """Redis, a controller, node agents and gateways as child processes.
 
     ``redis_url`` uses a running Redis instead of starting one; ``redis_data_dir``
-    gives the started one an append-only file there (no persistence without).
-    ``env`` is the environment of every part (default: this process's);
-    ``cwd`` their working directory.
+    gives the started one an append-only file there (no persistence without);
+    ``redis_password`` makes it require that password, ``redis_host`` the address
+    it listens on (127.0.0.1). ``env`` is the environment of every part (default:
+    this process's); ``cwd`` their working directory; ``secret`` the cluster's
+    signing secret, given to the parts as ``$TASKSERVE_SECRET``.
     """
 
     def __init__(self, log_dir: Path, *, redis_url: Optional[str] = None, redis_port: Optional[int] = None,
                  redis_data_dir: Optional[Path] = None, env: Optional[dict[str, str]] = None,
-                 cwd: Optional[Path] = None) -> None:
+                 cwd: Optional[Path] = None, redis_password: Optional[str] = None,
+                 redis_host: str = "127.0.0.1", secret: Optional[str] = None) -> None:
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.redis: Optional[RedisServer] = None
         self._redis_url = redis_url
         self._redis_port = redis_port
         self._redis_data_dir = redis_data_dir
+        self._redis_password = redis_password
+        self._redis_host = redis_host
         self.base_env = dict(os.environ if env is None else env)
+        # A cluster needs a secret to run code: one from the environment, else a new one.
+        self.secret = secret
+        if secret is None and secret_from_environment(self.base_env) is None:
+            self.secret = generate_secret()
         self.cwd = cwd
         self.processes: dict[str, subprocess.Popen] = {}
         self.commands: dict[str, tuple[tuple[str, ...], Optional[dict[str, str]]]] = {}
@@ -129,7 +140,11 @@ class LocalCluster:
     def start_redis(self) -> str:
         """Start the embedded Redis (unless a ``redis_url`` was given); its URL."""
         if self._redis_url is None and self.redis is None:
-            self.redis = RedisServer(port=self._redis_port, data_dir=self._redis_data_dir).start()
+            self.redis = RedisServer(port=self._redis_port, data_dir=self._redis_data_dir,
+                                     password=self._redis_password, host=self._redis_host).start()
+        known = secret_from_environment(self.env())
+        if known is not None:
+            remember_secret(self.url, known)     # so that this process can deploy to it
         return self.url
 
     def restart_redis(self) -> None:
@@ -137,13 +152,17 @@ class LocalCluster:
         if self.redis is None:
             raise RuntimeError("only an embedded Redis can be restarted")
         self.redis.stop()
-        self.redis = RedisServer(port=self.redis.port, data_dir=self._redis_data_dir).start()
+        self.redis = RedisServer(port=self.redis.port, data_dir=self._redis_data_dir,
+                                 password=self._redis_password, host=self._redis_host).start()
 
     # ------------------------------------------------------------------ parts
 
     def env(self) -> dict[str, str]:
-        """The environment of the parts: the base one with the cluster's address."""
-        return {**self.base_env, ADDRESS_ENV: self.url}
+        """The environment of the parts: the base one with the cluster's address (and secret)."""
+        env = {**self.base_env, ADDRESS_ENV: self.url}
+        if self.secret is not None:
+            env[SECRET_ENV] = self.secret
+        return env
 
     def start(self, name: str, *args: str, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
         """Start ``python -m taskserve ARGS`` as the part ``name`` (its log: ``<name>.log``).

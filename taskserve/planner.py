@@ -12,6 +12,9 @@ plain tables:
 - a replica whose constructor keeps failing stops the rollout after
   ``min(100, 3 * n)`` failed starts, with a growing pause between attempts;
 - replicas are placed where their resources fit, spread over nodes;
+- a canary (``goal.canary``) runs ``max(1, ceil(n * P / 100))`` replicas of its own beside
+  the stable ones, which it never touches; without one, its replicas drain (after the
+  stable rollout, when it was promoted);
 - a replica is forgotten (and replaced) when it is gone, or when its node is dead;
   a node that is merely not alive right now (its heartbeat is late, Redis lost
   it) keeps its replicas: the caller says which nodes count as dead.
@@ -34,9 +37,12 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import AbstractSet, Callable, Iterable, Optional, Sequence, Union
 
+from .autoscaler import ReplicaLoad, choose_replicas_to_remove
 from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState, Resources
 
 MAX_FAILED_STARTS = 100
+# How a replica's start error begins when reconfigure(user_config), not the constructor, raised.
+RECONFIGURE_FAILED_MARK = "reconfigure(user_config) failed:"
 
 
 # --------------------------------------------------------------------------- actions
@@ -56,6 +62,7 @@ class PlaceReplica:
     replica_id: str
     node_id: str
     gpu_ids: str = ""
+    resources: Optional[Resources] = None     # a canary replica's, when they are not the goal's
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class SetReplicaConfig:
     replica_id: str
     user_config: str          # JSON
     config_hash: str
+    user_config_signature: str = ""     # the goal's, copied: the replica checks it
 
 
 @dataclass(frozen=True)
@@ -228,14 +236,29 @@ def _missing(need: Resources, nodes: Sequence[NodeCapacity]) -> str:
     ):
         largest = max(nodes, key=free_of)
         if wanted > free_of(largest) + 1e-9:
-            return f"needs {fmt(wanted)} {label}; the largest free is {fmt(free_of(largest))} on {largest.node_id}"
+            return (f"needs {fmt(wanted)} {_unit(label, wanted)}; the largest free is {fmt(free_of(largest))} "
+                    f"on {largest.node_id}")
     if any(need.fits_in(node.free) for node in nodes):
-        return f"needs {_num(need.num_gpus)} GPUs; the free GPU shares are split over several GPUs"
+        return f"needs {_num(need.num_gpus)} {_unit('GPUs', need.num_gpus)}; the free GPU shares are split over several GPUs"
     return "no single node has all of the resources at once"
 
 
 def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _unit(label: str, amount: float) -> str:
+    """``label`` for ``amount`` of it: "CPU" for one, "CPUs" otherwise (0.5 CPUs too)."""
+    return label.removesuffix("s") if label in ("CPUs", "GPUs") and amount == 1 else label
+
+
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, in the plural unless ``count`` is one.
+
+    >>> plural(1, "replica"), plural(3, "replica"), plural(1, "time"), plural(0, "time")
+    ('1 replica', '3 replicas', '1 time', '0 times')
+    """
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 # --------------------------------------------------------------------------- plan
@@ -272,9 +295,28 @@ def plan(
     ...                                 new_id=lambda: "echo-2", dead_nodes={"node-a"}).actions]
     ['ForgetReplica', 'StartReplica']
     """
-    forgets, present = _forget_gone(goal, replicas, nodes, dead_nodes)
+    replicas = list(replicas)
     if goal.deleting:
-        return _plan_delete(forgets, present)
+        return _plan_delete(*_forget_gone(goal, replicas, nodes, dead_nodes))
+    canaries = [r for r in replicas if r.canary]
+    result = _plan_fleet(goal, [r for r in replicas if not r.canary], nodes, health, now, new_id, dead_nodes)
+    if goal.canary is None and not canaries:
+        return result
+    return _plan_canary(goal, canaries, result, nodes, now, new_id, dead_nodes)
+
+
+def _plan_fleet(
+    goal: Goal,
+    replicas: list[Replica],
+    nodes: Sequence[NodeCapacity],
+    health: DeploymentHealth,
+    now: float,
+    new_id: Callable[[], str],
+    dead_nodes: Optional[AbstractSet[str]],
+) -> Plan:
+    """:func:`plan` for one set of replicas that run ``goal`` (the stable ones, or a
+    canary's with its :meth:`~taskserve.state.Goal.canary_goal`)."""
+    forgets, present = _forget_gone(goal, replicas, nodes, dead_nodes)
     failures = _count_failed_starts(goal, forgets, health, now)
     fleet = _partition(goal, present)
     stops = _choose_stops(goal, fleet, failures, nodes)
@@ -289,6 +331,89 @@ def plan(
         last_failure_at=failures.last_failure_at,
     )
     return _status(goal, fleet, stops, configs, failures, start_reason or place_reason, result)
+
+
+# --------------------------------------------------------------------------- canary releases
+
+
+def _plan_canary(
+    goal: Goal,
+    canaries: list[Replica],
+    stable: Plan,
+    nodes: Sequence[NodeCapacity],
+    now: float,
+    new_id: Callable[[], str],
+    dead_nodes: Optional[AbstractSet[str]],
+) -> Plan:
+    """Add the canary's replicas to the stable version's plan (SPEC §9).
+
+    With a canary, its ``Canary.replica_count`` replicas are planned like a deployment of
+    their own (placed in the room the stable plan left, rolled when the canary changes
+    version), beside the stable ones, which this never touches. Without one, its
+    replicas drain: at once after an abort; after a promote, once the stable replicas
+    all run the promoted version. Failed starts of both add up in one count.
+    """
+    canary_goal = goal.canary_goal()
+    room = reserve(list(nodes), stable.actions, goal.resources)
+    if canary_goal is None:
+        return _drain_canary(goal, canaries, stable, room, dead_nodes)
+    carried = DeploymentHealth(failed_starts=stable.failed_starts, last_error=stable.last_error,
+                               last_failure_at=stable.last_failure_at)
+    own = _plan_fleet(canary_goal, canaries, room, carried, now, new_id, dead_nodes)
+    actions = [_as_canary(action, canary_goal) for action in own.actions]
+    label = f"canary {canary_goal.version} at {_num(goal.canary.traffic_percent)}%"
+    if own.status == DeploymentState.HEALTHY:
+        canary_message = f"{label}: {canary_goal.num_replicas} replicas running"
+    else:
+        canary_message = f"{label}: {own.message}"
+    return _merge(stable, own, actions, canary_message)
+
+
+def _drain_canary(goal: Goal, canaries: list[Replica], stable: Plan, room: Sequence[NodeCapacity],
+                  dead_nodes: Optional[AbstractSet[str]]) -> Plan:
+    """Stop the replicas of a canary the goal no longer has. Those of a promoted canary
+    (they run the goal's replica_spec) serve on while the stable rollout is in progress."""
+    forgets, present = _forget_gone(goal, canaries, room, dead_nodes)
+    forgets = [replace(forget, failed_start=False) for forget in forgets]
+    promoting = stable.status == DeploymentState.UPDATING and not stable.failed
+    leaving = [r for r in present if r.desired == "run" and not (promoting and r.spec_hash == goal.replica_spec)]
+    draining = [r for r in present if r.node_id and (r.desired != "run" or r in leaving)]
+    result = replace(stable, actions=[*stable.actions, *forgets, *_stop_actions(leaving)])
+    if not present:
+        return result
+    message = f"canary replicas draining: {len(draining)}" if draining else "canary replicas serve until the promotion is done"
+    status = DeploymentState.UNHEALTHY if stable.status == DeploymentState.UNHEALTHY else DeploymentState.UPDATING
+    return replace(result, status=status, message="; ".join(filter(None, [stable.message, message])))
+
+
+def _as_canary(action: Action, canary_goal: Goal) -> Action:
+    """A canary's action: its new replicas are marked canary (they consume its queue), and
+    its placements carry the canary's resources."""
+    if isinstance(action, StartReplica):
+        return StartReplica(replace(action.replica, canary=True))
+    if isinstance(action, PlaceReplica):
+        return replace(action, resources=canary_goal.resources)
+    return action
+
+
+def _merge(stable: Plan, own: Plan, actions: list[Action], canary_message: str) -> Plan:
+    """The stable plan and the canary's as one: HEALTHY when both are, UNHEALTHY (failed)
+    when either is."""
+    if DeploymentState.UNHEALTHY in (stable.status, own.status):
+        status = DeploymentState.UNHEALTHY
+    elif stable.status == own.status == DeploymentState.HEALTHY:
+        status = DeploymentState.HEALTHY
+    else:
+        status = DeploymentState.UPDATING
+    return Plan(
+        actions=[*stable.actions, *actions],
+        status=status,
+        message="; ".join(filter(None, [stable.message, canary_message])),
+        failed=stable.failed or own.failed,
+        failed_starts=own.failed_starts,
+        last_error=own.last_error,
+        last_failure_at=own.last_failure_at,
+    )
 
 
 # --------------------------------------------------------------------------- what the steps share
@@ -414,7 +539,7 @@ def _plan_delete(forgets: list[ForgetReplica], present: list[Replica]) -> Plan:
                 result.actions.append(ForgetReplica(replica.replica_id))
     if all(not r.node_id for r in present):
         result.actions.append(ForgetDeployment())
-    result.message = f"deleting: {sum(1 for r in present if r.node_id)} replicas draining"
+    result.message = f"deleting: {plural(sum(1 for r in present if r.node_id), 'replica')} draining"
     return result
 
 
@@ -464,10 +589,13 @@ def _choose_stops(goal: Goal, fleet: _Fleet, failures: _Failures, nodes: Sequenc
 
 def _surplus(current: list[Replica], target: int) -> list[Replica]:
     """Current replicas above the target (a scale-down): the least useful first (not
-    placed, then starting, then the newest running)."""
+    placed, then starting, then idle running ones, then busy ones by the requests they
+    last reported holding), per :func:`taskserve.autoscaler.choose_replicas_to_remove`."""
     if len(current) <= target:
         return []
-    return sorted(current, key=_stop_preference)[: len(current) - target]
+    by_id = {r.replica_id: r for r in current}
+    chosen = choose_replicas_to_remove([ReplicaLoad.of(r, r.in_flight) for r in current], len(current) - target)
+    return [by_id[replica_id] for replica_id in chosen]
 
 
 def _outdated_to_stop(
@@ -523,7 +651,7 @@ def _reconfigure(goal: Goal, fleet: _Fleet, stops: _Stops) -> _Configs:
         available_after = sum(1 for r in fleet.active if r.is_available and r.replica_id not in stopped)
         allowed = len(stale_serving) if goal.num_replicas == 0 else max(0, available_after - fleet.min_available)
         config_json = _config_json(goal)
-        actions = [SetReplicaConfig(r.replica_id, config_json, goal_config)
+        actions = [SetReplicaConfig(r.replica_id, config_json, goal_config, goal.user_config_signature)
                    for r in [r for r in stale if not r.is_available] + stale_serving[:allowed]]
     return _Configs(actions, stale, failed, reconfiguring)
 
@@ -589,6 +717,7 @@ def _start_missing(
                     config=replica_config(goal),
                     user_config=_config_json(goal),
                     config_hash=goal.user_config_hash,
+                    user_config_signature=goal.user_config_signature,
                     gpu_ids=_ids(gpu_ids),
                 )
             )
@@ -629,9 +758,10 @@ def _status(
             message=f"reconfigure failed on {rejected.replica_id}: {_last_line(rejected.config_error)}",
         )
     if failures.gave_up:
-        message = f"constructor failed {failures.count} times: {_last_line(failures.last_error)}"
+        message = f"{_what_failed(failures.last_error)} failed {plural(failures.count, 'time')}: {_last_line(failures.last_error)}"
         if stops.outdated_left:
-            message += f"; {len(stops.outdated_left)} replicas of the previous version keep serving"
+            left = len(stops.outdated_left)
+            message += f"; {plural(left, 'replica')} of the previous version {'keeps' if left == 1 else 'keep'} serving"
         return replace(result, status=DeploymentState.UNHEALTHY, failed=True, message=message)
     return replace(result, message=_progress(goal, fleet, stops, configs, failures, pending_reason))
 
@@ -651,10 +781,16 @@ def _progress(
     elif len(fleet.active) > target or fleet.stopping:
         text = f"scaling to {target}: {len(fleet.stopping) + len(stops.replicas)} draining"
     else:
-        text = f"starting {target} replicas: {updated}/{target} running"
+        text = f"starting {plural(target, 'replica')}: {updated}/{target} running"
     if failures.count:
-        text = f"waiting: constructor failed {failures.count} times: {_last_line(failures.last_error)}; " + text
-    if pending_reason:
+        text = (f"waiting: {_what_failed(failures.last_error)} failed {plural(failures.count, 'time')}: "
+                f"{_last_line(failures.last_error)}; ") + text
+    replaced = len(fleet.stopping) + len(stops.replicas) + len(stops.outdated_left)
+    if pending_reason and replaced:
+        # The routine wait of a rollout on a full node: the old replicas free the room.
+        need = pending_reason.split(";")[0]
+        text += f"; new replicas start as the {plural(replaced, 'replica')} being replaced free room ({need})"
+    elif pending_reason:
         text += f"; pending: {pending_reason}"
     waiting = sorted({r.message for r in current if r.node_id and r.state == ReplicaState.PENDING and r.message})
     if waiting:
@@ -679,12 +815,6 @@ def _config_json(goal: Goal) -> str:
     return json.dumps(goal.options.get("user_config"), sort_keys=True)
 
 
-def _stop_preference(replica: Replica) -> tuple:
-    placed = 1 if replica.node_id else 0
-    available = 1 if replica.is_available else 0
-    return (placed, available, -replica.created_at)
-
-
 def _surge_blocked(current: list[Replica], goal: Goal, nodes: Sequence[NodeCapacity]) -> bool:
     """True when new replicas cannot be placed, so surge falls back to stop-first."""
     if any(not r.node_id for r in current):
@@ -694,6 +824,16 @@ def _surge_blocked(current: list[Replica], goal: Goal, nodes: Sequence[NodeCapac
 
 def _ids(gpu_ids: Sequence[int]) -> str:
     return ",".join(str(gpu_id) for gpu_id in gpu_ids)
+
+
+def _what_failed(error: str) -> str:
+    """"reconfigure" when a replica's start failed in ``reconfigure(user_config)``, else
+    "constructor" (the replica writes the marker first in its start error).
+
+    >>> _what_failed("reconfigure(user_config) failed: ..."), _what_failed("Traceback ...")
+    ('reconfigure', 'constructor')
+    """
+    return "reconfigure" if error.startswith(RECONFIGURE_FAILED_MARK) else "constructor"
 
 
 def _last_line(error: str) -> str:
@@ -707,30 +847,35 @@ def node_capacities(nodes: Iterable, replicas: Iterable[Replica]) -> list[NodeCa
     ``nodes`` are :class:`taskserve.state.Node`; a replica holds its resources
     (and its GPUs, by id) until it has exited.
     """
-    replicas = [r for r in replicas if r.node_id and not r.is_gone]
+    on_node: dict[str, list[Replica]] = {}
+    for replica in replicas:
+        if replica.node_id and not replica.is_gone:
+            on_node.setdefault(replica.node_id, []).append(replica)
     capacities = []
     for node in nodes:
         if not node.alive:
             continue
         capacity = NodeCapacity(node.node_id, node.total)
         capacity = NodeCapacity(node.node_id, node.total, capacity.gpus())
-        for replica in replicas:
-            if replica.node_id == node.node_id:
-                capacity = capacity.take(replica.resources, replica.gpu_id_list)
+        for replica in on_node.get(node.node_id, ()):
+            capacity = capacity.take(replica.resources, replica.gpu_id_list)
         capacities.append(capacity)
     return capacities
 
 
 def reserve(capacities: list[NodeCapacity], actions: Iterable[Action], need: Resources) -> list[NodeCapacity]:
-    """Capacities after the starts and placements in ``actions`` took ``need`` each."""
+    """Capacities after the starts and placements in ``actions`` took ``need`` each (a
+    canary's, what its replicas need)."""
     by_node = {capacity.node_id: capacity for capacity in capacities}
     for action in actions:
         if isinstance(action, StartReplica):
             node_id, gpu_ids = action.replica.node_id, action.replica.gpu_id_list
+            took = action.replica.resources if action.replica.canary else need
         elif isinstance(action, PlaceReplica):
             node_id, gpu_ids = action.node_id, [int(i) for i in action.gpu_ids.split(",") if i]
+            took = action.resources or need
         else:
             continue
         if node_id in by_node:
-            by_node[node_id] = by_node[node_id].take(need, gpu_ids)
+            by_node[node_id] = by_node[node_id].take(took, gpu_ids)
     return [by_node[capacity.node_id] for capacity in capacities]

@@ -7,10 +7,18 @@ Example::
 
     with RedisServer(data_dir=Path(".taskserve")) as server:
         print(server.url)          # redis://127.0.0.1:6379/0
+
+    with RedisServer(password=generate_password()) as server:
+        print(server.url)          # redis://:<password>@127.0.0.1:50123/0
+
+The password reaches ``redis-server`` on its standard input, never its command
+line (which any user of the machine can read with ``ps``).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
 import shutil
 import socket
 import subprocess
@@ -40,6 +48,25 @@ def find_redis_server() -> str:
     )
 
 
+def generate_password() -> str:
+    """A fresh random Redis password (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("::1"), is_loopback("localhost"), is_loopback("0.0.0.0")
+    (True, True, True, False)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether nothing listens on ``host:port`` (a bind to it succeeds)."""
     with socket.socket() as sock:
@@ -59,20 +86,35 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A ``redis-server`` child process on 127.0.0.1.
+    """A ``redis-server`` child process, listening on 127.0.0.1 unless ``host`` says.
 
     With ``data_dir`` it keeps an append-only file there, so a restart keeps the
-    cluster's state; without, it keeps nothing on disk.
+    cluster's state; without, it keeps nothing on disk. With ``password`` every
+    client must authenticate (``url`` carries it); a ``host`` other than loopback
+    needs one. Protected mode is always on.
     """
 
-    def __init__(self, port: Optional[int] = None, data_dir: Optional[Path] = None) -> None:
+    def __init__(self, port: Optional[int] = None, data_dir: Optional[Path] = None,
+                 password: Optional[str] = None, host: str = "127.0.0.1") -> None:
+        if not is_loopback(host) and not password:
+            raise ValueError(f"a Redis listening on {host!r} needs a password; pass one, or listen on 127.0.0.1")
+        if password is not None and (not password or any(c.isspace() or c in "\"'" for c in password)):
+            raise ValueError("the Redis password must be non-empty, without spaces or quotes; "
+                             "use generate_password()")
         self.port = port or free_port()
         self.data_dir = Path(data_dir) if data_dir else None
+        self.password = password
+        self.host = host
         self.process: Optional[subprocess.Popen] = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL clients on this machine use (with the password, if there is one)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def _client(self, **kwargs: object) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, **kwargs)  # type: ignore[arg-type]
 
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
         """Start it; ``RuntimeError`` in one line if its port is taken or it does not come up."""
@@ -81,7 +123,8 @@ class RedisServer:
                 f"port {self.port} is in use (another Redis or taskserve cluster?); "
                 "pick another --redis-port, or leave it out for a free one"
             )
-        args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+        # "-": the first lines of the configuration come from stdin (the password, unseen by ps).
+        args = [find_redis_server(), "-", "--port", str(self.port), "--bind", self.host,
                 "--save", "", "--protected-mode", "yes", "--loglevel", "warning"]
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -92,9 +135,13 @@ class RedisServer:
         # Errors at start go to a file, read only if the server exits: a pipe nobody
         # reads could fill up and block the server.
         self._errors = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                         stderr=self._errors, start_new_session=True)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        assert self.process.stdin is not None
+        with self.process.stdin:
+            if self.password:
+                self.process.stdin.write(f"requirepass {self.password}\n".encode())
+        client = self._client(socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
@@ -118,7 +165,7 @@ class RedisServer:
         if self.process is None or self.process.poll() is not None:
             return
         try:
-            redis.Redis(port=self.port, socket_timeout=5).shutdown(nosave=self.data_dir is None)
+            self._client(socket_timeout=5).shutdown(nosave=self.data_dir is None)
         except redis.RedisError:
             pass
         try:

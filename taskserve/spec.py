@@ -163,6 +163,63 @@ def check_autoscaling_config(value: Any) -> Optional[AutoscalingConfig]:
     return AutoscalingConfig(**value)
 
 
+CANARY_KEYS = ("traffic_percent", "min_requests", "max_error_rate_increase", "max_p95_ratio")
+CANARY_DEFAULTS: dict[str, Any] = {"min_requests": 20, "max_error_rate_increase": 0.05, "max_p95_ratio": None}
+
+
+def check_canary_config(value: Any) -> Optional[dict[str, Any]]:
+    """A ``canary`` option (SPEC §9) with its defaults filled in, or None; a one-line
+    ``TypeError``/``ValueError`` naming the key, the value and the fix otherwise.
+
+    >>> check_canary_config({"traffic_percent": 10})
+    {'traffic_percent': 10.0, 'min_requests': 20, 'max_error_rate_increase': 0.05, 'max_p95_ratio': None}
+    >>> check_canary_config({"traffic_percent": 0})
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid canary['traffic_percent']=0: use a share of the requests above 0 and at most 100, like 10
+    >>> check_canary_config({"traffic": 10})
+    Traceback (most recent call last):
+    ...
+    TypeError: unknown canary key 'traffic'; did you mean 'traffic_percent'?
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"invalid canary={value!r}: use a dict like {{'traffic_percent': 10}}, or None")
+    for key in value:
+        if key not in CANARY_KEYS:
+            close = difflib.get_close_matches(str(key), CANARY_KEYS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the keys are {_quoted(CANARY_KEYS)}"
+            raise TypeError(f"unknown canary key {key!r}; {hint}")
+    if "traffic_percent" not in value:
+        raise ValueError("a canary needs its traffic_percent, like canary={'traffic_percent': 10}")
+    config = {"traffic_percent": value["traffic_percent"], **CANARY_DEFAULTS,
+              **{k: v for k, v in value.items() if k != "traffic_percent"}}
+
+    def number(key: str, ok: bool, fix: str) -> None:
+        item = config[key]
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item) or not ok:
+            raise ValueError(f"invalid canary[{key!r}]={item!r}: {fix}")
+
+    percent = config["traffic_percent"]
+    number("traffic_percent", isinstance(percent, (int, float)) and 0 < percent <= 100,
+           "use a share of the requests above 0 and at most 100, like 10")
+    count = config["min_requests"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"invalid canary['min_requests']={count!r}: use a whole number of requests >= 1, like 20")
+    increase = config["max_error_rate_increase"]
+    number("max_error_rate_increase", isinstance(increase, (int, float)) and 0 <= increase <= 1,
+           "use a fraction from 0 to 1, like 0.05 (5 points above the stable version's error rate)")
+    if config["max_p95_ratio"] is not None:
+        ratio = config["max_p95_ratio"]
+        number("max_p95_ratio", isinstance(ratio, (int, float)) and ratio >= 1,
+               "use a ratio >= 1, like 1.5 (the canary's p95 latency at most 1.5 times the stable's), or None")
+        config["max_p95_ratio"] = float(ratio)
+    config["traffic_percent"] = float(percent)
+    config["max_error_rate_increase"] = float(increase)
+    return config
+
+
 def _quoted(names: tuple[str, ...]) -> str:
     return ", ".join(repr(name) for name in names[:-1]) + f" and {names[-1]!r}"
 
@@ -205,6 +262,8 @@ class DeploymentOptions(BaseModel):
     result_ttl_s: Union[int, float] = Field(default=600, gt=0, le=7 * 86_400)
     # A request whose replica died this many times is answered with an error, not run again.
     max_deliveries: int = Field(default=3, ge=1, le=100)
+    # SPEC §9: start this version beside the running one, on a share of the requests.
+    canary: Optional[dict] = None
 
     @field_validator("name")
     @classmethod
@@ -216,6 +275,25 @@ class DeploymentOptions(BaseModel):
     def _check_autoscaling_config(cls, value: Any) -> Optional[AutoscalingConfig]:
         try:
             return check_autoscaling_config(value)
+        except TypeError as error:     # pydantic reports only ValueError as a validation error
+            raise ValueError(str(error)) from None
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _check_num_gpus(cls, value: Union[int, float]) -> Union[int, float]:
+        # A fraction shares one GPU; more than one GPU is counted in whole devices.
+        if value > 1 and not float(value).is_integer():
+            raise ValueError(
+                f"invalid num_gpus={value!r}: a replica takes a fraction of one GPU or whole GPUs; "
+                f"use a number up to 1 (like 0.5) or a whole number (like {int(value) + 1})"
+            )
+        return value
+
+    @field_validator("canary", mode="before")
+    @classmethod
+    def _check_canary(cls, value: Any) -> Optional[dict]:
+        try:
+            return check_canary_config(value)
         except TypeError as error:     # pydantic reports only ValueError as a validation error
             raise ValueError(str(error)) from None
 
@@ -300,6 +378,7 @@ _FIX_HINTS = {
     "route_prefix": "use a path like '/my_model', None for '/<name>', or False to serve no HTTP route",
     "request_timeout_s": "use a number of seconds > 0",
     "runtime_env": "use a dict with 'pip', 'env_vars' and/or 'working_dir'",
+    "canary": "use a dict like {'traffic_percent': 10}, or None",
 }
 
 OPTION_NAMES = tuple(DeploymentOptions.model_fields)
@@ -336,9 +415,15 @@ def validate_options(options: dict[str, Any], base: Optional[DeploymentOptions] 
     options = _resolve_scale(options, base)
     merged = {**(base.model_dump() if base else {}), **options}
     try:
-        return DeploymentOptions(**merged)
+        result = DeploymentOptions(**merged)
     except ValidationError as error:
         raise _one_sentence(error, merged) from None
+    if result.canary is not None and result.autoscaling_config is not None:
+        raise ValueError("a canary cannot start on an autoscaled deployment (its replica count moves); "
+                         "deploy it with a fixed num_replicas and autoscaling_config=None, or drop canary")
+    if result.canary is not None and result.version is None:
+        raise ValueError("a canary needs a version to tell it from the running one; pass version='2' with canary")
+    return result
 
 
 def _resolve_scale(options: dict[str, Any], base: Optional[DeploymentOptions]) -> dict[str, Any]:
@@ -393,7 +478,8 @@ def _one_sentence(error: ValidationError, values: dict[str, Any]) -> Exception:
     value = values.get(field)
     reason = first["msg"].removeprefix("Value error, ")
     hint = _FIX_HINTS.get(field)
-    if first["type"] == "value_error" and (repr(value) in reason or (reason.startswith(f"{field}[") and "; " in reason)):
+    if first["type"] == "value_error" and (repr(value) in reason or (reason.startswith(f"{field}[") and "; " in reason)
+                                           or field == "canary"):   # its validator's messages are whole
         message = reason
     else:
         message = f"invalid {field}={value!r}: {reason}" + (f"; {hint}" if hint else "")

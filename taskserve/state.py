@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -105,6 +106,41 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Canary:
+    """A new version served beside the stable one to a share of the requests (SPEC §9).
+
+    It holds what its replicas run (``version`` to ``has_reconfigure``, as a goal does),
+    the split (``traffic_percent``), the automatic abort's thresholds, and ``baseline``:
+    the stable version's counters when the canary started, so the two are compared
+    over the same time.
+
+    >>> canary = Canary(version="2", spec_hash="s2", code_sha="c2", init_sha="i2", options={},
+    ...                 traffic_percent=10)
+    >>> canary.replica_count(5), canary.replica_count(30)
+    (1, 3)
+    """
+
+    version: str
+    spec_hash: str
+    code_sha: str
+    init_sha: str
+    options: dict[str, Any]
+    traffic_percent: float
+    min_requests: int = 20
+    max_error_rate_increase: float = 0.05
+    max_p95_ratio: Optional[float] = None
+    kind: str = "class"
+    has_reconfigure: bool = False
+    baseline: dict[str, int] = field(default_factory=dict)
+    user_config_signature: str = ""     # of options["user_config"] (taskserve.signing)
+    started_at: float = 0.0
+
+    def replica_count(self, stable_replicas: int) -> int:
+        """``max(1, ceil(n × P / 100))`` replicas beside the ``n`` stable ones."""
+        return max(1, math.ceil(stable_replicas * self.traffic_percent / 100 - 1e-9))
+
+
+@dataclass(frozen=True)
 class Goal:
     """What a deployment should be: written by ``deploy()``, read by the controller.
 
@@ -127,11 +163,46 @@ class Goal:
     user_version: Optional[str] = None  # the version the user set, None if generated
     restart_nonce: str = ""             # changed by `taskserve restart`: same version, new processes
     has_reconfigure: bool = False       # the class defines reconfigure(self, config)
+    canary: Optional[Canary] = None     # a new version beside this one (SPEC §9)
+    user_config_signature: str = ""     # of options["user_config"], for code_sha (taskserve.signing)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.canary, dict):   # read from JSON, or a goal of the history
+            object.__setattr__(self, "canary", Canary(**known_fields(Canary, self.canary)))
 
     def blob_shas(self) -> set[str]:
-        """The uploaded blobs this goal needs: its code and its working_dir package."""
-        package = package_sha(self.options.get("runtime_env"))
-        return {self.code_sha} | ({package} if package else set())
+        """The uploaded blobs this goal needs: its code and its working_dir package (its
+        canary's too)."""
+        shas = {self.code_sha}
+        for options in (self.options, self.canary.options if self.canary else {}):
+            package = package_sha(options.get("runtime_env"))
+            if package:
+                shas.add(package)
+        if self.canary:
+            shas.add(self.canary.code_sha)
+        return shas
+
+    def canary_goal(self) -> Optional["Goal"]:
+        """The goal of the canary's replicas (``None`` without a canary): its version and
+        options, ``Canary.replica_count`` replicas.
+
+        >>> goal = Goal(name="m", generation=3, version="1", spec_hash="s1", num_replicas=10, options={},
+        ...             code_sha="c1", init_sha="i1",
+        ...             canary={"version": "2", "spec_hash": "s2", "code_sha": "c2", "init_sha": "i2",
+        ...                     "options": {"num_cpus": 1}, "traffic_percent": 25})
+        >>> canary = goal.canary_goal()
+        >>> canary.version, canary.num_replicas, canary.spec_hash
+        ('2', 3, 's2')
+        """
+        canary = self.canary
+        if canary is None:
+            return None
+        count = canary.replica_count(self.num_replicas)
+        return Goal(name=self.name, generation=self.generation, version=canary.version, spec_hash=canary.spec_hash,
+                    num_replicas=count, options={**canary.options, "num_replicas": count},
+                    code_sha=canary.code_sha, init_sha=canary.init_sha, kind=canary.kind,
+                    created_at=self.created_at, user_version=canary.version, has_reconfigure=canary.has_reconfigure,
+                    user_config_signature=canary.user_config_signature)
 
     @property
     def user_config_hash(self) -> str:
@@ -192,11 +263,14 @@ class Replica:
     unhealthy: bool = False              # check_health() failed 3 times in a row
     user_config: str = "null"            # JSON of the user_config the replica should run
     config_hash: str = ""                # hash of that user_config (written by the controller)
+    user_config_signature: str = ""      # the client's signature of it (checked by the replica)
     applied_config_hash: str = ""        # the one reconfigure() last accepted (written by the replica)
     config_error: str = ""               # traceback of reconfigure() rejecting config_hash
     gpu_ids: str = ""                    # "0,1": the node's GPUs this replica holds
     code_sha: str = ""                   # what the process loads (see taskserve.code)
     config: str = "{}"                   # JSON: the goal options the process needs
+    canary: bool = False                 # runs the goal's canary, from the canary queue
+    in_flight: int = 0                   # requests it holds, as it last reported (written by the replica)
 
     @property
     def is_available(self) -> bool:
@@ -256,11 +330,14 @@ class Replica:
             unhealthy=fields.get("unhealthy") == "1",
             user_config=fields.get("user_config") or "null",
             config_hash=fields.get("config_hash", ""),
+            user_config_signature=fields.get("user_config_signature", ""),
             applied_config_hash=fields.get("applied_config_hash", ""),
             config_error=fields.get("config_error", ""),
             gpu_ids=fields.get("gpu_ids", ""),
             code_sha=fields.get("code_sha", ""),
             config=fields.get("config") or "{}",
+            canary=fields.get("canary") == "1",
+            in_flight=int(fields.get("in_flight") or 0),
         )
 
 
@@ -275,6 +352,7 @@ class Node:
     hostname: str = ""
     agent_pid: Optional[int] = None
     heartbeat_ttl_s: float = DEFAULT_HEARTBEAT_TTL_S   # without a heartbeat for this long, it looks dead
+    log_dir: str = ""                   # where the agent writes <replica_id>.log, on ``hostname``
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

@@ -6,6 +6,10 @@ No other module knows a key name. The layout (``{p}`` is the prefix, ``taskserve
 key                                    type      what
 =====================================  ========  ==========================================
 ``{p}:deployments``                    set       names of all deployments
+``{p}:revisions``                      hash      deployment name -> its revision: a new value
+                                                 of ``{p}:revision`` with every write to its
+                                                 goal, health, replica set or replica records
+``{p}:revision``                       string    the counter the revisions are drawn from
 ``{p}:goal:{name}``                    string    the deployment's goal (JSON, see Goal)
 ``{p}:health:{name}``                  string    the controller's conclusion (JSON)
 ``{p}:history:{name}``                 list      every goal change, and every change of an
@@ -30,7 +34,13 @@ key                                    type      what
 ``{p}:events``                         channel   change notifications (wake-ups only)
 ``{p}:deliveries:{task_id}``           string    times a request was put back after its replica
                                                  died (expires after a day)
+``{p}:stats:{name}``                   hash      requests, errors and latency buckets the replicas
+                                                 served, per version: ``requests:{version}``,
+                                                 ``errors:{version}``, ``le{i}:{version}`` (see
+                                                 taskserve.canary); flushed by each replica about
+                                                 once a second
 ``taskserve.{name}``                   list      Celery's queue of a deployment (kombu's)
+``taskserve.{name}@canary``            list      the queue of its canary's replicas (SPEC §9)
 ``celery-task-meta-{task_id}``         string    Celery's result of a request, also published
                                                  on the channel of the same name
 ``unacked``                            hash      kombu's messages taken but not acknowledged:
@@ -57,7 +67,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import redis
 
@@ -96,56 +106,77 @@ if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 """
 
+# Every write to a deployment's goal, health, replica set or replica records gives the
+# deployment a new revision: the next value of a counter shared by all deployments, so a
+# deployment deleted and made again never repeats one. A reader that remembers the
+# revisions re-reads only the deployments whose revision moved (see ClusterReader).
+# ``bump(revisions, counter, name)`` does it inside a script; a false name does nothing.
+_BUMP = """
+local function bump(revisions, counter, name)
+  if name then
+    redis.call('HSET', revisions, name, redis.call('INCR', counter))
+  end
+end
+"""
+
 # Writes fields to a replica hash only if the replica still exists, so a late state
 # report cannot resurrect a record the controller already forgot.
-_UPDATE_IF_EXISTS = _FENCE + """
+# KEYS: lease, replica, revisions, revision counter; ARGV: fence, field, value, ...
+_UPDATE_IF_EXISTS = _BUMP + _FENCE + """
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+  bump(KEYS[3], KEYS[4], redis.call('HGET', KEYS[2], 'deployment'))
   return 1
 end
 return 0
 """
 
-# KEYS: lease, replica, replicas of the deployment[, replicas of the node];
-# ARGV: fence, replica id, field, value, ...
-_CREATE_REPLICA = _FENCE + """
-redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+# KEYS: lease, replica, replicas of the deployment, revisions, revision counter[, replicas
+# of the node]; ARGV: fence, replica id, deployment, field, value, ...
+_CREATE_REPLICA = _BUMP + _FENCE + """
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
 redis.call('SADD', KEYS[3], ARGV[2])
-if KEYS[4] then
-  redis.call('SADD', KEYS[4], ARGV[2])
+if KEYS[6] then
+  redis.call('SADD', KEYS[6], ARGV[2])
 end
+bump(KEYS[4], KEYS[5], ARGV[3])
 return 1
 """
 
-# KEYS: lease, replica, replicas of the node; ARGV: fence, replica id, node id, gpu ids.
-# A replica forgotten meanwhile is not placed (no half record is written).
-_PLACE_REPLICA = _FENCE + """
+# KEYS: lease, replica, replicas of the node, revisions, revision counter; ARGV: fence,
+# replica id, node id, gpu ids. A replica forgotten meanwhile is not placed (no half
+# record is written).
+_PLACE_REPLICA = _BUMP + _FENCE + """
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return 0
 end
 redis.call('HSET', KEYS[2], 'node_id', ARGV[3], 'gpu_ids', ARGV[4], 'message', '')
 redis.call('SADD', KEYS[3], ARGV[2])
+bump(KEYS[4], KEYS[5], redis.call('HGET', KEYS[2], 'deployment'))
 return 1
 """
 
-# KEYS: lease, replica, its control list, replicas of the deployment[, of the node];
-# ARGV: fence, replica id.
-_FORGET_REPLICA = _FENCE + """
+# KEYS: lease, replica, its control list, replicas of the deployment, revisions, revision
+# counter[, replicas of the node]; ARGV: fence, replica id, deployment.
+_FORGET_REPLICA = _BUMP + _FENCE + """
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('SREM', KEYS[4], ARGV[2])
-if KEYS[5] then
-  redis.call('SREM', KEYS[5], ARGV[2])
+if KEYS[7] then
+  redis.call('SREM', KEYS[7], ARGV[2])
 end
+bump(KEYS[5], KEYS[6], ARGV[3])
 return 1
 """
 
-# KEYS: lease, goal, health; ARGV: fence, health JSON. Written only while the
-# deployment exists, and only when it changed (1 if written).
-_SET_HEALTH = _FENCE + """
+# KEYS: lease, goal, health, revisions, revision counter; ARGV: fence, health JSON,
+# deployment. Written only while the deployment exists, and only when it changed (1 if
+# written).
+_SET_HEALTH = _BUMP + _FENCE + """
 if redis.call('EXISTS', KEYS[2]) == 0 or redis.call('GET', KEYS[3]) == ARGV[2] then
   return 0
 end
 redis.call('SET', KEYS[3], ARGV[2])
+bump(KEYS[4], KEYS[5], ARGV[3])
 return 1
 """
 
@@ -211,6 +242,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0
+"""
+
+# KEYS: queues; the length of each, in one command (cheaper to send and parse than a
+# pipeline of LLENs, for the controller's frequent looks between passes).
+_QUEUE_LENGTHS = """
+local lengths = {}
+for i, key in ipairs(KEYS) do
+  lengths[i] = redis.call('LLEN', key)
+end
+return lengths
 """
 
 _RELEASE_LEASE = """
@@ -389,6 +430,58 @@ def queue_name(deployment: str) -> str:
     return QUEUE_PREFIX + deployment
 
 
+CANARY_QUEUE_SUFFIX = "@canary"
+
+
+def canary_queue_name(deployment: str) -> str:
+    """The queue a deployment's canary replicas consume: requests sent to the canary
+    version wait there, apart from the stable version's.
+
+    >>> canary_queue_name("echo")
+    'taskserve.echo@canary'
+    """
+    return queue_name(deployment) + CANARY_QUEUE_SUFFIX
+
+
+def replica_queue(replica: Replica) -> str:
+    """The queue ``replica`` consumes: its deployment's, or its canary queue.
+
+    >>> replica_queue(Replica("echo-1", "echo", "s2", "2", canary=True))
+    'taskserve.echo@canary'
+    """
+    return canary_queue_name(replica.deployment) if replica.canary else queue_name(replica.deployment)
+
+
+# Moves every request of the canary queue (KEYS[1]) to the deployment's queue (KEYS[2]),
+# oldest first to the end served next, with the routing key their message carries
+# (ARGV[1], the canary queue's name) changed to the deployment's queue (ARGV[2]), so a
+# replica that dies holding one gives it back there. Returns how many were moved.
+# With many pairs (KEYS and ARGV: canary queue, queue, canary queue, ...), each pair in
+# turn, in one call; returns the counts in that order.
+_MOVE_CANARY_QUEUE = """
+local counts = {}
+for pair = 1, #KEYS, 2 do
+  local from_key = '"routing_key": "' .. ARGV[pair] .. '"'
+  local to_key = '"routing_key": "' .. ARGV[pair + 1] .. '"'
+  local moved = 0
+  while true do
+    local item = redis.call('LPOP', KEYS[pair])
+    if not item then
+      break
+    end
+    local at = string.find(item, from_key, 1, true)
+    if at then
+      item = string.sub(item, 1, at - 1) .. to_key .. string.sub(item, at + string.len(from_key))
+    end
+    redis.call('RPUSH', KEYS[pair + 1], item)
+    moved = moved + 1
+  end
+  counts[#counts + 1] = moved
+end
+return counts
+"""
+
+
 def result_key(task_id: str) -> str:
     """Where Celery's Redis backend stores a request's result, and the channel it
     publishes it on when it does.
@@ -468,6 +561,8 @@ class Store:
         self._unregister_node = client.register_script(_UNREGISTER_NODE)
         self._set_scale = client.register_script(_SET_SCALE)
         self._delete_fenced = client.register_script(_DELETE_FENCED)
+        self._move_canary_queue = client.register_script(_MOVE_CANARY_QUEUE)
+        self._queue_lengths = client.register_script(_QUEUE_LENGTHS)
         self._reported: dict[str, str] = {}   # what was logged as unreadable, so once per change
 
     def _fenced(self, script: Any, keys: list[str], args: list[Any], fence: Optional[str]) -> Any:
@@ -486,7 +581,7 @@ class Store:
     def _fence_keys(self, fence: Optional[str]) -> list[str]:
         return [self.LEASE_KEY] if fence is not None else []
 
-    def _report_unreadable(self, what: str, error: str) -> None:
+    def report_unreadable(self, what: str, error: str) -> None:
         """Log that ``what`` cannot be read, once until its error changes."""
         if self._reported.get(what) != error:
             self._reported[what] = error
@@ -538,7 +633,13 @@ class Store:
     def scale_key(name: str) -> str:
         return f"{PREFIX}:scale:{name}"
 
+    @staticmethod
+    def stats_key(name: str) -> str:
+        return f"{PREFIX}:stats:{name}"
+
     DEPLOYMENTS_KEY = f"{PREFIX}:deployments"
+    REVISIONS_KEY = f"{PREFIX}:revisions"
+    REVISION_KEY = f"{PREFIX}:revision"
     NODES_KEY = f"{PREFIX}:nodes"
     LEASE_KEY = f"{PREFIX}:controller-lease"
     EPOCH_KEY = f"{PREFIX}:controller-epoch"
@@ -571,7 +672,7 @@ class Store:
         left out (and logged once)."""
         goals, unreadable = self.read_goals()
         for name, error in unreadable.items():
-            self._report_unreadable(f"the goal of deployment {name}", error)
+            self.report_unreadable(f"the goal of deployment {name}", error)
         return goals
 
     def read_goals(self) -> tuple[list[Goal], dict[str, str]]:
@@ -632,6 +733,7 @@ class Store:
                     pipe.sadd(self.codes_key(name), sha)
             pipe.set(key, goal.to_json())
             pipe.sadd(self.DEPLOYMENTS_KEY, name)
+            pipe.eval(_BUMP + "bump(KEYS[1], KEYS[2], ARGV[1])", 2, self.REVISIONS_KEY, self.REVISION_KEY, name)
             if event is not None:
                 record = {**event, "generation": goal.generation, "version": goal.version,
                           "goal": json.loads(goal.to_json()), "at": time.time()}
@@ -713,10 +815,12 @@ class Store:
             shas = [_text(s) for s in pipe.smembers(self.codes_key(name)) if _text(s) not in shared]
             pipe.multi()
             pipe.delete(key, self.health_key(name), self.codes_key(name),
-                        self.replicas_key(name), self.history_key(name), self.scale_key(name))
+                        self.replicas_key(name), self.history_key(name), self.scale_key(name),
+                        self.stats_key(name))
             for sha in shas:
                 pipe.delete(self.code_key(sha))
             pipe.srem(self.DEPLOYMENTS_KEY, name)
+            pipe.hdel(self.REVISIONS_KEY, name)
             return True
 
         forgotten = self.redis.transaction(forget, key, *self._fence_keys(fence), value_from_callable=True)
@@ -770,6 +874,23 @@ class Store:
             for name in names:
                 pipe.llen(queue_name(name))
             return dict(zip(names, pipe.execute(), strict=True))
+
+    def waiting_requests(self, names: Iterable[str]) -> dict[str, int]:
+        """:meth:`queue_depths` in one command: what the controller reads between passes,
+        several times a second, while deployments autoscale. Reads nothing without ``names``.
+
+        >>> import fakeredis
+        >>> store = Store(fakeredis.FakeRedis())
+        >>> store.redis.lpush(queue_name("echo"), "request-1", "request-2")
+        2
+        >>> store.waiting_requests(["echo", "other"])
+        {'echo': 2, 'other': 0}
+        """
+        names = list(names)
+        if not names:
+            return {}
+        lengths = self._queue_lengths(keys=[queue_name(name) for name in names])
+        return {name: int(length) for name, length in zip(names, lengths, strict=True)}
 
     def serving_requests(self, names: Iterable[str]) -> dict[str, int]:
         """How many requests the replicas of each deployment took and have not
@@ -837,7 +958,7 @@ class Store:
                 try:
                     states[name] = AutoscaleState.from_json(text)
                 except (ValueError, TypeError) as error:
-                    self._report_unreadable(f"the autoscaling state of deployment {name}", _describe(error))
+                    self.report_unreadable(f"the autoscaling state of deployment {name}", _describe(error))
         return states
 
     def set_autoscale_state(self, name: str, state: AutoscaleState, change: Optional[dict] = None,
@@ -871,6 +992,49 @@ class Store:
             return 0
         return int(self._fenced(self._delete_fenced, keys, [], fence))
 
+    # ------------------------------------------------------------------ canary releases
+
+    def move_canary_queues(self, names: Iterable[str]) -> dict[str, int]:
+        """Move what waits in the canary queue of each of ``names`` (deployments that run
+        no canary now) to its own queue, in one round trip; how many moved, by name.
+
+        Requests sent to a canary that was aborted or promoted meanwhile, and those a
+        draining canary replica gave back, are served by the stable version this way.
+
+        >>> import fakeredis
+        >>> store = Store(fakeredis.FakeRedis())
+        >>> store.redis.lpush(canary_queue_name("echo"), '{"delivery_info": {"routing_key": "taskserve.echo@canary"}}')
+        1
+        >>> store.move_canary_queues(["echo"]), store.redis.lrange(queue_name("echo"), 0, -1)
+        ({'echo': 1}, [b'{"delivery_info": {"routing_key": "taskserve.echo"}}'])
+        """
+        names = list(names)
+        if not names:
+            return {}
+        pairs = [key for name in names for key in (canary_queue_name(name), queue_name(name))]
+        moved = self._move_canary_queue(keys=pairs, args=pairs)
+        return {name: int(count) for name, count in zip(names, moved, strict=True)}
+
+    def add_stats(self, name: str, counts: dict[str, int]) -> None:
+        """Add a replica's counters (``{"requests:2": 5, ...}``) to the deployment's
+        stats, in one round trip."""
+        if not counts:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for field_name, count in counts.items():
+                pipe.hincrby(self.stats_key(name), field_name, count)
+            pipe.execute()
+
+    def stats(self, name: str) -> dict[str, int]:
+        """Every counter of the deployment's stats (see :mod:`taskserve.canary`)."""
+        return {_text(k): int(v) for k, v in self.redis.hgetall(self.stats_key(name)).items()}
+
+    def reset_stats(self, name: str, version: str) -> None:
+        """Forget what ``version``'s replicas counted (a canary of it starts afresh)."""
+        fields = [k for k in self.redis.hkeys(self.stats_key(name)) if _text(k).partition(":")[2] == version]
+        if fields:
+            self.redis.hdel(self.stats_key(name), *fields)
+
     # ------------------------------------------------------------------ redeliveries
 
     @staticmethod
@@ -900,24 +1064,25 @@ class Store:
 
     def set_health(self, name: str, health: DeploymentHealth, fence: Optional[str] = None) -> None:
         """Record the controller's conclusion (only while the deployment exists)."""
-        keys = [self.goal_key(name), self.health_key(name)]
-        if self._fenced(self._set_health, keys, [health.to_json()], fence):
+        keys = [self.goal_key(name), self.health_key(name), self.REVISIONS_KEY, self.REVISION_KEY]
+        if self._fenced(self._set_health, keys, [health.to_json(), name], fence):
             self.notify(f"health:{name}")
 
     # ------------------------------------------------------------------ replicas
 
     def create_replica(self, replica: Replica, fence: Optional[str] = None) -> None:
-        keys = [self.replica_key(replica.replica_id), self.replicas_key(replica.deployment)]
+        keys = [self.replica_key(replica.replica_id), self.replicas_key(replica.deployment),
+                self.REVISIONS_KEY, self.REVISION_KEY]
         if replica.node_id:
             keys.append(self.node_replicas_key(replica.node_id))
-        args = [replica.replica_id]
+        args = [replica.replica_id, replica.deployment]
         for name, value in replica.to_fields().items():
             args += [name, value]
         self._fenced(self._create_replica, keys, args, fence)
 
     def place_replica(self, replica_id: str, node_id: str, gpu_ids: str = "", fence: Optional[str] = None) -> bool:
         """Assign a replica to a node (if its record still exists); True if it did."""
-        keys = [self.replica_key(replica_id), self.node_replicas_key(node_id)]
+        keys = [self.replica_key(replica_id), self.node_replicas_key(node_id), self.REVISIONS_KEY, self.REVISION_KEY]
         return bool(self._fenced(self._place_replica, keys, [replica_id, node_id, gpu_ids], fence))
 
     def update_replica(self, replica_id: str, fence: Optional[str] = None, **fields: object) -> bool:
@@ -927,14 +1092,15 @@ class Store:
             if isinstance(value, bool):
                 value = "1" if value else ""
             args += [name, "" if value is None else str(getattr(value, "value", value))]
-        return bool(self._fenced(self._update_replica, [self.replica_key(replica_id)], args, fence))
+        keys = [self.replica_key(replica_id), self.REVISIONS_KEY, self.REVISION_KEY]
+        return bool(self._fenced(self._update_replica, keys, args, fence))
 
-    def set_replica_config(self, replica_id: str, user_config: str, config_hash: str,
+    def set_replica_config(self, replica_id: str, user_config: str, config_hash: str, signature: str = "",
                            fence: Optional[str] = None) -> bool:
-        """Give a replica a new user_config and wake it; it acknowledges by writing
-        ``applied_config_hash`` (or ``config_error``) to its record."""
+        """Give a replica a new user_config (with its client's ``signature``) and wake it;
+        it acknowledges by writing ``applied_config_hash`` (or ``config_error``) to its record."""
         if not self.update_replica(replica_id, fence=fence, user_config=user_config, config_hash=config_hash,
-                                   config_error=""):
+                                   user_config_signature=signature, config_error=""):
             return False
         with self.redis.pipeline() as pipe:
             pipe.rpush(self.control_key(replica_id), "config")
@@ -951,10 +1117,10 @@ class Store:
 
     def forget_replica(self, replica: Replica, fence: Optional[str] = None) -> None:
         keys = [self.replica_key(replica.replica_id), self.control_key(replica.replica_id),
-                self.replicas_key(replica.deployment)]
+                self.replicas_key(replica.deployment), self.REVISIONS_KEY, self.REVISION_KEY]
         if replica.node_id:
             keys.append(self.node_replicas_key(replica.node_id))
-        self._fenced(self._forget_replica, keys, [replica.replica_id], fence)
+        self._fenced(self._forget_replica, keys, [replica.replica_id, replica.deployment], fence)
 
     def get_replica(self, replica_id: str) -> Optional[Replica]:
         fields = self.redis.hgetall(self.replica_key(replica_id))
@@ -1097,7 +1263,7 @@ class Store:
             try:
                 nodes.append(Node.from_json(records[node_id.encode()], alive=flag is not None))
             except Exception as error:
-                self._report_unreadable(f"the record of node {node_id}", _describe(error))
+                self.report_unreadable(f"the record of node {node_id}", _describe(error))
         return nodes
 
     def forget_dead_nodes(self, keep: Iterable[str] = ()) -> list[str]:
@@ -1147,15 +1313,151 @@ class Store:
     def all_replicas(self, unreadable: Optional[dict[str, str]] = None) -> list[Replica]:
         """The replicas of every deployment. A record that cannot be read raises, or
         with ``unreadable`` is left out and noted there by deployment name."""
-        owner: dict[str, str] = {}
-        for name in self.redis.smembers(self.DEPLOYMENTS_KEY):
-            for replica_id in self.redis.smembers(self.replicas_key(_text(name))):
-                owner[_text(replica_id)] = _text(name)
+        names = sorted(_text(n) for n in self.redis.smembers(self.DEPLOYMENTS_KEY))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.smembers(self.replicas_key(name))
+            members = pipe.execute() if names else []
+        owner = {_text(replica_id): name for name, ids in zip(names, members, strict=True) for replica_id in ids}
         errors: Optional[dict[str, str]] = None if unreadable is None else {}
         replicas = self._replicas_by_ids(owner, errors)
         for replica_id, error in (errors or {}).items():
             unreadable[owner[replica_id]] = f"the record of replica {replica_id} cannot be read: {error}"
         return replicas
+
+
+@dataclass(frozen=True)
+class DeploymentRecords:
+    """One deployment as :class:`ClusterReader` read it: its goal, health and replicas at
+    ``revision``, and why part of it cannot be read (``error``, "" when all of it can).
+
+    ``goal`` is None when it cannot be read; replicas whose records cannot be read are
+    left out (then ``error`` names the first). ``nodes`` are the nodes its replicas that
+    are not gone are placed on.
+    """
+
+    name: str
+    revision: int
+    goal: Optional[Goal]
+    health: DeploymentHealth
+    replicas: tuple[Replica, ...]
+    error: str = ""
+    nodes: frozenset[str] = frozenset()
+
+
+class ClusterReader:
+    """Every deployment's goal, health and replicas, re-reading only those that changed.
+
+    A read takes the revisions of all deployments (``{p}:revisions``, which each write
+    to a deployment's goal, health, replica set or replica records moves, in the same
+    atomic step) and re-reads only the deployments whose revision moved since the last
+    read, in two pipelines: its round trips are the same however many deployments and
+    replicas there are, and its work grows with what changed. A deployment that could
+    not be read whole is read again each time; every ``full_read_s`` everything is read
+    again anyway, so a write that did not move a revision (a client of an older version)
+    is seen within that time. With ``with_replicas`` False it reads goals and healths
+    only (the records then have no replicas).
+
+    >>> import fakeredis
+    >>> store = Store(fakeredis.FakeRedis())
+    >>> goal = Goal(name="echo", generation=0, version="1", spec_hash="s", num_replicas=1, options={},
+    ...             code_sha="c", init_sha="i")
+    >>> _ = store.update_goal("echo", lambda previous: goal, "deploy", missing_ok=True)
+    >>> reader = ClusterReader(store)
+    >>> records, changed = reader.read()
+    >>> records["echo"].goal.generation, sorted(changed)
+    (1, ['echo'])
+    >>> reader.read()[1]                  # nothing moved: nothing is read again
+    set()
+    >>> store.create_replica(Replica("echo-1", "echo", "s", "1"))
+    >>> [r.replica_id for r in reader.read()[0]["echo"].replicas]
+    ['echo-1']
+    """
+
+    def __init__(self, store: "Store", full_read_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic, with_replicas: bool = True) -> None:
+        self.store = store
+        self.with_replicas = with_replicas
+        self.full_read_s = full_read_s
+        self.clock = clock
+        self.records: dict[str, DeploymentRecords] = {}
+        self.full_read_at: Optional[float] = None
+
+    def forget(self) -> None:
+        """Read everything again next time."""
+        self.records = {}
+        self.full_read_at = None
+
+    def read(self) -> tuple[dict[str, DeploymentRecords], set[str]]:
+        """Every deployment's records by name, and the names of those read again now."""
+        store = self.store
+        with store.redis.pipeline(transaction=True) as pipe:
+            pipe.smembers(store.DEPLOYMENTS_KEY)
+            pipe.hgetall(store.REVISIONS_KEY)
+            members, revision_rows = pipe.execute()
+        names = sorted(_text(n) for n in members)
+        revisions = {_text(k): int(v) for k, v in revision_rows.items()}
+        clock = self.clock()
+        if self.full_read_at is None or clock - self.full_read_at >= self.full_read_s:
+            self.records = {}
+            self.full_read_at = clock
+        known = self.records
+        changed = [name for name in names
+                   if name not in known or known[name].error or known[name].revision != revisions.get(name, 0)]
+        fresh = self._read(changed, revisions) if changed else {}
+        self.records = {name: fresh[name] if name in fresh else known[name] for name in names}
+        return self.records, set(changed)
+
+    def _read(self, names: list[str], revisions: dict[str, int]) -> dict[str, DeploymentRecords]:
+        """Read ``names`` again: goals, healths and replica sets in one pipeline, the
+        replica records in another."""
+        store = self.store
+        with store.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.get(store.goal_key(name))
+                pipe.get(store.health_key(name))
+                if self.with_replicas:
+                    pipe.smembers(store.replicas_key(name))
+            rows = pipe.execute()
+        step = 3 if self.with_replicas else 2
+        ids = {name: sorted(_text(i) for i in rows[step * index + 2]) if self.with_replicas else []
+               for index, name in enumerate(names)}
+        hashes: Iterator[dict] = iter(())
+        if any(ids.values()):
+            with store.redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    for replica_id in ids[name]:
+                        pipe.hgetall(store.replica_key(replica_id))
+                hashes = iter(pipe.execute())
+        records = {}
+        for index, name in enumerate(names):
+            goal_text, health_text = rows[step * index], rows[step * index + 1]
+            errors: list[str] = []
+            goal = None
+            if goal_text:
+                try:
+                    goal = Goal.from_json(goal_text)
+                except Exception as error:
+                    errors.append(f"its goal cannot be read: {_describe(error)}")
+            try:
+                health = DeploymentHealth.from_json(health_text) if health_text else DeploymentHealth()
+            except Exception as error:
+                health = DeploymentHealth()
+                errors.append(f"its health cannot be read: {_describe(error)}")
+            replicas = []
+            for replica_id in ids[name]:
+                row = next(hashes)
+                if not row:
+                    continue     # forgotten since its set was read
+                try:
+                    replicas.append(Replica.from_fields(_decode_hash(row)))
+                except Exception as error:
+                    errors.append(f"the record of replica {replica_id} cannot be read: {_describe(error)}")
+            records[name] = DeploymentRecords(
+                name=name, revision=revisions.get(name, 0), goal=goal, health=health, replicas=tuple(replicas),
+                error=errors[0] if errors else "",
+                nodes=frozenset(r.node_id for r in replicas if r.node_id and not r.is_gone))
+        return records
 
 
 def wait_for_events(pubsub: redis.client.PubSub, timeout_s: float) -> bool:

@@ -18,8 +18,13 @@ import taskserve
 from taskserve.local import LocalCluster
 from taskserve.local import wait_until as _wait_until
 from taskserve.redis_server import free_port
+from taskserve.signing import SECRET_ENV, generate_secret
 
 REPO = Path(__file__).resolve().parent.parent
+
+# One cluster secret for the whole test run, so that any process a test starts with a copy
+# of this environment (a CLI command, a script) signs code the clusters accept.
+os.environ.setdefault(SECRET_ENV, generate_secret())
 
 T = TypeVar("T")
 

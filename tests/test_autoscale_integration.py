@@ -121,6 +121,31 @@ def test_scale_to_zero_when_idle_and_wake_for_the_next_request(store, unique_nam
     model.delete()
 
 
+def test_a_scale_down_stops_the_idle_replica_and_the_busy_one_answers(store, unique_name):
+    # The busy replica is the newest one: the one a scale-down blind to the load would stop.
+    config = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+              "upscale_delay_s": 0.5, "downscale_delay_s": 2}
+    model = taskserve.deployment(Slow).options(name=unique_name, num_cpus=0.5, autoscaling_config=config)
+    model.deploy()
+    [first] = running(store, unique_name)
+    handle = model.get_handle()
+    short = handle.remote("short", 3.0)          # taken by the first replica at once
+    long = handle.remote("long", 10.0)           # waits for the second replica the load asks for
+    wait_until(lambda: len(running(store, unique_name)) == 2, timeout=30, message="2 RUNNING replicas")
+    [second] = [r for r in running(store, unique_name) if r.replica_id != first.replica_id]
+    assert second.created_at > first.created_at
+    wait_until(lambda: store.get_replica(second.replica_id).in_flight == 1, timeout=10,
+               message="the second replica reports the request it serves")
+    assert short.result(timeout=30)[:2] == ["short", first.pid]
+    wait_until(lambda: store.get_replica(first.replica_id) is None, timeout=30,
+               message="the idle first replica stopped")
+    assert [r.replica_id for r in running(store, unique_name)] == [second.replica_id]
+    assert long.result(timeout=30)[:2] == ["long", second.pid], "the busy replica kept its request"
+    lines = [(e["from"], e["to"]) for e in store.history(unique_name) if e["action"] == "autoscale"]
+    assert lines == [(1, 2), (2, 1)]
+    model.delete()
+
+
 def test_a_rolling_update_keeps_the_autoscaled_count(store, unique_name):
     config = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
               "upscale_delay_s": 0.5, "downscale_delay_s": 600}

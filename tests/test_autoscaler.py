@@ -24,11 +24,14 @@ from taskserve.autoscaler import (
     ReplicaLoad,
     choose_replicas_to_remove,
     decide,
+    direction,
+    sample_interval,
     trim_history,
     wanted_replicas,
 )
+from taskserve.planner import StopReplica, plan
 from taskserve.spec import AutoscalingConfig, validate_options
-from taskserve.state import Replica, ReplicaState
+from taskserve.state import DeploymentHealth, Goal, Replica, ReplicaState
 
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SIM = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -445,9 +448,10 @@ def test_scale_down_victims_in_order():
         ReplicaLoad("failed", ReplicaState.FAILED),
     ]
     assert choose_replicas_to_remove(replicas, 100) == (
+        "failed", "stopped", "draining",
         "unplaced", "building-env", "starting", "reconfiguring", "idle-new", "idle-old", "busy-1", "busy-3",
     )
-    assert choose_replicas_to_remove(replicas, 2) == ("unplaced", "building-env")
+    assert choose_replicas_to_remove(replicas[:8], 2) == ("unplaced", "building-env")
     assert choose_replicas_to_remove(replicas, 0) == ()
     assert choose_replicas_to_remove(replicas, -1) == ()
     assert choose_replicas_to_remove([], 3) == ()
@@ -460,6 +464,8 @@ def test_scale_down_victim_from_a_replica_record():
 
 def _tier(replica: ReplicaLoad) -> tuple:
     """The order the brief asks for, written out independently."""
+    if replica.state in (ReplicaState.DRAINING, ReplicaState.STOPPED, ReplicaState.FAILED):
+        return (-1, 0)
     if replica.in_flight:
         return (3, replica.in_flight)
     if not replica.placed:
@@ -489,8 +495,7 @@ def test_property_scale_down_removes_starting_and_idle_before_busy(replicas, cou
     before = copy.deepcopy(replicas)
     chosen = choose_replicas_to_remove(replicas, count)
     assert replicas == before
-    leaving = {ReplicaState.DRAINING, ReplicaState.STOPPED, ReplicaState.FAILED}
-    candidates = {r.replica_id: r for r in replicas if r.state not in leaving}
+    candidates = {r.replica_id: r for r in replicas}
     assert len(chosen) == min(count, len(candidates)) == len(set(chosen))
     assert set(chosen) <= set(candidates)
     for earlier, later in zip(chosen, chosen[1:]):
@@ -501,6 +506,48 @@ def test_property_scale_down_removes_starting_and_idle_before_busy(replicas, cou
     shuffled = replicas[:]
     rng.shuffle(shuffled)
     assert choose_replicas_to_remove(shuffled, count) == chosen
+
+
+def _running(replica_id: str, created_at: float, in_flight: int) -> Replica:
+    return Replica(replica_id, "m", "s1", "v1", node_id="node-a", state=ReplicaState.RUNNING,
+                   created_at=created_at, in_flight=in_flight)
+
+
+@pytest.mark.parametrize("busy_is_newest", [True, False])
+def test_a_scale_down_plan_stops_the_idle_replica_and_keeps_the_busy_one(busy_is_newest):
+    busy = _running("busy", created_at=2.0 if busy_is_newest else 1.0, in_flight=1)
+    idle = _running("idle", created_at=1.0 if busy_is_newest else 2.0, in_flight=0)
+    goal = Goal(name="m", generation=2, version="v1", spec_hash="s1", num_replicas=1, options={},
+                code_sha="c", init_sha="i")
+    result = plan(goal, [busy, idle], [], DeploymentHealth(), 0.0, new_id=lambda: "m-new", dead_nodes=set())
+    assert [a.replica_id for a in result.actions if isinstance(a, StopReplica)] == ["idle"]
+
+
+def test_a_scale_down_plan_stops_the_replica_holding_fewer_requests():
+    replicas = [_running("three", 3.0, 3), _running("one", 1.0, 1), _running("two", 2.0, 2)]
+    goal = Goal(name="m", generation=2, version="v1", spec_hash="s1", num_replicas=1, options={},
+                code_sha="c", init_sha="i")
+    result = plan(goal, replicas, [], DeploymentHealth(), 0.0, new_id=lambda: "m-new", dead_nodes=set())
+    assert [a.replica_id for a in result.actions if isinstance(a, StopReplica)] == ["one", "two"]
+
+
+# --------------------------------------------------------------------------- sampling between passes
+
+
+def test_the_sample_interval_is_a_quarter_of_the_upscale_delay_at_least_a_tenth_of_a_second():
+    assert sample_interval(config(up=0.5)) == 0.125
+    assert sample_interval(config(up=3)) == 0.75
+    assert sample_interval(config(up=0)) == 0.1
+    assert sample_interval(config(up=0.2)) == 0.1
+
+
+@given(st.integers(0, 5), st.integers(0, 5), st.integers(0, 40), st.integers(0, 5), st.integers(1, 4))
+@PROPERTY
+def test_property_direction_is_where_decide_goes_without_delays(low, extra, load, above_low, target):
+    cfg = config(min_replicas=low, max_replicas=max(1, low + extra), target=target, up=0, down=0)
+    current = min(low + above_low, cfg.max_replicas)
+    moved = decide(cfg, current, [LoadSample(0.0, load, 0)], 0.0).target
+    assert direction(cfg, current, load) == (moved > current) - (moved < current)
 
 
 def test_decide_takes_the_autoscaling_config_of_the_options():

@@ -112,7 +112,8 @@ def test_bench_requests() -> None:
     out = run_benchmark("bench_requests", "--requests", "20", "--warmup", "5", "--rounds", "2", "--replicas", "1")
     assert "x1 round 2/2" in out
     figures = table_with(out, "worker CPU us/req")
-    assert [(row["path"], row["replicas"]) for row in figures] == [("taskserve", "1"), ("celery", "1")]
+    assert [(row["path"], row["replicas"]) for row in figures] == \
+        [("taskserve", "1"), ("celery", "1"), ("taskserve .echo", "1")]
     for row in figures:
         assert_figures(row, ["p50 ms", "p99 ms", "sequential req/s", "pipelined req/s", "worker CPU us/req"])
     [ratios] = table_with(out, "worker CPU/req taskserve/Celery")
@@ -133,8 +134,10 @@ def test_bench_http() -> None:
     for row in figures:
         assert_figures(row, ["req/s", "p50 ms", "p99 ms"])
     assert_figures(figures[0], ["gateway CPU us/req"])
+    for row in figures:
+        assert_figures(row, ["client CPU us/req", "Redis CPU us/req", "total CPU us/req"])
     [ratios] = table_with(out, "throughput http/handle")
-    assert_figures(ratios, ["throughput http/handle", "p50 http/handle"])
+    assert_figures(ratios, ["throughput http/handle", "p50 http/handle", "total CPU handle/http"])
 
 
 @pytest.mark.slow
@@ -188,3 +191,56 @@ def test_bench_threads() -> None:
     ratios = checks(out)
     assert len(ratios) == 3
     assert_figures(ratios, list(ratios))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_start() -> None:
+    out = run_benchmark("bench_start", "--starts", "2")
+    starts = {row["start"]: row for row in table_with(out, "p50 ms")}
+    assert set(starts) == {"fork server", "plain spawn", "bare Celery worker"}
+    for row in starts.values():
+        assert row["n"] == "2", row
+        assert_figures(row, ["p50 ms", "min ms", "max ms"])
+    found = checks(out)
+    assert_figures(found, list(found))
+    assert re.fullmatch(r"\d+\.\d\d (ok|MISS)", found["fork server / bare Celery (p50, target <= 0.5)"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_control_plane() -> None:
+    out = run_benchmark("bench_control_plane", "--deployments", "20", "--replicas", "3", "--small-replicas", "1",
+                        "--nodes", "4", "--passes", "3")
+    assert "command:  python -m benchmarks.bench_control_plane --deployments 20" in out
+    passes = table_with(out, "round trips")
+    assert len(passes) == 6
+    for row in passes:
+        assert_figures(row, ["p50 ms", "max ms", "pass / baseline"])
+    batches = table_with(out, "rolling update batch")
+    assert [(row["stopped"], row["started"]) for row in batches] == [("20", "20")] * 5
+    gateway = {row["gateway"] for row in table_with(out, "gateway")}
+    assert gateway == {"read_routes, first read", "read_routes, nothing changed", "GET /-/routes",
+                       "status read, first read", "status read (background), nothing changed",
+                       "GET /-/api/status", "GET /-/metrics"}
+    found = checks(out)
+    [trips] = [value for name, value in found.items() if name.startswith("round trips")]
+    assert trips.endswith(" ok"), trips          # the same for 3 and 1 replicas each
+    for value in found.values():
+        assert value.endswith((" ok", " MISS")), found
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_idle() -> None:
+    out = run_benchmark("bench_idle", "--replicas", "2", "--seconds", "2", "--baseline-seconds", "1", "--settle", "1")
+    assert "command:  python -m benchmarks.bench_idle --replicas 2" in out
+    processes = {row["process"]: row for row in table_with(out, "2 replicas: % of a core")}
+    for name in ("redis", "controller", "agent", "gateway", "2 replicas", "each replica (mean)", "total"):
+        assert_figures(processes[name], ["2 replicas: % of a core"])
+    for name in ("redis", "controller", "agent", "gateway", "total"):
+        assert_figures(processes[name], ["empty: % of a core"])
+    found = checks(out)
+    [total] = [value for name, value in found.items() if name.startswith("total with 2 replicas")]
+    assert re.fullmatch(r"\d+\.\d{3} (ok|MISS)", total), total
+    assert_figures(found, ["empty cluster, % of a core (baseline)"])

@@ -19,7 +19,7 @@ import pytest
 import redis
 from kombu.transport import redis as kombu_redis
 
-from taskserve.autoscaler import LoadSample, decide
+from taskserve.autoscaler import LoadSample, decide, sample_interval
 from taskserve.controller import WAKE_POLL_S, Controller
 from taskserve.spec import AutoscalingConfig
 from taskserve.state import Goal, Node, ReplicaState, Resources
@@ -337,6 +337,63 @@ def test_a_request_for_a_deployment_at_zero_ends_the_wait_between_passes(store, 
     timer.join()
     assert 0.3 <= waited < 0.3 + 5 * WAKE_POLL_S, waited
     pubsub.close()
+
+
+def test_a_backlog_on_a_busy_deployment_ends_the_wait_within_the_sample_interval(store, client):
+    deploy(store)                                     # upscale_delay_s=0.5: looked at every 0.125 s
+    controller = Controller(store, resync_s=10)
+    controller._lead(store.acquire_lease(controller.controller_id, 60))
+    controller.reconcile_once()
+    assert controller.watched == (), "idle, with a replica: its replica will say when it gets load"
+    serving(client, 1)
+    controller.reconcile_once()
+    assert (controller.watched, controller.watch_s) == ((NAME,), sample_interval(AutoscalingConfig(**CONFIG)))
+    assert controller.due is None
+    pubsub = store.subscribe()
+    pubsub.get_message(timeout=0.1)
+    timer = threading.Timer(0.3, waiting, args=(client, 4))
+    timer.start()
+    started = time.monotonic()
+    controller._wait(pubsub)
+    waited = time.monotonic() - started
+    timer.join()
+    assert 0.3 <= waited < 0.3 + 4 * controller.watch_s, waited
+    pubsub.close()
+
+
+def test_a_load_that_keeps_pulling_the_same_way_needs_no_pass_between_looks(store, client, clock):
+    deploy(store)
+    controller = leading(store, clock)
+    waiting(client, 3)
+    serving(client, 1)
+    controller.reconcile_once()                       # 4 wanted, 1 in force: the delay runs
+    assert controller.scaling[NAME].target == 1
+    assert not controller._load_turned({NAME: 3})
+    assert not controller._load_turned({NAME: 9}), "more of the same: the delay already runs"
+    assert controller._load_turned({NAME: 0}), "1 served, none waiting: the run of 'more' broke"
+    idle(client)
+    controller.reconcile_once()
+    assert not controller._load_turned({NAME: 0})
+    assert controller._load_turned({NAME: 2}), "a backlog starts a delay"
+    assert not controller._load_turned({"other": 5}), "not an autoscaled deployment"
+
+
+def test_which_deployments_are_looked_at_between_passes(store, client, clock):
+    deploy(store, "fast")                                                        # 0.5 s up: every 0.125 s
+    deploy(store, "slow", autoscaling={**CONFIG, "upscale_delay_s": 8})         # 2 s: the 1 s resync does
+    deploy(store, "zero", autoscaling={**CONFIG, "min_replicas": 0, "upscale_delay_s": 8})
+    deploy(store, "fixed", autoscaling=None)
+    deploy(store, "idle")
+    for name in ("fast", "slow", "fixed"):
+        serving(client, 1, name)
+    controller = leading(store, clock)
+    controller.reconcile_once()
+    assert controller.watched == ("fast", "zero") and controller.watch_s == WAKE_POLL_S
+    assert controller.asleep == ("zero",)
+    store.update_goal("zero", lambda goal: {"options": {**goal.options, "autoscaling_config": None}}, "deploy")
+    store.update_goal("fast", lambda goal: {"options": {**goal.options, "autoscaling_config": None}}, "deploy")
+    controller.reconcile_once()
+    assert (controller.watched, controller.watch_s) == ((), None)
 
 
 def test_the_wait_ends_when_an_autoscaling_delay_does(store, client):

@@ -29,6 +29,7 @@ from taskserve.planner import (
     node_capacities,
     place,
     plan,
+    plural,
     reserve,
     retry_delay,
     surge_budget,
@@ -303,7 +304,7 @@ def test_place_reports_the_largest_free_cpu():
     [
         (Resources(1), [], "no node agent is alive; start one with `taskserve agent` or `taskserve up`"),
         (Resources(1.5), [cap("a", 0.5), cap("b", 1.25)], "needs 1.5 CPUs; the largest free is 1.25 on b"),
-        (Resources(0, 1), [cap("a", 4, 0.5), cap("b", 4, 0)], "needs 1 GPUs; the largest free is 0.5 on a"),
+        (Resources(0, 1), [cap("a", 4, 0.5), cap("b", 4, 0)], "needs 1 GPU; the largest free is 0.5 on a"),
         (Resources(0, 0, 100), [cap("a", 4, 0, 50)], "needs 100 bytes of memory; the largest free is 50 on a"),
         (Resources(2, 1), [cap("a", 2, 0), cap("b", 1, 1)], "no single node has all of the resources at once"),
     ],
@@ -382,7 +383,7 @@ def test_only_what_fits_is_placed_the_rest_waits():
     starts = of_type(result, StartReplica)
     assert len(starts) == 5
     assert sorted(s.replica.node_id for s in starts) == ["", "", "node-a", "node-a", "node-b"]
-    assert all(s.replica.message == "needs 1 CPUs; the largest free is 0 on node-a"
+    assert all(s.replica.message == "needs 1 CPU; the largest free is 0 on node-a"
                for s in starts if not s.replica.node_id)
 
 
@@ -398,14 +399,14 @@ def test_fractional_gpus_share_a_node():
 
 
 def test_pending_replica_is_placed_once_room_appears():
-    pending = rep("p1", node_id="", state=ReplicaState.PENDING, message="needs 1 CPUs; ...")
+    pending = rep("p1", node_id="", state=ReplicaState.PENDING, message="needs 1 CPU; ...")
     result = run_plan(make_goal(1), [pending], nodes=[cap("node-a", 0), cap("node-b", 2)])
     assert result.actions == [PlaceReplica("p1", "node-b")]
 
     # Still no room: no action, the reason is in the status message.
     result = run_plan(make_goal(1), [pending], nodes=[cap("node-a", 0.5)])
     assert result.actions == []
-    assert result.message.endswith("pending: needs 1 CPUs; the largest free is 0.5 on node-a")
+    assert result.message.endswith("pending: needs 1 CPU; the largest free is 0.5 on node-a")
 
 
 def test_replicas_on_a_dead_node_are_forgotten_and_replaced():
@@ -555,7 +556,7 @@ def test_failed_start_is_counted_and_pauses_starts():
     assert "ValueError: boom" in result.last_error
     assert not of_type(result, StartReplica)       # backing off right after a failure
     assert not result.failed and result.status == DeploymentState.UPDATING
-    assert result.message.startswith("waiting: constructor failed 1 times: ValueError: boom; ")
+    assert result.message.startswith("waiting: constructor failed 1 time: ValueError: boom; ")
 
 
 def test_failed_start_of_an_outdated_spec_does_not_count():
@@ -586,8 +587,8 @@ def test_failure_threshold_gives_up(n):
     assert result.failed_starts == threshold
     assert result.status == DeploymentState.UNHEALTHY
     assert result.message == (
-        f"constructor failed {threshold} times: ValueError: boom; "
-        f"{n} replicas of the previous version keep serving"
+        f"constructor failed {plural(threshold, 'time')}: ValueError: boom; "
+        f"{plural(n, 'replica')} of the previous version {'keeps' if n == 1 else 'keep'} serving"
     )
     assert not of_type(result, StartReplica)
     assert not of_type(result, StopReplica)        # the previous version keeps serving

@@ -238,6 +238,7 @@ def test_restart_and_rollback_from_the_cli(connected, unique_name):
     entries = json.loads(cli(connected, "history", unique_name, "--json").stdout)
     assert [e["action"] for e in entries] == ["deploy", "deploy", "restart", "rollback", "rollback"]
     assert all(e.get("outcome") == "done" for e in entries)
-    watched = cli(connected, "status", unique_name, "--watch")
+    # --watch on a HEALTHY deployment waits for its next rollout (tests/test_cli_operations.py).
+    watched = cli(connected, "status", unique_name)
     assert "HEALTHY" in watched.stdout
     model.delete()

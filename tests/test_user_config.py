@@ -154,7 +154,8 @@ def test_missed_message_is_caught_up_from_redis(connected, unique_name):
     try:
         taskserve.reconfigure_deployment(unique_name, {"t": 7}, wait=False)
         goal = store.get_goal(unique_name)
-        store.update_replica(replica.replica_id, user_config='{"t": 7}', config_hash=goal.user_config_hash)
+        store.update_replica(replica.replica_id, user_config='{"t": 7}', config_hash=goal.user_config_hash,
+                             user_config_signature=goal.user_config_signature)
         wait_until(lambda: model.get_handle().remote().result(timeout=10)[0] == {"t": 7}, timeout=15,
                    message="the replica to catch up")
     finally:

@@ -37,6 +37,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Optional
 
 import kombu.serialization
+import orjson
 import redis
 import redis.asyncio
 from celery import states
@@ -391,15 +392,17 @@ class TaskSender:
         # The apps only build messages; they never connect.
         apps = {serializer: make_app(address, serializer) for serializer in ("json", "pickle")}
         self.templates = {serializer: _message_template(app) for serializer, app in apps.items()}
-        self.batch: list[tuple[str, str, Optional[int], asyncio.Future]] = []
+        self.batch: list[tuple[str, bytes, Optional[int], asyncio.Future]] = []
         self.pushing: Optional[asyncio.Task] = None
 
-    async def send(self, route: Route, task_id: str, payload: dict) -> None:
-        """Push the request; :class:`BackPressureError` if its queue holds ``route.max_queued``."""
+    async def send(self, route: Route, task_id: str, payload: dict, queue: Optional[str] = None) -> None:
+        """Push the request onto ``queue`` (the deployment's by default; its canary's for
+        a request the canary serves); :class:`BackPressureError` if it holds ``route.max_queued``."""
         assert self.client is not None
-        message = self.message(route, task_id, payload)
+        queue = queue or queue_name(route.deployment)
+        message = self.message(route, task_id, payload, queue)
         future = asyncio.get_running_loop().create_future()
-        self.batch.append((queue_name(route.deployment), message, route.max_queued, future))
+        self.batch.append((queue, message, route.max_queued, future))
         if self.pushing is None:
             self._start_push()
         pushed = await future
@@ -420,7 +423,7 @@ class TaskSender:
         if self.batch:
             self._start_push()
 
-    async def _push(self, batch: list[tuple[str, str, Optional[int], asyncio.Future]]) -> None:
+    async def _push(self, batch: list[tuple[str, bytes, Optional[int], asyncio.Future]]) -> None:
         """Push ``batch`` in one round trip; each request's future gets its queue's new length
         (negative: refused, the queue was full) or the error."""
         assert self.client is not None
@@ -452,8 +455,8 @@ class TaskSender:
             else:
                 future.set_result(result)
 
-    def message(self, route: Route, task_id: str, payload: dict) -> str:
-        """The message of one request, as it sits in the queue list."""
+    def message(self, route: Route, task_id: str, payload: dict, queue: Optional[str] = None) -> bytes:
+        """The message of one request, as it sits in ``queue`` (the deployment's by default)."""
         headers, properties, embed = self.templates[route.serializer]
         expires = datetime.now(timezone.utc) + timedelta(seconds=route.timeout_s)
         headers = {
@@ -469,8 +472,9 @@ class TaskSender:
         else:
             content_type, encoding, data = kombu.serialization.dumps(body, route.serializer)
             raw = data.encode(encoding) if isinstance(data, str) else data
-        queue = queue_name(route.deployment)
-        return json.dumps({
+        queue = queue or queue_name(route.deployment)
+        # The envelope holds strings and numbers only: orjson writes it at a tenth of json.dumps's cost.
+        return orjson.dumps({
             "body": base64.b64encode(raw).decode("ascii"),
             "content-encoding": encoding,
             "content-type": content_type,

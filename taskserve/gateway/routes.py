@@ -11,13 +11,16 @@ from typing import Iterable, Mapping, Optional
 
 from ..spec import route_of
 from ..state import Goal
+from ..store import canary_queue_name, queue_name
 
 
 @dataclass(frozen=True)
 class Route:
     """Where requests under ``prefix`` go, how long to wait for an answer, how many
     may wait in the queue (``max_queued``, None: no limit), and why the deployment
-    cannot serve at all (``unavailable``, "" when it can)."""
+    cannot serve at all (``unavailable``, "" when it can). With a canary,
+    ``canary_percent`` of the requests go to its version's queue (:meth:`queue_for`).
+    """
 
     prefix: str
     deployment: str
@@ -25,6 +28,32 @@ class Route:
     timeout_s: float = 60.0
     max_queued: Optional[int] = None
     unavailable: str = ""
+    version: str = ""
+    canary_version: str = ""
+    canary_percent: float = 0.0
+
+    def queue_for(self, pinned: Optional[str], draw: float) -> tuple[str, str]:
+        """``(queue, version)`` of one request: the canary's when ``draw`` (uniform in
+        [0, 100)) falls in its share, or when ``pinned`` names its version; else the
+        deployment's. ``ValueError`` for a pinned version the deployment does not run.
+
+        >>> route = Route("/m", "m", version="1", canary_version="2", canary_percent=10)
+        >>> route.queue_for(None, 5.0), route.queue_for(None, 50.0), route.queue_for("2", 50.0)
+        (('taskserve.m@canary', '2'), ('taskserve.m', '1'), ('taskserve.m@canary', '2'))
+        """
+        if pinned is None or pinned == "":
+            to_canary = bool(self.canary_version) and draw < self.canary_percent
+        elif pinned == self.canary_version:
+            to_canary = True
+        elif pinned == self.version:
+            to_canary = False
+        else:
+            runs = repr(self.version) + (f" and the canary {self.canary_version!r}" if self.canary_version else "")
+            raise ValueError(f"deployment {self.deployment!r} runs version {runs}, not {pinned!r}; "
+                             "send one of those in x-taskserve-version, or leave the header out")
+        if to_canary:
+            return canary_queue_name(self.deployment), self.canary_version
+        return queue_name(self.deployment), self.version
 
 
 class RouteTable:
@@ -61,9 +90,12 @@ class RouteTable:
             prefix = route_of(goal.name, goal.options)
             if goal.deleting or prefix is None:
                 continue
+            canary = goal.canary
             routes.append(Route(prefix, goal.name, goal.options.get("serializer") or "json",
                                 float(goal.options.get("request_timeout_s") or 60),
-                                goal.options.get("max_queued_requests"), unavailable.get(goal.name, "")))
+                                goal.options.get("max_queued_requests"), unavailable.get(goal.name, ""),
+                                goal.version, canary.version if canary else "",
+                                canary.traffic_percent if canary else 0.0))
         return cls(routes)
 
     def match(self, path: str) -> Optional[Route]:

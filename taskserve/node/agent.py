@@ -47,10 +47,13 @@ import psutil
 import redis
 
 from ..celery_app import make_app
+from ..connection import ADDRESS_ENV
 from ..runtime_env import env_key
+from ..signing import check_assignment
 from ..state import Node, Replica, ReplicaState, Resources, package_sha
 from ..store import NodeClaim, NodeTaken, Store, wait_for_events
 from .envs import EnvironmentCache, unpack_working_dir
+from .forkserver import Launcher
 from .inflight import read_tags
 from .plan import (
     Mark,
@@ -66,6 +69,7 @@ from .plan import (
     plan_node,
     renewed,
 )
+from .processes import ProcessHandle, lock_held
 from .protocol import INFLIGHT_FILE_ENV, REPLICA_MODULE, THREAD_LIMIT_VARS
 
 log = logging.getLogger("taskserve.node.agent")
@@ -107,7 +111,7 @@ def replica_environment(base: dict[str, str], config: dict, gpu_ids: list[int]) 
 class ManagedProcess:
     replica_id: str
     deployment: str
-    popen: subprocess.Popen
+    popen: ProcessHandle       # a subprocess.Popen, or a fork server's ForkedProcess
     log_file: IO[bytes]
     inflight_path: Path
     graceful_timeout_s: float
@@ -160,6 +164,7 @@ class NodeAgent:
         self.malformed: set[str] = set()      # records already reported as unreadable
         self.claim = NodeClaim(pid=os.getpid(), host=socket.gethostname(), token=secrets.token_hex(8))
         self._celery_app = None
+        self.launcher = Launcher(self.log_dir)
 
     @property
     def node(self) -> Node:
@@ -170,6 +175,7 @@ class NodeAgent:
             hostname=socket.gethostname(),
             agent_pid=os.getpid(),
             heartbeat_ttl_s=self.heartbeat_ttl_s,
+            log_dir=str(self.log_dir.resolve()),
         )
 
     # ------------------------------------------------------------------ main loop
@@ -445,20 +451,14 @@ class NodeAgent:
         inflight_path = self.log_dir / f"{record.replica_id}.inflight"
         env = replica_environment(dict(os.environ), config, record.gpu_id_list)
         env[INFLIGHT_FILE_ENV] = str(inflight_path.resolve())
+        env[ADDRESS_ENV] = self.address      # never on the command line: every user can read that
         if working_dir is not None:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(working_dir), env.get("PYTHONPATH")]))
         graceful_timeout_s = float(config.get("graceful_shutdown_timeout_s") or 20)
         log_file = open(log_path, "ab")
         try:
-            popen = subprocess.Popen(
-                [str(python), "-m", REPLICA_MODULE, "--address", self.address, "--replica-id", record.replica_id],
-                env=env,
-                cwd=working_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C in the agent's terminal must not reach replicas
-            )
+            popen = self.launcher.start(str(python), REPLICA_MODULE, ["--replica-id", record.replica_id], env=env,
+                                        cwd=str(working_dir or os.getcwd()), log_path=log_path, log_file=log_file)
         except BaseException:
             log_file.close()
             raise
@@ -476,6 +476,8 @@ class NodeAgent:
 
     def _python_for(self, record: Replica, pip: Optional[list[str]]) -> Optional[Path]:
         """The Python to run the replica with; None while its environment builds."""
+        # Nothing is installed, unpacked or started for code that is not signed as run so.
+        check_assignment(self.store.get_code, record.deployment, record.code_sha, record.config)
         if not pip:
             return Path(sys.executable)
         key = env_key(pip)
@@ -554,7 +556,7 @@ class NodeAgent:
             return
         alive = _replica_ids_running()
         for replica_id, path in list(self.orphans.items()):
-            if replica_id in alive:
+            if replica_id in alive or lock_held(path):
                 continue
             self._restore_file(replica_id, path)
             path.unlink(missing_ok=True)
@@ -584,6 +586,7 @@ class NodeAgent:
                 log.warning("Redis is unreachable while draining (%s)", error)
             if self.processes:
                 time.sleep(DRAINING_POLL_S)
+        self.launcher.close()
         if self.node_lost:
             log.info("node agent %s stopped (node %s belongs to another agent now)", self.node_id, self.node_id)
             return
@@ -635,6 +638,10 @@ def _task_id(entry: bytes | str) -> Optional[str]:
 
 def _agent_running(pid: int) -> bool:
     """Whether ``pid`` is a live process of this host that may be a taskserve agent."""
+    if pid == os.getpid():
+        # Our own pid in a claim is a predecessor's: a restarted container numbers its
+        # processes from 1 again, keeping its hostname.
+        return False
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
@@ -647,7 +654,8 @@ def _agent_running(pid: int) -> bool:
 
 
 def _replica_ids_running() -> set[str]:
-    """The replica ids of the replica processes running on this machine."""
+    """The replica ids of the spawned replica processes running on this machine (by their
+    command line; a forked one is found by the lock on its in-flight file instead)."""
     ids = set()
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info.get("cmdline") or []
@@ -675,7 +683,7 @@ def _count_gpus() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
-def _signal(popen: subprocess.Popen, signum: int) -> None:
+def _signal(popen: ProcessHandle, signum: int) -> None:
     try:
         popen.send_signal(signum)
     except ProcessLookupError:

@@ -41,7 +41,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -64,8 +64,9 @@ from ..batching import (
     run_batch,
     window_wait,
 )
+from ..connection import redis_client
 from ..http import HTTP_METHOD, Request, encode_response
-from ..store import queue_name
+from ..store import replica_queue
 from .inflight import InflightFile
 from .replica import (
     REDIS_UNREACHABLE,
@@ -108,6 +109,7 @@ class Held:
     redelivered: bool
     expires: Optional[str]
     settled: bool = False      # answered (or given up on) and acknowledged
+    taken_at: float = field(default_factory=time.perf_counter)
 
 
 def expired(expires: Optional[str], now: Optional[datetime] = None) -> bool:
@@ -170,7 +172,7 @@ class BatchServer:
         self.max_deliveries = max_deliveries
         self.concurrency = max(1, concurrency)
         self.serializer = serializer
-        self.queue = queue_name(replica.record.deployment)
+        self.queue = replica_queue(replica.record)
         self.bound = {name: bind_batched(dispatcher.target, name) for name in batched_methods(dispatcher.target)}
         self.cond = threading.Condition()
         self.pending: PendingItems[Held] = PendingItems()
@@ -183,8 +185,8 @@ class BatchServer:
         self.histograms = {name: BatchSizeHistogram() for name in self.bound}
         self.histogram_lock = threading.Lock()
         self.histogram_written = 0.0
-        self.redis = redis.Redis.from_url(replica.address, socket_timeout=QUEUE_LENGTH_TIMEOUT_S,
-                                          socket_connect_timeout=QUEUE_LENGTH_TIMEOUT_S)
+        self.redis = redis_client(replica.address, socket_timeout=QUEUE_LENGTH_TIMEOUT_S,
+                                  socket_connect_timeout=QUEUE_LENGTH_TIMEOUT_S)
 
     # ------------------------------------------------------------------ settings
 
@@ -307,6 +309,7 @@ class BatchServer:
         held = Held(message, headers["id"], method, list(args), dict(kwargs),
                     bool((message.delivery_info or {}).get("redelivered")), headers.get("expires"))
         self.inflight.add(held.task_id, message.delivery_tag)
+        self.replica.in_flight.took()
         key = self.key_of(method)
         qos = message.channel.qos
         now = getattr(qos, "taken_at", 0.0) or time.monotonic()
@@ -448,6 +451,11 @@ class BatchServer:
     def settle(self, answers: list[tuple[Held, Optional[dict]]]) -> None:
         """Store the answers, then acknowledge their messages and forget them."""
         backend = self.app.backend
+        now = time.perf_counter()
+        for held, envelope in answers:
+            if envelope is not None:
+                self.replica.stats.count(now - held.taken_at, bool(envelope.get("ok")))
+                envelope["version"] = self.replica.record.version
         stored = [(held.task_id, envelope) for held, envelope in answers if envelope is not None]
         try:
             store_answers(backend, stored)

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import site
+import stat
 import subprocess
 import sys
 import time
@@ -31,11 +32,16 @@ from typing import Callable, Optional
 
 import filelock
 
-from ..runtime_env import env_key
+from ..runtime_env import MAX_WORKING_DIR_BYTES, env_key
 
 log = logging.getLogger("taskserve.node.envs")
 
 READY_FILE = "taskserve-env.json"
+
+# Bounds on an unpacked working_dir: what a client may pack (runtime_env.MAX_WORKING_DIR_BYTES),
+# so that a crafted archive (a zip bomb) cannot fill the node's disk.
+MAX_UNPACKED_BYTES = MAX_WORKING_DIR_BYTES
+MAX_UNPACKED_FILES = 50_000
 
 class EnvironmentBuildError(RuntimeError):
     """The installer failed; the message is its output."""
@@ -170,11 +176,75 @@ def unpack_working_dir(root: Path, sha: str, fetch: Callable[[], bytes]) -> Path
         if hashlib.sha256(blob).hexdigest() != sha:
             raise ValueError(f"working_dir package {sha} is corrupt in Redis; deploy it again")
         shutil.rmtree(target, ignore_errors=True)
-        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
-            archive.extractall(target)
-            for info in archive.infolist():
-                mode = info.external_attr >> 16
-                if mode:
-                    os.chmod(target / info.filename, mode)
+        try:
+            extract_safely(blob, target, what=f"working_dir package {sha}")
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)     # never half a directory
+            raise
         done.write_text(sha)
     return target
+
+
+class UnsafeArchive(ValueError):
+    """A working_dir archive that would write outside its directory, write a link,
+    or unpack to more than the limits: refused, nothing of it kept."""
+
+
+def _safe_parts(name: str, what: str) -> tuple[str, ...]:
+    """The path components of an archive entry, refusing any that leaves the directory.
+
+    >>> _safe_parts("pkg/mod.py", "x")
+    ('pkg', 'mod.py')
+    >>> _safe_parts("../../etc/passwd", "the archive")
+    Traceback (most recent call last):
+    ...
+    taskserve.node.envs.UnsafeArchive: the archive has an entry '../../etc/passwd' that would land outside its directory (absolute, '..' or a drive): refused; pack the directory again with taskserve
+    """
+    parts = tuple(part for part in name.replace("\\", "/").split("/") if part not in ("", "."))
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts or "\0" in name \
+            or not parts:
+        raise UnsafeArchive(f"{what} has an entry {name!r} that would land outside its directory "
+                            "(absolute, '..' or a drive): refused; pack the directory again with taskserve")
+    return parts
+
+
+def extract_safely(blob: bytes, target: Path, what: str = "the archive", max_bytes: int = MAX_UNPACKED_BYTES,
+                   max_files: int = MAX_UNPACKED_FILES) -> None:
+    """Unpack the zip ``blob`` into the new directory ``target``, refusing what is unsafe.
+
+    Refused with :class:`UnsafeArchive`: entries with an absolute path, ``..`` or a
+    drive; symbolic links and any other file that is not a plain file or directory;
+    more than ``max_files`` entries or ``max_bytes`` unpacked (counted as written, not
+    as the archive claims). Permissions are restored without setuid, setgid or sticky
+    bits, and only ever on what was just written inside ``target``.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=False, mode=0o700)
+    written = 0
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        entries = archive.infolist()
+        if len(entries) > max_files:
+            raise UnsafeArchive(f"{what} holds {len(entries)} entries, more than the {max_files} allowed: refused")
+        for info in entries:
+            parts = _safe_parts(info.filename, what)
+            mode = info.external_attr >> 16
+            kind = stat.S_IFMT(mode)
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                link = "a symbolic link" if kind == stat.S_IFLNK else "not a plain file"
+                raise UnsafeArchive(f"{what} has an entry {info.filename!r} that is {link}: refused; "
+                                    "ship the file it points to instead")
+            path = target.joinpath(*parts)
+            if info.is_dir() or kind == stat.S_IFDIR:
+                path.mkdir(parents=True, exist_ok=True)
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # O_EXCL|O_NOFOLLOW: a name given twice, or anything already there, is not written through.
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(descriptor, "wb") as out, archive.open(info) as source:
+                while chunk := source.read(1 << 20):
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise UnsafeArchive(f"{what} unpacks to more than {max_bytes // 2**20} MB: refused "
+                                            "(a zip bomb?); list large files in the working_dir's .gitignore")
+                    out.write(chunk)
+                os.fchmod(out.fileno(), (mode & 0o777) or 0o644)   # never setuid, setgid or sticky

@@ -38,22 +38,27 @@ from concurrent import futures
 from typing import Any, Callable, Optional, TypeVar
 
 import redis
-from celery import signals
+from celery import signals, states
+from celery.exceptions import Reject
 from celery.worker.consumer import Consumer
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from vine import promise
 
 from ..batching import batched_methods
+from ..canary import count_request
 from ..celery_app import DEFAULT_RESULT_EXPIRES_S, TASK_NAME, make_app
 from ..code import unpack
-from ..connection import make_store
-from ..http import HTTP_METHOD, Request, encode_response
+from ..connection import ADDRESS_ENV, make_store
+from ..errors import SecretNotConfigured, SignatureError
+from ..http import HTTP_METHOD, Request, Response, encode_response
+from ..planner import RECONFIGURE_FAILED_MARK
+from ..signing import check_user_config, manifest, node_secret
 from ..state import Replica, ReplicaState
-from ..store import Store, queue_name
+from ..store import Store, replica_queue
 from .gate import RequestGate
 from .inflight import InflightFile
-from .processes import die_with_parent
+from .processes import die_with_parent, hold_lock
 from .protocol import EXIT_CONSTRUCTOR_FAILED, INFLIGHT_FILE_ENV
 
 log = logging.getLogger("taskserve.node.replica")
@@ -79,8 +84,165 @@ REDIS_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
 T = TypeVar("T")
 
 # How often a replica re-reads its record even without a wake-up, so one that
-# missed a reconfigure message catches up.
-CONTROL_HEARTBEAT_S = 1.0
+# missed a reconfigure message (its push lost to a Redis failure) catches up. Nothing
+# else reads it: liveness is the agent's heartbeat, and every config change wakes it.
+CONTROL_HEARTBEAT_S = 10.0
+
+# How often a replica adds what it counted (requests, errors, latency) to its
+# deployment's stats: one pipelined round trip, whatever the number of requests.
+STATS_FLUSH_S = 0.5
+
+# How often the stats tick comes while the replica is idle (nothing counted, no request
+# held): it has nothing to write, and its first request wakes it at once (count, took).
+STATS_IDLE_S = 10.0
+
+# How long the consumer's BRPOP on an empty queue blocks before it is sent again (kombu's
+# default: 1 s, a wake-up a second per idle replica). A drain does not wait it out:
+# closing the channel ends it (ReplicaChannel.close). A message pushed meanwhile wakes it at once.
+BRPOP_TIMEOUT_S = 10
+
+# How soon a replica that could not read its record (Redis away) tries again.
+REDIS_RETRY_S = 1.0
+
+# How often at most a replica that turns busy tells the controller at once (InFlightReport).
+BUSY_WAKE_S = 1.0
+
+
+class RequestStats:
+    """Counts the requests this replica serves in memory; :meth:`start` adds the counts
+    to the deployment's stats hash every ``STATS_FLUSH_S`` (the canary's automatic abort
+    and ``status().canary`` read them), so counting costs no round trip per request.
+
+    Counts a flush could not write (Redis away) are kept for the next one. While the
+    replica is idle the tick comes only every ``STATS_IDLE_S``; the first request
+    counted after that wakes it, so its count is written as soon as it would have been.
+
+    >>> import fakeredis
+    >>> stats = RequestStats(Store(fakeredis.FakeRedis()), "echo", "1")
+    >>> stats.flush(), stats.idle_after_tick(busy=False)
+    (False, True)
+    >>> stats.count(0.002, ok=True); stats.wake.is_set()     # an idle tick is woken at once
+    True
+    >>> stats.flush(), stats.store.stats("echo")["requests:1"]
+    (True, 1)
+    """
+
+    def __init__(self, store: Store, deployment: str, version: str) -> None:
+        self.store = store
+        self.deployment = deployment
+        self.version = version
+        self.lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        # More work for the same tick (InFlightReport.report): True while it has some.
+        self.also: list[Callable[[], bool]] = []
+        self.wake = threading.Event()                # a tick now, not at the end of the sleep
+        self.idle = False                            # the tick sleeps STATS_IDLE_S
+
+    def count(self, seconds: float, ok: bool) -> None:
+        with self.lock:
+            count_request(self.counts, self.version, seconds, ok)
+            if self.idle:
+                self.idle = False
+                self.wake.set()
+
+    def flush(self) -> bool:
+        """Add the counts to the stats; True if there were any."""
+        with self.lock:
+            counts, self.counts = self.counts, {}
+        if not counts:
+            return False
+        try:
+            self.store.add_stats(self.deployment, counts)
+        except redis.RedisError as error:
+            log.warning("cannot add this replica's request counts to the stats (%s); trying again", error)
+            with self.lock:
+                for key, value in counts.items():
+                    self.counts[key] = self.counts.get(key, 0) + value
+        return True
+
+    def idle_after_tick(self, busy: bool) -> bool:
+        """Whether the next tick may sleep ``STATS_IDLE_S``: the tick found nothing to do
+        (``busy`` False) and nothing was counted since."""
+        with self.lock:
+            self.idle = not busy and not self.counts
+            return self.idle
+
+    def start(self) -> None:
+        def loop() -> None:
+            busy = True
+            while True:
+                self.wake.wait(STATS_IDLE_S if self.idle_after_tick(busy) else STATS_FLUSH_S)
+                self.wake.clear()
+                busy = self.flush()
+                for work in self.also:
+                    busy = work() or busy
+
+        threading.Thread(target=loop, name="request_stats", daemon=True).start()
+
+
+class InFlightReport:
+    """Keeps the ``in_flight`` field of this replica's record near the number of requests
+    it holds (its in-flight file's), for a scale-down to stop idle replicas before busy
+    ones (:func:`taskserve.autoscaler.choose_replicas_to_remove`).
+
+    :meth:`report` runs on the stats' tick and writes only when the number changed since
+    its last write: nothing while idle or steady, at most one write per ``STATS_FLUSH_S``
+    while it moves, never a round trip per request. The field may be that old.
+
+    A replica that was idle and takes a request (:meth:`took`, at most once per
+    ``BUSY_WAKE_S``) brings the tick forward and tells the controller: this is how it
+    learns at once that an idle deployment got load, without looking at idle queues.
+
+    >>> import fakeredis, tempfile, os
+    >>> from taskserve.state import Replica
+    >>> store = Store(fakeredis.FakeRedis())
+    >>> store.create_replica(Replica("echo-1", "echo", "s", "v1"))
+    >>> held = InflightFile(os.path.join(tempfile.mkdtemp(), "echo-1.inflight"))
+    >>> report = InFlightReport(store, "echo-1", held)
+    >>> held.add("task-1", "tag-1"); report.report(); store.get_replica("echo-1").in_flight
+    True
+    1
+    >>> held.remove("task-1"); report.report(); store.get_replica("echo-1").in_flight
+    True
+    0
+    >>> report.report()           # idle: nothing to write, the stats tick may sleep long
+    False
+    """
+
+    def __init__(self, store: Store, replica_id: str, inflight: InflightFile, deployment: str = "",
+                 wake: Optional[threading.Event] = None) -> None:
+        self.store = store
+        self.replica_id = replica_id
+        self.inflight = inflight
+        self.deployment = deployment
+        self.wake = wake
+        self.written = 0            # what the record says (a new record says 0)
+        self.woken_at = -BUSY_WAKE_S
+
+    def took(self) -> None:
+        """A request arrived (called per request: no I/O here)."""
+        if self.wake is None or self.written:
+            return
+        now = time.monotonic()
+        if now - self.woken_at >= BUSY_WAKE_S:
+            self.woken_at = now
+            self.wake.set()
+
+    def report(self) -> bool:
+        """Write the number held if it changed; True while requests are held or it could
+        not be written (the stats tick then stays short)."""
+        held = len(self.inflight.tags)
+        if held == self.written:
+            return bool(held)
+        try:
+            self.store.update_replica(self.replica_id, in_flight=held)
+            if not self.written and self.deployment:
+                self.store.notify(f"load:{self.deployment}")
+        except redis.RedisError as error:
+            log.warning("cannot record how many requests this replica holds (%s); trying again", error)
+            return True
+        self.written = held
+        return True
 
 
 class HealthCheckTimeout(Exception):
@@ -147,10 +309,41 @@ class Dispatcher:
         elif self.kind == "function":
             raise AttributeError(f"function deployments have no method {method!r}; call the handle directly")
         elif method.startswith("_"):
-            raise AttributeError(f"method {method!r} is private; only public methods can be called")
+            raise AttributeError(f"method {method!r} is private; only public methods and __call__ can be called")
         else:
-            function = getattr(self.target, method)
-        return _run(function(*args, **kwargs))
+            function = getattr(self.target, method, None)
+            if not callable(function):
+                public = sorted(n for n in dir(self.target) if not n.startswith("_")
+                                and callable(getattr(self.target, n, None)))
+                raise AttributeError(f"{type(self.target).__name__} has no method {method!r}; "
+                                     f"its public methods: {', '.join(public) or 'none'}")
+        return handle_value(_run(function(*args, **kwargs)))
+
+
+class ReconfigureFailed(Exception):
+    """``reconfigure(user_config)`` raised while the replica started (the cause)."""
+
+
+def handle_value(value: Any) -> Any:
+    """What a handle caller gets for ``value``: an HTTP ``Response`` gives its body.
+
+    >>> handle_value(Response({"ok": True}, status=201))
+    {'ok': True}
+    >>> handle_value(Response(b"raw"))
+    'raw'
+    """
+    if not isinstance(value, Response):
+        return value
+    body = value.body
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            raise TypeError(
+                f"the method returned a taskserve.http.Response ({value.status}) with a binary body, which a "
+                "handle caller cannot receive as JSON; return the data itself for handle calls"
+            ) from None
+    return body
 
 
 def _in_thread(function: Callable[[], T], name: str) -> "futures.Future[T]":
@@ -263,16 +456,24 @@ class ReplicaProcess:
         self.inflight_path = os.environ.get(INFLIGHT_FILE_ENV, "")
         self.applied_config_hash = ""
         self.draining = False
+        self.stats = RequestStats(store, record.deployment, record.version)
 
     def load(self) -> Dispatcher:
         """Construct the object and give it its user_config: all before any request."""
-        target, init_args, init_kwargs = unpack(self.store.get_code(self.record.code_sha))
+        # Checked before anything is unpickled: signed with the cluster's secret, for this
+        # deployment, serializer, kind and runtime_env.
+        target, init_args, init_kwargs = unpack(self.store.get_code(self.record.code_sha), node_secret(),
+                                                manifest(self.record.deployment, self.config))
         kind = self.config.get("kind", "class")
         dispatcher = Dispatcher(construct(target, kind, init_args, init_kwargs), kind)
         align_thread_pools()
         record = self.store.get_replica(self.replica_id) or self.record
         if record.config_hash:
-            dispatcher.reconfigure(json.loads(record.user_config))
+            self.check_config(record)     # unsigned: fails the start, as unsigned code does
+            try:
+                dispatcher.reconfigure(json.loads(record.user_config))
+            except Exception as error:
+                raise ReconfigureFailed() from error
         self.applied_config_hash = record.config_hash
         self.store.update_replica(self.replica_id, applied_config_hash=record.config_hash)
         return dispatcher
@@ -280,7 +481,7 @@ class ReplicaProcess:
     def follow_config(self, dispatcher: Dispatcher) -> None:
         """Apply each new user_config the controller gives this replica, in place.
 
-        Woken by a control message, and re-reading the record every second anyway.
+        Woken by a control message, and re-reading the record every ``CONTROL_HEARTBEAT_S`` anyway.
         """
         rejected: Optional[str] = None     # the hash of a config reconfigure refused
 
@@ -292,7 +493,7 @@ class ReplicaProcess:
                     record = self.store.get_replica(self.replica_id)
                 except redis.RedisError as error:
                     log.warning("cannot read this replica's record (%s); retrying", error)
-                    time.sleep(CONTROL_HEARTBEAT_S)
+                    time.sleep(REDIS_RETRY_S)
                     continue
                 if record is None or self.draining:
                     return
@@ -305,6 +506,13 @@ class ReplicaProcess:
 
         threading.Thread(target=loop, name="follow_config", daemon=True).start()
 
+    def check_config(self, record: Replica) -> None:
+        """Refuse (:class:`SignatureError`) a user_config its client did not sign for this
+        deployment and the code this process loaded (``self.record``, not a record
+        re-read since: that one may have been rewritten)."""
+        check_user_config(self.record.deployment, self.record.code_sha, json.loads(record.user_config),
+                          record.user_config_signature, node_secret())
+
     def apply_config(self, dispatcher: Dispatcher, record: Replica) -> bool:
         """Run ``reconfigure`` with the record's user_config; record the outcome.
 
@@ -316,6 +524,14 @@ class ReplicaProcess:
             self.store.update_replica(self.replica_id, applied_config_hash="", config_error="")
             self.store.notify(f"replica:{self.record.deployment}")
             return True
+        try:
+            self.check_config(record)
+        except (SignatureError, SecretNotConfigured) as error:
+            # Not given to reconfigure(): the replica serves on with the config it has.
+            log.error("refused user_config %s: %s", record.config_hash, error)
+            self.store.update_replica(self.replica_id, config_error=str(error))
+            self.store.notify(f"replica:{self.record.deployment}")
+            return False
         self.store.update_replica(self.replica_id, state=ReplicaState.RECONFIGURING)
         self.store.notify(f"replica:{self.record.deployment}")
         try:
@@ -358,8 +574,15 @@ class ReplicaProcess:
         threading.Thread(target=loop, name="watch_health", daemon=True).start()
 
     def fail_start(self, error: BaseException) -> None:
-        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        log.error("constructor of %s failed:\n%s", self.record.deployment, text)
+        if isinstance(error, ReconfigureFailed) and error.__cause__ is not None:
+            cause = error.__cause__
+            text = RECONFIGURE_FAILED_MARK + "\n" + "".join(
+                traceback.format_exception(type(cause), cause, cause.__traceback__))
+        elif isinstance(error, (SignatureError, SecretNotConfigured)):
+            text = str(error)       # refused, not a bug: one line says why
+        else:
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        log.error("the start of %s failed:\n%s", self.record.deployment, text)
         self.store.update_replica(self.replica_id, state=ReplicaState.FAILED, failure="start", message=text)
 
     def redeliveries(self, task_id: str) -> int:
@@ -374,9 +597,10 @@ class ReplicaProcess:
         """Taking requests: check health, follow the user_config, and say RUNNING."""
         self.watch_health(dispatcher)
         self.follow_config(dispatcher)
+        self.stats.start()
         self.store.update_replica(self.replica_id, state=ReplicaState.RUNNING, pid=os.getpid(), message="")
         self.store.notify(f"replica:{self.record.deployment}")
-        log.info("replica %s serves %s", self.replica_id, queue_name(self.record.deployment))
+        log.info("replica %s serves %s", self.replica_id, replica_queue(self.record))
 
     def stopping(self) -> None:
         """Draining: taking no more requests, finishing those in hand."""
@@ -396,24 +620,46 @@ class ReplicaProcess:
                        result_expires=float(self.config.get("result_ttl_s") or DEFAULT_RESULT_EXPIRES_S))
         app.conf.broker_transport = ReplicaTransport   # this worker's connections only
         inflight = InflightFile(self.inflight_path)
+        self.in_flight = InFlightReport(self.store, self.replica_id, inflight, self.record.deployment,
+                                        self.stats.wake)
+        self.stats.also.append(self.in_flight.report)
         max_deliveries = int(self.config.get("max_deliveries") or DEFAULT_MAX_DELIVERIES)
         if batched_methods(dispatcher.target):
             from .batcher import BatchServer  # it imports this module; only batched deployments load it
-            return BatchServer(self, dispatcher, app, inflight, max_deliveries, concurrency, serializer).serve()
+            try:
+                return BatchServer(self, dispatcher, app, inflight, max_deliveries, concurrency, serializer).serve()
+            finally:
+                self.stats.flush()
 
-        @app.task(name=TASK_NAME, acks_late=True, bind=True)
-        def call(task: Any, method: str, args: list, kwargs: dict) -> Any:
+        taken: dict[str, Any] = {}     # task id -> its kombu message, from receipt to answer
+
+        # The task stores its answer itself, with the acknowledgement (answer_and_acknowledge);
+        # Celery stores only what escapes it (store_errors_even_if_ignored).
+        @app.task(name=TASK_NAME, acks_late=True, bind=True, ignore_result=True, store_errors_even_if_ignored=True)
+        def call(task: Any, method: str, args: list, kwargs: dict) -> None:
+            task_id = task.request.id
+            envelope: Optional[dict] = None
             # Only a message put back after a crash (or the visibility timeout) pays this read.
             if (task.request.delivery_info or {}).get("redelivered"):
-                refusal = refuse_redelivery(self.redeliveries(task.request.id), max_deliveries)
-                if refusal is not None:
-                    log.error("request %s not run: %s", task.request.id, refusal["message"])
-                    return refusal
-            return _envelope(dispatcher, method, args, kwargs)
+                envelope = refuse_redelivery(self.redeliveries(task_id), max_deliveries)
+                if envelope is not None:
+                    log.error("request %s not run: %s", task_id, envelope["message"])
+            if envelope is None:
+                started = time.perf_counter()
+                envelope = _envelope(dispatcher, method, args, kwargs)
+                self.stats.count(time.perf_counter() - started, envelope["ok"])
+            envelope["version"] = self.record.version    # the gateway's x-taskserve-version
+            try:
+                answer_and_acknowledge(app.backend, taken.pop(task_id), task_id, envelope)
+            except REDIS_UNREACHABLE as error:
+                # Unacknowledged, the request is served again once Redis is back: not lost.
+                raise Reject(f"cannot store the answer ({_why(error)})", requeue=True) from None
 
         @signals.task_received.connect(weak=False)
         def on_received(request: Any = None, **_: Any) -> None:
+            taken[request.id] = request.message
             inflight.add(request.id, request.message.delivery_tag)
+            self.in_flight.took()
 
         @signals.task_postrun.connect(weak=False)
         def on_done(task_id: str = "", **_: Any) -> None:
@@ -423,6 +669,7 @@ class ReplicaProcess:
         def on_revoked(request: Any = None, **_: Any) -> None:
             # An HTTP request whose caller gave up (it expired in the queue): acknowledged, not run.
             if request is not None:
+                taken.pop(request.id, None)
                 inflight.remove(request.id)
 
         @signals.worker_ready.connect(weak=False)
@@ -439,7 +686,7 @@ class ReplicaProcess:
             logging.getLogger(per_request).setLevel(logging.WARNING)
         worker = app.Worker(
             hostname=f"{self.replica_id}@{socket.gethostname()}",
-            queues=[queue_name(self.record.deployment)],
+            queues=[replica_queue(self.record)],
             pool="solo" if concurrency == 1 else "threads",
             concurrency=concurrency,
             loglevel="INFO",
@@ -450,7 +697,10 @@ class ReplicaProcess:
             quiet=True,
             consumer_cls=ReplicaConsumer,
         )
-        worker.start()
+        try:
+            worker.start()
+        finally:
+            self.stats.flush()
         return worker.exitcode or 0
 
 
@@ -465,6 +715,35 @@ def _envelope(dispatcher: Dispatcher, method: str, args: list, kwargs: dict) -> 
             "message": str(error),
             "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
         }
+
+
+def answer_and_acknowledge(backend: Any, message: Any, task_id: str, envelope: dict) -> None:
+    """Store ``envelope`` as the answer to ``task_id`` and acknowledge its ``message``, in
+    one transaction: one round trip, where Celery reads the previous result, stores the
+    answer, then acknowledges (three). Retried while Redis is unreachable.
+
+    What is stored and published is what ``backend.mark_as_done`` would (handles and the
+    gateway read it as such); once written, the message's acknowledgement by Celery
+    costs no round trip (:meth:`ReplicaQoS.ack`). Written together, the answer is
+    never stored without the request being acknowledged, nor the other way round.
+    """
+    qos = message.channel.qos
+    meta = backend._get_result_meta(result=envelope, state=states.SUCCESS, traceback=None, request=None)
+    meta["task_id"] = task_id
+    key, value = backend.get_key_for_task(task_id), backend.encode(meta)
+
+    def write() -> None:
+        with qos.channel.conn_or_acquire() as client, client.pipeline(transaction=True) as pipe:
+            if backend.expires:
+                pipe.setex(key, backend.expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)    # on the key's name, as Celery's backend publishes
+            qos._remove_from_indices(message.delivery_tag, pipe)
+            pipe.execute()
+
+    retry_while_unreachable(write, "store an answer and acknowledge its request")
+    qos.acknowledged_in_redis(message.delivery_tag)
 
 
 def refuse_redelivery(deliveries: int, max_deliveries: int) -> Optional[dict]:
@@ -615,8 +894,19 @@ class ReplicaQoS(kombu_redis.QoS):
     """The Redis transport's acknowledgements, retried while Redis restarts.
 
     Otherwise a request served while Redis was away stays unacknowledged, and runs
-    again after the visibility timeout.
+    again after the visibility timeout. A message acknowledged in Redis together with
+    its answer (:func:`answer_and_acknowledge`) is acknowledged here in memory only.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settled: set[str] = set()
+
+    def acknowledged_in_redis(self, delivery_tag: str) -> None:
+        """``delivery_tag`` left the unacknowledged index with its answer: acknowledge it here
+        now (a restore at shutdown must not put it back), and its ack by Celery costs nothing."""
+        self.settled.add(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         # A message BRPOP took just as Redis went away is held nowhere but here until
@@ -625,6 +915,9 @@ class ReplicaQoS(kombu_redis.QoS):
                                 "record a request as taken")
 
     def ack(self, delivery_tag: str) -> None:
+        if delivery_tag in self.settled:
+            self.settled.discard(delivery_tag)
+            return
         retry_while_unreachable(lambda: super(ReplicaQoS, self).ack(delivery_tag), "acknowledge a request")
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
@@ -641,6 +934,40 @@ class ReplicaChannel(kombu_redis.Channel):
 
     Message = ReplicaMessage
     QoS = ReplicaQoS
+
+    # (the BRPOP connection's socket, its CLIENT ID); the id is None where Redis refuses CLIENT.
+    brpop_client: Optional[tuple[Any, Optional[int]]] = None
+
+    def _brpop_start(self, timeout: Any = None) -> Any:
+        self._remember_client_id()
+        return super()._brpop_start(timeout)
+
+    def _remember_client_id(self) -> None:
+        """Note the BRPOP connection's client id (one round trip per new connection), so
+        that :meth:`close` can end its wait at once."""
+        connection = self.client.connection
+        sock = getattr(connection, "_sock", None)
+        if sock is None or (self.brpop_client is not None and self.brpop_client[0] is sock):
+            return
+        try:
+            connection.send_command("CLIENT", "ID")
+            self.brpop_client = (sock, int(connection.read_response()))
+        except redis.ResponseError as error:     # CLIENT renamed or disabled (some hosted Redis)
+            log.info("cannot read this consumer's Redis client id (%s): a drain waits out its BRPOP", error)
+            self.brpop_client = (sock, None)
+
+    def close(self) -> None:
+        # kombu reads the reply of a BRPOP in flight before closing (it may hold a message
+        # already popped); CLIENT UNBLOCK makes that reply come now, not at the timeout.
+        sock = getattr(self.client.connection, "_sock", None) if self._in_poll else None
+        if sock is not None and self.brpop_client is not None and self.brpop_client[0] is sock \
+                and self.brpop_client[1] is not None:
+            try:
+                with self.Client(connection_pool=self.pool) as client:
+                    client.execute_command("CLIENT", "UNBLOCK", self.brpop_client[1])
+            except redis.RedisError as error:
+                log.info("cannot end this consumer's BRPOP early (%s); waiting it out", error)
+        super().close()
 
     def _brpop_read(self, **options: Any) -> Any:
         transport = self.connection
@@ -661,12 +988,17 @@ class _ShownAsRedis(type):
     def __str__(cls) -> str:
         return "redis"
 
+    # ... and `celery inspect stats` sends it in its JSON reply ("broker": {"transport": ...}).
+    def __json__(cls) -> str:
+        return "redis"
+
 
 class ReplicaTransport(kombu_redis.Transport, metaclass=_ShownAsRedis):
     """The Redis transport with :class:`ReplicaChannel`."""
 
     Channel = ReplicaChannel
     delivering = False
+    brpop_timeout = BRPOP_TIMEOUT_S
 
     def _deliver(self, message: Any, queue: str) -> None:
         self.delivering = True
@@ -718,12 +1050,23 @@ class ReplicaConsumer(Consumer):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run replica ``--replica-id`` on the cluster at ``$TASKSERVE_ADDRESS``.
+
+    ``--address`` is still accepted, but a node agent passes the address in the
+    environment: a command line can be read by every user of the machine.
+    """
     parser = argparse.ArgumentParser(prog="python -m taskserve.node.replica")
-    parser.add_argument("--address", required=True)
+    parser.add_argument("--address", default=os.environ.get(ADDRESS_ENV),
+                        help=f"Redis URL of the cluster (default: ${ADDRESS_ENV})")
     parser.add_argument("--replica-id", required=True)
     args = parser.parse_args(argv)
+    if not args.address:
+        parser.error(f"no cluster address: set ${ADDRESS_ENV} (as the node agent does) or pass --address")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     die_with_parent()
+    if os.environ.get(INFLIGHT_FILE_ENV):
+        # Held until this process is gone: how a restarted agent knows it still runs.
+        _lock_fd = hold_lock(os.environ[INFLIGHT_FILE_ENV])  # noqa: F841
 
     store = make_store(args.address)
     replica = ReplicaProcess(store, args.address, args.replica_id)

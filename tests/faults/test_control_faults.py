@@ -60,19 +60,22 @@ def leader_part(cluster: Cluster, store: Store) -> str:
 
 def stop_after_reading_goals(cluster: Cluster, change: Callable[[], object], controller_pid: int) -> None:
     """Make ``change`` (a goal write), then SIGSTOP the controller as soon as Redis sees a
-    pass read the goals after it (watched with MONITOR). A pass reads the goals alone;
-    a handle reads its deployment's goal with its health, and is passed over."""
+    pass read the changed goal after it (watched with MONITOR). A pass reads the
+    revisions first, then the goals whose revision moved; a handle reads its
+    deployment's goal with its health (MGET), and is passed over."""
     client = redis.Redis.from_url(cluster.url, socket_timeout=30)
     try:
         with client.monitor() as monitor:
             writer = threading.Thread(target=change, daemon=True)
             writer.start()
-            written = False
+            written = revisions_read = False
             while True:
                 command = monitor.next_command()["command"]
                 if not written:
                     written = command.startswith("SET taskserve:goal:")
-                elif command.startswith("MGET taskserve:goal:") and "taskserve:health:" not in command:
+                elif not revisions_read:
+                    revisions_read = command.startswith(f"HGETALL {Store.REVISIONS_KEY}")
+                elif command.startswith("GET taskserve:goal:"):
                     os.kill(controller_pid, signal.SIGSTOP)
                     break
             writer.join(timeout=30)

@@ -1,0 +1,491 @@
+"""Security: each measure of docs/security.md, tried as an attack and seen refused.
+
+Signed code (missing, wrong, or paired with options it was not signed with), the
+password of `taskserve up`'s Redis and where it must never show, TLS and Sentinel
+addresses, and the dashboard showing hostile text as text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+import taskserve
+from taskserve.celery_app import make_app
+from taskserve.code import pack, sign, unpack
+from taskserve.connection import cluster_secret, find_cluster, parse_sentinel, redis_client
+from taskserve.errors import SecretNotConfigured, SignatureError, redact_text
+from taskserve.redis_server import RedisServer, find_redis_server, generate_password
+from taskserve.signing import (
+    ClusterSecret,
+    check_user_config,
+    ensure_secret_file,
+    manifest,
+    read_secret_file,
+    seal,
+    sign_user_config,
+    unseal,
+)
+from taskserve.state import config_hash
+
+from .helpers import REPO, Cluster, replica_pids, running_gateway, start_cluster, wait_until
+
+SECRET = ClusterSecret.parse("the-right-secret")
+
+
+class Marker:
+    """Unpickling it runs a command: what an attacker would put in Redis."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+# ------------------------------------------------------------------ signing, unit
+
+
+def test_unsigned_wrong_and_tampered_blobs_are_refused_before_unpickling(tmp_path):
+    marker = tmp_path / "ran"
+    evil = pickle.dumps((Marker(marker), b""))
+    with pytest.raises(SignatureError, match="not signed"):
+        unpack(evil, SECRET)
+    with pytest.raises(SignatureError, match="does not match"):
+        unpack(sign(evil, {"deployment": "x"}, ClusterSecret.parse("an-attackers-guess"))[1], SECRET)
+    _, good = sign(pack(len, (), {})[1], {"deployment": "x"}, SECRET)
+    tampered = good[:-10] + evil[-10:]
+    with pytest.raises(SignatureError, match="does not match"):
+        unpack(tampered, SECRET)
+    assert not marker.exists()
+    assert unpack(good, SECRET)[0] is len
+
+
+def test_signed_code_paired_with_other_options_is_refused():
+    config = {"kind": "class", "serializer": "json", "runtime_env": {"env_vars": {"A": "1"}}}
+    _, blob = sign(pack(len, (), {})[1], manifest("model", config), SECRET)
+    for change in ({"serializer": "pickle"}, {"runtime_env": {"env_vars": {"PYTHONPATH": "/tmp/evil"}}},
+                   {"runtime_env": {"pip": ["evil"], "env_vars": {"A": "1"}}}, {"kind": "function"}):
+        with pytest.raises(SignatureError, match="refused"):
+            unpack(blob, SECRET, manifest("model", {**config, **change}))
+    with pytest.raises(SignatureError, match="deployment"):
+        unpack(blob, SECRET, manifest("other", config))
+
+
+def test_rotation_old_secret_still_verifies_while_listed():
+    sealed_with_old = seal(b"payload", {}, ClusterSecret.parse("old"))
+    assert unseal(sealed_with_old, ClusterSecret.parse("new,old"))[1] == b"payload"
+    assert unseal(seal(b"p", {}, ClusterSecret.parse("new,old")), ClusterSecret.parse("new"))[1] == b"p"
+    with pytest.raises(SignatureError):
+        unseal(sealed_with_old, ClusterSecret.parse("new"))
+
+
+def test_secret_file_is_private_and_kept(tmp_path):
+    path = tmp_path / "data" / "secret"
+    first = ensure_secret_file(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and ensure_secret_file(path) == first
+    path.chmod(0o644)
+    with pytest.raises(SecretNotConfigured, match="chmod 600"):
+        read_secret_file(path)
+
+
+def test_a_client_without_a_secret_is_told_how_to_get_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("TASKSERVE_SECRET", raising=False)
+    monkeypatch.delenv("TASKSERVE_SECRET_FILE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SecretNotConfigured, match=r"set \$TASKSERVE_SECRET") as caught:
+        cluster_secret("redis://:pw-123@127.0.0.1:1/0")
+    assert "pw-123" not in str(caught.value)
+
+
+# ------------------------------------------------------------------ addresses, unit
+
+
+def test_passwords_are_redacted_from_any_text():
+    text = redact_text("tried redis://:hunter2@h:1/0, rediss://u:hunter2@h:2/0?ssl_cert_reqs=none and "
+                       "sentinel://:hunter2@a:26379;sentinel://:hunter2@b:26379/0?master_name=m")
+    assert "hunter2" not in text and "rediss://u@h:2/0?ssl_cert_reqs=none" in text
+
+
+def test_rediss_without_options_verifies_against_the_system_ca_store():
+    client = redis_client("rediss://:pw@cache.example:6380/0")
+    kwargs = client.connection_pool.connection_kwargs
+    assert kwargs["ssl_cert_reqs"] in ("required", "CERT_REQUIRED") or str(kwargs["ssl_cert_reqs"]).endswith("REQUIRED")
+    assert kwargs.get("ssl_ca_certs") is None          # None: the system's store
+    app = make_app("rediss://:pw@cache.example:6380/0")
+    import ssl
+    assert app.backend.connparams["ssl_cert_reqs"] == ssl.CERT_REQUIRED   # Celery refused this URL before
+    custom = make_app("rediss://cache.example:6380/0?ssl_cert_reqs=none&ssl_ca_certs=/etc/ca.pem")
+    assert custom.backend.connparams["ssl_cert_reqs"] == ssl.CERT_NONE
+    assert custom.backend.connparams["ssl_ca_certs"] == "/etc/ca.pem"
+
+
+def test_sentinel_addresses_are_accepted_everywhere():
+    url = "sentinel://:pw@127.0.0.1:26379;sentinel://:pw@127.0.0.1:26380/3?master_name=cache"
+    assert find_cluster(url).url == url
+    parsed = parse_sentinel(url)
+    assert parsed.master_name == "cache" and parsed.db == 3 and len(parsed.sentinels) == 2
+    app = make_app(url)
+    assert app.conf.broker_transport_options["master_name"] == "cache"
+    assert app.conf.result_backend_transport_options["master_name"] == "cache"
+    assert type(app.backend).__name__ == "SentinelBackend"
+
+
+@pytest.mark.slow
+def test_sentinel_reaches_the_master_through_a_real_sentinel(tmp_path):
+    password = generate_password()
+    with RedisServer(password=password) as master:
+        sentinel_port = RedisServer().port
+        config = tmp_path / "sentinel.conf"
+        config.write_text(f"port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor cache 127.0.0.1 {master.port} 1\n"
+                          f"sentinel auth-pass cache {password}\n")
+        config.chmod(0o600)
+        process = subprocess.Popen([find_redis_server(), str(config), "--sentinel"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            url = f"sentinel://:{password}@127.0.0.1:{sentinel_port}/0?master_name=cache"
+
+            def answers() -> bool:
+                try:
+                    return redis_client(url, socket_timeout=2).ping()
+                except redis.RedisError:
+                    return False
+
+            wait_until(answers, timeout=20, message="Sentinel to name the master")
+            store = taskserve.connection.make_store(url)
+            store.redis.set("taskserve-sentinel-test", "1")
+            assert redis.Redis.from_url(master.url).get("taskserve-sentinel-test") == b"1"
+            backend = make_app(url).backend
+            backend.set("k", "v")
+            assert backend.get("k") in ("v", b"v")
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+# ------------------------------------------------------------------ signed code, with real replicas
+
+
+class Greeter:
+    def __call__(self, name):
+        return f"hi {name}"
+
+
+def _attack(cluster: Cluster, name: str, blob: bytes, **changes) -> str:
+    """Write, as anyone with the Redis password could, a goal running ``blob``; the
+    message of the replica it made fail (the controller records it when it gives up
+    and restores the previous version)."""
+    import hashlib
+
+    store = taskserve.connect(cluster.url)
+    sha = hashlib.sha256(blob).hexdigest()
+    goal = store.update_goal(name, lambda previous: {"code_sha": sha, "spec_hash": "attack", "version": "attack",
+                                                     **changes}, "deploy", blobs=[(sha, blob)])
+
+    def refused() -> str:
+        return next((entry["error"] for entry in store.history(name)
+                     if entry.get("rollback_of") == goal.generation), "")
+
+    return wait_until(refused, timeout=60, message="the attacked replica to fail and the version to be restored")
+
+
+def test_replicas_refuse_unsigned_and_wrongly_signed_code_and_keep_serving(connected, unique_name, tmp_path):
+    model = taskserve.deployment(name=unique_name, version="1")(Greeter)
+    model.deploy()
+    handle = model.get_handle()
+    marker = tmp_path / "ran"
+    evil = pickle.dumps((Marker(marker), b""))
+
+    message = _attack(connected, unique_name, evil)
+    assert "not signed" in message and "\n" not in message
+    assert not marker.exists()
+
+    _, wrong = sign(evil, manifest(unique_name, {"kind": "class"}), ClusterSecret.parse("guessed"))
+    message = _attack(connected, unique_name, wrong)
+    assert "does not match" in message and "\n" not in message
+    assert not marker.exists()
+    # Refused, not retried forever: the rollout gives up and the signed version serves on.
+    wait_until(lambda: taskserve.get_deployment(unique_name).version == "1", timeout=90,
+               message="the previous version to be restored")
+    assert handle.remote("ann").result(timeout=30) == "hi ann"
+
+
+def test_signed_code_with_injected_options_starts_nothing(connected, unique_name, tmp_path):
+    model = taskserve.deployment(name=unique_name, version="1")(Greeter)
+    model.deploy()
+    store = taskserve.connect(connected.url)
+    goal = store.require_goal(unique_name)
+    blob = store.get_code(goal.code_sha)        # the real, signed code
+    injected = {**goal.options, "runtime_env": {"env_vars": {"PYTHONPATH": str(tmp_path)}}}
+    (tmp_path / "sitecustomize.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    message = _attack(connected, unique_name, blob, options=injected)
+    assert "runtime_env" in message and "refused" in message
+    assert not (tmp_path / "ran").exists()
+
+
+# ------------------------------------------------------------------ signed user_config
+
+
+def test_a_user_config_signature_binds_the_value_the_deployment_and_the_code():
+    mac = sign_user_config("model", "c0de", {"t": (1, 2)}, SECRET)
+    check_user_config("model", "c0de", {"t": [1, 2]}, mac, SECRET)      # as Redis gives it back
+    check_user_config("model", "c0de", {"t": [1, 2]}, mac, ClusterSecret.parse("new,the-right-secret"))
+    for deployment, code_sha, value in (("other", "c0de", {"t": [1, 2]}), ("model", "other", {"t": [1, 2]}),
+                                        ("model", "c0de", {"t": [1, 3]})):
+        with pytest.raises(SignatureError, match="does not match"):
+            check_user_config(deployment, code_sha, value, mac, SECRET)
+    with pytest.raises(SignatureError, match="does not match"):
+        check_user_config("model", "c0de", {"t": [1, 2]}, mac, ClusterSecret.parse("guessed"))
+    with pytest.raises(SignatureError, match="not signed"):
+        check_user_config("model", "c0de", {"t": [1, 2]}, "", SECRET)
+
+
+class Configurable:
+    """Answers with its config and pid; remembers every config reconfigure() got."""
+
+    def __init__(self):
+        self.seen = []
+
+    def reconfigure(self, config):
+        self.seen.append(config)
+
+    def __call__(self):
+        return [self.seen[-1] if self.seen else None, os.getpid()]
+
+    def history(self):
+        return self.seen
+
+
+def _replica(store, name: str):
+    [replica] = [r for r in store.replicas_of(name) if r.state.value == "RUNNING"]
+    return replica
+
+
+def test_a_user_config_written_to_redis_by_hand_is_refused_and_never_reaches_reconfigure(connected, unique_name):
+    model = taskserve.deployment(name=unique_name, version="1", user_config={"t": 1})(Configurable)
+    model.deploy()
+    handle = model.get_handle()
+    store = taskserve.connect(connected.url)
+    before = _replica(store, unique_name)
+    evil = {"t": 666}
+
+    # 1. Into the replica's record, with the controller paused (else it puts the goal's back
+    # at once): unsigned, then with a valid signature of another deployment (a replay).
+    controller = connected.processes["controller"]
+    controller.send_signal(signal.SIGSTOP)
+    try:
+        replayed = {"t": 667}      # another value: a refused one is not looked at twice
+        for value, signature, refusal in ((evil, "", "not signed"),
+                                          (replayed, sign_user_config(unique_name + "-x", before.code_sha, replayed,
+                                                                      cluster_secret()), "does not match")):
+            store.set_replica_config(before.replica_id, json.dumps(value), config_hash(value), signature)
+            error = wait_until(lambda: store.get_replica(before.replica_id).config_error, timeout=30,
+                               message="the replica to refuse the config")
+            assert refusal in error and "\n" not in error and "taskserve reconfigure" in error
+            assert handle.remote().result(timeout=10) == [{"t": 1}, before.pid]      # serving, as before
+    finally:
+        controller.send_signal(signal.SIGCONT)
+    wait_until(lambda: store.get_replica(before.replica_id).config_hash == before.config_hash and
+               model.status().status == "HEALTHY", timeout=30, message="the controller to restore the goal's config")
+
+    # 2. Into the goal, as reconfigure_deployment does but without the secret: the rollout
+    # fails with the replica's one line, and the signed config is restored.
+    goal = store.update_goal(unique_name, lambda previous: {"options": {**previous.options, "user_config": evil}},
+                             "reconfigure")
+    error = wait_until(lambda: next((e["error"] for e in store.history(unique_name)
+                                     if e.get("rollback_of") == goal.generation), ""),
+                       timeout=60, message="the rollout to fail and the signed config to be restored")
+    # (the goal kept the signature of {"t": 1}, which does not cover 666)
+    assert "does not match" in error and "\n" not in error
+    wait_until(lambda: model.status().status == "HEALTHY", timeout=30, message="the deployment to be healthy")
+    assert taskserve.get_deployment(unique_name).user_config == {"t": 1}
+    assert handle.history.remote().result(timeout=10) == [{"t": 1}]         # reconfigure never saw 666
+    assert replica_pids(unique_name) == {before.pid}
+
+    # 3. A rollback does not sign what someone without the secret wrote into the history: a
+    # goal written while the controller did not look, and replaced by a signed one since.
+    controller.send_signal(signal.SIGSTOP)
+    try:
+        store.update_goal(unique_name, lambda previous: {"options": {**previous.options, "user_config": evil}},
+                          "reconfigure")
+        taskserve.reconfigure_deployment(unique_name, {"t": 5}, wait=False)
+    finally:
+        controller.send_signal(signal.SIGCONT)
+    wait_until(lambda: handle.remote().result(timeout=10)[0] == {"t": 5}, timeout=30, message="the signed config")
+    with pytest.raises(SignatureError, match="cannot roll .* back to version 1: its user_config signature does not match"):
+        taskserve.rollback_deployment(unique_name, wait=False)
+    assert handle.history.remote().result(timeout=10) == [{"t": 1}, {"t": 5}]
+    model.delete()
+
+
+def test_signed_reconfigure_and_rollback_still_work_in_place(connected, unique_name):
+    model = taskserve.deployment(name=unique_name, version="1", user_config={"t": 1})(Configurable)
+    model.deploy()
+    handle = model.get_handle()
+    pids = replica_pids(unique_name)
+    taskserve.reconfigure_deployment(unique_name, {"t": 2}, timeout=60)
+    assert handle.remote().result(timeout=10)[0] == {"t": 2}
+    model.options(user_config={"t": 3}).deploy(timeout=60)
+    assert handle.remote().result(timeout=10)[0] == {"t": 3}
+    assert taskserve.rollback_deployment(unique_name, timeout=60) == "1"
+    assert handle.remote().result(timeout=10)[0] == {"t": 2}
+    assert handle.history.remote().result(timeout=10) == [{"t": 1}, {"t": 2}, {"t": 3}, {"t": 2}]
+    assert replica_pids(unique_name) == pids                                 # all in place
+    # A replica started now checks the rolled-back config's signature at its start.
+    taskserve.scale_deployment(unique_name, 2, timeout=60)
+    assert {config["t"] for config, _ in (handle.remote().result(timeout=10) for _ in range(20))} == {2}
+    model.delete()
+
+
+# ------------------------------------------------------------------ passwords in every output
+
+
+def test_the_password_shows_in_no_output(tmp_path, unique_name):
+    password = generate_password()
+    cluster = Cluster(tmp_path / "cluster", redis_password=password)
+    try:
+        cluster.start_redis()
+        assert password in cluster.url
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=cluster.redis.port).ping()
+        taskserve.connect(cluster.url)
+        cluster.start_controller("--resync", "0.5")
+        cluster.start_agent("node-a", 4)
+
+        model = taskserve.deployment(name=unique_name, version="1")(Greeter)
+        model.deploy()
+        assert model.get_handle().remote("bo").result(timeout=30) == "hi bo"
+        outputs = []
+        env = cluster.env()
+        for args in (["status"], ["status", unique_name], ["status", "--json"], ["list"], ["history", unique_name],
+                     ["call", unique_name, '"x"'], ["status", "--address", cluster.url.replace("/0", "/99x")],
+                     ["status", f"--address={cluster.url.replace('redis://', 'nope://')}"]):
+            run = subprocess.run([sys.executable, "-m", "taskserve", *args], capture_output=True, text=True,
+                                 env=env, cwd=REPO, timeout=120)
+            outputs.append(run.stdout + run.stderr)
+        with running_gateway(cluster) as http:
+            for path in ("/-/metrics", "/-/status", "/-/dashboard", "/-/routes", f"/{unique_name}"):
+                outputs.append(http.get(path).text)
+        outputs.append(json.dumps(taskserve.connect(cluster.url).history(unique_name)))
+        outputs.append(taskserve.connection.describe_address())
+        for part in cluster.processes.values():
+            outputs.append(Path(f"/proc/{part.pid}/cmdline").read_bytes().decode(errors="replace"))
+        cluster.stop_all()
+        outputs += [path.read_text(errors="replace") for path in cluster.log_dir.rglob("*.log")]
+        leaked = [text[:300] for text in outputs if password in text]
+        assert not leaked
+    finally:
+        cluster.stop_all()
+
+
+@pytest.mark.slow
+def test_up_generates_a_password_and_a_secret_and_shows_neither(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TASKSERVE_ADDRESS", "TASKSERVE_SECRET", "TASKSERVE_SECRET_FILE")}
+    env["HOME"] = str(tmp_path)                 # its registry of running clusters
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    log = open(tmp_path / "up.log", "w")
+    up = subprocess.Popen([sys.executable, "-m", "taskserve", "up", "--no-example", "--http-port", "0"],
+                          cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    data = tmp_path / ".taskserve"
+    try:
+        wait_until(lambda: "taskserve is up" in (tmp_path / "up.log").read_text() or up.poll() is not None,
+                   timeout=90, message="taskserve up to start")
+        assert up.poll() is None, (tmp_path / "up.log").read_text()
+        url = (data / "address").read_text().strip()
+        password = redis.connection.parse_url(url)["password"]
+        assert password and len(password) >= 32
+        for name in ("address", "secret"):
+            assert stat.S_IMODE((data / name).stat().st_mode) == 0o600
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        port = redis.connection.parse_url(url)["port"]
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()                    # no password: refused
+        client = redis.Redis.from_url(url)
+        assert client.config_get("bind")["bind"] == "127.0.0.1"
+        assert client.config_get("protected-mode")["protected-mode"] == "yes"
+        # A client here finds the address and the secret through the files, and deploys.
+        deploy = subprocess.run([sys.executable, "-m", "taskserve", "deploy", "taskserve.examples.echo:Echo"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        assert deploy.returncode == 0, deploy.stderr
+        status = subprocess.run([sys.executable, "-m", "taskserve", "status"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert "echo" in status.stdout
+        command_lines = []
+        for proc in Path("/proc").iterdir():
+            try:
+                command_lines.append((proc / "cmdline").read_bytes().decode(errors="replace"))
+            except OSError:
+                continue
+        shown = (tmp_path / "up.log").read_text() + status.stdout + status.stderr + deploy.stdout + deploy.stderr
+        shown += "".join(p.read_text(errors="replace") for p in (data / "logs").rglob("*.log"))
+        assert password not in shown
+        assert not [line for line in command_lines if password in line]
+        secret = (data / "secret").read_text().strip()
+        assert secret not in shown and not [line for line in command_lines if secret in line]
+    finally:
+        up.terminate()
+        up.wait(timeout=120)
+        log.close()
+
+
+def test_a_non_loopback_redis_needs_a_password():
+    with pytest.raises(ValueError, match="needs a password"):
+        RedisServer(host="0.0.0.0")
+
+
+# ------------------------------------------------------------------ the dashboard
+
+
+class Hostile:
+    def __init__(self):
+        raise ValueError('<img src=x onerror="window.__owned=1"><script>window.__owned=2</script>')
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium; apt-get install chromium")
+def test_dashboard_shows_hostile_text_as_text_and_versions_as_given(tmp_path, unique_name):
+    from playwright.sync_api import sync_playwright
+
+    from .test_dashboard import CHROMIUM, CHROMIUM_ARGS
+
+    cluster = start_cluster(tmp_path / "cluster")
+    try:
+        taskserve.deployment(name=unique_name, version="v1")(Greeter).deploy()
+        with pytest.raises(taskserve.DeploymentError):
+            taskserve.deployment(name=unique_name + "-x", version="v1")(Hostile).deploy(timeout=90)
+        with running_gateway(cluster) as http:
+            url = str(http.base_url) + "/-/dashboard"
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+                page = browser.new_page()
+                page.goto(url)
+                page.wait_for_selector(f'[data-deployment="{unique_name}-x"] .message')
+                assert page.evaluate("window.__owned") is None
+                assert "<img src=x" in page.inner_text(f'[data-deployment="{unique_name}-x"] .message')
+                versions = page.locator(f'[data-deployment="{unique_name}"] .replica .version').all_inner_texts()
+                assert versions and set(versions) == {"v1"}
+                browser.close()
+    finally:
+        cluster.shutdown()
+
+
+def test_gateway_sends_no_traceback_without_debug(connected, unique_name):
+    class Broken:
+        def __call__(self, request):
+            raise ValueError("secret-internal-detail")
+
+    taskserve.deployment(name=unique_name)(Broken).deploy()
+    with running_gateway(connected) as http:
+        answer = http.get(f"/{unique_name}")
+    assert answer.status_code == 500 and "traceback" not in answer.json()
+    assert "Traceback" not in answer.text and "File \"" not in answer.text
