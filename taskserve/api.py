@@ -27,13 +27,13 @@ from typing import Any, Iterable, Optional
 
 from .batching import check_batched_methods
 from .canary import VersionStats, baseline_of
-from .code import pack, reseal, sign, unpack
+from .code import pack, reseal, seal_holds, sign, unpack
 from .connection import cluster_secret, current_store
 from .errors import DeploymentError, DeploymentNotFound, SignatureError, TaskserveError
 from .handle import DeploymentHandle
 from .history import previous_goal
 from .runtime_env import resolve as resolve_runtime_env
-from .signing import manifest, resign_user_config, sign_user_config
+from .signing import ClusterSecret, manifest, resign_user_config, sign_user_config
 from .spec import (
     DeploymentOptions,
     check_canary_config,
@@ -293,11 +293,16 @@ class Deployment:
             self._goal = goal
             return
 
+        # Code stored unsigned (by an older taskserve) or under another secret is not run
+        # again: this deploy ships its own, freshly sealed.
+        stored_code_holds = _stored_code_holds(store, self.name, secret)
+
         def make_goal(previous: Optional[Goal]) -> Optional[Goal]:
             # previous is None for a new deployment, or a goal being deleted: deploy creates it again.
             if (
                 previous is not None
                 and not previous.deleting
+                and stored_code_holds
                 and options.version is not None
                 and previous.user_version == options.version
                 and previous.spec_hash == spec_hash
@@ -310,7 +315,8 @@ class Deployment:
                                                                        user_config, secret)
             ):
                 return None  # same version, same options: nothing to do
-            same_spec = previous is not None and not previous.deleting and previous.spec_hash == spec_hash
+            same_spec = (previous is not None and not previous.deleting and previous.spec_hash == spec_hash
+                         and stored_code_holds)
             runs = previous.code_sha if same_spec else code_sha
             return Goal(
                 name=self.name,
@@ -688,6 +694,17 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
         log.info("%s: rolling back to version %s (generation %d)", name, goal.version, goal.generation)
         wait_for_rollout(store, name, goal.generation, timeout)
     return goal.version
+
+
+def _stored_code_holds(store: Store, name: str, secret: ClusterSecret) -> bool:
+    """Whether the code the goal of ``name`` runs is sealed with ``secret`` (True with no goal)."""
+    goal = store.get_goal(name)
+    if goal is None or goal.deleting:
+        return True
+    try:
+        return seal_holds(store.get_code(goal.code_sha), secret)
+    except LookupError:
+        return False
 
 
 def promote_canary(name: str, wait: bool = True, timeout: Optional[float] = None) -> str:

@@ -42,6 +42,7 @@ from typing import Any, Iterator, Optional
 import cloudpickle
 from cloudpickle import cloudpickle as _cloudpickle
 
+from .errors import SignatureError
 from .signing import ClusterSecret, check_manifest, seal, unseal
 
 _INSTALLED_PATHS = tuple(
@@ -154,6 +155,15 @@ def reseal(blob: bytes, manifest: dict, secret: ClusterSecret) -> tuple[str, byt
     """Stored code, checked and sealed again for another deployment or other options,
     without unpickling it; ``(sha, blob)`` to store."""
     return sign(unseal(blob, secret)[1], manifest, secret)
+
+
+def seal_holds(blob: bytes, secret: ClusterSecret) -> bool:
+    """Whether ``blob`` is sealed with ``secret`` (one of its secrets, while rotating)."""
+    try:
+        unseal(blob, secret)
+    except SignatureError:
+        return False
+    return True
 
 
 def unpack(blob: bytes, secret: ClusterSecret, expected: Optional[dict] = None) -> tuple[Any, tuple, dict]:

@@ -233,6 +233,29 @@ def test_signed_code_with_injected_options_starts_nothing(connected, unique_name
     assert not (tmp_path / "ran").exists()
 
 
+def test_a_redeploy_ships_code_again_that_is_not_sealed_with_this_secret(connected, unique_name):
+    # As after an upgrade from an unsigned taskserve, or a rotated secret: the stored code
+    # no longer verifies, so "same version, same options" is not taken as nothing to do.
+    model = taskserve.deployment(name=unique_name, version="1")(Greeter)
+    model.deploy()
+    store = taskserve.connect(connected.url)
+    goal = store.require_goal(unique_name)
+    payload = unseal(store.get_code(goal.code_sha), cluster_secret())[1]
+    foreign_sha, foreign = sign(payload, manifest(unique_name, {**goal.options, "kind": "class"}),
+                                ClusterSecret.parse("another-clusters-secret"))
+    store.redis.set(store.code_key(foreign_sha), foreign)
+    record = json.loads(store.redis.get(store.goal_key(unique_name)))
+    store.redis.set(store.goal_key(unique_name), json.dumps({**record, "code_sha": foreign_sha}))
+
+    model.deploy()
+    redeployed = store.require_goal(unique_name)
+    assert redeployed.generation > goal.generation and redeployed.code_sha == goal.code_sha
+    assert unpack(store.get_code(redeployed.code_sha), cluster_secret())[0] is not None
+    model.deploy()                                        # now it is nothing to do
+    assert store.require_goal(unique_name).generation == redeployed.generation
+    assert model.get_handle().remote("ann").result(timeout=30) == "hi ann"
+
+
 # ------------------------------------------------------------------ signed user_config
 
 
