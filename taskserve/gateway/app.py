@@ -524,20 +524,60 @@ def slow_client_protocol(header_timeout_s: float, max_head_bytes: int = MAX_HEAD
     raise ValueError(f"unknown HTTP parser {parser!r}: use 'httptools', 'h11' or 'auto'")
 
 
+class _HeadTimeout:
+    """What the protocols of both parsers share: each answer written in one ``send()``
+    (:class:`CoalescingTransport`), and a connection whose next request head is late
+    refused (``late_answer``) and closed. A subclass says when it waits for a head."""
+
+    header_timeout_s: float
+    late_answer: bytes
+    head_timer: Optional[asyncio.TimerHandle] = None
+    loop: asyncio.AbstractEventLoop
+    transport: Any
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(CoalescingTransport(transport, self.loop))   # type: ignore[misc]
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)   # type: ignore[misc]
+
+    def _waiting_for_head(self) -> bool:
+        raise NotImplementedError
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self.head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if not self.transport.is_closing() and self._waiting_for_head():
+            self._refuse(self.late_answer)
+
+    def _refuse(self, answer: bytes) -> None:
+        self._cancel_head_timer()
+        self.transport.write(answer)
+        self.transport.close()
+
+
+def _late_head_answer(header_timeout_s: float) -> bytes:
+    return _http_error_bytes(408, "Request Timeout", "RequestTimeout",
+                             f"the request head did not arrive within the gateway's {header_timeout_s:g}s")
+
+
 def _h11_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
     """The h11 flavour of :func:`slow_client_protocol` (the head size limit is uvicorn's
     ``h11_max_incomplete_event_size``)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    answer = _http_error_bytes(408, "Request Timeout", "RequestTimeout",
-                               f"the request head did not arrive within the gateway's {header_timeout_s:g}s")
-
-    class SlowClientProtocol(H11Protocol):
-        head_timer: Optional[asyncio.TimerHandle] = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:   # type: ignore[override]
-            super().connection_made(CoalescingTransport(transport, self.loop))   # type: ignore[arg-type]
-            self._arm_head_timer()
+    class SlowClientProtocol(_HeadTimeout, H11Protocol):
+        late_answer = _late_head_answer(header_timeout_s)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
@@ -545,31 +585,15 @@ def _h11_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
                 self._cancel_head_timer()
 
         def on_response_complete(self) -> None:
-            self.transport.flush()    # type: ignore[attr-defined]
+            self.transport.flush()
             super().on_response_complete()
             if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
                 self._arm_head_timer()
 
-        def connection_lost(self, exc: Optional[Exception]) -> None:
-            self._cancel_head_timer()
-            super().connection_lost(exc)
+        def _waiting_for_head(self) -> bool:
+            return self.conn.their_state is h11.IDLE
 
-        def _arm_head_timer(self) -> None:
-            self._cancel_head_timer()
-            self.head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
-
-        def _cancel_head_timer(self) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-                self.head_timer = None
-
-        def _head_timed_out(self) -> None:
-            self.head_timer = None
-            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-                return
-            self.transport.write(answer)
-            self.transport.close()
-
+    SlowClientProtocol.header_timeout_s = header_timeout_s
     return SlowClientProtocol
 
 
@@ -581,21 +605,15 @@ def _httptools_protocol(header_timeout_s: float, max_head_bytes: int) -> type[as
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    late = _http_error_bytes(408, "Request Timeout", "RequestTimeout",
-                             f"the request head did not arrive within the gateway's {header_timeout_s:g}s")
     too_large = _http_error_bytes(431, "Request Header Fields Too Large", "HeadersTooLarge",
                                   f"the request head is over the gateway's limit of {max_head_bytes} bytes")
 
-    class SlowClientProtocol(HttpToolsProtocol):
-        head_timer: Optional[asyncio.TimerHandle] = None
+    class SlowClientProtocol(_HeadTimeout, HttpToolsProtocol):
+        late_answer = _late_head_answer(header_timeout_s)
         heads = 0                       # request heads received on this connection
         answered = 0                    # answers sent
         head_bytes: Optional[int] = 0   # bytes of the unfinished head; None from a head's end to its message's
         message_ended = False           # a message ended in the data being parsed
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:   # type: ignore[override]
-            super().connection_made(CoalescingTransport(transport, self.loop))   # type: ignore[arg-type]
-            self._arm_head_timer()
 
         def data_received(self, data: bytes) -> None:
             self.message_ended = False
@@ -619,35 +637,16 @@ def _httptools_protocol(header_timeout_s: float, max_head_bytes: int) -> type[as
             self.message_ended = True
 
         def on_response_complete(self) -> None:
-            self.transport.flush()    # type: ignore[attr-defined]
+            self.transport.flush()
             self.answered += 1
             super().on_response_complete()
-            if not self.transport.is_closing() and self.heads == self.answered:   # no next head yet
+            if not self.transport.is_closing() and self._waiting_for_head():   # no next head yet
                 self._arm_head_timer()
 
-        def connection_lost(self, exc: Optional[Exception]) -> None:
-            self._cancel_head_timer()
-            super().connection_lost(exc)
+        def _waiting_for_head(self) -> bool:
+            return self.heads == self.answered
 
-        def _arm_head_timer(self) -> None:
-            self._cancel_head_timer()
-            self.head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
-
-        def _cancel_head_timer(self) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-                self.head_timer = None
-
-        def _head_timed_out(self) -> None:
-            self.head_timer = None
-            if not self.transport.is_closing() and self.heads == self.answered:
-                self._refuse(late)
-
-        def _refuse(self, answer: bytes) -> None:
-            self._cancel_head_timer()
-            self.transport.write(answer)
-            self.transport.close()
-
+    SlowClientProtocol.header_timeout_s = header_timeout_s
     return SlowClientProtocol
 
 
