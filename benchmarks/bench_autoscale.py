@@ -71,11 +71,12 @@ import taskserve
 from benchmarks.common import (
     bench_main,
     cluster,
+    command_line,
     cpu_seconds,
     deleted_on_exit,
     load_average,
-    machine_lines,
     markdown_table,
+    print_head,
     wait_until,
 )
 from taskserve.store import Store
@@ -317,8 +318,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace, work_dir: Path) -> None:
     names = [BACKLOG_NAME, BASELINE_NAME, ZERO_NAME] + [f"{IDLE_PREFIX}{i}" for i in range(args.idle_deployments)]
     with cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None) as local, deleted_on_exit(names):
-        print("\n".join(machine_lines(local.url)), flush=True)
-        print(f"command:  python -m benchmarks.bench_autoscale {' '.join(sys.argv[1:])}", flush=True)
+        print_head(local.url, command_line("bench_autoscale"))
         store = taskserve.connect(local.url)
         controller_pid = local.processes["controller"].pid
         baseline_s = one_replica_drain(store, args.baseline_backlog, args.seconds)

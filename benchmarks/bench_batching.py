@@ -65,9 +65,9 @@ from benchmarks.common import (
     cluster,
     deleted_on_exit,
     load_average,
-    machine_lines,
     markdown_table,
     percentile,
+    print_head,
 )
 from taskserve.batching import batch
 
@@ -191,8 +191,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Samples]:
     names = [f"bench_batching_{path}" for path in PATHS]
     samples = {path: Samples() for path in PATHS}
     with cluster(work_dir, num_cpus=AGENT_NUM_CPUS) as local, deleted_on_exit(names):
-        print("\n".join(machine_lines(local.url)), flush=True)
-        print(f"redis:    {local.url} (embedded, no persistence); logs in {work_dir}", flush=True)
+        print_head(local.url, f"redis:    {local.url} (embedded, no persistence); logs in {work_dir}")
         handles = deploy(args)
         for path in PATHS:                 # warm-up: every process and connection in use once
             run_throughput(handles[path], path, args.in_flight, args.warmup_seconds, None)

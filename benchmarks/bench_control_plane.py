@@ -61,7 +61,7 @@ from typing import Any, Callable, Optional
 import redis
 
 import taskserve
-from benchmarks.common import bench_main, load_average, machine_lines, markdown_table
+from benchmarks.common import bench_main, command_line, load_average, markdown_table, print_head
 from taskserve.controller import Controller
 from taskserve.gateway.app import Gateway, read_routes
 from taskserve.gateway.metrics import StatusReader
@@ -353,8 +353,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace, work_dir: Path) -> None:
     server = RedisServer().start()
     try:
-        print("\n".join(machine_lines(server.url)), flush=True)
-        print(f"command:  python -m benchmarks.bench_control_plane {' '.join(sys.argv[1:])}", flush=True)
+        print_head(server.url, command_line("bench_control_plane"))
         small = measure_passes(server.port, args.deployments, args.small_replicas, args.nodes, args.passes,
                                profile=False)
         print(f"  {args.small_replicas} replicas each: pass p50 {small.timing.p50_ms:.2f} ms", flush=True)

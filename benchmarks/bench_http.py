@@ -95,11 +95,12 @@ from benchmarks.common import (
     Child,
     bench_main,
     cluster,
+    command_line,
     cpu_seconds,
     deleted_on_exit,
-    machine_lines,
     markdown_table,
     percentile,
+    print_head,
     split,
     wait_until,
 )
@@ -607,11 +608,10 @@ def run(args: argparse.Namespace, argv: list[str], work_dir: Path
             gateways.start()
             client = stack.enter_context(ClientProcess())
             with deleted_on_exit([NAME]):
-                print("\n".join(machine_lines(local.url, {"starlette": starlette.__version__,
-                                                          "uvicorn": uvicorn.__version__, "httpx": httpx.__version__,
-                                                          "http parser": http_parser(),
-                                                          "event loop": event_loop_name(args.event_loop)})))
-                print(f"command:  python -m benchmarks.bench_http {' '.join(argv)}".rstrip())
+                print_head(local.url, command_line("bench_http", argv),
+                           extra={"starlette": starlette.__version__, "uvicorn": uvicorn.__version__,
+                                  "httpx": httpx.__version__, "http parser": http_parser(),
+                                  "event loop": event_loop_name(args.event_loop)})
                 results: list[tuple[Figures, Figures]] = []
                 overload, gateway_results = None, []
                 for replicas in args.replicas:

@@ -55,10 +55,11 @@ from benchmarks.common import (
     LocalCluster,
     bench_main,
     cluster,
+    command_line,
     deleted_on_exit,
     load_average,
-    machine_lines,
     markdown_table,
+    print_head,
     wait_until,
 )
 from taskserve.redis_server import free_port
@@ -211,8 +212,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace, work_dir: Path) -> None:
     # The controller's and the agent's own default timings, as `taskserve up` starts them.
     with cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None) as local, deleted_on_exit([NAME]):
-        print("\n".join(machine_lines(local.url)), flush=True)
-        print(f"command:  python -m benchmarks.{NAME} {' '.join(sys.argv[1:])}", flush=True)
+        print_head(local.url, command_line(NAME))
         local.start_gateway(free_port())
         time.sleep(args.settle)
         empty = measure(cluster_pids(local, []), args.baseline_seconds)

@@ -66,9 +66,9 @@ from benchmarks.common import (
     cluster,
     deleted_on_exit,
     load_average,
-    machine_lines,
     markdown_table,
     percentile,
+    print_head,
 )
 
 NAME = "bench_reconfigure"
@@ -258,8 +258,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, work_dir: Path) -> None:
     with cluster(work_dir, num_cpus=args.num_cpus) as local, deleted_on_exit([NAME]):
-        print("\n".join(machine_lines(local.url)), flush=True)
-        print(f"agent:    --num-cpus {args.num_cpus:g}; logs in {work_dir}", flush=True)
+        print_head(local.url, f"agent:    --num-cpus {args.num_cpus:g}; logs in {work_dir}")
         reconfigures, initial = measure_reconfigures(args.updates, args.replicas)
         rollouts = measure_rollouts(args.rollouts, {"n": args.updates}, args.replicas)
     report(reconfigures, rollouts, initial, args.replicas)

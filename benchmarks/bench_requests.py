@@ -99,9 +99,9 @@ from benchmarks.common import (
     cpu_seconds,
     deleted_on_exit,
     load_average,
-    machine_lines,
     markdown_table,
     percentile,
+    print_head,
     split,
     wait_until,
 )
@@ -407,8 +407,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> list[Measurement]:
     with cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None, clear_thread_limits=False) as local, \
             deleted_on_exit([DEPLOYMENT_NAME]):
         address = local.url
-        print("\n".join(machine_lines(address)), flush=True)
-        print(f"redis:    {address} (embedded, no persistence); logs in {work_dir}", flush=True)
+        print_head(address, f"redis:    {address} (embedded, no persistence); logs in {work_dir}")
         raw_app = write_raw_app(address, work_dir / "raw_app").app
         for replicas in args.replicas:
             taskserve_client = deploy_taskserve(replicas)

@@ -86,8 +86,8 @@ from benchmarks.common import (
     cluster,
     deleted_on_exit,
     load_average,
-    machine_lines,
     markdown_table,
+    print_head,
     wait_until,
 )
 
@@ -435,8 +435,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
     WORK_S = args.work_ms / 1000
     names = [NAME] + [f"{START_PREFIX}{n}-{i}" for n in range(len(START_CASES)) for i in range(args.starts)]
     with cluster(work_dir, num_cpus=args.num_cpus) as local, deleted_on_exit(names):
-        print("\n".join(machine_lines(local.url)), flush=True)
-        print(f"agent:    --num-cpus {args.num_cpus:g}; logs in {work_dir}", flush=True)
+        print_head(local.url, f"agent:    --num-cpus {args.num_cpus:g}; logs in {work_dir}")
         started = time.perf_counter()
         first = model(NAME, args.replicas, "v1")
         first.deploy(timeout=DEPLOY_TIMEOUT_S)

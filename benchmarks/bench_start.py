@@ -60,10 +60,11 @@ from benchmarks.common import (
     LocalCluster,
     bench_main,
     cluster_environment,
+    command_line,
     deleted_on_exit,
     load_average,
-    machine_lines,
     markdown_table,
+    print_head,
     wait_until,
 )
 from taskserve.node.forkserver import FORKSERVER_ENV
@@ -199,8 +200,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
         setup_dir.mkdir()
         with start_cluster(setup_dir, forkserver) as local, deleted_on_exit([NAME]):
             if forkserver:
-                print("\n".join(machine_lines(local.url)), flush=True)
-                print(f"command:  python -m benchmarks.bench_start {' '.join(sys.argv[1:])}", flush=True)
+                print_head(local.url, command_line("bench_start"))
             store = taskserve.connect(local.url)
             starts = replica_starts(store, args.starts)
             warmups[label], results[label] = starts[0], starts[1:]

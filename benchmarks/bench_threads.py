@@ -71,7 +71,7 @@ from typing import Optional
 import numpy
 
 import taskserve
-from benchmarks.common import bench_main, cluster, deleted_on_exit, load_average, machine_lines, markdown_table
+from benchmarks.common import bench_main, cluster, deleted_on_exit, load_average, markdown_table, print_head
 
 RESULT_TIMEOUT_S = 120.0
 DEPLOY_TIMEOUT_S = 300.0
@@ -252,9 +252,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace, work_dir: Path) -> None:
     names = [setup.name.replace(" ", "_") for setup in SETUPS]
     with cluster(work_dir, num_cpus=args.num_cpus) as local, deleted_on_exit(names):
-        print("\n".join(machine_lines(local.url, {"numpy": numpy.__version__})), flush=True)
-        print(f"agent:    --num-cpus {args.num_cpus:g}, no *_NUM_THREADS in its environment; logs in {work_dir}",
-              flush=True)
+        print_head(local.url, f"agent:    --num-cpus {args.num_cpus:g}, no *_NUM_THREADS in its environment; "
+                   f"logs in {work_dir}", extra={"numpy": numpy.__version__})
         deployments = {setup: setup.deployment(args.size) for setup in SETUPS}
         figures = {setup: Figures() for setup in SETUPS}
         for setup, deployment in deployments.items():

@@ -19,13 +19,15 @@ Not a benchmark itself. The benchmarks run as modules from the repository root
   and :func:`log_tail` are those of :mod:`taskserve.local`;
 * :func:`split` divides requests into blocks, :func:`cpu_seconds` reads the CPU
   time of processes;
-* :func:`machine_lines`, :func:`markdown_table`, :func:`percentile` format the report.
+* :func:`print_head` prints the report's head (:func:`machine_lines`, then what
+  the benchmark adds, such as :func:`command_line`); :func:`markdown_table` and
+  :func:`percentile` format the rest of the report.
 
 Example::
 
     def body(work_dir: Path) -> None:
         with cluster(work_dir, num_cpus=16) as local, deleted_on_exit(["echo"]):
-            print("\\n".join(machine_lines(local.url)))
+            print_head(local.url, command_line("bench_echo"))
             ...
 
     sys.exit(bench_main(body, "bench_echo-"))
@@ -56,8 +58,8 @@ from taskserve.node.protocol import THREAD_LIMIT_VARS
 
 __all__ = [
     "START_TIMEOUT_S", "STOP_TIMEOUT_S", "THREAD_LIMIT_VARS", "Child", "LocalCluster", "bench_main", "cluster",
-    "cluster_environment", "cpu_seconds", "deleted_on_exit", "load_average", "log_tail", "machine_lines",
-    "markdown_table", "percentile", "split", "wait_until",
+    "cluster_environment", "command_line", "cpu_seconds", "deleted_on_exit", "load_average", "log_tail",
+    "machine_lines", "markdown_table", "percentile", "print_head", "split", "wait_until",
 ]
 
 STOP_TIMEOUT_S = 30.0
@@ -241,6 +243,28 @@ def machine_lines(address: str, extra: Optional[dict[str, str]] = None) -> list[
         "versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()),
         f"load:     {load_average()} (1/5/15 min) at the start",
     ]
+
+
+def print_head(address: str, *lines: str, extra: Optional[dict[str, str]] = None) -> None:
+    """Print the report's head: :func:`machine_lines` (with ``extra`` versions), then ``lines``.
+
+    Flushed, so that it shows before the first figure is measured. Example::
+
+        print_head(local.url, command_line("bench_idle"), extra={"numpy": numpy.__version__})
+    """
+    print("\n".join([*machine_lines(address, extra), *lines]), flush=True)
+
+
+def command_line(module: str, argv: Optional[list[str]] = None) -> str:
+    """The report's line naming the command that ran: ``argv`` defaults to this process's arguments.
+
+    >>> command_line("bench_echo", ["--seconds", "2"])
+    'command:  python -m benchmarks.bench_echo --seconds 2'
+    >>> command_line("bench_echo", [])
+    'command:  python -m benchmarks.bench_echo'
+    """
+    args = sys.argv[1:] if argv is None else argv
+    return f"command:  python -m benchmarks.{module} {' '.join(args)}".rstrip()
 
 
 def source_revision() -> str:

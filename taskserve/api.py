@@ -44,7 +44,7 @@ from .spec import (
     validate_options,
 )
 from .state import Canary, DeploymentHealth, DeploymentState, Goal, Node, Replica, Resources, package_sha
-from .store import AutoscaleState, Store, wait_for_events
+from .store import AutoscaleState, GoalChange, Store, wait_for_events
 
 log = logging.getLogger("taskserve.deploy")
 
@@ -335,13 +335,7 @@ class Deployment:
                 user_config_signature=sign_user_config(self.name, runs, user_config, secret),
             )
 
-        goal = store.update_goal(self.name, make_goal, "deploy", blobs=[(code_sha, blob), *packages], missing_ok=True)
-        if goal is None:
-            log.info("%s: version %s is already deployed with these options; nothing to do", self.name, version)
-            return
-        log.info("%s: deploying version %s (generation %d)", self.name, goal.version, goal.generation)
-        wait_for_rollout(store, self.name, goal.generation, timeout)
-        self._goal = goal
+        self._write_goal(store, make_goal, [(code_sha, blob), *packages], version, timeout)
 
     def _deploy_stored(self, source: Goal, timeout: Optional[float]) -> None:
         """Deploy these options with the code and constructor arguments ``source`` runs,
@@ -405,7 +399,18 @@ class Deployment:
                 user_config_signature=sign_user_config(self.name, runs, user_config, secret),
             )
 
-        goal = store.update_goal(self.name, make_goal, "deploy", blobs=packages, missing_ok=True)
+        self._write_goal(store, make_goal, packages, version, timeout)
+
+    def _write_goal(self, store: Store, make_goal: GoalChange,
+                    blobs: list[tuple[str, bytes]], version: str, timeout: Optional[float]) -> None:
+        """Write the goal ``make_goal`` returns (storing ``blobs`` with it) and wait for its rollout.
+
+        ``make_goal`` returns None when ``version`` already runs with these options:
+        then nothing is written and this only says so. Example, the end of :meth:`deploy`::
+
+            self._write_goal(store, make_goal, [(code_sha, blob), *packages], version, timeout)
+        """
+        goal = store.update_goal(self.name, make_goal, "deploy", blobs=blobs, missing_ok=True)
         if goal is None:
             log.info("%s: version %s is already deployed with these options; nothing to do", self.name, version)
             return
@@ -595,9 +600,8 @@ def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: O
 
     goal = store.update_goal(name, rescale, "scale")
     if goal is not None and wait:
-        _show_progress()
-        log.info("%s: scaling to %d replicas (generation %d)", name, num_replicas, goal.generation)
-        wait_for_rollout(store, name, goal.generation, timeout)
+        _log_and_wait(store, name, goal.generation, timeout,
+                      "%s: scaling to %d replicas (generation %d)", name, num_replicas, goal.generation)
 
 
 def reconfigure_deployment(name: str, user_config: Any, wait: bool = True, timeout: Optional[float] = None) -> None:
@@ -624,9 +628,8 @@ def reconfigure_deployment(name: str, user_config: Any, wait: bool = True, timeo
 
     goal = store.update_goal(name, reconfigure, "reconfigure")
     if goal is not None and wait:
-        _show_progress()
-        log.info("%s: giving the replicas a new user_config (generation %d)", name, goal.generation)
-        wait_for_rollout(store, name, goal.generation, timeout)
+        _log_and_wait(store, name, goal.generation, timeout,
+                      "%s: giving the replicas a new user_config (generation %d)", name, goal.generation)
 
 
 def restart_deployment(name: str, wait: bool = True, timeout: Optional[float] = None) -> None:
@@ -641,9 +644,8 @@ def restart_deployment(name: str, wait: bool = True, timeout: Optional[float] = 
 
     goal = store.update_goal(name, restart, "restart")
     if wait and goal is not None:
-        _show_progress()
-        log.info("%s: restarting every replica (generation %d)", name, goal.generation)
-        wait_for_rollout(store, name, goal.generation, timeout)
+        _log_and_wait(store, name, goal.generation, timeout,
+                      "%s: restarting every replica (generation %d)", name, goal.generation)
 
 
 def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool = True,
@@ -690,9 +692,8 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
     goal = store.update_goal(name, roll_back, "rollback")
     assert goal is not None
     if wait:
-        _show_progress()
-        log.info("%s: rolling back to version %s (generation %d)", name, goal.version, goal.generation)
-        wait_for_rollout(store, name, goal.generation, timeout)
+        _log_and_wait(store, name, goal.generation, timeout,
+                      "%s: rolling back to version %s (generation %d)", name, goal.version, goal.generation)
     return goal.version
 
 
@@ -730,9 +731,8 @@ def promote_canary(name: str, wait: bool = True, timeout: Optional[float] = None
     goal = store.update_goal(name, promote, "promote")
     assert goal is not None
     if wait:
-        _show_progress()
-        log.info("%s: promoting canary %s (generation %d)", name, goal.version, goal.generation)
-        wait_for_rollout(store, name, goal.generation, timeout)
+        _log_and_wait(store, name, goal.generation, timeout,
+                      "%s: promoting canary %s (generation %d)", name, goal.version, goal.generation)
     return goal.version
 
 
@@ -756,10 +756,8 @@ def set_canary_traffic(name: str, traffic_percent: float, wait: bool = True, tim
 
     goal = store.update_goal(name, move, "canary")
     if goal is not None and wait:
-        _show_progress()
-        log.info("%s: canary %s at %g%% (generation %d)", name, goal.canary.version if goal.canary else "",
-                 traffic_percent, goal.generation)
-        wait_for_rollout(store, name, goal.generation, timeout)
+        _log_and_wait(store, name, goal.generation, timeout, "%s: canary %s at %g%% (generation %d)",
+                      name, goal.canary.version if goal.canary else "", traffic_percent, goal.generation)
 
 
 def _prepare_canary(store: Store, name: str, version: str) -> dict[str, int]:
@@ -825,6 +823,20 @@ def delete_deployment(name: str, timeout: Optional[float] = None) -> None:
     finally:
         pubsub.close()
     log.info("%s: deleted", name)
+
+
+def _log_and_wait(store: Store, name: str, generation: int, timeout: Optional[float],
+                  message: str, *args: Any) -> None:
+    """Log ``message % args`` as deploy progress, then :func:`wait_for_rollout` of ``generation``.
+
+    Example::
+
+        _log_and_wait(store, name, goal.generation, timeout,
+                      "%s: restarting every replica (generation %d)", name, goal.generation)
+    """
+    _show_progress()
+    log.info(message, *args)
+    wait_for_rollout(store, name, generation, timeout)
 
 
 def wait_for_rollout(store: Store, name: str, generation: int, timeout: Optional[float]) -> None:

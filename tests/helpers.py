@@ -1,7 +1,11 @@
-"""What the tests share: a local cluster, a request loop, polling.
+"""What the tests share: a local cluster, a request loop, polling, fakeredis fixtures.
 
-Fixtures live in ``conftest.py``; the helpers they and the tests use live here,
-so tests import them from one ordinary module.
+Fixtures every module may use live in ``conftest.py``; the helpers they and the tests
+use live here, so tests import them from one ordinary module. The fakeredis fixtures
+``server`` and ``client`` live here too: a module opts into them by importing them
+(other modules give those names other meanings)::
+
+    from .helpers import fake_redis_client, fake_redis_server  # noqa: F401  (fixtures "client", "server")
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
 
+import fakeredis
 import httpx
+import pytest
 
 import taskserve
 from taskserve.local import LocalCluster
@@ -27,6 +33,18 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault(SECRET_ENV, generate_secret())
 
 T = TypeVar("T")
+
+
+@pytest.fixture(name="server")
+def fake_redis_server() -> fakeredis.FakeServer:
+    """The fixture ``server``: an empty in-memory Redis of one test."""
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture(name="client")
+def fake_redis_client(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
+    """The fixture ``client``: a connection to ``server``; make more with ``fakeredis.FakeRedis(server=server)``."""
+    return fakeredis.FakeRedis(server=server)
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
@@ -68,6 +86,32 @@ def start_cluster(workdir: Path, agents: tuple[str, ...] = ("node-a",), num_cpus
         cluster.stop_all()
         raise
     return cluster
+
+
+@contextmanager
+def addressed_cluster(workdir: Path, agents: tuple[str, ...] = ("node-a",), num_cpus: float = 16,
+                      *agent_args: str) -> Iterator[Cluster]:
+    """A test module's own :func:`start_cluster`, named by ``TASKSERVE_ADDRESS`` while it runs.
+
+    On exit it is shut down and ``TASKSERVE_ADDRESS`` is restored (or removed), so the
+    session's shared cluster is not disturbed. Example, a module-scoped fixture::
+
+        @pytest.fixture(scope="module")
+        def three_nodes(tmp_path_factory):
+            with addressed_cluster(tmp_path_factory.mktemp("three"), ("node-a", "node-b", "node-c"), 2) as cluster:
+                yield cluster
+    """
+    cluster = start_cluster(workdir, agents, num_cpus, *agent_args)
+    previous = os.environ.get("TASKSERVE_ADDRESS")
+    os.environ["TASKSERVE_ADDRESS"] = cluster.url
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+        if previous is None:
+            os.environ.pop("TASKSERVE_ADDRESS", None)
+        else:
+            os.environ["TASKSERVE_ADDRESS"] = previous
 
 
 class RequestLoop:

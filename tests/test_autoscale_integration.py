@@ -21,7 +21,7 @@ import pytest
 import taskserve
 from taskserve.store import Store
 
-from .helpers import Cluster, start_cluster, wait_until
+from .helpers import Cluster, addressed_cluster, wait_until
 from .test_benchmarks import assert_figures, checks, run_benchmark, table_with
 
 pytestmark = pytest.mark.integration
@@ -40,17 +40,8 @@ class Slow:
 
 @pytest.fixture(scope="module")
 def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = start_cluster(tmp_path_factory.mktemp("autoscale"), ("node-a",), 8)
-    previous = os.environ.get("TASKSERVE_ADDRESS")
-    os.environ["TASKSERVE_ADDRESS"] = cluster.url
-    try:
+    with addressed_cluster(tmp_path_factory.mktemp("autoscale"), ("node-a",), 8) as cluster:
         yield cluster
-    finally:
-        cluster.shutdown()
-        if previous is None:
-            os.environ.pop("TASKSERVE_ADDRESS", None)
-        else:
-            os.environ["TASKSERVE_ADDRESS"] = previous
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from taskserve.spec import AutoscalingConfig
 from taskserve.state import Goal, Node, ReplicaState, Resources
 from taskserve.store import UNACKED_INDEX_KEY, UNACKED_KEY, LeaseLost, Store, queue_name
 
+from .helpers import fake_redis_client, fake_redis_server  # noqa: F401  (the fixtures "client", "server")
+
 NAME = "model"
 CONFIG = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
           "upscale_delay_s": 0.5, "downscale_delay_s": 2}
@@ -36,16 +38,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
-def client(server) -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis(server=server)
 
 
 @pytest.fixture
@@ -94,6 +86,28 @@ def serving(client, count: int, name: str = NAME) -> None:
                             "", queue_name(name)])
         client.hset(UNACKED_KEY, tag, entry)
         client.zadd(UNACKED_INDEX_KEY, {tag: time.time()})
+
+
+def seconds_in_wait(controller: Controller, store: Store, client=None, late_requests: int = 0,
+                    late_s: float = 0.3) -> float:
+    """How long ``controller._wait`` blocks, subscribed to the store's events; with
+    ``late_requests``, that many requests join the queue (through ``client``) ``late_s`` into it.
+
+    Example: ``assert seconds_in_wait(controller, store, client, 1) >= 0.3``
+    """
+    pubsub = store.subscribe()
+    pubsub.get_message(timeout=0.1)                   # the subscription's confirmation
+    timer = threading.Timer(late_s, waiting, args=(client, late_requests)) if late_requests else None
+    try:
+        if timer is not None:
+            timer.start()
+        started = time.monotonic()
+        controller._wait(pubsub)
+        return time.monotonic() - started
+    finally:
+        if timer is not None:
+            timer.join()
+        pubsub.close()
 
 
 def idle(client, name: str = NAME) -> None:
@@ -327,16 +341,8 @@ def test_a_request_for_a_deployment_at_zero_ends_the_wait_between_passes(store, 
     controller._lead(store.acquire_lease(controller.controller_id, 60))
     controller.reconcile_once()
     assert controller.asleep == (NAME,)
-    pubsub = store.subscribe()
-    pubsub.get_message(timeout=0.1)                   # the subscription's confirmation
-    timer = threading.Timer(0.3, waiting, args=(client, 1))
-    timer.start()
-    started = time.monotonic()
-    controller._wait(pubsub)
-    waited = time.monotonic() - started
-    timer.join()
+    waited = seconds_in_wait(controller, store, client, late_requests=1)
     assert 0.3 <= waited < 0.3 + 5 * WAKE_POLL_S, waited
-    pubsub.close()
 
 
 def test_a_backlog_on_a_busy_deployment_ends_the_wait_within_the_sample_interval(store, client):
@@ -349,16 +355,8 @@ def test_a_backlog_on_a_busy_deployment_ends_the_wait_within_the_sample_interval
     controller.reconcile_once()
     assert (controller.watched, controller.watch_s) == ((NAME,), sample_interval(AutoscalingConfig(**CONFIG)))
     assert controller.due is None
-    pubsub = store.subscribe()
-    pubsub.get_message(timeout=0.1)
-    timer = threading.Timer(0.3, waiting, args=(client, 4))
-    timer.start()
-    started = time.monotonic()
-    controller._wait(pubsub)
-    waited = time.monotonic() - started
-    timer.join()
+    waited = seconds_in_wait(controller, store, client, late_requests=4)
     assert 0.3 <= waited < 0.3 + 4 * controller.watch_s, waited
-    pubsub.close()
 
 
 def test_a_load_that_keeps_pulling_the_same_way_needs_no_pass_between_looks(store, client, clock):
@@ -403,14 +401,9 @@ def test_the_wait_ends_when_an_autoscaling_delay_does(store, client):
     waiting(client, 4)
     controller.reconcile_once()
     assert controller.due is not None
-    pubsub = store.subscribe()
-    pubsub.get_message(timeout=0.1)
-    started = time.monotonic()
-    controller._wait(pubsub)
-    assert time.monotonic() - started < 2, "the 0.5 s upscale delay, not the 10 s resync"
+    assert seconds_in_wait(controller, store) < 2, "the 0.5 s upscale delay, not the 10 s resync"
     controller.reconcile_once()
     assert store.autoscale_state(NAME).target == 4
-    pubsub.close()
 
 
 def test_autoscaling_turned_off_forgets_the_state_and_a_new_leader_cleans_up(store, client, clock, server):

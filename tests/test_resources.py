@@ -9,7 +9,7 @@ import pytest
 
 import taskserve
 
-from .helpers import RequestLoop, start_cluster, wait_until
+from .helpers import RequestLoop, addressed_cluster, wait_until
 
 
 class Probe:
@@ -29,18 +29,9 @@ class Probe:
 
 @pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory):
-    cluster = start_cluster(tmp_path_factory.mktemp("three"), ("node-a", "node-b", "node-c"), 2,
-                            "--heartbeat-timeout", "2")
-    previous = os.environ.get("TASKSERVE_ADDRESS")
-    os.environ["TASKSERVE_ADDRESS"] = cluster.url
-    try:
+    with addressed_cluster(tmp_path_factory.mktemp("three"), ("node-a", "node-b", "node-c"), 2,
+                           "--heartbeat-timeout", "2") as cluster:
         yield cluster
-    finally:
-        cluster.shutdown()
-        if previous is None:
-            os.environ.pop("TASKSERVE_ADDRESS", None)
-        else:
-            os.environ["TASKSERVE_ADDRESS"] = previous
 
 
 @pytest.fixture

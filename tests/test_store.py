@@ -33,6 +33,8 @@ from taskserve.store import (
     wait_for_events,
 )
 
+from .helpers import fake_redis_client, fake_redis_server  # noqa: F401  (the fixtures "client", "server")
+
 NAME = "echo"
 
 
@@ -47,16 +49,6 @@ def _lua_works() -> bool:
 needs_lua = pytest.mark.skipif(
     not _lua_works(), reason="fakeredis runs Lua scripts only with the lupa package, which is not installed"
 )
-
-
-@pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
-def client(server) -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis(server=server)
 
 
 @pytest.fixture
