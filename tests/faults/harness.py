@@ -135,7 +135,7 @@ class SteadyLoad:
     handle: Any
     threads: int = 3
     timeout_s: float = 60.0
-    max_requests: int = 5000
+    max_requests: int = 50_000
     max_seconds: float = 180.0
     pause_after_failure_s: float = 0.1
     sent: list[str] = field(default_factory=list)
