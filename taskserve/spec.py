@@ -24,7 +24,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -224,6 +224,24 @@ def _quoted(names: tuple[str, ...]) -> str:
     return ", ".join(repr(name) for name in names[:-1]) + f" and {names[-1]!r}"
 
 
+T = TypeVar("T")
+
+
+def _as_value_error(check: Callable[[Any], T], value: Any) -> T:
+    """``check(value)``, its ``TypeError`` raised as ``ValueError``: pydantic reports only
+    a ``ValueError`` as a validation error.
+
+    >>> _as_value_error(len, 5)
+    Traceback (most recent call last):
+    ...
+    ValueError: object of type 'int' has no len()
+    """
+    try:
+        return check(value)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+
+
 class DeploymentOptions(BaseModel):
     """The options of one deployment, validated.
 
@@ -273,10 +291,7 @@ class DeploymentOptions(BaseModel):
     @field_validator("autoscaling_config", mode="before")
     @classmethod
     def _check_autoscaling_config(cls, value: Any) -> Optional[AutoscalingConfig]:
-        try:
-            return check_autoscaling_config(value)
-        except TypeError as error:     # pydantic reports only ValueError as a validation error
-            raise ValueError(str(error)) from None
+        return _as_value_error(check_autoscaling_config, value)
 
     @field_validator("num_gpus")
     @classmethod
@@ -292,10 +307,7 @@ class DeploymentOptions(BaseModel):
     @field_validator("canary", mode="before")
     @classmethod
     def _check_canary(cls, value: Any) -> Optional[dict]:
-        try:
-            return check_canary_config(value)
-        except TypeError as error:     # pydantic reports only ValueError as a validation error
-            raise ValueError(str(error)) from None
+        return _as_value_error(check_canary_config, value)
 
     @field_validator("version")
     @classmethod
