@@ -70,8 +70,10 @@ log = logging.getLogger("taskserve.gateway")
 
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
-# The route table is re-read on every change notification and at least this often.
-ROUTE_POLL_S = 0.5
+# The route table is re-read on every change notification (each write of a goal or
+# a health publishes one, and a reconnected subscription counts as one), and at
+# least this often in case a notification went missing.
+ROUTE_POLL_S = 5.0
 HTTP_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 # On a request: pins the version that serves it; on an answer: the version that did (SPEC §9).
 VERSION_HEADER = "x-taskserve-version"
@@ -765,6 +767,8 @@ def serve(address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     import uvicorn
     from prometheus_client import disable_created_metrics
 
+    from .server import QuietServer
+
     loop = event_loop_name(event_loop)
     sock = listen(host, port, reuse_port=reuse_port)
     raise_open_file_limit()
@@ -779,4 +783,4 @@ def serve(address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                             http=slow_client_protocol(header_timeout_s, parser=http_parser),
                             loop=loop)
     log.info("gateway serves http://%s:%d (dashboard: /-/dashboard, metrics: /-/metrics)", host, sock.getsockname()[1])
-    uvicorn.Server(config).run(sockets=[sock])
+    QuietServer(config).run(sockets=[sock])

@@ -223,6 +223,7 @@ class ResultWaiter:
         self.reader: Optional[asyncio.Task] = None
         self.sweeper: Optional[asyncio.Task] = None
         self.sweep_all = asyncio.Event()
+        self.first_request = asyncio.Event()   # wakes the sweeper, asleep while no request waits
         self.lost: Optional[str] = None
         self.lost_log = RateLimitedLog(log)
         self.sweep_log = RateLimitedLog(log)
@@ -257,7 +258,7 @@ class ResultWaiter:
     async def _read(self) -> None:
         while True:
             try:
-                message = await self.pubsub.get_message(timeout=1.0)
+                message = await self.pubsub.get_message(timeout=None)   # a lost connection raises
             except (redis.RedisError, OSError) as error:
                 self._lose(error)
                 await asyncio.sleep(RECONNECT_PAUSE_S)   # a pause between attempts, not a synchronisation
@@ -281,6 +282,7 @@ class ResultWaiter:
                 # Subscribed again after a reconnection: answers published in between
                 # are only in their keys.
                 self.sweep_all.set()
+                self.first_request.set()
 
     def _lose(self, error: BaseException) -> None:
         """The pub/sub connection failed: wake the requests that wait on it."""
@@ -302,6 +304,8 @@ class ResultWaiter:
         ``redis.ConnectionError`` while the pub/sub connection is lost."""
         self.check_connected()
         pending = Pending(task_id, asyncio.get_running_loop())
+        if not self.pending:
+            self.first_request.set()
         self.pending[pending.key] = pending
         try:
             yield pending
@@ -338,6 +342,9 @@ class ResultWaiter:
 
     async def _sweep_forever(self) -> None:
         while True:
+            if not self.pending and not self.sweep_all.is_set():
+                self.first_request.clear()
+                await self.first_request.wait()   # idle: no timer wakes the gateway
             try:
                 await asyncio.wait_for(self.sweep_all.wait(), RESULT_POLL_S)
             except asyncio.TimeoutError:

@@ -229,12 +229,14 @@ class StatusCache:
         self.snapshot: Optional[StatusSnapshot] = None
         self.error: Optional[BaseException] = None
         self.asked_at = -float("inf")
+        self.asked = asyncio.Event()   # set on each request: wakes an idle follow()
         self._reading: Optional[asyncio.Future] = None
 
     async def current(self) -> StatusSnapshot:
         """The latest snapshot, or a fresh one if it is missing, too old or failed;
         raises what the read raised."""
         self.asked_at = self.clock()
+        self.asked.set()
         snapshot = self.snapshot
         if snapshot is None or self.error is not None or self.asked_at - snapshot.read_at > self.max_age_s:
             await self.refresh()
@@ -274,10 +276,13 @@ class StatusCache:
             self.error = error
 
     async def follow(self) -> None:
-        """Read the status every ``refresh_s`` while it was asked for in the last ``idle_s``."""
+        """Read the status every ``refresh_s`` while it was asked for in the last ``idle_s``;
+        asleep (no timer) from then until the next request asks for it."""
         while True:
             await asyncio.sleep(self.refresh_s)
             if self.clock() - self.asked_at > self.idle_s:
+                self.asked.clear()
+                await self.asked.wait()
                 continue
             try:
                 await self.refresh()

@@ -1,0 +1,110 @@
+"""An idle gateway sleeps: no timer of its own wakes it more than once a second.
+
+uvicorn's server loop, the status cache and the result sweeper each used to wake on
+a short timer whether or not there was work; these tests pin down that they now wait
+for the event that gives them work (a signal, a request for the status, a request
+waiting for its answer) and still do their work when it comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import redis.asyncio
+import uvicorn
+
+from taskserve.gateway import messaging, server
+from taskserve.gateway.messaging import ResultWaiter
+from taskserve.gateway.metrics import StatusCache
+
+
+async def _no_app(scope: dict, receive: object, send: object) -> None:
+    pass
+
+
+def test_the_quiet_server_stops_at_a_signal_without_waiting_for_its_tick(monkeypatch):
+    monkeypatch.setattr(server, "TICK_S", 3600.0)   # only the signal's wake-up can end the loop in time
+
+    async def run() -> None:
+        quiet = server.QuietServer(uvicorn.Config(_no_app, lifespan="off", log_config=None))
+        quiet.config.load()
+        quiet.server_state = uvicorn.server.ServerState()
+        asyncio.get_running_loop().call_later(0.05, quiet.handle_exit, signal.SIGTERM, None)
+        await asyncio.wait_for(quiet.main_loop(), 30)
+        assert quiet.should_exit
+
+    asyncio.run(run())
+
+
+def test_the_quiet_server_keeps_the_date_header_fresh(monkeypatch):
+    monkeypatch.setattr(server, "TICK_S", 0.01)
+
+    async def run() -> None:
+        quiet = server.QuietServer(uvicorn.Config(_no_app, lifespan="off", log_config=None))
+        quiet.config.load()
+        quiet.server_state = uvicorn.server.ServerState()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, quiet.handle_exit, signal.SIGTERM, None)
+        await quiet.main_loop()
+        assert b"date" in [name for name, _ in quiet.server_state.default_headers]
+
+    asyncio.run(run())
+
+
+def test_an_unasked_status_cache_waits_for_a_request_instead_of_polling():
+    reads: list[int] = []
+    looks = [0]
+
+    def clock() -> float:
+        looks[0] += 1
+        return time.monotonic()
+
+    async def run() -> None:
+        cache = StatusCache(lambda: reads.append(1) or {"deployments": {}}, refresh_s=0.01, idle_s=0.05, clock=clock)
+        follower = asyncio.create_task(cache.follow())
+        try:
+            await asyncio.sleep(0.3)
+            # Polling every 10 ms would have looked at the clock about 30 times by now.
+            assert looks[0] <= 2 and reads == []
+            looks[0] = 0
+            await cache.current()            # a request: read at once, and followed again
+            await asyncio.sleep(0.02)
+            assert len(reads) >= 2           # the request's read and the follower's refresh
+            settled = len(reads)
+            await asyncio.sleep(0.3)         # unasked again for longer than idle_s: asleep
+            assert len(reads) <= settled + 5
+        finally:
+            follower.cancel()
+
+    asyncio.run(run())
+
+
+def test_the_result_sweeper_sleeps_while_no_request_waits(cluster, monkeypatch):
+    monkeypatch.setattr(messaging, "RESULT_POLL_S", 0.02)
+
+    async def run() -> None:
+        client = redis.asyncio.Redis.from_url(cluster.url)
+        waiter = ResultWaiter(client, on_event=lambda: None)
+        sweeps: list[float] = []
+        sweep = waiter.sweep
+
+        async def counted(min_age_s: float) -> int:
+            sweeps.append(min_age_s)
+            return await sweep(min_age_s)
+
+        waiter.sweep = counted                       # type: ignore[method-assign]
+        await waiter.start()
+        try:
+            await asyncio.sleep(0.3)
+            assert sweeps == []                      # polling would have swept about 15 times
+            with waiter.expecting(waiter.new_task_id()):
+                await asyncio.sleep(0.3)             # a request waits: the sweep runs again
+            assert len(sweeps) >= 2
+        finally:
+            await waiter.close()
+            await client.aclose()
+
+    asyncio.run(run())
+
