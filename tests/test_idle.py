@@ -1,20 +1,33 @@
-"""An idle replica's consumer: a long BRPOP that a drain does not wait out, and loses nothing.
+"""An idle replica sleeps, and a drain does not wait its sleep out.
 
 Replicas block on their queue for ``BRPOP_TIMEOUT_S`` (10 s) at a time, so an idle one
 wakes rarely; closing the consumer (a drain) ends that wait with ``CLIENT UNBLOCK``.
-These tests use the replica's own transport against the shared cluster's real Redis.
+The worker's event loop polls for up to ``IDLE_WAKE_S`` (kombu's: 1 s); a stop signal
+wakes it at once. These tests use the replica's own transport against the shared
+cluster's real Redis, and a real replica.
 """
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import time
 
 import kombu
+import psutil
 import pytest
+from kombu.asynchronous import Hub
 
-from taskserve.node.replica import BRPOP_TIMEOUT_S, ReplicaTransport
+import taskserve
+from taskserve.node.replica import BRPOP_TIMEOUT_S, IDLE_WAKE_S, ReplicaTransport, quiet_hub, wake_on_signal
 
-from .helpers import Cluster
+from .helpers import Cluster, replica_pids, wait_until
+
+
+class Idle:
+    def __call__(self, x):
+        return x
 
 
 def blocked_brpops(connection: kombu.Connection) -> int:
@@ -55,3 +68,35 @@ def test_a_message_taken_by_the_brpop_a_drain_ends_goes_back_to_the_queue(connec
         assert message.payload == {"n": 1}
         message.ack()
         again.close()
+
+
+def test_a_stop_signal_wakes_a_sleeping_hub_and_still_reaches_celerys_handler():
+    hub = Hub()
+    assert quiet_hub(hub)
+    waker = hub._create_waker()
+    handled: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda number, frame: handled.append(number))
+    try:
+        wake_on_signal(signal.SIGUSR1, hub)
+        assert select.select([waker.fileno()], [], [], 0)[0] == []
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handled == [signal.SIGUSR1]
+        assert select.select([waker.fileno()], [], [], 0)[0] == [waker.fileno()]   # the poll returns now
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        hub.close()
+
+
+def test_an_idle_replica_stops_at_sigterm_without_waiting_out_its_poll(connected, unique_name):
+    model = taskserve.deployment(Idle).options(name=unique_name, num_cpus=0.1)
+    model.deploy()
+    assert model.get_handle().remote(1).result(timeout=30) == 1
+    [pid] = replica_pids(unique_name)
+    time.sleep(1.5)    # past kombu's 1 s poll: the replica is in one of its long polls now
+    started = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+               timeout=30, message="the replica to exit")
+    # Noticed only at the next timer, the stop would take up to IDLE_WAKE_S.
+    assert time.monotonic() - started < IDLE_WAKE_S / 2
+    model.delete()

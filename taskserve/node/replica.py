@@ -101,6 +101,11 @@ STATS_IDLE_S = 10.0
 # closing the channel ends it (ReplicaChannel.close). A message pushed meanwhile wakes it at once.
 BRPOP_TIMEOUT_S = 10
 
+# How long the worker's event loop (kombu's hub) sleeps while nothing happens (kombu's
+# own: 1 s, one wake-up a second per idle replica). Whatever has work for it wakes it
+# at once: its sockets, a call from another thread, and a stop signal (quiet_hub).
+IDLE_WAKE_S = 10.0
+
 # How soon a replica that could not read its record (Redis away) tries again.
 REDIS_RETRY_S = 1.0
 
@@ -1000,12 +1005,66 @@ class ReplicaTransport(kombu_redis.Transport, metaclass=_ShownAsRedis):
     delivering = False
     brpop_timeout = BRPOP_TIMEOUT_S
 
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        # kombu checks every second whether bindings of expiring queues need a refresh;
+        # a replica's queue never expires, so that check is a wake-up a second for nothing.
+        cycle = self.cycle
+        binding_check = getattr(cycle, "_binding_expiry_tref", None)
+        if binding_check is not None:
+            binding_check.cancel()
+            cycle._binding_expiry_tref = loop.call_repeatedly(IDLE_WAKE_S, cycle.maybe_refresh_binding_expiry)
+
     def _deliver(self, message: Any, queue: str) -> None:
         self.delivering = True
         try:
             super()._deliver(message, queue)
         except NotAMessage as error:
             log.error("dropped an item of %s: %s", queue, error)
+
+
+# The signals that stop a Celery worker; each must wake a sleeping hub (quiet_hub).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def quiet_hub(hub: Any, idle_s: float = IDLE_WAKE_S) -> bool:
+    """Let kombu's ``hub`` sleep up to ``idle_s`` between wake-ups while nothing happens.
+
+    kombu's loop polls until its next timer entry, but for at most its timer's
+    ``max_interval`` (2 s), and for 1 s when it has no entry; the Redis transport's
+    entries come every 10 s or less (:class:`ReplicaTransport` makes its every-second one
+    come every ``IDLE_WAKE_S``). Returns False, and changes nothing, on a kombu whose
+    hub has no waker that a signal handler could use (see :func:`wake_on_signal`).
+
+    >>> from kombu.asynchronous import Hub
+    >>> hub = Hub()
+    >>> quiet_hub(hub, 10.0), hub.timer.max_interval
+    (True, 10.0)
+    >>> entry = hub.call_repeatedly(10.0, print)
+    >>> 9.0 < hub.fire_timers() <= 10.0
+    True
+    """
+    if not hasattr(hub, "_create_waker") or not hasattr(hub.timer, "max_interval"):
+        return False
+    hub.timer.max_interval = idle_s
+    hub.__dict__.pop("scheduler", None)   # a cached iterator that read the old interval
+    return True
+
+
+def wake_on_signal(signum: int, hub: Any) -> None:
+    """Make ``signum``'s handler (Celery's, which sets a flag the loop reads between
+    polls) also wake ``hub``'s poll, so a stop is not noticed only ``IDLE_WAKE_S`` later."""
+    previous = signal.getsignal(signum)
+    if not callable(previous):
+        return   # default or ignored: nothing waits for the loop to notice it
+
+    def handler(number: int, frame: Any) -> None:
+        waker = getattr(hub, "_waker", None)
+        if waker is not None:
+            waker.wake()   # one non-blocking send on a socket pair: safe in a signal handler
+        previous(number, frame)
+
+    signal.signal(signum, handler)
 
 
 class ReplicaConsumer(Consumer):
@@ -1019,6 +1078,17 @@ class ReplicaConsumer(Consumer):
         ensure_connection = conn.ensure_connection
         conn.ensure_connection = lambda *args, **kwargs: ensure_connection(*args, **{**RECONNECT_INTERVALS_S, **kwargs})
         return super().ensure_connected(conn)
+
+    def register_with_event_loop(self, hub: Any) -> None:
+        super().register_with_event_loop(hub)
+        self.quiet = quiet_hub(hub)
+
+    def on_ready(self) -> None:
+        super().on_ready()
+        # Celery's stop handlers are in place now; they only set a flag the loop looks at.
+        if getattr(self, "quiet", False):
+            for signum in STOP_SIGNALS:
+                wake_on_signal(signum, self.hub)
 
     def create_task_handler(self, promise: Any = promise) -> Callable[[Any], Any]:
         serve = super().create_task_handler(promise)
