@@ -63,11 +63,12 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import select
 import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import redis
 
@@ -1460,11 +1461,21 @@ class ClusterReader:
         return records
 
 
-def wait_for_events(pubsub: redis.client.PubSub, timeout_s: float) -> bool:
-    """Wait until a notification arrives (then swallow the backlog) or the timeout.
+def wait_for_events(pubsub: redis.client.PubSub, timeout_s: float, also: Sequence[int] = ()) -> bool:
+    """Wait until a notification arrives (then swallow the backlog), one of the
+    descriptors ``also`` turns readable, or the timeout.
 
     Returns True if something was notified.
     """
+    if also:
+        connection = pubsub.connection
+        sock = getattr(connection, "_sock", None)
+        try:
+            if sock is not None and not connection.can_read(timeout=0):
+                select.select([sock, *also], [], [], timeout_s)
+            timeout_s = 0.0
+        except (OSError, ValueError, redis.RedisError):
+            pass   # a broken connection: get_message below reconnects, waiting as before
     message = pubsub.get_message(timeout=timeout_s)
     seen = message is not None
     while message is not None:

@@ -129,6 +129,23 @@ def test_exit_statuses_and_signals_are_reported(server: ForkServer, tmp_path: Pa
     killed.send_signal(signal.SIGTERM)       # exited: nothing happens, nothing raises
 
 
+def test_an_exit_report_makes_the_exit_fd_readable_until_it_is_read(server: ForkServer, tmp_path: Path,
+                                                                      job_dir: Path):
+    import select
+    env = child_env(job_dir)
+    sleeper = server.spawn("tinyjob:main", ["sleep", str(tmp_path / "s")], env, str(tmp_path), tmp_path / "a.log")
+    wait_for_file(tmp_path / "s.ready")
+    fd = server.exit_fd()
+    assert fd is not None and select.select([fd], [], [], 0.2)[0] == []    # nothing to report: a wait would sleep
+    sleeper.send_signal(signal.SIGKILL)
+    assert select.select([fd], [], [], 30)[0] == [fd]                     # the report wakes the waiter
+    assert server.exit_fd() == fd                                         # ... which reads it
+    assert select.select([fd], [], [], 0)[0] == []                        # and waits again
+    assert sleeper.poll() == -signal.SIGKILL
+    server.close()
+    assert server.exit_fd() is None
+
+
 def test_a_bad_cwd_is_an_error_and_the_server_goes_on(server: ForkServer, tmp_path: Path, job_dir: Path):
     with pytest.raises(OSError, match="does not exist"):
         server.spawn("tinyjob:main", ["raise", "-"], child_env(job_dir), str(tmp_path / "missing"),

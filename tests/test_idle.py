@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import threading
 import time
 
 import kombu
@@ -20,7 +21,9 @@ import pytest
 from kombu.asynchronous import Hub
 
 import taskserve
+from taskserve.connection import make_store
 from taskserve.node.replica import BRPOP_TIMEOUT_S, IDLE_WAKE_S, ReplicaTransport, quiet_hub, wake_on_signal
+from taskserve.store import wait_for_events
 
 from .helpers import Cluster, replica_pids, wait_until
 
@@ -100,3 +103,22 @@ def test_an_idle_replica_stops_at_sigterm_without_waiting_out_its_poll(connected
     # Noticed only at the next timer, the stop would take up to IDLE_WAKE_S.
     assert time.monotonic() - started < IDLE_WAKE_S / 2
     model.delete()
+
+
+def test_an_agents_wait_for_notifications_ends_at_a_replicas_exit_descriptor(connected):
+    """How a forked replica's exit wakes its idle agent at once (its fork server's report)."""
+    store = make_store(connected.url)
+    pubsub = store.subscribe()
+    exits, report = os.pipe()
+    try:
+        threading.Timer(0.1, os.write, (report, b"x")).start()
+        started = time.monotonic()
+        assert wait_for_events(pubsub, 60, also=[exits]) is False
+        assert time.monotonic() - started < 30     # not the 60 s timeout
+        os.read(exits, 1)
+        store.notify("replica:x")                  # notifications still end the wait, and say so
+        assert wait_for_events(pubsub, 60, also=[exits]) is True
+    finally:
+        pubsub.close()
+        os.close(exits)
+        os.close(report)

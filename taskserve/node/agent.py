@@ -76,6 +76,10 @@ log = logging.getLogger("taskserve.node.agent")
 
 INSTALLING_MESSAGE = "installing runtime env"
 DRAINING_POLL_S = 0.05
+# Between notifications, a pass runs at least this often when every replica's exit
+# wakes the agent by itself (forked ones), and every ``resync_s`` otherwise: the
+# passes then only catch a notification that went missing.
+IDLE_RESYNC_S = 5.0
 REDIS_RETRY_S = 1.0
 FAILED_BUILD_MEMORY_S = 30.0   # a failed install is not retried sooner for the same pip list
 CLAIM_POLL_S = 0.05
@@ -142,6 +146,7 @@ class NodeAgent:
         data_dir: Path = Path(".taskserve"),
         heartbeat_ttl_s: float = 10.0,
         resync_s: float = 0.5,
+        idle_resync_s: float = IDLE_RESYNC_S,
     ) -> None:
         self.store = store
         self.address = address
@@ -152,6 +157,7 @@ class NodeAgent:
         self.log_dir = self.data_dir / "logs"
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.resync_s = resync_s
+        self.idle_resync_s = max(idle_resync_s, resync_s)
         self.processes: dict[str, ManagedProcess] = {}
         self.orphans: dict[str, Path] = {}     # in-flight files an earlier agent's replicas left
         self.envs = EnvironmentCache(self.data_dir / "envs")
@@ -202,9 +208,7 @@ class NodeAgent:
             while not self.stopping.is_set():
                 try:
                     self.reconcile()
-                    # A draining replica's exit is noticed by polling, so poll faster meanwhile.
-                    draining = any(p.drain_deadline is not None for p in self.processes.values())
-                    wait_for_events(pubsub, DRAINING_POLL_S if draining else self.resync_s)
+                    wait_for_events(pubsub, self._wait_s(), also=self.launcher.exit_fds())
                 except redis.RedisError as error:
                     # Replicas keep serving what they hold; the agent catches up once Redis is back.
                     log.warning("Redis is unreachable (%s); retrying in %.0fs", error, REDIS_RETRY_S)
@@ -223,6 +227,20 @@ class NodeAgent:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def _wait_s(self) -> float:
+        """How long the next wait for a notification may last.
+
+        Notifications wake the agent for every record change, and a forked replica's
+        exit wakes it through its fork server; the rest is polled: a drain's deadline
+        (fast), and a spawned replica's exit or an orphan's end (every ``resync_s``).
+        """
+        processes = self.processes.values()
+        if any(process.drain_deadline is not None for process in processes):
+            return DRAINING_POLL_S
+        if self.orphans or not all(self.launcher.reports_exit(process.popen) for process in processes):
+            return self.resync_s
+        return self.idle_resync_s
 
     # ------------------------------------------------------------------ the node id
 

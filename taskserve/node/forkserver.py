@@ -382,6 +382,20 @@ class ForkServer:
                         pass
             return self.exits.get(pid)
 
+    def exit_fd(self) -> Optional[int]:
+        """A descriptor that turns readable at the next exit report (or when the server
+        goes), once the reports already sent are read; None once the server is gone.
+
+        The agent waits on it, so that a replica's exit wakes it at once.
+        """
+        with self.lock:
+            if self.closed or self.sock is None:
+                return None
+            with contextlib.suppress(ForkServerError):
+                while self._receive(0.0, poll=True) is not None:
+                    pass
+            return None if self.closed else self.sock.fileno()
+
     def _receive(self, timeout_s: float, poll: bool = False) -> Optional[dict[str, Any]]:
         """The next message, recording exit reports. None: nothing waiting (``poll``),
         or the server is gone."""
@@ -557,6 +571,16 @@ class Launcher:
         assert server.process is not None
         log.info("fork server of %s ready in %.2fs (pid %s)", python, time.monotonic() - started, server.process.pid)
         return server
+
+    def reports_exit(self, handle: ProcessHandle) -> bool:
+        """Whether ``handle``'s exit makes one of :meth:`exit_fds` readable: it was
+        forked by a server that still runs (a spawned process's exit is only polled)."""
+        return isinstance(handle, ForkedProcess) and not handle.server.closed
+
+    def exit_fds(self) -> list[int]:
+        """The descriptors to wait on for the next exit of a forked replica."""
+        fds = (server.exit_fd() for server in self.servers.values())
+        return [fd for fd in fds if fd is not None]
 
     def close(self) -> None:
         """Stop every fork server (their children, if any are left, drain)."""
