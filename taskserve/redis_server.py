@@ -29,6 +29,10 @@ from typing import Optional
 
 import redis
 
+# How long a started Redis may take to load its append-only file (it answers only INFO
+# meanwhile); counted from the start's own timeout, which covers getting to that point.
+LOAD_TIMEOUT_S = 600.0
+
 
 def find_redis_server() -> str:
     """The path of a ``redis-server`` binary, or a clear error saying how to get one."""
@@ -151,7 +155,12 @@ class RedisServer:
             try:
                 # Answered by our process, not by a server that took the port meanwhile.
                 if int(client.info("server")["process_id"]) == self.process.pid:
-                    break
+                    # INFO is answered while the append-only file loads; other commands
+                    # are not (BusyLoadingError). A large file may take longer than
+                    # timeout_s: loading is progress, so it has a budget of its own.
+                    if not int(client.info("persistence").get("loading", 0)):
+                        break
+                    deadline = max(deadline, time.monotonic() + LOAD_TIMEOUT_S)
             except redis.ConnectionError:
                 pass
             if time.monotonic() > deadline:

@@ -114,3 +114,28 @@ def test_up_refuses_a_redis_port_another_server_holds(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
         assert other.process.poll() is None
         assert not (tmp_path / ".taskserve" / "address").exists()
+
+
+def test_a_restarted_redis_is_ready_only_once_its_append_only_file_is_loaded(tmp_path):
+    """`up` on a data dir with a large file: the first command must not get BusyLoadingError."""
+    import redis
+
+    from taskserve.redis_server import RedisServer
+
+    server = RedisServer(data_dir=tmp_path).start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.execute_command("DEBUG", "POPULATE", 2_000_000)    # about a second to load again
+        client.bgrewriteaof()
+        wait_until(lambda: not any(int(client.info("persistence")[flag])
+                                   for flag in ("aof_rewrite_in_progress", "aof_rewrite_scheduled")),
+                   timeout=60, message="the append-only file to be rewritten")
+        client.close()
+        server.process.kill()          # the rewritten file holds every key; a SHUTDOWN takes seconds more
+        server.process.wait()
+        server.start()
+        assert redis.Redis.from_url(server.url).set("first", "command") is True
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
