@@ -117,3 +117,44 @@ def test_a_listener_nobody_waits_on_stops_retrying_and_starts_again(cluster, cli
     publish_answer(client, task_id, "again")
     wait_until(lambda: waiter.data is not None, timeout=5, message="the answer to the new reader")
     client.delete(result_key(task_id))
+
+
+class Echo:
+    def __call__(self, value):
+        return value
+
+
+def test_a_replica_writes_each_answer_once_and_never_reads_it_back(connected, unique_name):
+    """The replica stores the answer with its acknowledgement; Celery, told by the
+    message's ``ignore_result`` header, would store it again after reading it back (a GET
+    of the result key a request, for nothing)."""
+    import threading
+
+    import taskserve
+
+    model = taskserve.deployment(Echo).options(name=unique_name, num_cpus=0.1)
+    model.deploy()
+    handle = model.get_handle()
+    assert handle.remote("warm").result(timeout=30) == "warm"
+    commands: list[str] = []
+    monitor_client = redis.Redis.from_url(connected.url)
+
+    def watch() -> None:
+        with monitor_client.monitor() as monitor:
+            for event in monitor.listen():
+                commands.append(event["command"])
+                if "stop-watching" in event["command"]:
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    wait_until(lambda: any(c.get("cmd") == "monitor" for c in monitor_client.client_list()), timeout=10)
+    response = handle.remote("once")
+    key = result_key(response.request_id)
+    assert response.result(timeout=30) == "once"
+    redis.Redis.from_url(connected.url).get("stop-watching")
+    watcher.join(timeout=30)
+    touching = [command.split(" ", 1)[0].strip('"').upper() for command in commands if key in command]
+    assert "SET" in touching or "SETEX" in touching          # the answer, written once
+    assert touching.count("GET") == 0 and touching.count("SET") + touching.count("SETEX") == 1, touching
+    model.delete()

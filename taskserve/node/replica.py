@@ -1097,6 +1097,10 @@ class ReplicaConsumer(Consumer):
             problem = request_problem(message)
             if problem is not None:
                 return self.drop(message, problem)
+            # The task stores its answer itself. A sender's explicit ignore_result=False
+            # (Celery's default header) would make Celery store the result too, after
+            # first reading the answer back: a round trip a request for nothing.
+            message.headers.pop("ignore_result", None)
             return serve(message)
 
         return on_task_received
