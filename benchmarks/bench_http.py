@@ -30,6 +30,11 @@ much less with the machine's other load than the wall-clock figures. The HTTP cl
 its own (:class:`ClientProcess`), as a caller's would, and each http round's warm-up is
 a block of its own before the measured one; the handle calls run in this process.
 
+In each round the same client also runs against a **no-op server** (uvicorn with the
+gateway's HTTP parser, echoing the body at once, nothing behind it; ``--no-floor`` skips
+it): the most this client can get from any server on this machine, the client's own
+floor. Its table sets the http path against it.
+
 Then (``--overload-s``, default 10; 0 skips it) ``--overload-concurrency`` (default
 256) httpx connections send requests for that long: every request must be answered
 (200) or refused with 503 and ``Retry-After``, none may hang (30 s client timeout) or
@@ -131,6 +136,46 @@ class BenchEcho:
         if isinstance(value, taskserve.http.Request):
             return value.body          # bytes go back as they are
         return value
+
+
+async def noop_echo_app(scope: dict, receive: Callable[[], Awaitable[dict]],
+                        send: Callable[[dict], Awaitable[None]]) -> None:
+    """An ASGI app that answers every POST with its body at once: nothing behind it.
+
+    Served by uvicorn (with the gateway's HTTP parser), it is the client's floor: what the
+    same client gets from a server whose every answer costs next to nothing.
+    """
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class NoOpServer:
+    """:func:`noop_echo_app` under uvicorn in a process of its own, on a free port."""
+
+    def __init__(self, env: dict[str, str], work_dir: Path) -> None:
+        self.port = free_port()
+        log_path = work_dir / "noop-server.log"
+        code = ("import uvicorn; uvicorn.run('benchmarks.bench_http:noop_echo_app', host='127.0.0.1', "
+                f"port={self.port}, log_level='info', access_log=False, server_header=False)")
+        self.child = Child("no-op server", [sys.executable, "-c", code], log_path, env=env)
+
+        def serving() -> bool:
+            self.child.check_alive()
+            return log_path.exists() and "Application startup complete" in log_path.read_text()
+
+        wait_until(serving, START_TIMEOUT_S, "the no-op server to serve")
+
+    def stop(self) -> None:
+        self.child.stop()
 
 
 # --------------------------------------------------------------------------- the clients
@@ -371,21 +416,24 @@ def wait_for_route(port: int) -> None:
 
 
 def measure(gateways: Gateways, client: ClientProcess, handle: taskserve.DeploymentHandle, replicas: int,
-            concurrency: int, args: argparse.Namespace, redis_pids: list[int]) -> tuple[Figures, Figures]:
-    """Measure both paths in alternating rounds (each http round after its own warm-up)."""
+            concurrency: int, args: argparse.Namespace, redis_pids: list[int], noop: Optional[NoOpServer] = None
+            ) -> tuple[Figures, Figures, Optional[Figures]]:
+    """Measure both paths in alternating rounds (each http round after its own warm-up),
+    and, with ``noop``, the client against the no-op server in each round too."""
     handle_block(handle, args.warmup, concurrency)
     replica_pids = [replica.pid for replica in BenchEcho.status().replicas if replica.pid]
     http, baseline = Figures("http", replicas, concurrency), Figures("handle", replicas, concurrency)
+    floor = Figures("no-op server", replicas, concurrency) if noop is not None else None
     for round_index in range(args.rounds):
-        order = [("http", http), ("handle", baseline)]
+        order = [("http", http), ("handle", baseline)] + ([("no-op server", floor)] if floor is not None else [])
         for path, figures in order if round_index % 2 == 0 else order[::-1]:
-            if path == "http":
-                client.session(gateways.port, args.warmup, concurrency, args.client)
+            port = noop.port if path == "no-op server" and noop is not None else gateways.port
+            if path != "handle":
+                client.session(port, args.warmup, concurrency, args.client)
             gateway_before, replica_before = cpu_seconds(gateways.pids), cpu_seconds(replica_pids)
             redis_before = cpu_seconds(redis_pids)
-            if path == "http":
-                latencies, seconds, client_cpu_s = client.session(gateways.port, args.requests, concurrency,
-                                                                  args.client)
+            if path != "handle":
+                latencies, seconds, client_cpu_s = client.session(port, args.requests, concurrency, args.client)
                 block = (latencies, seconds)
             else:   # the gateway's CPU meanwhile too: handle results must not reach it
                 client_before = time.process_time()
@@ -396,7 +444,7 @@ def measure(gateways: Gateways, client: ClientProcess, handle: taskserve.Deploym
             print(f"  {replicas} replica(s), {concurrency:3d} callers, round {round_index + 1}, {path:6}: "
                   f"{measured.per_second:6.0f} req/s, p50 {measured.p50_ms:6.2f} ms, p99 {measured.p99_ms:7.2f} ms",
                   flush=True)
-    return http, baseline
+    return http, baseline, floor
 
 
 def measure_gateways(gateways: Gateways, client: ClientProcess, count: int, replicas: int, concurrency: int,
@@ -504,8 +552,9 @@ def measure_overload(gateways: Gateways, args: argparse.Namespace) -> Overload:
 
 
 def report(results: list[tuple[Figures, Figures]], overload: Optional[Overload],
-           gateway_results: list[Figures]) -> str:
-    """The figures of both paths, the ratios, the overload, the gateways and the targets, as Markdown tables."""
+           gateway_results: list[Figures], floors: Optional[list[Figures]] = None) -> str:
+    """The figures of both paths, the ratios, the client's floor, the overload, the gateways
+    and the targets, as Markdown tables."""
     figures_rows = []
     for http, baseline in results:
         for figures in (http, baseline):
@@ -527,6 +576,20 @@ def report(results: list[tuple[Figures, Figures]], overload: Optional[Overload],
         markdown_table(["replicas", "concurrency", "throughput http/handle", "p50 http/handle", "p99 http/handle",
                         "total CPU handle/http"], ratio_rows, left=0),
     ]
+    if floors:
+        paths = {(http.replicas, http.concurrency): (http, baseline) for http, baseline in results}
+        floor_rows = []
+        for floor in floors:
+            http, baseline = paths[(floor.replicas, floor.concurrency)]
+            floor_rows.append([str(floor.concurrency), f"{floor.median('per_second'):.0f}",
+                               f"{floor.median('p50_ms'):.2f}", f"{floor.median('p99_ms'):.2f}",
+                               f"{floor.median('client_cpu_us'):.0f}",
+                               f"{floor.median('per_second') / baseline.median('per_second'):.2f}",
+                               f"{http.median('per_second') / floor.median('per_second'):.2f}",
+                               f"{http.median('p99_ms') / floor.median('p99_ms'):.2f}"])
+        tables.append(markdown_table(
+            ["concurrency", "no-op server req/s", "p50 ms", "p99 ms", "client CPU us/req",
+             "no-op server/handle req/s", "http/no-op server req/s", "http/no-op server p99"], floor_rows, left=0))
     if overload is not None:
         tables.append(markdown_table(
             ["connections", "seconds", "answered", "refused 503", "other", "RSS idle MB", "RSS peak MB",
@@ -592,17 +655,20 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--overload-s", type=float, default=10.0, help="0: no overload phase")
     parser.add_argument("--overload-concurrency", type=int, default=256)
     parser.add_argument("--gateways", type=int, default=2, help="gateways sharing the port in the last phase; 1: none")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the client against the no-op server (the client's own floor)")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace, argv: list[str], work_dir: Path
-        ) -> tuple[list[tuple[Figures, Figures]], Optional[Overload], list[Figures]]:
+        ) -> tuple[list[tuple[Figures, Figures]], list[Figures], Optional[Overload], list[Figures]]:
     """The cluster and a gateway on a free port; the measurements of every phase."""
     # The controller's own --resync, and the agent keeps this shell's *_NUM_THREADS (an echo uses no BLAS).
     with contextlib.ExitStack() as stack:
         local = stack.enter_context(cluster(work_dir, num_cpus=AGENT_NUM_CPUS, resync_s=None,
                                             clear_thread_limits=False))
         gateways = Gateways(local.url, local.env(), work_dir, args.event_loop)
+        noop = NoOpServer(local.env(), work_dir) if args.floor else None
         redis_pids = [local.redis.process.pid] if local.redis is not None and local.redis.process is not None else []
         try:
             gateways.start()
@@ -613,21 +679,27 @@ def run(args: argparse.Namespace, argv: list[str], work_dir: Path
                                   "httpx": httpx.__version__, "http parser": http_parser(),
                                   "event loop": event_loop_name(args.event_loop)})
                 results: list[tuple[Figures, Figures]] = []
+                floors: list[Figures] = []
                 overload, gateway_results = None, []
                 for replicas in args.replicas:
                     BenchEcho.options(num_replicas=replicas).deploy(timeout=START_TIMEOUT_S)
                     wait_for_route(gateways.port)
                     handle = BenchEcho.get_handle()
-                    results += [measure(gateways, client, handle, replicas, concurrency, args, redis_pids)
-                                for concurrency in args.concurrency]
+                    for concurrency in args.concurrency:
+                        http, baseline, floor = measure(gateways, client, handle, replicas, concurrency, args,
+                                                        redis_pids, noop if replicas == args.replicas[0] else None)
+                        results.append((http, baseline))
+                        floors += [floor] if floor is not None else []
                 if args.overload_s > 0:
                     overload = measure_overload(gateways, args)
                 if args.gateways > 1:
                     gateway_results = measure_gateways(gateways, client, args.gateways, args.replicas[-1],
                                                        max(args.concurrency), args)
-                return results, overload, gateway_results
+                return results, floors, overload, gateway_results
         finally:
             gateways.stop()
+            if noop is not None:
+                noop.stop()
 
 
 def http_parser() -> str:
@@ -645,9 +717,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(command_args)
 
     def body(work_dir: Path) -> None:
-        results, overload, gateway_results = run(args, command_args, work_dir)
+        results, floors, overload, gateway_results = run(args, command_args, work_dir)
         print()
-        print(report(results, overload, gateway_results))
+        print(report(results, overload, gateway_results, floors))
 
     return bench_main(body, "bench_http-")
 

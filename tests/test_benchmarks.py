@@ -138,6 +138,10 @@ def test_bench_http() -> None:
         assert_figures(row, ["client CPU us/req", "Redis CPU us/req", "total CPU us/req"])
     [ratios] = table_with(out, "throughput http/handle")
     assert_figures(ratios, ["throughput http/handle", "p50 http/handle", "total CPU handle/http"])
+    [floor] = table_with(out, "no-op server req/s")
+    assert floor["concurrency"] == "2"
+    assert_figures(floor, ["no-op server req/s", "p99 ms", "client CPU us/req", "no-op server/handle req/s",
+                           "http/no-op server req/s"])
 
 
 @pytest.mark.slow
