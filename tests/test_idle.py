@@ -22,6 +22,7 @@ from kombu.asynchronous import Hub
 
 import taskserve
 from taskserve.connection import make_store
+from taskserve.node.agent import IDLE_RESYNC_S
 from taskserve.node.replica import BRPOP_TIMEOUT_S, IDLE_WAKE_S, ReplicaTransport, quiet_hub, wake_on_signal
 from taskserve.store import wait_for_events
 
@@ -122,3 +123,14 @@ def test_an_agents_wait_for_notifications_ends_at_a_replicas_exit_descriptor(con
         pubsub.close()
         os.close(exits)
         os.close(report)
+
+
+def test_an_idle_agent_stops_at_sigterm_without_waiting_out_its_wait(connected, unique_name):
+    """An agent with nothing to poll waits up to IDLE_RESYNC_S for a notification; its stop
+    must end that wait at once (a cluster's shutdown stops its agents one by one)."""
+    node = f"idle-{unique_name[-8:]}"
+    connected.start_agent(node, 1)
+    time.sleep(1.0)     # registered and idle: in its long wait now
+    started = time.monotonic()
+    assert connected.stop(f"agent-{node}") == 0
+    assert time.monotonic() - started < IDLE_RESYNC_S / 2

@@ -171,6 +171,10 @@ class NodeAgent:
         self.claim = NodeClaim(pid=os.getpid(), host=socket.gethostname(), token=secrets.token_hex(8))
         self._celery_app = None
         self.launcher = Launcher(self.log_dir)
+        # stop() writes here: the main loop's wait (up to IDLE_RESYNC_S) ends at once.
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
 
     @property
     def node(self) -> Node:
@@ -208,7 +212,9 @@ class NodeAgent:
             while not self.stopping.is_set():
                 try:
                     self.reconcile()
-                    wait_for_events(pubsub, self._wait_s(), also=self.launcher.exit_fds())
+                    wait_for_events(pubsub, self._wait_s(), also=[self._wake_read, *self.launcher.exit_fds()])
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_read, 512)
                 except redis.RedisError as error:
                     # Replicas keep serving what they hold; the agent catches up once Redis is back.
                     log.warning("Redis is unreachable (%s); retrying in %.0fs", error, REDIS_RETRY_S)
@@ -226,7 +232,10 @@ class NodeAgent:
             self.shutdown()
 
     def stop(self) -> None:
+        """Drain and leave; safe from a signal handler and from another thread."""
         self.stopping.set()
+        with contextlib.suppress(OSError):   # full (a wake-up is pending anyway) or closed
+            os.write(self._wake_write, b"\0")
 
     def _wait_s(self) -> float:
         """How long the next wait for a notification may last.
