@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -1059,9 +1060,10 @@ def wake_on_signal(signum: int, hub: Any) -> None:
         return   # default or ignored: nothing waits for the loop to notice it
 
     def handler(number: int, frame: Any) -> None:
-        waker = getattr(hub, "_waker", None)
-        if waker is not None:
-            waker.wake()   # one non-blocking send on a socket pair: safe in a signal handler
+        wake = getattr(getattr(hub, "_waker", None), "wake", None)
+        if wake is not None:
+            with contextlib.suppress(Exception):   # never in the way of Celery's own handler
+                wake()   # one non-blocking send on a socket pair: safe in a signal handler
         previous(number, frame)
 
     signal.signal(signum, handler)
