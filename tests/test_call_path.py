@@ -158,3 +158,24 @@ def test_a_replica_writes_each_answer_once_and_never_reads_it_back(connected, un
     assert "SET" in touching or "SETEX" in touching          # the answer, written once
     assert touching.count("GET") == 0 and touching.count("SET") + touching.count("SETEX") == 1, touching
     model.delete()
+
+
+def test_a_replicas_channel_keeps_one_client_for_its_commands(cluster):
+    """kombu makes a ``redis.Redis`` per command batch (taken, acknowledged); a replica's
+    channel keeps one per connection pool."""
+    import kombu
+
+    from taskserve.node.replica import ReplicaTransport
+
+    with kombu.Connection(cluster.url, transport=ReplicaTransport) as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second and first.connection_pool is channel.pool
+            assert first.ping()
+        given = redis.Redis.from_url(cluster.url)
+        with channel.conn_or_acquire(given) as client:
+            assert client is given
+        channel._pool = None                           # a new pool: a client over it
+        with channel.conn_or_acquire() as third:
+            assert third is not first and third.connection_pool is channel.pool
+        given.close()
