@@ -171,7 +171,7 @@ class NodeAgent:
         self.claim = NodeClaim(pid=os.getpid(), host=socket.gethostname(), token=secrets.token_hex(8))
         self._celery_app = None
         self.launcher = Launcher(self.log_dir)
-        # stop() writes here: the main loop's wait (up to IDLE_RESYNC_S) ends at once.
+        # _wake() writes here: the main loop's wait (up to IDLE_RESYNC_S) ends at once.
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
@@ -234,6 +234,10 @@ class NodeAgent:
     def stop(self) -> None:
         """Drain and leave; safe from a signal handler and from another thread."""
         self.stopping.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """End the main loop's wait now, for a pass (or the stop) at once; from any thread."""
         with contextlib.suppress(OSError):   # full (a wake-up is pending anyway) or closed
             os.write(self._wake_write, b"\0")
 
@@ -526,7 +530,7 @@ class NodeAgent:
 
     def _build_done(self, key: str) -> None:
         self.build_finished[key] = time.monotonic()
-        self.store.notify(f"node:{self.node_id}")   # wakes this agent's loop too
+        self._wake()   # its replicas can start now
 
     def _working_dir_for(self, runtime_env: dict) -> Optional[Path]:
         sha = package_sha(runtime_env)

@@ -376,11 +376,16 @@ class ForkServer:
     def returncode(self, pid: int) -> Optional[int]:
         """The exit code of child ``pid`` once it was reported, else None."""
         with self.lock:
-            if pid not in self.exits and self.sock is not None and not self.closed:
-                with contextlib.suppress(ForkServerError):
-                    while self._receive(0.0, poll=True) is not None:
-                        pass
+            if pid not in self.exits:
+                self._read_reports()
             return self.exits.get(pid)
+
+    def _read_reports(self) -> None:
+        """Record every exit report waiting on the socket (the caller holds the lock)."""
+        if self.sock is not None and not self.closed:
+            with contextlib.suppress(ForkServerError):
+                while self._receive(0.0, poll=True) is not None:
+                    pass
 
     def exit_fd(self) -> Optional[int]:
         """A descriptor that turns readable at the next exit report (or when the server
@@ -389,12 +394,8 @@ class ForkServer:
         The agent waits on it, so that a replica's exit wakes it at once.
         """
         with self.lock:
-            if self.closed or self.sock is None:
-                return None
-            with contextlib.suppress(ForkServerError):
-                while self._receive(0.0, poll=True) is not None:
-                    pass
-            return None if self.closed else self.sock.fileno()
+            self._read_reports()
+            return None if self.closed or self.sock is None else self.sock.fileno()
 
     def _receive(self, timeout_s: float, poll: bool = False) -> Optional[dict[str, Any]]:
         """The next message, recording exit reports. None: nothing waiting (``poll``),
