@@ -11,15 +11,19 @@ import base64
 import datetime
 import json
 import pickle
+import threading
 import uuid
 
+import kombu
 import pytest
 import redis
 
+import taskserve
 from taskserve.answers import AnswerListener
 from taskserve.call_message import CallMessages
 from taskserve.celery_app import TASK_NAME, make_app
 from taskserve.handle import outcome
+from taskserve.node.replica import ReplicaTransport
 from taskserve.store import result_key
 
 from .helpers import Cluster, wait_until
@@ -128,10 +132,6 @@ def test_a_replica_writes_each_answer_once_and_never_reads_it_back(connected, un
     """The replica stores the answer with its acknowledgement; Celery, told by the
     message's ``ignore_result`` header, would store it again after reading it back (a GET
     of the result key a request, for nothing)."""
-    import threading
-
-    import taskserve
-
     model = taskserve.deployment(Echo).options(name=unique_name, num_cpus=0.1)
     model.deploy()
     handle = model.get_handle()
@@ -163,10 +163,6 @@ def test_a_replica_writes_each_answer_once_and_never_reads_it_back(connected, un
 def test_a_replicas_channel_keeps_one_client_for_its_commands(cluster):
     """kombu makes a ``redis.Redis`` per command batch (taken, acknowledged); a replica's
     channel keeps one per connection pool."""
-    import kombu
-
-    from taskserve.node.replica import ReplicaTransport
-
     with kombu.Connection(cluster.url, transport=ReplicaTransport) as connection:
         channel = connection.default_channel
         with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:

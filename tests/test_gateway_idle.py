@@ -24,13 +24,19 @@ async def _no_app(scope: dict, receive: object, send: object) -> None:
     pass
 
 
+def quiet_server() -> server.QuietServer:
+    """A QuietServer whose main loop can run without serving (its config loaded, its state made)."""
+    quiet = server.QuietServer(uvicorn.Config(_no_app, lifespan="off", log_config=None))
+    quiet.config.load()
+    quiet.server_state = uvicorn.server.ServerState()
+    return quiet
+
+
 def test_the_quiet_server_stops_at_a_signal_without_waiting_for_its_tick(monkeypatch):
     monkeypatch.setattr(server, "TICK_S", 3600.0)   # only the signal's wake-up can end the loop in time
 
     async def run() -> None:
-        quiet = server.QuietServer(uvicorn.Config(_no_app, lifespan="off", log_config=None))
-        quiet.config.load()
-        quiet.server_state = uvicorn.server.ServerState()
+        quiet = quiet_server()
         asyncio.get_running_loop().call_later(0.05, quiet.handle_exit, signal.SIGTERM, None)
         await asyncio.wait_for(quiet.main_loop(), 30)
         assert quiet.should_exit
@@ -42,9 +48,7 @@ def test_the_quiet_server_keeps_the_date_header_fresh(monkeypatch):
     monkeypatch.setattr(server, "TICK_S", 0.01)
 
     async def run() -> None:
-        quiet = server.QuietServer(uvicorn.Config(_no_app, lifespan="off", log_config=None))
-        quiet.config.load()
-        quiet.server_state = uvicorn.server.ServerState()
+        quiet = quiet_server()
         loop = asyncio.get_running_loop()
         loop.call_later(0.1, quiet.handle_exit, signal.SIGTERM, None)
         await quiet.main_loop()
