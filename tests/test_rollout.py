@@ -47,7 +47,7 @@ def running_count(name: str) -> int:
     return sum(1 for r in replicas if r.state.value == "RUNNING")
 
 
-def sample_during(action, name: str, interval: float = 0.02) -> list[int]:
+def sample_during(action, name: str, interval: float = 0.01) -> list[int]:
     """Run ``action`` in a thread; sample available replicas until it returns."""
     errors: list[BaseException] = []
 
