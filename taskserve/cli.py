@@ -30,7 +30,14 @@ from rich.table import Table
 
 from . import api
 from .config_file import load_deployments_file, load_target
-from .connection import ADDRESS_ENV, connect, register_cluster, resolve_address, unregister_cluster
+from .connection import (
+    ADDRESS_ENV,
+    check_own_directory,
+    connect,
+    register_cluster,
+    resolve_address,
+    unregister_cluster,
+)
 from .errors import TaskserveError, redact_text
 from .planner import plural
 
@@ -109,6 +116,7 @@ def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_
     from .redis_server import generate_password
     from .signing import SECRET_FILE_ENV, SECRET_FILE_NAME, ensure_secret_file, secret_from_environment
 
+    check_own_directory(data_dir)   # another user's directory would get the password
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(data_dir, 0o700)   # it holds the Redis file and the address
     lock = _lock_data_dir(data_dir)  # noqa: F841 (held until this process exits)

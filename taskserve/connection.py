@@ -11,7 +11,10 @@ Which cluster a process talks to, first match wins:
    several, an error lists them and asks for ``--address`` or a directory.
 
 Address files are mode 0600 and belong to one user: another user's ``up`` never
-changes which cluster yours reaches.
+changes which cluster yours reaches. A data dir, address, secret or lock file is
+trusted only when it is owned by the user running the command and no other user may
+write it; anything else (say a ``.taskserve`` planted in a shared directory) is
+ignored, with one line on stderr saying why.
 
 An address is a Redis URL: ``redis://[:PASSWORD@]HOST:PORT/DB``, ``rediss://...`` for
 TLS (the system's CA store and a verified certificate unless ``ssl_cert_reqs`` /
@@ -35,7 +38,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +64,8 @@ ADDRESS_ENV = "TASKSERVE_ADDRESS"
 ADDRESS_FILE_NAME = "address"
 DATA_DIR_NAME = ".taskserve"
 LOCK_FILE_NAME = "up.lock"
+
+log = logging.getLogger("taskserve.connection")
 
 _lock = threading.Lock()
 _store: Optional[Store] = None
@@ -86,14 +93,107 @@ def user_clusters_dir() -> Path:
     return Path.home() / DATA_DIR_NAME / "clusters"
 
 
-def up_is_running(data_dir: Path) -> bool:
-    """Whether a ``taskserve up`` holds the lock of ``data_dir`` right now."""
-    lock_path = Path(data_dir) / LOCK_FILE_NAME
+def trust_problem(info: os.stat_result) -> Optional[str]:
+    """Why a file or directory with this ``stat`` may not be trusted (None: it may be).
+
+    Only what the user running this owns, and what no other user may write, is
+    trusted: anything else could have been put there, or changed, by another user.
+
+    >>> mine = os.stat_result((0o100600, 0, 0, 1, os.geteuid(), 0, 0, 0, 0, 0))
+    >>> trust_problem(mine) is None
+    True
+    >>> trust_problem(os.stat_result((0o100666, 0, 0, 1, os.geteuid(), 0, 0, 0, 0, 0)))
+    'other users may write it (mode 666)'
+    >>> trust_problem(os.stat_result((0o100600, 0, 0, 1, os.geteuid() + 1, 0, 0, 0, 0, 0))).startswith("it belongs to uid")
+    True
+    """
+    if info.st_uid != os.geteuid():
+        return f"it belongs to uid {info.st_uid}, not to you (uid {os.geteuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"other users may write it (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+def _ignore(path: Path, problem: str) -> None:
+    """Say, once per process, that ``path`` is ignored and why."""
+    if (str(path), problem) in _reported:
+        return
+    _reported.add((str(path), problem))
+    log.warning("taskserve: ignoring %s: %s; only files you own that no other user may write are trusted",
+                path, problem)
+
+
+def trusted_directory(path: Path) -> bool:
+    """Whether the directory ``path`` exists and may be trusted (else why not is said once)."""
     try:
-        handle = open(lock_path, "a+")
+        info = os.stat(path)
     except OSError:
         return False
-    with handle:
+    problem = trust_problem(info) if stat.S_ISDIR(info.st_mode) else "it is not a directory"
+    if problem is not None:
+        _ignore(Path(path), problem)
+        return False
+    return True
+
+
+def read_trusted(path: Path) -> Optional[str]:
+    """The text of the file at ``path`` if it (and its directory) may be trusted; None
+    if it is missing or may not be (which is said once)."""
+    path = Path(path)
+    if not trusted_directory(path.parent):
+        return None
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(descriptor) as handle:
+        info = os.fstat(handle.fileno())
+        problem = trust_problem(info) if stat.S_ISREG(info.st_mode) else "it is not a plain file"
+        if problem is not None:
+            _ignore(path, problem)
+            return None
+        return handle.read()
+
+
+def check_own_directory(path: Path, what: str = "the data dir") -> None:
+    """Refuse (``RuntimeError``, one sentence) a directory another user owns or may write.
+
+    ``taskserve up`` writes its Redis password there: in a directory of another user's
+    it would be theirs to read, or to replace.
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    problem = trust_problem(info)
+    if problem is not None:
+        raise RuntimeError(f"{what} {path} cannot be used: {problem}; pick a directory of your own with "
+                           "--data-dir, or fix its owner and mode (chmod 700)")
+
+
+def up_is_running(data_dir: Path) -> bool:
+    """Whether a ``taskserve up`` holds the lock of ``data_dir`` right now.
+
+    Only a lock file and data dir this user owns, which no other user may write,
+    count: another user's lock (held, say, in a shared directory) is ignored, with
+    a line saying so.
+    """
+    data_dir = Path(data_dir)
+    if not trusted_directory(data_dir):
+        return False
+    lock_path = data_dir / LOCK_FILE_NAME
+    try:
+        descriptor = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    with os.fdopen(descriptor) as handle:
+        problem = trust_problem(os.fstat(handle.fileno()))
+        if problem is not None:
+            _ignore(lock_path, problem)
+            return False
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -104,7 +204,7 @@ def up_is_running(data_dir: Path) -> bool:
 
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(text)
     os.chmod(path, 0o600)   # an older file may have had other bits
@@ -133,7 +233,7 @@ def running_clusters() -> list[ClusterAddress]:
     found = []
     for entry in sorted(user_clusters_dir().glob("*.json")):
         try:
-            record = json.loads(entry.read_text())
+            record = json.loads(read_trusted(entry) or "")
             url, data_dir = record["url"], Path(record["data_dir"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -153,7 +253,7 @@ def find_up(data_dir: Optional[Path] = None) -> dict:
     entries = []
     for entry in sorted(user_clusters_dir().glob("*.json")):
         try:
-            record = json.loads(entry.read_text())
+            record = json.loads(read_trusted(entry) or "")
             record["data_dir"], record["pid"] = str(record["data_dir"]), int(record["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -203,7 +303,7 @@ def _local_cluster() -> Optional[ClusterAddress]:
     local = Path.cwd() / DATA_DIR_NAME
     local_file = local / ADDRESS_FILE_NAME
     if local_file.is_file() and up_is_running(local):
-        text = local_file.read_text().strip()
+        text = (read_trusted(local_file) or "").strip()
         if text:
             return ClusterAddress(_check_url(text), str(local_file), local)
     return None
@@ -235,7 +335,8 @@ def cluster_secret(url: Optional[str] = None) -> ClusterSecret:
     if url in _known_secrets:
         return _known_secrets[url]
     data_dir = _data_dir if url == _address and _data_dir is not None else _data_dir_of(url)
-    if data_dir is not None and (data_dir / SECRET_FILE_NAME).is_file():
+    if data_dir is not None and (data_dir / SECRET_FILE_NAME).is_file() \
+            and read_trusted(data_dir / SECRET_FILE_NAME) is not None:
         return read_secret_file(data_dir / SECRET_FILE_NAME)
     raise SecretNotConfigured(
         f"no cluster secret for {redact_address(url)}, so no code can be signed or checked: set ${SECRET_ENV} "

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ import pytest
 import taskserve
 from taskserve import connection
 from taskserve.local import PartSupervisor
+
+from .helpers import REPO
 
 
 @pytest.fixture
@@ -83,6 +88,65 @@ def test_unregister_removes_what_register_wrote(home):
     written = connection.register_cluster("redis://127.0.0.1:1111/0", home / "a")
     connection.unregister_cluster(written)
     assert not any(path.exists() for path in written)
+    lock.close()
+
+
+NOBODY = 65534
+
+
+def plant_cluster(directory: Path, owner: int, dir_mode: int = 0o755, lock_mode: int = 0o666,
+                  address_mode: int = 0o644):
+    """What another local user can leave in a shared directory: a data dir with an address
+    of their Redis and a lock they hold, as a running `taskserve up` would have."""
+    data = directory / ".taskserve"
+    data.mkdir(parents=True)
+    (data / "address").write_text("redis://127.0.0.1:6399/0\n")
+    (data / "up.lock").touch()
+    for path, mode in ((data / "address", address_mode), (data / "up.lock", lock_mode), (data, dir_mode)):
+        os.chown(path, owner, owner)
+        path.chmod(mode)
+    handle = open(data / "up.lock")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's files needs root (chown)")
+def test_a_data_dir_planted_by_another_user_is_ignored_with_one_line_saying_why(home, caplog):
+    lock = plant_cluster(Path.cwd(), NOBODY)
+    with pytest.raises(taskserve.TaskserveError, match="no taskserve cluster address"):
+        connection.find_cluster()
+    assert not connection.up_is_running(Path.cwd() / ".taskserve")
+    ignored = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len(ignored) == 1 and f"belongs to uid {NOBODY}, not to you" in ignored[0], ignored
+    # What the issue saw: `taskserve status` reporting the planted address, `call` reaching it.
+    env = {**os.environ, "HOME": str(home / "home"), "PYTHONPATH": str(REPO)}
+    env.pop("TASKSERVE_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-m", "taskserve", "status"], cwd=Path.cwd(), env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "6399" not in run.stdout + run.stderr
+    assert "no taskserve cluster address" in run.stderr
+    assert [line for line in run.stderr.splitlines() if "ignoring" in line] == [
+        f"taskserve: ignoring {Path.cwd() / '.taskserve'}: it belongs to uid {NOBODY}, not to you (uid 0); "
+        "only files you own that no other user may write are trusted"]
+    # `up` does not write its password into another user's directory either.
+    run = subprocess.run([sys.executable, "-m", "taskserve", "up", "--data-dir", ".taskserve"], cwd=Path.cwd(),
+                         env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert run.returncode == 1 and "cannot be used: it belongs to uid 65534" in run.stderr, run.stderr
+    lock.close()
+
+
+def test_a_lock_or_address_file_other_users_may_write_is_ignored(home, caplog):
+    lock = plant_cluster(Path.cwd(), os.geteuid(), lock_mode=0o666, address_mode=0o600)
+    with pytest.raises(taskserve.TaskserveError, match="no taskserve cluster address"):
+        connection.find_cluster()
+    assert any("up.lock: other users may write it (mode 666)" in r.getMessage() for r in caplog.records)
+    (Path.cwd() / ".taskserve" / "up.lock").chmod(0o644)
+    (Path.cwd() / ".taskserve" / "address").chmod(0o622)
+    with pytest.raises(taskserve.TaskserveError, match="no taskserve cluster address"):
+        connection.find_cluster()
+    assert any("address: other users may write it (mode 622)" in r.getMessage() for r in caplog.records)
+    (Path.cwd() / ".taskserve" / "address").chmod(0o600)
+    assert connection.find_cluster().url == "redis://127.0.0.1:6399/0"     # the owner's own: trusted
     lock.close()
 
 
