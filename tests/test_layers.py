@@ -2,7 +2,7 @@
 
 The contracts live in pyproject.toml (``[tool.importlinter]``): a user's script
 never loads the node agent or the gateway, the planners import no I/O, the agent
-does not load the replica's code.
+does not load the replica's code, the store loads none of the parts that use it.
 """
 
 from __future__ import annotations

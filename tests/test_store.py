@@ -1,4 +1,4 @@
-"""Unit tests of the Redis store (taskserve/store.py) against fakeredis, and of the
+"""Unit tests of the Redis store (taskserve/store/) against fakeredis, and of the
 controller's passes (taskserve/controller.py) on it: fenced writes, one broken
 deployment among others, nodes that stop heartbeating.
 

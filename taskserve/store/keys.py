@@ -1,0 +1,205 @@
+"""Every Redis key taskserve uses, by name: no other module spells one.
+
+``{p}`` is the prefix, ``taskserve``. "Clients" are users' scripts and the CLI
+(:mod:`taskserve.api`, handles); the gateway reads what a client reads.
+
+==================================  =======  ==========================  ============================  ============
+key                                 type     who writes                  who reads                     expiry
+==================================  =======  ==========================  ============================  ============
+``{p}:deployments``                 set      clients (a first deploy),   controller, gateway, clients  none
+                                             controller (a deletion)
+``{p}:revisions``                   hash     every write to a goal,      controller, gateway           none
+                                             health, replica set or      (:class:`ClusterReader`)
+                                             replica record, atomically
+``{p}:revision``                    string   the same (the counter the   nobody                        none
+                                             revisions are drawn from)
+``{p}:goal:{name}``                 string   clients; controller (canary controller, gateway, clients  with the
+                                             aborts, rollbacks)                                        deployment
+``{p}:health:{name}``               string   controller                  gateway, clients              with the
+                                                                                                       deployment
+``{p}:history:{name}``              list     clients, controller         clients (history, rollback),  last 50
+                                             (outcomes, rollbacks,       controller, gateway           entries
+                                             autoscaling lines)
+``{p}:scale:{name}``                string   controller                  controller, gateway, clients  with the
+                                                                                                       deployment
+``{p}:code:{sha256}``               string   clients (a deploy)          replicas, agents, clients     with its last
+                                                                                                       deployment
+``{p}:codes:{name}``                set      clients (a deploy)          controller (a deletion)       with the
+                                                                                                       deployment
+``{p}:replicas:{name}``             set      controller                  controller, gateway, clients  with the
+                                                                                                       deployment
+``{p}:replica:{replica_id}``        hash     controller, agents,         controller, agents, replicas, when the
+                                             replicas                    gateway, clients              controller
+                                                                                                       forgets it
+``{p}:control:{replica_id}``        list     controller                  the replica (BLPOP)           600 s
+``{p}:node-replicas:{node_id}``     set      controller                  agents                        none
+``{p}:nodes``                       hash     agents                      controller, gateway, clients  none
+``{p}:node-alive:{node_id}``        string   agents (heartbeats)         controller, agents            the agent's
+                                                                                                       heartbeat TTL
+``{p}:controller-lease``            string   controller                  controller, clients           the lease TTL
+``{p}:controller-epoch``            string   controller                  controller                    none
+``{p}:events``                      channel  everyone                    controller, agents, gateway,  (pub/sub)
+                                                                         clients
+``{p}:deliveries:{task_id}``        string   agents (a request put back  replicas                      a day
+                                             after its replica died)
+``{p}:stats:{name}``                hash     replicas (about once a      controller (canary), gateway, with the
+                                             second); clients reset a    clients                       deployment
+                                             version's
+``taskserve.{name}``                list     clients, gateway; agents    replicas (kombu), controller, none
+                                             (requests put back),        gateway
+                                             controller (canary moves)
+``taskserve.{name}@canary``         list     the same                    the canary's replicas, the    none
+                                                                         controller
+``celery-task-meta-{task_id}``      string   replicas (Celery's backend) clients, gateway              result_ttl_s,
+                                                                                                       or once read
+``unacked``                         hash     replicas (kombu)            controller, agents            none
+``unacked_index``                   zset     replicas (kombu)            kombu                         none
+==================================  =======  ==========================  ============================  ============
+
+What the records hold:
+
+- ``{p}:revisions``: deployment name -> its revision, a new value of ``{p}:revision``
+  with every write to its goal, health, replica set or replica records, so a reader that
+  remembers them re-reads only the deployments that moved.
+- ``{p}:goal:{name}``: the deployment's goal (JSON, :class:`taskserve.state.Goal`);
+  ``{p}:health:{name}``: the controller's conclusion (JSON, ``DeploymentHealth``).
+- ``{p}:history:{name}``: every goal change, and every change of an autoscaled replica
+  count, newest last (JSON).
+- ``{p}:scale:{name}``: an autoscaled deployment's target replica count, the load it was
+  decided for and why (JSON, :class:`taskserve.store.AutoscaleState`).
+- ``{p}:code:{sha256}``: a pickled class or function and its init args, or a zipped
+  working_dir; ``{p}:codes:{name}``: the shas a deployment refers to.
+- ``{p}:replica:{replica_id}``: one replica (:class:`taskserve.state.Replica`);
+  ``{p}:control:{replica_id}``: wake-ups for the replica to re-read its record.
+- ``{p}:nodes``: node id -> node record (JSON); ``{p}:node-alive:{node_id}``: the claim
+  of the node's agent (JSON: pid, host, token), there while the agent heartbeats.
+- ``{p}:controller-lease``: ``<epoch>:<controller id>`` of the leading controller; the
+  controller's writes are fenced by it. ``{p}:controller-epoch`` counts leaderships.
+- ``{p}:events``: change notifications (wake-ups only).
+- ``{p}:deliveries:{task_id}``: times a request was put back after its replica died.
+- ``{p}:stats:{name}``: requests, errors and latency buckets the replicas served, per
+  version: ``requests:{version}``, ``errors:{version}``, ``le{i}:{version}`` (see
+  :mod:`taskserve.canary`).
+- ``taskserve.{name}``: Celery's queue of a deployment (kombu's list);
+  ``taskserve.{name}@canary`` the queue of its canary's replicas.
+- ``celery-task-meta-{task_id}``: Celery's result of a request, also published on the
+  channel of the same name.
+- ``unacked``: kombu's messages taken but not acknowledged: delivery tag -> JSON
+  ``[message, exchange, routing_key]``, the routing key being the queue's name (read for
+  the autoscaler's load); ``unacked_index``: delivery tag -> when it was taken.
+
+>>> goal_key("echo"), queue_name("echo"), result_key("d9b1")
+('taskserve:goal:echo', 'taskserve.echo', 'celery-task-meta-d9b1')
+"""
+
+from __future__ import annotations
+
+from ..state import Replica
+
+PREFIX = "taskserve"
+EVENTS_CHANNEL = f"{PREFIX}:events"
+QUEUE_PREFIX = f"{PREFIX}."
+CANARY_QUEUE_SUFFIX = "@canary"
+RESULT_KEY_PREFIX = "celery-task-meta-"   # Celery's, see celery.backends.base.KeyValueStoreBackend
+
+# kombu's Redis transport (kombu.transport.redis.Channel.unacked_key, unacked_index_key).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+
+DEPLOYMENTS_KEY = f"{PREFIX}:deployments"
+REVISIONS_KEY = f"{PREFIX}:revisions"
+REVISION_KEY = f"{PREFIX}:revision"
+NODES_KEY = f"{PREFIX}:nodes"
+LEASE_KEY = f"{PREFIX}:controller-lease"
+EPOCH_KEY = f"{PREFIX}:controller-epoch"
+
+
+def goal_key(name: str) -> str:
+    return f"{PREFIX}:goal:{name}"
+
+
+def health_key(name: str) -> str:
+    return f"{PREFIX}:health:{name}"
+
+
+def history_key(name: str) -> str:
+    return f"{PREFIX}:history:{name}"
+
+
+def code_key(sha: str) -> str:
+    return f"{PREFIX}:code:{sha}"
+
+
+def codes_key(name: str) -> str:
+    return f"{PREFIX}:codes:{name}"
+
+
+def replicas_key(name: str) -> str:
+    return f"{PREFIX}:replicas:{name}"
+
+
+def replica_key(replica_id: str) -> str:
+    return f"{PREFIX}:replica:{replica_id}"
+
+
+def control_key(replica_id: str) -> str:
+    return f"{PREFIX}:control:{replica_id}"
+
+
+def node_replicas_key(node_id: str) -> str:
+    return f"{PREFIX}:node-replicas:{node_id}"
+
+
+def node_alive_key(node_id: str) -> str:
+    return f"{PREFIX}:node-alive:{node_id}"
+
+
+def scale_key(name: str) -> str:
+    return f"{PREFIX}:scale:{name}"
+
+
+def stats_key(name: str) -> str:
+    return f"{PREFIX}:stats:{name}"
+
+
+def deliveries_key(task_id: str) -> str:
+    return f"{PREFIX}:deliveries:{task_id}"
+
+
+def queue_name(deployment: str) -> str:
+    """The Celery queue a deployment's replicas consume.
+
+    >>> queue_name("echo")
+    'taskserve.echo'
+    """
+    return QUEUE_PREFIX + deployment
+
+
+def canary_queue_name(deployment: str) -> str:
+    """The queue a deployment's canary replicas consume: requests sent to the canary
+    version wait there, apart from the stable version's.
+
+    >>> canary_queue_name("echo")
+    'taskserve.echo@canary'
+    """
+    return queue_name(deployment) + CANARY_QUEUE_SUFFIX
+
+
+def replica_queue(replica: Replica) -> str:
+    """The queue ``replica`` consumes: its deployment's, or its canary queue.
+
+    >>> replica_queue(Replica("echo-1", "echo", "s2", "2", canary=True))
+    'taskserve.echo@canary'
+    """
+    return canary_queue_name(replica.deployment) if replica.canary else queue_name(replica.deployment)
+
+
+def result_key(task_id: str) -> str:
+    """Where Celery's Redis backend stores a request's result, and the channel it
+    publishes it on when it does.
+
+    >>> result_key("d9b1")
+    'celery-task-meta-d9b1'
+    """
+    return RESULT_KEY_PREFIX + task_id
+

@@ -1,0 +1,171 @@
+"""The deployments' Celery queues as the control plane sees them: how many requests wait
+and are being served (the autoscaler's load), requests moved off a canary's queue, and
+requests delivered again after their replica died.
+
+The queues themselves are kombu's lists (``keys.queue_name``); requests taken and not
+acknowledged sit in kombu's ``unacked`` hash (``keys.UNACKED_KEY``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Optional, Union
+
+from .base import StoreBase
+from .keys import UNACKED_KEY, canary_queue_name, queue_name
+
+
+class Queues(StoreBase):
+    """The queues part of :class:`taskserve.store.Store`."""
+
+    def queue_depths(self, names: Iterable[str]) -> dict[str, int]:
+        """How many requests wait in each deployment's queue (not yet taken by a replica)."""
+        names = list(names)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.llen(queue_name(name))
+            return dict(zip(names, pipe.execute(), strict=True))
+
+    def waiting_requests(self, names: Iterable[str]) -> dict[str, int]:
+        """How many requests wait in each deployment's queue (not yet taken by a
+        replica), in one command: what the controller reads between passes, several
+        times a second, while deployments autoscale. Reads nothing without ``names``.
+
+        >>> import fakeredis
+        >>> queues = Queues(fakeredis.FakeRedis())
+        >>> queues.redis.lpush(queue_name("echo"), "request-1", "request-2")
+        2
+        >>> queues.waiting_requests(["echo", "other"])
+        {'echo': 2, 'other': 0}
+        """
+        names = list(names)
+        if not names:
+            return {}
+        lengths = self._scripts.queue_lengths(keys=[queue_name(name) for name in names])
+        return {name: int(length) for name, length in zip(names, lengths, strict=True)}
+
+    def serving_requests(self, names: Iterable[str]) -> dict[str, int]:
+        """How many requests the replicas of each deployment took and have not
+        acknowledged yet (served now, or prefetched): one ``HGETALL`` of kombu's
+        ``unacked`` hash.
+
+        >>> import fakeredis
+        >>> queues = Queues(fakeredis.FakeRedis())
+        >>> queues.redis.hset(UNACKED_KEY, "tag-1", json.dumps([{"body": ""}, "", "taskserve.echo"]))
+        1
+        >>> queues.serving_requests(["echo", "other"])
+        {'echo': 1, 'other': 0}
+        """
+        return _count_serving(list(names), self.redis.hgetall(UNACKED_KEY))
+
+    def deployment_loads(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """Each deployment's load as ``(waiting, serving)``, in one round trip: the
+        requests in its queue, and those its replicas took and have not acknowledged yet
+        (served now, or prefetched) by kombu's ``unacked`` hash. Reads nothing without
+        ``names``.
+
+        >>> import fakeredis
+        >>> queues = Queues(fakeredis.FakeRedis())
+        >>> queues.redis.lpush(queue_name("echo"), "request-1", "request-2")
+        2
+        >>> queues.redis.hset(UNACKED_KEY, "tag-1", json.dumps([{"body": ""}, "", "taskserve.echo"]))
+        1
+        >>> queues.deployment_loads(["echo", "other"])
+        {'echo': (2, 1), 'other': (0, 0)}
+        """
+        names = list(names)
+        if not names:
+            return {}
+        # One transaction: a message moving from a queue to the unacked hash meanwhile
+        # is not counted twice.
+        with self.redis.pipeline(transaction=True) as pipe:
+            for name in names:
+                pipe.llen(queue_name(name))
+            pipe.hgetall(UNACKED_KEY)
+            *depths, unacked = pipe.execute()
+        serving = _count_serving(names, unacked)
+        return {name: (int(depth), serving[name]) for name, depth in zip(names, depths, strict=True)}
+
+    # ------------------------------------------------------------------ canary releases
+
+    def move_canary_queues(self, names: Iterable[str]) -> dict[str, int]:
+        """Move what waits in the canary queue of each of ``names`` (deployments that run
+        no canary now) to its own queue, in one round trip; how many moved, by name.
+
+        Requests sent to a canary that was aborted or promoted meanwhile, and those a
+        draining canary replica gave back, are served by the stable version this way.
+
+        >>> import fakeredis
+        >>> queues = Queues(fakeredis.FakeRedis())
+        >>> queues.redis.lpush(canary_queue_name("echo"), '{"delivery_info": {"routing_key": "taskserve.echo@canary"}}')
+        1
+        >>> queues.move_canary_queues(["echo"]), queues.redis.lrange(queue_name("echo"), 0, -1)
+        ({'echo': 1}, [b'{"delivery_info": {"routing_key": "taskserve.echo"}}'])
+        """
+        names = list(names)
+        if not names:
+            return {}
+        pairs = [key for name in names for key in (canary_queue_name(name), queue_name(name))]
+        moved = self._scripts.move_canary_queues(keys=pairs, args=pairs)
+        return {name: int(count) for name, count in zip(names, moved, strict=True)}
+
+    # ------------------------------------------------------------------ redeliveries
+
+    def count_redeliveries(self, task_ids: Iterable[str], ttl_s: int = 86_400) -> None:
+        """Note that the requests ``task_ids`` are delivered again (their replica died)."""
+        task_ids = list(task_ids)
+        if not task_ids:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.incr(self.deliveries_key(task_id))
+                pipe.expire(self.deliveries_key(task_id), ttl_s)
+            pipe.execute()
+
+    def redeliveries(self, task_id: str) -> int:
+        """How often the request ``task_id`` was put back after its replica died."""
+        return int(self.redis.get(self.deliveries_key(task_id)) or 0)
+
+
+def unacked_routing_key(entry: Union[str, bytes]) -> Optional[str]:
+    """The routing key (the queue's name) of kombu's unacked entry ``[message, exchange,
+    routing_key]``; None for anything else.
+
+    The entry holds the whole message; its routing key is read off the end without
+    parsing the rest when the entry ends like a JSON list of strings does.
+
+    >>> unacked_routing_key(json.dumps([{"body": "e30=", "headers": {"id": "d9b1"}}, "", "taskserve.echo"]))
+    'taskserve.echo'
+    >>> unacked_routing_key(json.dumps([{}, "", 'a "quoted" key']).encode())
+    'a "quoted" key'
+    >>> unacked_routing_key("not json"), unacked_routing_key("[1]"), unacked_routing_key('["x"]')
+    (None, None, None)
+    """
+    raw = entry if isinstance(entry, bytes) else entry.encode("utf-8", "surrogatepass")
+    if raw.endswith(b'"]'):
+        start = raw.rfind(b'"', 0, len(raw) - 2)
+        key = raw[start + 1:-2]
+        # The key is whole only if nothing in it was escaped and a separator precedes it.
+        if start > 1 and raw[start - 1:start] in (b" ", b",") and b"\\" not in key:
+            try:
+                return key.decode()
+            except UnicodeDecodeError:
+                return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(data, list) and len(data) == 3 and isinstance(data[2], str):
+        return data[2]
+    return None
+
+
+def _count_serving(names: list[str], unacked: dict) -> dict[str, int]:
+    """Per deployment of ``names``, the entries of kombu's unacked hash routed to its queue."""
+    queues = {queue_name(name): name for name in names}
+    counts = dict.fromkeys(names, 0)
+    for entry in unacked.values():
+        name = queues.get(unacked_routing_key(entry) or "")
+        if name is not None:
+            counts[name] += 1
+    return counts
