@@ -124,7 +124,6 @@ def test_write_goal_creates_then_increments_the_generation(store):
     assert store.get_goal(NAME) == second
     assert store.get_goal(NAME).options == {"num_cpus": 1, "max_unavailable": 0.2, "user_config": {"k": [1, 2]}}
     assert store.list_goals() == [second]
-    assert store.deployment_exists(NAME)
     assert store.require_goal(NAME) == second
 
 
@@ -261,7 +260,6 @@ def test_require_goal_raises_for_missing_and_deleting(store):
         store.require_goal(NAME)
     assert isinstance(info.value, KeyError) and info.value.name == NAME
     store.write_goal(NAME, next_goal("v1", deleting=True))
-    assert not store.deployment_exists(NAME)
     with pytest.raises(DeploymentNotFound):
         store.require_goal(NAME)
 
@@ -472,7 +470,7 @@ def test_forget_deployment_refuses_when_the_generation_changed(store):
     again = store.write_goal(NAME, next_goal("v2"))
     assert store.forget_deployment(NAME, deleting.generation) is False
     assert store.get_goal(NAME) == again
-    assert store.deployment_exists(NAME)
+    assert store.require_goal(NAME) == again
 
 
 def test_forget_deployment_refuses_a_goal_that_is_not_deleting(store):
@@ -640,16 +638,6 @@ def test_list_nodes_mixes_alive_and_dead_sorted(store, client):
     ]
 
 
-def test_forget_dead_nodes_keeps_live_busy_and_kept_ones(store, client):
-    for node_id in ("node-alive", "node-busy", "node-idle", "node-kept"):
-        store.register_node(make_node(node_id), ttl_s=10)
-    for node_id in ("node-busy", "node-idle", "node-kept"):
-        client.delete(Store.node_alive_key(node_id))
-    store.create_replica(make_replica("echo-1", node_id="node-busy"))
-    assert store.forget_dead_nodes(keep=["node-kept"]) == ["node-idle"]
-    assert [n.node_id for n in store.list_nodes()] == ["node-alive", "node-busy", "node-kept"]
-
-
 def test_unregister_node(store, client):
     store.register_node(make_node("node-a"), ttl_s=10)
     store.register_node(make_node("node-b"), ttl_s=10)
@@ -662,7 +650,6 @@ def test_unregister_node(store, client):
 
 def test_no_nodes(store):
     assert store.list_nodes() == []
-    assert store.forget_dead_nodes() == []
 
 
 @needs_lua
@@ -956,7 +943,7 @@ def test_loads_count_waiting_and_unacknowledged_requests_per_deployment(store, c
         "t9": b"\xff\xfe[",
     })
     assert store.deployment_loads(["a", "b", "c"]) == {"a": (3, 2), "b": (1, 1), "c": (0, 0)}
-    assert store.serving_requests(["a", "ab"]) == {"a": 2, "ab": 1}
+    assert store.deployment_loads(["a", "ab"]) == {"a": (3, 2), "ab": (0, 1)}
     assert store.deployment_loads([]) == {}
 
 
@@ -1030,7 +1017,7 @@ def test_a_goal_with_fields_this_version_does_not_know_reads_fine(store, client)
     client.set(Store.goal_key(NAME), json.dumps({**data, "priority": 3, "placement": {"zone": "a"}}))
     assert store.get_goal(NAME).version == "v1"
     assert [g.name for g in store.list_goals()] == [NAME]
-    assert store.deployment_exists(NAME)
+    assert store.require_goal(NAME).version == "v1"
     assert store.update_goal(NAME, lambda previous: {"num_replicas": 2}, "scale").num_replicas == 2
 
 

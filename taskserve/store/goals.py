@@ -70,10 +70,6 @@ class Goals(Events):
                 unreadable[name] = describe_error(error)
         return goals, unreadable
 
-    def deployment_exists(self, name: str) -> bool:
-        text = self.redis.get(self.goal_key(name))
-        return bool(text) and not Goal.from_json(text).deleting
-
     def write_goal(
         self,
         name: str,

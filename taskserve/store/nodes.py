@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 from ..state import Node
 from .base import as_text, describe_error
@@ -142,13 +142,3 @@ class Nodes(Events):
             except Exception as error:
                 self.report_unreadable(f"the record of node {node_id}", describe_error(error))
         return nodes
-
-    def forget_dead_nodes(self, keep: Iterable[str] = ()) -> list[str]:
-        """Drop records of nodes that are no longer alive and hold no replica."""
-        gone = []
-        keep = set(keep)
-        for node in self.list_nodes():
-            if not node.alive and node.node_id not in keep and not self.redis.scard(self.node_replicas_key(node.node_id)):
-                self.redis.hdel(self.NODES_KEY, node.node_id)
-                gone.append(node.node_id)
-        return gone

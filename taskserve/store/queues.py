@@ -18,14 +18,6 @@ from .keys import UNACKED_KEY, canary_queue_name, queue_name
 class Queues(StoreBase):
     """The queues part of :class:`taskserve.store.Store`."""
 
-    def queue_depths(self, names: Iterable[str]) -> dict[str, int]:
-        """How many requests wait in each deployment's queue (not yet taken by a replica)."""
-        names = list(names)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.llen(queue_name(name))
-            return dict(zip(names, pipe.execute(), strict=True))
-
     def waiting_requests(self, names: Iterable[str]) -> dict[str, int]:
         """How many requests wait in each deployment's queue (not yet taken by a
         replica), in one command: what the controller reads between passes, several
@@ -43,20 +35,6 @@ class Queues(StoreBase):
             return {}
         lengths = self._scripts.queue_lengths(keys=[queue_name(name) for name in names])
         return {name: int(length) for name, length in zip(names, lengths, strict=True)}
-
-    def serving_requests(self, names: Iterable[str]) -> dict[str, int]:
-        """How many requests the replicas of each deployment took and have not
-        acknowledged yet (served now, or prefetched): one ``HGETALL`` of kombu's
-        ``unacked`` hash.
-
-        >>> import fakeredis
-        >>> queues = Queues(fakeredis.FakeRedis())
-        >>> queues.redis.hset(UNACKED_KEY, "tag-1", json.dumps([{"body": ""}, "", "taskserve.echo"]))
-        1
-        >>> queues.serving_requests(["echo", "other"])
-        {'echo': 1, 'other': 0}
-        """
-        return _count_serving(list(names), self.redis.hgetall(UNACKED_KEY))
 
     def deployment_loads(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
         """Each deployment's load as ``(waiting, serving)``, in one round trip: the

@@ -94,25 +94,6 @@ class Replicas(StoreBase):
                 unreadable[replica_id] = describe_error(error)
         return replicas
 
-    def replica_field(self, replica_ids: Iterable[str], field: str) -> dict[str, str]:
-        """One field of each replica record that has it (e.g. a batched replica's batch sizes).
-
-        >>> import fakeredis
-        >>> replicas = Replicas(fakeredis.FakeRedis())
-        >>> replicas.redis.hset(replicas.replica_key("r1"), "batch_sizes", "{}")
-        1
-        >>> replicas.replica_field(["r1", "r2"], "batch_sizes")
-        {'r1': '{}'}
-        """
-        ids = list(replica_ids)
-        if not ids:
-            return {}
-        with self.redis.pipeline(transaction=False) as pipe:
-            for replica_id in ids:
-                pipe.hget(self.replica_key(replica_id), field)
-            values = pipe.execute()
-        return {replica_id: as_text(value) for replica_id, value in zip(ids, values) if value is not None}
-
     def replicas_of(self, name: str) -> list[Replica]:
         return self._replicas_by_ids(as_text(i) for i in self.redis.smembers(self.replicas_key(name)))
 
