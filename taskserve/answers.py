@@ -34,7 +34,7 @@ from typing import Optional
 
 import redis
 
-from .store import result_key
+from .store import result_key, result_key_pattern
 
 log = logging.getLogger("taskserve.answers")
 
@@ -84,7 +84,7 @@ class AnswerListener:
         self.client = client
         # Hex only: no character that means something in a Redis glob pattern.
         self.listener_id = listener_id or secrets.token_hex(8)
-        self.pattern = result_key(f"{self.listener_id}.") + "*"
+        self.pattern = result_key_pattern(f"{self.listener_id}.")
         self.counter = itertools.count(1)
         self.waiting: weakref.WeakValueDictionary[bytes, Waiter] = weakref.WeakValueDictionary()
         self.lock = threading.Lock()

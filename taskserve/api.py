@@ -346,7 +346,7 @@ class Deployment:
         resources and init args, running replicas keep running.
         """
         store = current_store()
-        if not store.redis.exists(store.code_key(source.code_sha)):
+        if not store.has_code(source.code_sha):
             raise DeploymentError(
                 f"the code {source.code_sha[:12]} of deployment {self.name!r} is no longer in the cluster; "
                 "deploy it from its source (FILE.py:ATTR or an import_path)"

@@ -170,7 +170,7 @@ def _goal_running(store: Store, code_sha: str, name: str) -> Optional[Goal]:
     candidates = [goal for goal in goals if not goal.deleting]
     candidates += [Goal(**entry["goal"]) for entry in reversed(store.history(name)) if entry.get("goal")]
     for goal in candidates:
-        if goal.code_sha.startswith(code_sha) and store.redis.exists(store.code_key(goal.code_sha)):
+        if goal.code_sha.startswith(code_sha) and store.has_code(goal.code_sha):
             return goal
     return None
 

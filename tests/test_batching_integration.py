@@ -30,7 +30,7 @@ from taskserve.celery_app import TASK_NAME, make_app
 from taskserve.connection import current_store
 from taskserve.node.batcher import BatchTransport
 from taskserve.node.inflight import read_tags
-from taskserve.store import queue_name
+from taskserve.store import UNACKED_KEY, queue_name
 
 from .helpers import REPO, replica_pids, running_gateway, start_cluster, wait_until
 
@@ -393,7 +393,7 @@ def test_a_batch_in_flight_when_redis_restarts_is_answered_once(tmp_path):
 
         assert [response.result(timeout=60) for response in responses] == [[item, 3, pid] for item in items]
         client = redis.Redis.from_url(cluster.url)
-        wait_until(lambda: client.hlen("unacked") == 0, timeout=30, message="every request acknowledged")
+        wait_until(lambda: client.hlen(UNACKED_KEY) == 0, timeout=30, message="every request acknowledged")
         # Taking requests again, from the same process.
         answers = [response.result(timeout=60) for response in [handle.remote(i) for i in range(10)]]
         assert answers == [[i, answer[1], pid] for i, answer in enumerate(answers)]

@@ -13,6 +13,7 @@ import pytest
 
 import taskserve
 from taskserve import handle as handle_module
+from taskserve.store import KEY_PATTERN
 
 from .helpers import replica_pids, wait_until
 
@@ -158,7 +159,7 @@ def test_delete_stops_replicas_and_forgets_the_deployment(connected, unique_name
         wait_until(lambda pid=pid: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                    timeout=30, message=f"replica {pid} to exit")
     store = taskserve.connect(connected.url)
-    assert not [key for key in store.redis.keys("taskserve:*") if unique_name.encode() in key]
+    assert not [key for key in store.redis.keys(KEY_PATTERN) if unique_name.encode() in key]
 
 
 def test_function_deployment(connected, unique_name):

@@ -47,6 +47,7 @@ from taskserve.node.plan import (
 )
 from taskserve.node.protocol import EXIT_CONSTRUCTOR_FAILED
 from taskserve.state import Replica, ReplicaState, Resources
+from taskserve.store import UNACKED_KEY
 
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -581,7 +582,7 @@ def unacked_entry(task_id: str, tag: str) -> str:
 
 
 class FakeQos:
-    unacked_key = "unacked"
+    unacked_key = UNACKED_KEY
 
     def __init__(self, client) -> None:
         self.client = client
@@ -617,7 +618,7 @@ def test_the_requests_a_dead_replica_held_are_put_back_and_counted(tmp_path):
     import fakeredis
 
     client = fakeredis.FakeRedis()
-    client.hset("unacked", mapping={"tag-1": unacked_entry("task-1", "tag-1"),
+    client.hset(UNACKED_KEY, mapping={"tag-1": unacked_entry("task-1", "tag-1"),
                                     "tag-2": unacked_entry("task-2", "tag-2")})
     store = FakeStore([])
     agent = make_agent(store, tmp_path)
@@ -689,6 +690,19 @@ def _lua_works(fakeredis) -> bool:
 def node_agent(store, tmp_path: Path, ttl_s: float = 2.0) -> NodeAgent:
     return NodeAgent(store, "redis://127.0.0.1:1/0", node_id="node-a", resources=Resources(4, 0, 2**30),
                      data_dir=tmp_path, heartbeat_ttl_s=ttl_s)
+
+
+def test_a_malformed_record_of_the_node_is_failed_and_the_others_are_read(fake_redis_store, tmp_path):
+    from taskserve.store import Store
+
+    for replica_id in ("bad", "good"):
+        fake_redis_store.create_replica(rec(replica_id, S.RUNNING))
+    fake_redis_store.redis.hset(Store.replica_key("bad"), "state", "HIBERNATING")
+    agent = node_agent(fake_redis_store, tmp_path)
+    assert list(agent._records()) == ["good"]
+    failed = fake_redis_store.get_replica("bad")
+    assert (failed.state, failed.failure) == (S.FAILED, "start")
+    assert failed.message == "malformed replica record: ValueError: 'HIBERNATING' is not a valid ReplicaState"
 
 
 def test_a_second_agent_for_a_node_whose_agent_runs_here_is_refused_at_once(fake_redis_store, tmp_path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import taskserve
+from taskserve.store import KEY_PATTERN
 
 
 class Model:
@@ -17,7 +18,7 @@ class Model:
 
 def redis_state(cluster) -> dict:
     store = taskserve.connect(cluster.url)
-    return {key: store.redis.dump(key) for key in sorted(store.redis.keys("taskserve:*"))}
+    return {key: store.redis.dump(key) for key in sorted(store.redis.keys(KEY_PATTERN))}
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ from kombu.utils.json import loads as json_loads
 from ..celery_app import TASK_NAME, make_app
 from ..errors import BackPressureError, ReplicaError
 from ..http import HTTP_METHOD
-from ..store import EVENTS_CHANNEL, queue_name, result_key
+from ..store import EVENTS_CHANNEL, queue_name, result_key, result_key_pattern
 from .routes import Route
 
 log = logging.getLogger("taskserve.gateway")
@@ -217,7 +217,7 @@ class ResultWaiter:
         self.on_event = on_event
         # Hex only: no character that means something in a Redis glob pattern.
         self.gateway_id = gateway_id or secrets.token_hex(8)
-        self.pattern = result_key(f"{self.gateway_id}.") + "*"
+        self.pattern = result_key_pattern(f"{self.gateway_id}.")
         self.counter = itertools.count(1)
         self.pending: dict[bytes, Pending] = {}
         self.reader: Optional[asyncio.Task] = None

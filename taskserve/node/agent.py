@@ -355,8 +355,7 @@ class NodeAgent:
         except Exception:
             pass  # a malformed record: read them one by one to find it
         records = {}
-        for raw_id in self.store.redis.smembers(self.store.node_replicas_key(self.node_id)):
-            replica_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        for replica_id in self.store.replica_ids_on_node(self.node_id):
             try:
                 record = self.store.get_replica(replica_id)
             except redis.RedisError:

@@ -38,6 +38,7 @@ from .goals import HISTORY_LIMIT, GoalChange, Goals
 from .keys import (
     CANARY_QUEUE_SUFFIX,
     EVENTS_CHANNEL,
+    KEY_PATTERN,
     PREFIX,
     QUEUE_PREFIX,
     RESULT_KEY_PREFIX,
@@ -47,6 +48,7 @@ from .keys import (
     queue_name,
     replica_queue,
     result_key,
+    result_key_pattern,
 )
 from .lease import Lease
 from .nodes import NodeClaim, Nodes, NodeTaken
@@ -57,10 +59,10 @@ from .stats import Stats
 
 __all__ = [
     "AUTOSCALE_ACTION", "AUTOSCALE_HISTORY_LIMIT", "CANARY_QUEUE_SUFFIX", "EVENTS_CHANNEL", "HISTORY_LIMIT",
-    "PREFIX", "QUEUE_PREFIX", "RESULT_KEY_PREFIX", "UNACKED_INDEX_KEY", "UNACKED_KEY",
+    "KEY_PATTERN", "PREFIX", "QUEUE_PREFIX", "RESULT_KEY_PREFIX", "UNACKED_INDEX_KEY", "UNACKED_KEY",
     "AutoscaleState", "ClusterReader", "DeploymentRecords", "GoalChange", "LeaseLost", "NodeClaim", "NodeTaken",
     "Store", "canary_queue_name", "queue_name", "replica_queue", "result_key",
-    "unacked_routing_key", "wait_for_events",
+    "result_key_pattern", "unacked_routing_key", "wait_for_events",
 ]
 
 

@@ -204,6 +204,10 @@ class Goals(Events):
             self.notify(f"deleted:{name}")
         return forgotten
 
+    def has_code(self, sha: str) -> bool:
+        """Whether the code blob ``sha`` is still stored (a deployment refers to it)."""
+        return bool(self.redis.exists(self.code_key(sha)))
+
     def get_code(self, sha: str) -> bytes:
         blob = self.redis.get(self.code_key(sha))
         if blob is None:

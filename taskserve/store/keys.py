@@ -97,6 +97,7 @@ from __future__ import annotations
 from ..state import Replica
 
 PREFIX = "taskserve"
+KEY_PATTERN = f"{PREFIX}:*"          # every key of the table above but the queues, Celery's and kombu's
 EVENTS_CHANNEL = f"{PREFIX}:events"
 QUEUE_PREFIX = f"{PREFIX}."
 CANARY_QUEUE_SUFFIX = "@canary"
@@ -203,3 +204,12 @@ def result_key(task_id: str) -> str:
     """
     return RESULT_KEY_PREFIX + task_id
 
+
+def result_key_pattern(task_id_prefix: str) -> str:
+    """The pattern of the result keys (and channels) of every task id that starts with
+    ``task_id_prefix``: what a listener of many answers subscribes to once.
+
+    >>> result_key_pattern("c0ffee.")
+    'celery-task-meta-c0ffee.*'
+    """
+    return result_key(task_id_prefix) + "*"

@@ -97,8 +97,12 @@ class Replicas(StoreBase):
     def replicas_of(self, name: str) -> list[Replica]:
         return self._replicas_by_ids(as_text(i) for i in self.redis.smembers(self.replicas_key(name)))
 
+    def replica_ids_on_node(self, node_id: str) -> list[str]:
+        """The ids of the replicas assigned to a node, whether their records exist or not."""
+        return [as_text(i) for i in self.redis.smembers(self.node_replicas_key(node_id))]
+
     def replicas_on_node(self, node_id: str) -> list[Replica]:
-        return self._replicas_by_ids(as_text(i) for i in self.redis.smembers(self.node_replicas_key(node_id)))
+        return self._replicas_by_ids(self.replica_ids_on_node(node_id))
 
     def all_replicas(self, unreadable: Optional[dict[str, str]] = None) -> list[Replica]:
         """The replicas of every deployment. A record that cannot be read raises, or

@@ -32,7 +32,7 @@ import redis
 
 import taskserve
 from taskserve.redis_server import free_port
-from taskserve.store import queue_name
+from taskserve.store import queue_name, result_key, result_key_pattern
 
 from ..helpers import REPO, Cluster, running_gateway, start_cluster, wait_until
 
@@ -68,7 +68,7 @@ class Marked:
 
 def answers_holding(client, marker: str) -> list[bytes]:
     """The keys of the Celery results in Redis whose answer holds ``marker``."""
-    keys = list(client.scan_iter(match="celery-task-meta-*", count=1000))
+    keys = list(client.scan_iter(match=result_key_pattern(""), count=1000))
     values = client.mget(keys) if keys else []
     return [key for key, value in zip(keys, values) if value and marker.encode() in value]
 
@@ -164,10 +164,10 @@ def test_an_answer_whose_publication_was_missed_is_read_from_its_key(connected, 
     meta = {"status": "SUCCESS", "result": {"ok": True, "value": "stored only"}, "traceback": None,
             "children": [], "date_done": None, "task_id": response.request_id}
     client = redis.Redis.from_url(connected.url)
-    client.set(f"celery-task-meta-{response.request_id}", json.dumps(meta))
+    client.set(result_key(response.request_id), json.dumps(meta))
     waiter.join(timeout=10)
     assert answer == ["stored only"]
-    wait_until(lambda: not client.exists(f"celery-task-meta-{response.request_id}"), timeout=5,
+    wait_until(lambda: not client.exists(result_key(response.request_id)), timeout=5,
                message="the answer read to be deleted")
     client.delete(queue_name(unique_name))
     idle.delete()

@@ -72,10 +72,10 @@ def stop_after_reading_goals(cluster: Cluster, change: Callable[[], object], con
             while True:
                 command = monitor.next_command()["command"]
                 if not written:
-                    written = command.startswith("SET taskserve:goal:")
+                    written = command.startswith(f"SET {Store.goal_key('')}")
                 elif not revisions_read:
                     revisions_read = command.startswith(f"HGETALL {Store.REVISIONS_KEY}")
-                elif command.startswith("GET taskserve:goal:"):
+                elif command.startswith(f"GET {Store.goal_key('')}"):
                     os.kill(controller_pid, signal.SIGSTOP)
                     break
             writer.join(timeout=30)

@@ -24,7 +24,7 @@ import redis
 
 import taskserve
 from taskserve.celery_app import TASK_NAME, make_app
-from taskserve.store import queue_name, result_key
+from taskserve.store import UNACKED_KEY, queue_name, result_key
 
 from ..helpers import replica_pids, start_cluster, wait_until
 from .harness import REFUSED_WHILE_REDIS_DOWN, Recorder, SteadyLoad, check_row, deploy_recorder
@@ -268,7 +268,7 @@ def test_a_request_in_flight_when_redis_restarts_is_answered_once(tmp_path):
                              notes=f"down {back_at - fault_at:.1f}s; the request in flight, "
                                    "and each queued one, is answered once")
         check_row(load, result, refused_between=(fault_at, back_at))
-        assert client.hlen("unacked") == 0         # acknowledged: it is not delivered again
+        assert client.hlen(UNACKED_KEY) == 0         # acknowledged: it is not delivered again
         assert client.llen(queue_name("slow")) == 0
         assert handle.slow.remote("next").result(timeout=30) == ["next", pid]
         assert ran.read_text() == "in flight\nnext\n"
