@@ -5,6 +5,10 @@ their deployments a unique name (``unique_name``); tests that break the cluster
 on purpose start their own with :func:`tests.helpers.start_cluster`. Every test
 that uses a cluster is marked ``integration`` automatically, so
 ``pytest -m "not integration"`` runs the fast part alone.
+
+A test that starts a process (a subprocess, a fork) or binds a TCP port of its own
+without being marked ``integration`` fails, naming what it started
+(:class:`LaunchWatch`): being marked is what keeps such tests out of the fast part.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from typing import Iterator
+import socket
+import sys
+import threading
+from typing import Iterator, Optional
 
 import pytest
 
@@ -27,6 +34,96 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+
+
+class LaunchWatch:
+    """What an unmarked test starts: processes, and TCP ports it binds (a server's).
+
+    An audit hook (:func:`sys.addaudithook`) sees every ``subprocess.Popen``, fork,
+    exec and spawn, and every ``bind``, whichever module makes them. It records them
+    only while an unmarked test runs, and only from the main thread or from threads
+    that test started (a thread an earlier test left running is not this test's).
+    A bind to port 0 (an ephemeral port, as :func:`~taskserve.redis_server.free_port`
+    asks for) is no server.
+    """
+
+    LAUNCHES = frozenset({"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.posix_spawnp",
+                          "os.system", "os.exec", "os.spawn", "pty.spawn"})
+
+    def __init__(self) -> None:
+        self.watching = False
+        self.earlier_threads: frozenset[threading.Thread] = frozenset()
+        self.seen: list[str] = []
+
+    def audit(self, event: str, args: tuple) -> None:
+        if not self.watching or (event not in self.LAUNCHES and event != "socket.bind"):
+            return
+        thread = threading.current_thread()
+        if thread is not threading.main_thread() and thread in self.earlier_threads:
+            return
+        found = self.describe(event, args)
+        if found:
+            self.seen.append(found)
+
+    @staticmethod
+    def describe(event: str, args: tuple) -> Optional[str]:
+        """What the event starts, in a few words (None for a bind that is no server).
+
+        >>> LaunchWatch.describe("subprocess.Popen", ("redis-server", ["redis-server", "--port", "1"], None, None))
+        'a process (redis-server --port 1)'
+        >>> with socket.socket() as sock:
+        ...     LaunchWatch.describe("socket.bind", (sock, ("127.0.0.1", 6379))), LaunchWatch.describe("socket.bind", (sock, ("127.0.0.1", 0)))
+        ('a server (binds 127.0.0.1:6379)', None)
+        """
+        if event == "subprocess.Popen":
+            command = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+            return f"a process ({' '.join(map(str, command))[:200]})"
+        if event == "socket.bind":
+            sock, address = args
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple) and address[1]:
+                return f"a server (binds {address[0]}:{address[1]})"
+            return None
+        return f"a process ({event})"
+
+    def start(self, item: pytest.Item) -> None:
+        self.seen = []
+        self.earlier_threads = frozenset(threading.enumerate())
+        self.watching = item.get_closest_marker("integration") is None
+
+    def stop(self) -> None:
+        self.watching = False
+
+    def take(self) -> list[str]:
+        seen, self.seen = self.seen, []
+        return seen
+
+
+launch_watch = LaunchWatch()
+sys.addaudithook(launch_watch.audit)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Iterator[None]:
+    launch_watch.start(item)
+    try:
+        yield
+    finally:
+        launch_watch.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    started = launch_watch.take()
+    if started and report.passed:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} starts {started[0]}"
+            + (f" and {len(started) - 1} more" if len(started) > 1 else "")
+            + ' but is not marked integration: mark it @pytest.mark.integration (or its module with'
+            ' pytestmark = pytest.mark.integration) so that `pytest -m "not integration"` stays fast'
+        )
 
 
 @pytest.fixture(scope="session")

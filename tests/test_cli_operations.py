@@ -321,6 +321,7 @@ def tmp_model_with_delay(model_file):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_down_stops_the_up_it_finds(tmp_path):
     home = tmp_path / "home"
     home.mkdir()

@@ -1,9 +1,10 @@
 """The node agent's fork server: its protocol with real forks of a tiny target, the
 launcher's fallback to plain spawning, and replicas started through it on a cluster.
 
-The unit tests start fork servers that preload only ``json`` and run ``tinyjob.py``
+The protocol tests start fork servers that preload only ``json`` and run ``tinyjob.py``
 (written to a temporary directory): what a child reports about itself is compared
-with what ``Popen`` would have given a new process.
+with what ``Popen`` would have given a new process. Every test here starts processes,
+so all are integration tests.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from taskserve.node.forkserver import (
 from taskserve.node.protocol import REPLICA_MODULE
 
 from .helpers import REPO, replica_pids, start_cluster, wait_until
+
+pytestmark = pytest.mark.integration
 
 TINYJOB = '''
 import ctypes, json, os, signal, sys, time

@@ -663,6 +663,7 @@ def test_64_concurrent_requests_to_interleaved_deployments_each_get_their_own_an
 # --------------------------------------------------------------------------- the HTTP protocol
 
 
+@pytest.mark.integration
 def test_gateways_share_a_port_with_reuse_port():
     port = free_port()
     first = listen("127.0.0.1", port, reuse_port=True)

@@ -3,6 +3,7 @@
 The contracts live in pyproject.toml (``[tool.importlinter]``): a user's script
 never loads the node agent or the gateway, the planners import no I/O, the agent
 does not load the replica's code, the store loads none of the parts that use it.
+Each check runs a tool in a process of its own, so these are integration tests.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import pytest
 
 from .helpers import REPO
+
+pytestmark = pytest.mark.integration
 
 
 def test_import_contracts_are_kept():

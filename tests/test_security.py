@@ -142,6 +142,7 @@ def test_sentinel_addresses_are_accepted_everywhere():
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_sentinel_reaches_the_master_through_a_real_sentinel(tmp_path):
     password = generate_password()
     with RedisServer(password=password) as master:
@@ -373,6 +374,7 @@ def test_signed_reconfigure_and_rollback_still_work_in_place(connected, unique_n
 # ------------------------------------------------------------------ passwords in every output
 
 
+@pytest.mark.integration
 def test_the_password_shows_in_no_output(tmp_path, unique_name):
     password = generate_password()
     cluster = Cluster(tmp_path / "cluster", redis_password=password)
@@ -412,6 +414,7 @@ def test_the_password_shows_in_no_output(tmp_path, unique_name):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_up_generates_a_password_and_a_secret_and_shows_neither(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("TASKSERVE_ADDRESS", "TASKSERVE_SECRET", "TASKSERVE_SECRET_FILE")}
