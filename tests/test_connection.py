@@ -111,6 +111,7 @@ def plant_cluster(directory: Path, owner: int, dir_mode: int = 0o755, lock_mode:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's files needs root (chown)")
+@pytest.mark.integration
 def test_a_data_dir_planted_by_another_user_is_ignored_with_one_line_saying_why(home, caplog):
     lock = plant_cluster(Path.cwd(), NOBODY)
     with pytest.raises(taskserve.TaskserveError, match="no taskserve cluster address"):
