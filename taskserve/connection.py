@@ -7,8 +7,9 @@ Which cluster a process talks to, first match wins:
 3. ``./.taskserve/address``: the cluster ``taskserve up`` runs with the data dir in the
    current directory (only while that ``up`` runs);
 4. this user's running clusters, which each ``taskserve up`` registers under
-   ``~/.taskserve/clusters/`` while it runs: used when there is exactly one; with
-   several, an error lists them and asks for ``--address`` or a directory.
+   ``~/.taskserve/clusters/`` (``$TASKSERVE_CLUSTERS_DIR`` when set) while it runs:
+   used when there is exactly one; with several, an error lists them and asks for
+   ``--address`` or a directory.
 
 Address files are mode 0600 and belong to one user: another user's ``up`` never
 changes which cluster yours reaches. A data dir, address, secret or lock file is
@@ -44,7 +45,7 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis
@@ -61,6 +62,7 @@ from .signing import (
 from .store import Store
 
 ADDRESS_ENV = "TASKSERVE_ADDRESS"
+CLUSTERS_DIR_ENV = "TASKSERVE_CLUSTERS_DIR"
 ADDRESS_FILE_NAME = "address"
 DATA_DIR_NAME = ".taskserve"
 LOCK_FILE_NAME = "up.lock"
@@ -88,9 +90,17 @@ class ClusterAddress:
     data_dir: Optional[Path] = None
 
 
-def user_clusters_dir() -> Path:
-    """Where this user's running ``taskserve up`` clusters are registered."""
-    return Path.home() / DATA_DIR_NAME / "clusters"
+def user_clusters_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where this user's running ``taskserve up`` clusters are registered:
+    ``$TASKSERVE_CLUSTERS_DIR``, else ``~/.taskserve/clusters`` (the tests set the
+    variable, so that their clusters never show up in a user's registry).
+
+    >>> user_clusters_dir({"TASKSERVE_CLUSTERS_DIR": "/tmp/elsewhere"})
+    PosixPath('/tmp/elsewhere')
+    >>> user_clusters_dir({}) == Path.home() / ".taskserve" / "clusters"
+    True
+    """
+    return Path(environ.get(CLUSTERS_DIR_ENV) or Path.home() / DATA_DIR_NAME / "clusters")
 
 
 def trust_problem(info: os.stat_result) -> Optional[str]:

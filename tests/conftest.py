@@ -9,6 +9,11 @@ that uses a cluster is marked ``integration`` automatically, so
 A test that starts a process (a subprocess, a fork) or binds a TCP port of its own
 without being marked ``integration`` fails, naming what it started
 (:class:`LaunchWatch`): being marked is what keeps such tests out of the fast part.
+
+The clusters a test's ``taskserve up`` registers go to a temporary directory
+(``$TASKSERVE_CLUSTERS_DIR``, set before anything starts and removed at the end), never
+to the user's ``~/.taskserve/clusters``, where their own scripts look for the one
+running cluster.
 """
 
 from __future__ import annotations
@@ -16,16 +21,26 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 from typing import Iterator, Optional
 
 import pytest
 
 import taskserve
+from taskserve.connection import CLUSTERS_DIR_ENV
 
 from .helpers import Cluster, start_cluster
+
+# Set whatever the user's environment says: no test's `up` may register where theirs look.
+os.environ[CLUSTERS_DIR_ENV] = TEST_CLUSTERS_DIR = tempfile.mkdtemp(prefix="taskserve-test-clusters-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(TEST_CLUSTERS_DIR, ignore_errors=True)
 
 CLUSTER_FIXTURES = {"cluster", "connected", "three_nodes"}
 

@@ -21,6 +21,7 @@ from .helpers import REPO
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("TASKSERVE_ADDRESS", raising=False)
+    monkeypatch.delenv("TASKSERVE_CLUSTERS_DIR", raising=False)     # the registry under HOME, as users have it
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     work = tmp_path / "work"
     work.mkdir()

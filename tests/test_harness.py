@@ -1,12 +1,24 @@
-"""The test harness's own rules: an unmarked test that starts a process or a server fails."""
+"""The test harness's own rules: an unmarked test that starts a process or a server fails,
+and the clusters tests start never register where a user's ``taskserve`` looks."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Optional
 
+import pytest
+
+from taskserve import connection
+from taskserve.connection import CLUSTERS_DIR_ENV
+
 from .conftest import LaunchWatch
+from .helpers import REPO, wait_until
 
 POPEN = ("subprocess.Popen", ("/usr/bin/redis-server", ["redis-server", "--port", "7000"], None, None))
 
@@ -63,3 +75,33 @@ def test_the_watch_is_installed_for_this_run():
     from . import conftest
 
     assert conftest.launch_watch.watching                  # this very test is unmarked
+
+
+@pytest.mark.integration
+def test_a_tests_up_registers_in_the_runs_own_directory_and_not_in_the_users(tmp_path: Path):
+    users = Path.home() / ".taskserve" / "clusters"
+    data_dir = (tmp_path / "data").resolve()
+    env = {key: value for key, value in os.environ.items() if key != "TASKSERVE_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    with open(tmp_path / "up.log", "w") as log:
+        up = subprocess.Popen([sys.executable, "-m", "taskserve", "up", "--data-dir", str(data_dir), "--http-port",
+                               "0", "--no-example", "--num-cpus", "1"], cwd=tmp_path, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def registered() -> bool:
+        try:
+            return connection.find_up(data_dir)["data_dir"] == str(data_dir)   # where commands look
+        except LookupError:
+            return up.poll() is not None
+
+    def naming_data_dir(directory: Path) -> list[Path]:
+        return [entry for entry in directory.glob("*.json") if str(data_dir) in entry.read_text()]
+
+    try:
+        wait_until(registered, timeout=60, message="taskserve up to register its cluster")
+        assert up.poll() is None, (tmp_path / "up.log").read_text()
+        assert naming_data_dir(users) == []
+        assert naming_data_dir(Path(os.environ[CLUSTERS_DIR_ENV])) != []
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
