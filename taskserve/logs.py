@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 from . import api
 from .connection import current_store
+from .state import check_id
 
 # Bytes read from the end of a log to find its last lines.
 TAIL_WINDOW_BYTES = 1 << 20
@@ -45,6 +46,8 @@ def replica_logs(name: str, replica_id: Optional[str] = None) -> list[ReplicaLog
     log directories of the nodes on this machine. Raises ``LookupError`` naming the
     replicas when ``replica_id`` is none of them.
     """
+    if replica_id is not None:
+        check_id(replica_id)
     snapshot = api.deployment_status(name)
     nodes = {node.node_id: node for node in current_store().list_nodes()}
     here = socket.gethostname()
@@ -60,6 +63,11 @@ def replica_logs(name: str, replica_id: Optional[str] = None) -> list[ReplicaLog
     found = []
     for replica in replicas:
         node = nodes.get(replica.node_id)
+        try:
+            check_id(replica.replica_id)    # it becomes a file name below
+        except ValueError as error:
+            found.append(ReplicaLog(replica.replica_id, None, f"{error}: its log is not read"))
+            continue
         if not replica.node_id:
             found.append(ReplicaLog(replica.replica_id, None, "not placed on a node yet (PENDING), so no log"))
         elif node is None:

@@ -17,12 +17,37 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
 PACKAGE_SCHEME = "taskserve-pkg://"
 DEFAULT_HEARTBEAT_TTL_S = 10.0
+
+# What an id read from Redis may be where it becomes a file name (a replica's log, a
+# working_dir's directory, an environment's): one path component, never "." or "..",
+# no "/", no control character. Replica ids are "<deployment>-<hex>".
+ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.#-]{0,127}")
+
+
+def check_id(value: object, what: str = "replica id") -> str:
+    """Return ``value`` if it is safe as a file name, else raise ``ValueError`` naming it.
+
+    Every reader that turns an id from Redis into a path goes through this: a record
+    written by hand under an id like ``../../x`` must not write outside its directory.
+
+    >>> check_id("echo-5f3a9c01")
+    'echo-5f3a9c01'
+    >>> check_id("../../outside/escaped")
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid replica id '../../outside/escaped': an id is 1 to 128 letters, digits, '_', '-', '.' or '#', not starting with '.' or '-'; a record under it was not written by taskserve
+    """
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise ValueError(f"invalid {what} {value!r}: an id is 1 to 128 letters, digits, '_', '-', '.' or '#', "
+                         "not starting with '.' or '-'; a record under it was not written by taskserve")
+    return value
 
 
 def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:

@@ -99,6 +99,31 @@ def test_pending_record_that_should_run_is_spawned():
     assert plan_node([rec(state=S.PENDING)], [], NOW) == [Spawn("r1")]
 
 
+@pytest.mark.parametrize("replica_id", ["../../outside/escaped", "/etc/x", "..", ".hidden", "a/b", "a\x1b[31m",
+                                        "", "x" * 129])
+def test_a_pending_record_whose_id_is_not_a_file_name_fails_and_is_never_spawned(replica_id):
+    # Its id would become <data dir>/logs/<id>.log: a record written by hand under
+    # "../../outside/escaped" made the agent create a file outside its data dir.
+    actions = plan_node([rec(replica_id, state=S.PENDING)], [], NOW)
+    assert not [a for a in actions if isinstance(a, Spawn)]
+    (mark,) = marks(actions)
+    assert mark.state == S.FAILED and mark.failure == "start" and "invalid replica id" in mark.message
+
+
+def test_a_pending_record_of_an_invalid_deployment_name_fails():
+    record = replace(rec(state=S.PENDING), deployment="../model")
+    (mark,) = plan_node([record], [], NOW)
+    assert mark.state == S.FAILED and "invalid deployment name" in mark.message
+
+
+def test_the_agent_builds_no_path_from_an_id_that_is_not_a_file_name(tmp_path):
+    agent = NodeAgent.__new__(NodeAgent)
+    agent.log_dir = tmp_path / "logs"
+    assert agent.replica_file("echo-1a2b", ".log") == tmp_path / "logs" / "echo-1a2b.log"
+    with pytest.raises(ValueError, match="invalid replica id"):
+        agent.replica_file("../../outside/escaped", ".log")
+
+
 @pytest.mark.parametrize("state", [S.STARTING, S.RUNNING, S.RECONFIGURING, S.DRAINING])
 def test_record_alive_without_a_process_is_stopped(state):
     assert plan_node([rec(state=state)], [], NOW) == [Mark("r1", S.STOPPED, message=PROCESS_NOT_FOUND)]

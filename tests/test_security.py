@@ -35,7 +35,7 @@ from taskserve.signing import (
     sign_user_config,
     unseal,
 )
-from taskserve.state import config_hash
+from taskserve.state import ReplicaState, config_hash
 
 from .helpers import REPO, Cluster, replica_pids, running_gateway, start_cluster, wait_until
 
@@ -255,6 +255,37 @@ def test_a_redeploy_ships_code_again_that_is_not_sealed_with_this_secret(connect
     model.deploy()                                        # now it is nothing to do
     assert store.require_goal(unique_name).generation == redeployed.generation
     assert model.get_handle().remote("ann").result(timeout=30) == "hi ann"
+
+
+# ------------------------------------------------------------------ ids that become paths
+
+
+def test_a_replica_record_under_a_path_like_id_writes_nothing_outside_the_agents_data_dir(connected, unique_name):
+    # A writer to Redis copies a real (signed) replica record under the id ../../outside/escaped:
+    # the agent's log would be <data dir>/logs/../../outside/escaped.log.
+    taskserve.deployment(name=unique_name, version="1")(Greeter).deploy()
+    store = taskserve.connect(connected.url)
+    (real,) = store.replicas_of(unique_name)
+    outside = connected.workdir / "outside"
+    assert (connected.workdir / real.node_id / "logs").is_dir()      # the agent's log dir, two levels below
+    outside.mkdir(exist_ok=True)
+    evil_id = "../../outside/escaped"
+    fields = {**real.to_fields(), "replica_id": evil_id, "state": "PENDING", "desired": "run", "pid": "",
+              "message": ""}
+    store.redis.hset(store.replica_key(evil_id), mapping=fields)
+    store.redis.sadd(store.node_replicas_key(real.node_id), evil_id)
+    store.notify(f"node:{real.node_id}")
+    try:
+        record = wait_until(lambda: (found := store.get_replica(evil_id)) is not None
+                            and found.state != ReplicaState.PENDING and found,
+                            timeout=60, message="the agent to act on the record")
+        assert sorted(path.name for path in outside.iterdir()) == []
+        assert record.state == ReplicaState.FAILED and "invalid replica id" in record.message, record
+    finally:
+        store.update_replica(evil_id, desired="stop")      # had it started, its agent drains it
+        wait_until(lambda: store.get_replica(evil_id).is_gone, timeout=60, message="the record to be gone")
+        store.redis.srem(store.node_replicas_key(real.node_id), evil_id)
+        store.redis.delete(store.replica_key(evil_id))
 
 
 # ------------------------------------------------------------------ signed user_config

@@ -50,7 +50,7 @@ from ..celery_app import make_app
 from ..connection import ADDRESS_ENV
 from ..runtime_env import env_key
 from ..signing import check_assignment
-from ..state import Node, Replica, ReplicaState, Resources, package_sha
+from ..state import Node, Replica, ReplicaState, Resources, check_id, package_sha
 from ..store import NodeClaim, NodeTaken, Store, wait_for_events
 from .envs import EnvironmentCache, unpack_working_dir
 from .forkserver import Launcher
@@ -438,7 +438,7 @@ class NodeAgent:
         fresh = self.store.get_replica(replica_id)
         if fresh is not None and fresh.message:
             return fresh.message
-        return _log_tail(self.log_dir / f"{replica_id}.log")
+        return _log_tail(self.replica_file(replica_id, ".log"))
 
     def _reap(self, replica_id: str) -> bool:
         process = self.processes.pop(replica_id, None)
@@ -464,6 +464,7 @@ class NodeAgent:
 
         Returns True if the record changed.
         """
+        check_id(record.replica_id)     # the plan refuses such a record already; never a path from it
         config = json.loads(record.config)
         runtime_env = config.get("runtime_env") or {}
         try:
@@ -477,8 +478,8 @@ class NodeAgent:
             self.store.update_replica(record.replica_id, state=ReplicaState.FAILED, failure="start",
                                       message=str(error))
             return True
-        log_path = self.log_dir / f"{record.replica_id}.log"
-        inflight_path = self.log_dir / f"{record.replica_id}.inflight"
+        log_path = self.replica_file(record.replica_id, ".log")
+        inflight_path = self.replica_file(record.replica_id, ".inflight")
         env = replica_environment(dict(os.environ), config, record.gpu_id_list)
         env[INFLIGHT_FILE_ENV] = str(inflight_path.resolve())
         env[ADDRESS_ENV] = self.address      # never on the command line: every user can read that
@@ -503,6 +504,11 @@ class NodeAgent:
         self.store.update_replica(record.replica_id, state=ReplicaState.STARTING, pid=popen.pid, message="")
         log.info("started replica %s (pid %s), log %s", record.replica_id, popen.pid, log_path)
         return True
+
+    def replica_file(self, replica_id: str, suffix: str) -> Path:
+        """``<log dir>/<replica id><suffix>``; ``ValueError`` for an id that is not one
+        taskserve writes (a record written by hand under ``../../x`` writes nowhere)."""
+        return self.log_dir / f"{check_id(replica_id)}{suffix}"
 
     def _python_for(self, record: Replica, pip: Optional[list[str]]) -> Optional[Path]:
         """The Python to run the replica with; None while its environment builds."""

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import filelock
 
 from ..runtime_env import MAX_WORKING_DIR_BYTES, env_key
+from ..state import check_id
 
 log = logging.getLogger("taskserve.node.envs")
 
@@ -63,7 +64,7 @@ class EnvironmentCache:
         self.root = Path(root)
 
     def path_of(self, key: str) -> Path:
-        return self.root / key
+        return self.root / check_id(key, "runtime env key")
 
     def python_of(self, key: str) -> Path:
         return self.path_of(key) / "bin" / "python"
@@ -110,6 +111,7 @@ class EnvironmentCache:
         return environments
 
     def remove(self, key: str) -> None:
+        check_id(key, "runtime env key")
         with filelock.FileLock(str(self.root / f"{key}.lock")):
             shutil.rmtree(self.path_of(key), ignore_errors=True)
         (self.root / f"{key}.lock").unlink(missing_ok=True)
@@ -163,8 +165,9 @@ def _run(command: list[str], progress: Callable[[str], None]) -> None:
 
 
 def unpack_working_dir(root: Path, sha: str, fetch: Callable[[], bytes]) -> Path:
-    """The directory holding the working_dir ``sha``, unpacked once per node."""
-    target = Path(root) / sha
+    """The directory holding the working_dir ``sha``, unpacked once per node; ``sha``
+    (read from Redis) must be one path component (:func:`~taskserve.state.check_id`)."""
+    target = Path(root) / check_id(sha, "working_dir package sha")
     done = Path(root) / f"{sha}.unpacked"       # beside the directory, not in the user's files
     if done.is_file():
         return target

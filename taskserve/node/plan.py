@@ -5,7 +5,10 @@ processes matching their records lives here, so it can be read in one place and
 tested with plain tables; :class:`taskserve.node.agent.NodeAgent` gathers the
 inputs and carries the actions out.
 
-- a record that should run, is ``PENDING`` and has no process gets one (:class:`Spawn`);
+- a record that should run, is ``PENDING`` and has no process gets one (:class:`Spawn`),
+  unless its replica id is not one taskserve writes (:func:`~taskserve.state.check_id`:
+  it becomes file names) or its deployment name is invalid: then it is ``FAILED``
+  with failure "start", and nothing is created for it;
 - a record that should run and is recorded as alive (``STARTING``, ``RUNNING``,
   ``RECONFIGURING``, ``DRAINING``) but has no process is ``STOPPED``
   ("process not found on its node");
@@ -35,7 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping, Optional, Union
 
-from ..state import Replica, ReplicaState
+from ..spec import check_name
+from ..state import Replica, ReplicaState, check_id
 from .protocol import EXIT_CONSTRUCTOR_FAILED
 
 PROCESS_NOT_FOUND = "process not found on its node"
@@ -251,11 +255,29 @@ def adopt(
 # --------------------------------------------------------------------------- rules
 
 
+def record_problem(record: Replica) -> Optional[str]:
+    """Why a replica record cannot be started (None: it can), for what it names that
+    becomes a path or a process: its id and its deployment's name.
+
+    >>> record_problem(Replica(replica_id="../../outside/escaped", deployment="echo", spec_hash="s", version="1"))
+    "invalid replica id '../../outside/escaped': an id is 1 to 128 letters, digits, '_', '-', '.' or '#', not starting with '.' or '-'; a record under it was not written by taskserve"
+    """
+    try:
+        check_id(record.replica_id)
+        check_name(record.deployment)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _without_process(record: Optional[Replica]) -> list[NodeAction]:
     if record is None:
         return []
     if record.desired == "run":
         if record.state == ReplicaState.PENDING:
+            problem = record_problem(record)
+            if problem is not None:
+                return [Mark(record.replica_id, ReplicaState.FAILED, failure="start", message=problem)]
             return [Spawn(record.replica_id)]
         if record.state in ALIVE_STATES:
             return [Mark(record.replica_id, ReplicaState.STOPPED, message=PROCESS_NOT_FOUND)]
