@@ -255,7 +255,9 @@ def test_logs_prints_what_replicas_write(connected, unique_name, model_file):
     try:
         time.sleep(1.0)     # let it reach its follow loop before the new replica writes
         taskserve.scale_deployment(unique_name, 2)
-        new = max(taskserve.get_deployment(unique_name).status().replicas, key=lambda r: r.pid or 0)
+        # The one that is not the first (pids wrap around: the larger pid need not be the newer).
+        (new,) = [r for r in taskserve.get_deployment(unique_name).status().replicas
+                  if r.replica_id != replica.replica_id]
         line = wait_until(lambda: _read_until(follow, f"constructed in {new.pid}"), timeout=30,
                           message="logs -f to print the new replica's first line")
         assert line.startswith(f"[{new.replica_id}] ")
