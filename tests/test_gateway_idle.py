@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import types
+from email.utils import formatdate
 
 import redis.asyncio
 import uvicorn
@@ -45,16 +47,30 @@ def test_the_quiet_server_stops_at_a_signal_without_waiting_for_its_tick(monkeyp
 
 
 def test_the_quiet_server_keeps_the_date_header_fresh(monkeypatch):
-    monkeypatch.setattr(server, "TICK_S", 0.01)
+    """Every tick refreshes the Date header (uvicorn's own loop does it every tenth)."""
+    monkeypatch.setattr(server, "TICK_S", 0.001)
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(uvicorn.server, "time", types.SimpleNamespace(time=lambda: now[0]))  # the header's clock
+    seen: list[tuple[float, bytes]] = []
 
     async def run() -> None:
         quiet = quiet_server()
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.1, quiet.handle_exit, signal.SIGTERM, None)
-        await quiet.main_loop()
-        assert b"date" in [name for name, _ in quiet.server_state.default_headers]
+        tick = quiet.on_tick
+
+        async def recorded(counter: int) -> bool:
+            now[0] += 1                              # a new second at every tick
+            done = await tick(counter)
+            seen.append((now[0], dict(quiet.server_state.default_headers)[b"date"]))
+            if len(seen) == 5:
+                quiet.handle_exit(signal.SIGTERM, None)
+            return done
+
+        quiet.on_tick = recorded                     # type: ignore[method-assign]
+        await asyncio.wait_for(quiet.main_loop(), 30)
 
     asyncio.run(run())
+    assert len(seen) >= 5
+    assert [date for _, date in seen] == [formatdate(at, usegmt=True).encode() for at, _ in seen]
 
 
 def test_an_unasked_status_cache_waits_for_a_request_instead_of_polling():
