@@ -36,13 +36,13 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import AbstractSet, Callable, Optional
 
 import redis
 
-from .autoscaler import LoadSample, decide, direction, sample_interval, trim_history, wanted_replicas
+from .autoscaler_tracker import AutoscaleTracker, autoscaling_config
 from .canary import VersionStats, abort_reason
 from .history import previous_goal
 from .planner import (
@@ -57,71 +57,35 @@ from .planner import (
     plan,
     reserve,
 )
-from .spec import AutoscalingConfig, check_autoscaling_config
 from .state import DEFAULT_HEARTBEAT_TTL_S, DeploymentHealth, DeploymentState, Goal, Node, Replica
-from .store import AutoscaleState, ClusterReader, LeaseLost, Store, wait_for_events
+from .store import ClusterReader, LeaseLost, Store, wait_for_events
 
 log = logging.getLogger("taskserve.controller")
 
 REDIS_RETRY_S = 1.0
 
-# While an autoscaled deployment has no replica, how often its queue is looked at
-# between passes (one pipelined LLEN), so that its first request wakes it at once.
-WAKE_POLL_S = 0.1
+def may_skip_this_pass(name: str, has_canary: bool, nodes: AbstractSet[str], *, settled: AbstractSet[str],
+                       changed: AbstractSet[str], autoscaled: AbstractSet[str],
+                       dead_nodes: AbstractSet[str]) -> bool:
+    """Whether a pass may leave the deployment ``name`` alone: planning it again would
+    give what the last plan gave, because all five hold:
 
+    - the last pass planned it HEALTHY with nothing to do and nothing to write (``settled``);
+    - its goal, health and replica records did not move since (not in ``changed``, the
+      deployments the reader read again);
+    - it does not autoscale (its load, read every pass, may change its count);
+    - it runs no canary (its stats, read every pass, may abort it: ``has_canary``);
+    - none of the ``nodes`` its replicas are on counts as dead now.
 
-@dataclass
-class Scaling:
-    """What the leading controller keeps of an autoscaled deployment between passes."""
-
-    target: int                                    # the count in force (decide's ``current``)
-    samples: tuple[LoadSample, ...] = ()           # recent load, trimmed to what decide uses
-    written: Optional[AutoscaleState] = None       # what its key holds, as far as this controller knows
-    due: Optional[float] = None                    # (clock) when a delay running now could end
-    config: Optional[AutoscalingConfig] = None     # the config of the last decision
-
-
-def autoscaling_config(goal: Goal) -> Optional[AutoscalingConfig]:
-    """The goal's ``autoscaling_config`` (a dict after the JSON round trip), or None.
-
-    >>> goal = Goal(name="m", generation=1, version="v", spec_hash="s", num_replicas=1, code_sha="c",
-    ...             init_sha="i", options={"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}})
-    >>> autoscaling_config(goal).max_replicas
-    4
-    >>> autoscaling_config(replace(goal, options={})) is None
+    >>> may_skip_this_pass("m", False, frozenset({"node-a"}), settled={"m"}, changed=set(), autoscaled=set(),
+    ...                    dead_nodes=set())
     True
+    >>> may_skip_this_pass("m", False, frozenset({"node-a"}), settled={"m"}, changed=set(), autoscaled=set(),
+    ...                    dead_nodes={"node-a"})
+    False
     """
-    return check_autoscaling_config(goal.options.get("autoscaling_config"))
-
-
-def next_change_at(config: AutoscalingConfig, target: int, samples: tuple[LoadSample, ...]) -> Optional[float]:
-    """When :func:`~taskserve.autoscaler.decide` would move ``target`` if the load stays as
-    in the latest sample: the start of the run of samples that want more (or fewer)
-    replicas, plus the delay of that direction. None when the latest wants ``target``.
-
-    >>> config = AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=1,
-    ...                            upscale_delay_s=0.5, downscale_delay_s=2)
-    >>> rising = (LoadSample(10.0, 0, 1), LoadSample(11.0, 3, 1), LoadSample(12.0, 5, 1))
-    >>> next_change_at(config, 1, rising)               # more than 1 wanted since 11.0
-    11.5
-    >>> next_change_at(config, 4, rising) is None       # 4 wanted now: nothing would move
-    True
-    >>> next_change_at(config, 4, (LoadSample(10.0, 1, 0), LoadSample(11.0, 0, 2)))   # fewer since 10.0
-    12.0
-    """
-    if not samples:
-        return None
-    wanted = wanted_replicas(config, samples[-1].load)
-    if wanted == target:
-        return None
-    up = wanted > target
-    start = samples[-1].at
-    for sample in reversed(samples):
-        count = wanted_replicas(config, sample.load)
-        if (count > target) != up or count == target:
-            break
-        start = sample.at
-    return start + (config.upscale_delay_s if up else config.downscale_delay_s)
+    return (name in settled and name not in changed and name not in autoscaled
+            and not has_canary and nodes.isdisjoint(dead_nodes))
 
 
 class Controller:
@@ -138,7 +102,8 @@ class Controller:
     an outage of Redis.
 
     Autoscaling keeps the last load samples of each autoscaled deployment in memory
-    (``scaling``); a new leadership starts them over from the stored counts.
+    (``autoscaling``, an :class:`~taskserve.autoscaler_tracker.AutoscaleTracker`); a new
+    leadership starts them over from the stored counts.
     """
 
     def __init__(self, store: Store, resync_s: float = 1.0, lease_ttl_s: float = 5.0,
@@ -152,12 +117,7 @@ class Controller:
         self.lease: Optional[str] = None          # the lease token while leading
         self.dead_since: dict[str, float] = {}    # node id -> when it was first seen dead (clock)
         self.errors: dict[str, str] = {}          # deployment -> the error last logged for it
-        self.scaling: dict[str, Scaling] = {}     # autoscaled deployment -> its recent load and target
-        self.asleep: tuple[str, ...] = ()         # autoscaled deployments with no replica (target 0)
-        self.watched: tuple[str, ...] = ()        # autoscaled deployments whose queue is looked at between passes
-        self.watch_s: Optional[float] = None      # how often (the shortest interval any of them needs)
-        self.due: Optional[float] = None          # (clock) the next end of an autoscaling delay
-        self.stale_scales_dropped = False         # this leadership removed the states of non-autoscaled ones
+        self.autoscaling = AutoscaleTracker(resync_s)   # load samples and targets; what to watch between passes
         self.reader = ClusterReader(store, clock=clock)   # goals, healths, replicas: re-read as they change
         self.settled: set[str] = set()            # deployments planned HEALTHY with nothing to do, unchanged since
 
@@ -204,34 +164,22 @@ class Controller:
         ``watched`` deployments costs one Redis command per ``watch_s``, and only while
         there are some.
         """
+        autoscaling = self.autoscaling
         start = self.clock()
         deadline = start + self.resync_s
-        if self.due is not None and self.due > start:
-            deadline = min(deadline, self.due)
+        if autoscaling.due is not None and autoscaling.due > start:
+            deadline = min(deadline, autoscaling.due)
         while not self.stopping.is_set():
             remaining = deadline - self.clock()
             if remaining <= 0:
                 return
-            if not self.watched or self.watch_s is None:
+            if not autoscaling.watched or autoscaling.watch_s is None:
                 wait_for_events(pubsub, remaining)
                 return
-            if wait_for_events(pubsub, min(self.watch_s, remaining)):
+            if wait_for_events(pubsub, min(autoscaling.watch_s, remaining)):
                 return
-            if self._load_turned(self.store.waiting_requests(self.watched)):
+            if autoscaling.load_turned(self.store.waiting_requests(autoscaling.watched)):
                 return
-
-    def _load_turned(self, waiting: dict[str, int]) -> bool:
-        """True when a queue pulls its pool another way than the last sample did (with the
-        requests served then): a delay starts or ends, or a deployment at zero wakes."""
-        for name, count in waiting.items():
-            scaling = self.scaling.get(name)
-            if scaling is None or scaling.config is None or not scaling.samples:
-                continue
-            last = scaling.samples[-1]
-            was = direction(scaling.config, scaling.target, last.load)
-            if direction(scaling.config, scaling.target, count + last.serving) != was:
-                return True
-        return False
 
     def _lead(self, token: Optional[str]) -> None:
         """Take note of the lease token (None: another controller leads)."""
@@ -245,12 +193,7 @@ class Controller:
         # and autoscaling goes on from the counts stored (another leader may have moved them).
         self.dead_since.clear()
         self.errors.clear()
-        self.scaling.clear()
-        self.asleep = ()
-        self.watched = ()
-        self.watch_s = None
-        self.due = None
-        self.stale_scales_dropped = False
+        self.autoscaling.forget()
         self.reader.forget()
         self.settled.clear()
         self.lease = token
@@ -282,9 +225,9 @@ class Controller:
             self._failed(name, error)
         for goal in goals:
             record = records[goal.name]
-            if goal.name in self.settled and goal.name not in changed and goal.name not in loads \
-                    and goal.canary is None and record.nodes.isdisjoint(dead_nodes):
-                continue     # planned HEALTHY with nothing to do, and nothing it depends on moved
+            if may_skip_this_pass(goal.name, goal.canary is not None, record.nodes, settled=self.settled,
+                                  changed=changed, autoscaled=loads.keys(), dead_nodes=dead_nodes):
+                continue
             self.settled.discard(goal.name)
             if record.error:
                 # Planned without that record, the deployment could get one replica too many.
@@ -312,7 +255,7 @@ class Controller:
         for name in set(self.errors) - {g.name for g in goals} - set(unreadable_goals):
             del self.errors[name]     # deleted meanwhile
         self._empty_canary_queues(goals)
-        self._forget_scaling(goals, set(autoscaled), set(unreadable_goals))
+        self._end_autoscaling_pass(goals, set(autoscaled), set(unreadable_goals))
 
     # ------------------------------------------------------------------ canary releases
 
@@ -366,57 +309,25 @@ class Controller:
         config = autoscaling_config(goal)
         if config is None:
             return goal
-        scaling = self.scaling.get(goal.name)
-        if scaling is None:
-            # A new leadership goes on from the stored count; a new deployment starts from
-            # the goal's (min_replicas).
-            stored = self.store.autoscale_state(goal.name)
-            scaling = Scaling(target=stored.target if stored else goal.num_replicas, written=stored)
-        waiting, serving = load
-        samples = trim_history(config, (*scaling.samples, LoadSample(clock, waiting, serving)), clock)
-        decision = decide(config, scaling.target, samples, clock)
-        written = scaling.written
-        changed = written is None or decision.target != written.target
-        state = AutoscaleState(target=decision.target, reason=decision.reason, waiting=waiting, serving=serving,
-                               at=now, changed_at=now if changed else written.changed_at)
-        if written is None or replace(state, at=written.at) != written:
-            change = None
-            if decision.target != scaling.target:
-                change = {"from": scaling.target, "to": decision.target, "reason": decision.reason,
-                          "waiting": waiting, "serving": serving,
-                          "generation": goal.generation, "version": goal.version}
-                log.info("%s: autoscaling from %d to %d replicas (%s)", goal.name, scaling.target,
-                         decision.target, decision.reason)
-            self.store.set_autoscale_state(goal.name, state, change, fence=self.lease)
-            written = state
-        self.scaling[goal.name] = Scaling(decision.target, samples, written,
-                                          next_change_at(config, decision.target, samples), config)
-        return replace(goal, num_replicas=decision.target)
+        # A new leadership goes on from the stored count; a new deployment starts from
+        # the goal's (min_replicas).
+        stored = None if self.autoscaling.tracks(goal.name) else self.store.autoscale_state(goal.name)
+        step = self.autoscaling.step(goal, config, load, now, clock, stored)
+        if step.write is not None:
+            if step.change is not None:
+                log.info("%s: autoscaling from %d to %d replicas (%s)", goal.name, step.previous,
+                         step.target, step.write.reason)
+            self.store.set_autoscale_state(goal.name, step.write, step.change, fence=self.lease)
+        self.autoscaling.keep(step)
+        return replace(goal, num_replicas=step.target)
 
-    def _forget_scaling(self, goals: list[Goal], autoscaled: set[str], unreadable: set[str]) -> None:
-        """After a pass: drop what is kept of deployments that no longer autoscale (and
-        their stored states), and note which ones sleep at zero and the next delay's end."""
-        # A new leadership does not know which of them an earlier one scaled: it looks once.
-        stopped = [g.name for g in goals if g.name not in autoscaled and
-                   (g.name in self.scaling or not self.stale_scales_dropped)]
+    def _end_autoscaling_pass(self, goals: list[Goal], autoscaled: set[str], unreadable: set[str]) -> None:
+        """After a pass: delete the stored states of deployments that no longer autoscale,
+        then let the tracker drop what it kept of them and plan the looks between passes."""
+        stopped = self.autoscaling.states_to_delete(goals, autoscaled)
         if stopped:
             self.store.delete_autoscale_states(stopped, fence=self.lease)
-        self.stale_scales_dropped = True
-        for name in list(self.scaling):
-            if name not in autoscaled and name not in unreadable:
-                del self.scaling[name]     # no longer autoscaled, or deleted
-        self.asleep = tuple(sorted(name for name, s in self.scaling.items() if s.target == 0))
-        # An idle deployment with replicas is not looked at: the replica that takes its
-        # first request tells the controller (a notification) at once.
-        intervals = {name: WAKE_POLL_S if s.target == 0 else sample_interval(s.config)
-                     for name, s in self.scaling.items()
-                     if s.config is not None and (s.target == 0 or (s.samples and s.samples[-1].load > 0))}
-        # Polling more often than a resync is only worth it where it shortens a delay.
-        intervals = {name: interval for name, interval in intervals.items() if interval < self.resync_s}
-        self.watched = tuple(sorted(intervals))
-        self.watch_s = min(intervals.values()) if intervals else None
-        dues = [s.due for s in self.scaling.values() if s.due is not None]
-        self.due = min(dues) if dues else None
+        self.autoscaling.end_pass(autoscaled, unreadable)
 
     def nodes_considered_dead(self, nodes: list[Node], replicas: list[Replica],
                               replica_nodes: AbstractSet[str] = frozenset()) -> frozenset[str]:

@@ -1,4 +1,4 @@
-"""The records that describe a cluster: goals, replicas and nodes.
+"""The records that describe a cluster: goals, replicas, nodes and autoscaling decisions.
 
 They are plain data. :mod:`taskserve.store` reads and writes them in Redis,
 :mod:`taskserve.planner` decides what to do with them.
@@ -429,3 +429,61 @@ class DeploymentHealth:
         except ValueError:
             data["status"] = DeploymentState.UPDATING
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class AutoscaleState:
+    """What the controller decided for an autoscaled deployment (its ``scale`` key in Redis).
+
+    ``target`` is the replica count the controller plans for (the goal's ``num_replicas``
+    is only where autoscaling starts); ``waiting`` and ``serving`` are the load it was
+    decided for: requests in the deployment's queue, and those its replicas took and have
+    not acknowledged. ``at`` (seconds since the epoch) is when this load, target and reason
+    were first seen together, ``changed_at`` when the target last changed.
+
+    >>> state = AutoscaleState(target=3, reason="3 replicas for 14 waiting/serving, target 5 each",
+    ...                        waiting=10, serving=4, at=1700000000.0, changed_at=1699999990.0)
+    >>> state.load
+    14
+    >>> AutoscaleState.from_json(state.to_json()) == state
+    True
+    >>> AutoscaleState.from_json('{"target": 2, "zone": "a"}')      # unknown fields are left out
+    AutoscaleState(target=2, reason='', waiting=0, serving=0, at=0.0, changed_at=0.0)
+    """
+
+    target: int
+    reason: str = ""
+    waiting: int = 0
+    serving: int = 0
+    at: float = 0.0
+    changed_at: float = 0.0
+
+    @property
+    def load(self) -> int:
+        """Requests waiting or being served."""
+        return self.waiting + self.serving
+
+    def to_json(self) -> str:
+        return json.dumps({"target": self.target, "reason": self.reason, "waiting": self.waiting,
+                           "serving": self.serving, "at": self.at, "changed_at": self.changed_at})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "AutoscaleState":
+        """Read a state; raises ``ValueError`` (or ``TypeError``) for one that is not a state."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or isinstance(data.get("target"), bool) or \
+                not isinstance(data.get("target"), int) or data["target"] < 0:
+            raise ValueError(f"not an autoscaling state: {_shortened(text)}")
+        return cls(
+            target=data["target"],
+            reason=str(data.get("reason") or ""),
+            waiting=int(data.get("waiting") or 0),
+            serving=int(data.get("serving") or 0),
+            at=float(data.get("at") or 0.0),
+            changed_at=float(data.get("changed_at") or 0.0),
+        )
+
+
+def _shortened(value: str | bytes, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -20,7 +20,8 @@ import redis
 from kombu.transport import redis as kombu_redis
 
 from taskserve.autoscaler import LoadSample, decide, sample_interval
-from taskserve.controller import WAKE_POLL_S, Controller
+from taskserve.autoscaler_tracker import WAKE_POLL_S
+from taskserve.controller import Controller
 from taskserve.spec import AutoscalingConfig
 from taskserve.state import Goal, Node, ReplicaState, Resources
 from taskserve.store import UNACKED_INDEX_KEY, UNACKED_KEY, LeaseLost, Store, queue_name
@@ -147,7 +148,7 @@ def test_the_target_follows_decide_once_the_upscale_delay_passed(store, client, 
     assert (state.target, state.waiting, state.serving) == (1, 6, 1)
     assert state.reason == ("1 replica for 7 waiting/serving, target 1 each; "
                             "4 wanted, scaling up if that holds for 0.5 s")
-    assert controller.due == pytest.approx(100.7)       # the next pass is due when the delay ends
+    assert controller.autoscaling.due == pytest.approx(100.7)       # the next pass is due when the delay ends
     assert active(store) == 1
 
     clock.now += 0.5
@@ -179,7 +180,7 @@ def test_the_pool_shrinks_after_the_downscale_delay_and_each_change_is_one_line(
         clock.now += 0.5
         controller.reconcile_once()
     assert store.autoscale_state(NAME).target == 4 and active(store) == 4
-    assert controller.due == pytest.approx(103.0)
+    assert controller.autoscaling.due == pytest.approx(103.0)
     clock.now += 0.5
     controller.reconcile_once()
     assert store.autoscale_state(NAME).target == 1
@@ -203,6 +204,25 @@ def test_state_is_written_only_when_it_changes(store, client, clock, monkeypatch
     clock.now += 1
     controller.reconcile_once()
     assert len(writes) == 1 and store.autoscale_state(NAME).waiting == 1
+
+
+def test_a_decision_whose_write_failed_is_written_in_the_next_pass(store, client, clock, monkeypatch):
+    deploy(store)
+    controller = leading(store, clock)
+    controller.reconcile_once()
+    waiting(client, 1)
+    real = store.set_autoscale_state
+
+    def unreachable(*args, **kwargs):
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(store, "set_autoscale_state", unreachable)
+    clock.now += 1
+    with pytest.raises(redis.ConnectionError):
+        controller.reconcile_once()
+    monkeypatch.setattr(store, "set_autoscale_state", real)
+    controller.reconcile_once()                       # the same load: only the failed write is new
+    assert store.autoscale_state(NAME).waiting == 1
 
 
 def test_a_new_controller_goes_on_from_the_stored_target(store, client, clock, server):
@@ -311,13 +331,13 @@ def test_scale_to_zero_and_wake_up_on_the_first_request(store, client, clock):
     controller = leading(store, clock)
     controller.reconcile_once()
     assert store.autoscale_state(NAME).target == 0 and active(store) == 0
-    assert controller.asleep == (NAME,)
+    assert controller.autoscaling.asleep == (NAME,)
 
     waiting(client, 1)
     clock.now += 0.1
     controller.reconcile_once()                       # at once, no upscale delay
     assert store.autoscale_state(NAME).target == 1 and active(store) == 1
-    assert controller.asleep == ()
+    assert controller.autoscaling.asleep == ()
     [line] = autoscale_lines(store)
     assert (line["from"], line["to"]) == (0, 1) and line["reason"].endswith("woken from zero")
 
@@ -332,7 +352,7 @@ def test_scale_to_zero_and_wake_up_on_the_first_request(store, client, clock):
     clock.now += 1
     controller.reconcile_once()
     assert store.autoscale_state(NAME).target == 0 and active(store) == 0
-    assert controller.asleep == (NAME,)
+    assert controller.autoscaling.asleep == (NAME,)
 
 
 def test_a_request_for_a_deployment_at_zero_ends_the_wait_between_passes(store, client):
@@ -340,7 +360,7 @@ def test_a_request_for_a_deployment_at_zero_ends_the_wait_between_passes(store, 
     controller = Controller(store, resync_s=10)
     controller._lead(store.acquire_lease(controller.controller_id, 60))
     controller.reconcile_once()
-    assert controller.asleep == (NAME,)
+    assert controller.autoscaling.asleep == (NAME,)
     waited = seconds_in_wait(controller, store, client, late_requests=1)
     assert 0.3 <= waited < 0.3 + 5 * WAKE_POLL_S, waited
 
@@ -350,13 +370,13 @@ def test_a_backlog_on_a_busy_deployment_ends_the_wait_within_the_sample_interval
     controller = Controller(store, resync_s=10)
     controller._lead(store.acquire_lease(controller.controller_id, 60))
     controller.reconcile_once()
-    assert controller.watched == (), "idle, with a replica: its replica will say when it gets load"
+    assert controller.autoscaling.watched == (), "idle, with a replica: its replica will say when it gets load"
     serving(client, 1)
     controller.reconcile_once()
-    assert (controller.watched, controller.watch_s) == ((NAME,), sample_interval(AutoscalingConfig(**CONFIG)))
-    assert controller.due is None
+    assert (controller.autoscaling.watched, controller.autoscaling.watch_s) == ((NAME,), sample_interval(AutoscalingConfig(**CONFIG)))
+    assert controller.autoscaling.due is None
     waited = seconds_in_wait(controller, store, client, late_requests=4)
-    assert 0.3 <= waited < 0.3 + 4 * controller.watch_s, waited
+    assert 0.3 <= waited < 0.3 + 4 * controller.autoscaling.watch_s, waited
 
 
 def test_a_load_that_keeps_pulling_the_same_way_needs_no_pass_between_looks(store, client, clock):
@@ -365,15 +385,15 @@ def test_a_load_that_keeps_pulling_the_same_way_needs_no_pass_between_looks(stor
     waiting(client, 3)
     serving(client, 1)
     controller.reconcile_once()                       # 4 wanted, 1 in force: the delay runs
-    assert controller.scaling[NAME].target == 1
-    assert not controller._load_turned({NAME: 3})
-    assert not controller._load_turned({NAME: 9}), "more of the same: the delay already runs"
-    assert controller._load_turned({NAME: 0}), "1 served, none waiting: the run of 'more' broke"
+    assert controller.autoscaling.scaling[NAME].target == 1
+    assert not controller.autoscaling.load_turned({NAME: 3})
+    assert not controller.autoscaling.load_turned({NAME: 9}), "more of the same: the delay already runs"
+    assert controller.autoscaling.load_turned({NAME: 0}), "1 served, none waiting: the run of 'more' broke"
     idle(client)
     controller.reconcile_once()
-    assert not controller._load_turned({NAME: 0})
-    assert controller._load_turned({NAME: 2}), "a backlog starts a delay"
-    assert not controller._load_turned({"other": 5}), "not an autoscaled deployment"
+    assert not controller.autoscaling.load_turned({NAME: 0})
+    assert controller.autoscaling.load_turned({NAME: 2}), "a backlog starts a delay"
+    assert not controller.autoscaling.load_turned({"other": 5}), "not an autoscaled deployment"
 
 
 def test_which_deployments_are_looked_at_between_passes(store, client, clock):
@@ -386,12 +406,12 @@ def test_which_deployments_are_looked_at_between_passes(store, client, clock):
         serving(client, 1, name)
     controller = leading(store, clock)
     controller.reconcile_once()
-    assert controller.watched == ("fast", "zero") and controller.watch_s == WAKE_POLL_S
-    assert controller.asleep == ("zero",)
+    assert controller.autoscaling.watched == ("fast", "zero") and controller.autoscaling.watch_s == WAKE_POLL_S
+    assert controller.autoscaling.asleep == ("zero",)
     store.update_goal("zero", lambda goal: {"options": {**goal.options, "autoscaling_config": None}}, "deploy")
     store.update_goal("fast", lambda goal: {"options": {**goal.options, "autoscaling_config": None}}, "deploy")
     controller.reconcile_once()
-    assert (controller.watched, controller.watch_s) == ((), None)
+    assert (controller.autoscaling.watched, controller.autoscaling.watch_s) == ((), None)
 
 
 def test_the_wait_ends_when_an_autoscaling_delay_does(store, client):
@@ -400,7 +420,7 @@ def test_the_wait_ends_when_an_autoscaling_delay_does(store, client):
     controller._lead(store.acquire_lease(controller.controller_id, 60))
     waiting(client, 4)
     controller.reconcile_once()
-    assert controller.due is not None
+    assert controller.autoscaling.due is not None
     assert seconds_in_wait(controller, store) < 2, "the 0.5 s upscale delay, not the 10 s resync"
     controller.reconcile_once()
     assert store.autoscale_state(NAME).target == 4
@@ -415,7 +435,7 @@ def test_autoscaling_turned_off_forgets_the_state_and_a_new_leader_cleans_up(sto
 
     deploy(store, autoscaling=None, num_replicas=2)
     controller.reconcile_once()
-    assert store.autoscale_state(NAME) is None and NAME not in controller.scaling
+    assert store.autoscale_state(NAME) is None and NAME not in controller.autoscaling.scaling
     assert active(store) == 2
 
     # A state left behind (a leader died before it saw autoscaling turned off) goes too.
@@ -437,7 +457,7 @@ def test_a_deleted_deployment_leaves_no_state(store, client, clock):
         for replica in store.replicas_of(NAME):
             store.update_replica(replica.replica_id, state=ReplicaState.STOPPED)
     assert store.get_goal(NAME) is None
-    assert not client.exists(Store.scale_key(NAME)) and controller.scaling == {}
+    assert not client.exists(Store.scale_key(NAME)) and controller.autoscaling.scaling == {}
 
 
 def test_an_unreadable_stored_state_starts_from_the_goal(store, client, clock, caplog):

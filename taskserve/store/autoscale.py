@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional
 
-from .base import StoreBase, describe_error, shorten
+from ..state import AutoscaleState
+from .base import StoreBase, describe_error
 from .goals import HISTORY_LIMIT
 
 # At most this many of the history's entries are autoscaling changes: a busy autoscaler
@@ -23,58 +23,7 @@ AUTOSCALE_ACTION = "autoscale"
 # How an autoscaling history entry's JSON starts (set_autoscale_state writes "action" first).
 _AUTOSCALE_ENTRY_PREFIX = json.dumps({"action": AUTOSCALE_ACTION})[:-1]
 
-
-@dataclass(frozen=True)
-class AutoscaleState:
-    """What the controller decided for an autoscaled deployment, as ``{p}:scale:{name}`` holds it.
-
-    ``target`` is the replica count the controller plans for (the goal's ``num_replicas``
-    is only where autoscaling starts); ``waiting`` and ``serving`` are the load it was
-    decided for: requests in the deployment's queue, and those its replicas took and have
-    not acknowledged. ``at`` (seconds since the epoch) is when this load, target and reason
-    were first seen together, ``changed_at`` when the target last changed.
-
-    >>> state = AutoscaleState(target=3, reason="3 replicas for 14 waiting/serving, target 5 each",
-    ...                        waiting=10, serving=4, at=1700000000.0, changed_at=1699999990.0)
-    >>> state.load
-    14
-    >>> AutoscaleState.from_json(state.to_json()) == state
-    True
-    >>> AutoscaleState.from_json('{"target": 2, "zone": "a"}')      # unknown fields are left out
-    AutoscaleState(target=2, reason='', waiting=0, serving=0, at=0.0, changed_at=0.0)
-    """
-
-    target: int
-    reason: str = ""
-    waiting: int = 0
-    serving: int = 0
-    at: float = 0.0
-    changed_at: float = 0.0
-
-    @property
-    def load(self) -> int:
-        """Requests waiting or being served."""
-        return self.waiting + self.serving
-
-    def to_json(self) -> str:
-        return json.dumps({"target": self.target, "reason": self.reason, "waiting": self.waiting,
-                           "serving": self.serving, "at": self.at, "changed_at": self.changed_at})
-
-    @classmethod
-    def from_json(cls, text: Union[str, bytes]) -> "AutoscaleState":
-        """Read a state; raises ``ValueError`` (or ``TypeError``) for one that is not a state."""
-        data = json.loads(text)
-        if not isinstance(data, dict) or isinstance(data.get("target"), bool) or \
-                not isinstance(data.get("target"), int) or data["target"] < 0:
-            raise ValueError(f"not an autoscaling state: {shorten(text)}")
-        return cls(
-            target=data["target"],
-            reason=str(data.get("reason") or ""),
-            waiting=int(data.get("waiting") or 0),
-            serving=int(data.get("serving") or 0),
-            at=float(data.get("at") or 0.0),
-            changed_at=float(data.get("changed_at") or 0.0),
-        )
+__all__ = ["AUTOSCALE_ACTION", "AUTOSCALE_HISTORY_LIMIT", "Autoscale", "AutoscaleState"]
 
 
 class Autoscale(StoreBase):

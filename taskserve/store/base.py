@@ -89,12 +89,6 @@ def as_text(value: Optional[Union[str, bytes]]) -> Optional[str]:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def shorten(value: Union[str, bytes], limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters, for an error message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def describe_error(error: BaseException) -> str:
     """An error as one line.
 
