@@ -29,6 +29,7 @@ from .api import (
     scale_deployment,
 )
 from .batching import batch
+from .canvas import signature
 from .connection import connect
 from .errors import (
     BackPressureError,
@@ -68,4 +69,5 @@ __all__ = [
     "restart_deployment",
     "rollback_deployment",
     "scale_deployment",
+    "signature",
 ]

@@ -34,14 +34,14 @@ so it is imported by user scripts and tested alone:
   the per-instance settings that ``set_max_batch_size`` and
   ``set_batch_wait_timeout_s`` change;
 * :func:`check_batched_methods`: the deploy-time check of the methods' signatures;
-* :func:`run_batch`: one call of the method, fanned out into one :class:`Outcome`
+* :func:`run_batch`: one call of the method, fanned out into one :class:`~taskserve.wire.Outcome`
   per request (a wrong-length result, or an exception, fails them all);
 * :func:`window_wait`, :class:`ArrivalRate`: how long to wait for more items;
 * :class:`PendingItems`: requests received and waiting, by method, oldest first;
 * :class:`BatchSizeHistogram`: batch sizes, counted as a Prometheus histogram.
 
 The replica's side (receiving, holding and acknowledging messages) is
-:mod:`taskserve.node.batcher`.
+:mod:`taskserve.node.batch_server`.
 """
 
 from __future__ import annotations
@@ -52,15 +52,16 @@ import inspect
 import itertools
 import math
 import statistics
-import traceback
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Generic, Optional, TypeVar, Union
 
+from .wire import Outcome
+
 __all__ = [
     "BATCH_SIZES_FIELD", "DEFAULT_BATCH_WAIT_TIMEOUT_S", "DEFAULT_MAX_BATCH_SIZE", "ArrivalRate", "BatchLengthError", "BatchSettings",
-    "BatchSizeHistogram", "BatchedMethod", "BoundBatch", "Outcome", "PendingItems", "batch", "batched_methods",
-    "bind_batched", "check_batched_methods", "failure_envelope", "run_batch", "split_results", "window_wait",
+    "BatchSizeHistogram", "BatchedMethod", "BoundBatch", "PendingItems", "batch", "batched_methods",
+    "bind_batched", "check_batched_methods", "run_batch", "split_results", "window_wait",
 ]
 
 T = TypeVar("T")
@@ -409,53 +410,6 @@ def check_batched_methods(target: Any) -> None:
 # --------------------------------------------------------------------------- running a batch
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What one request of a batch gets: its value, or the error it fails with."""
-
-    value: Any = None
-    error: Optional[BaseException] = None
-    traceback_text: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @classmethod
-    def failure(cls, error: BaseException) -> "Outcome":
-        return cls(error=error, traceback_text=_format_traceback(error))
-
-    def envelope(self) -> dict[str, Any]:
-        """The answer as a replica stores it: ``{"ok": True, "value": ...}`` or the error as data.
-
-        >>> Outcome(value=3).envelope()
-        {'ok': True, 'value': 3}
-        >>> Outcome.failure(KeyError("k")).envelope()["type"]
-        'KeyError'
-        """
-        if self.error is None:
-            return {"ok": True, "value": self.value}
-        return failure_envelope(self.error, self.traceback_text)
-
-
-def _format_traceback(error: BaseException) -> str:
-    return "".join(traceback.format_exception(type(error), error, error.__traceback__))
-
-
-def failure_envelope(error: BaseException, traceback_text: Optional[str] = None) -> dict[str, Any]:
-    """``error`` as the data a caller re-raises as :class:`~taskserve.errors.ReplicaError`.
-
-    >>> failure_envelope(ValueError("no"), "")
-    {'ok': False, 'type': 'ValueError', 'message': 'no', 'traceback': ''}
-    """
-    return {
-        "ok": False,
-        "type": type(error).__name__,
-        "message": str(error),
-        "traceback": _format_traceback(error) if traceback_text is None else traceback_text,
-    }
-
-
 def split_results(returned: Any, count: int, name: str) -> list[Any]:
     """The ``count`` results of a batch, from what the batched method ``name`` returned.
 
@@ -491,11 +445,11 @@ def run_batch(call: Callable[[list], Any], items: list, name: str) -> list[Outco
 
     >>> [o.value for o in run_batch(lambda xs: [x + 1 for x in xs], [1, 2], "f")]
     [2, 3]
-    >>> {o.envelope()["message"] for o in run_batch(lambda xs: xs[:1], [1, 2], "f")}
+    >>> {o.message for o in run_batch(lambda xs: xs[:1], [1, 2], "f")}
     {'f returned 1 result for a batch of 2 items; a batched method returns exactly one result per item, in order'}
     >>> def fails(xs):
     ...     raise RuntimeError("out of memory")
-    >>> [o.envelope()["type"] for o in run_batch(fails, [1, 2], "f")]
+    >>> [o.error_type for o in run_batch(fails, [1, 2], "f")]
     ['RuntimeError', 'RuntimeError']
     >>> [o.ok for o in run_batch(lambda xs: [1, ValueError("bad item")], ["a", "b"], "f")]
     [True, False]
@@ -503,9 +457,10 @@ def run_batch(call: Callable[[list], Any], items: list, name: str) -> list[Outco
     try:
         values = split_results(call(items), len(items), name)
     except Exception as error:
-        failed = Outcome.failure(error)
+        failed = Outcome.of_exception(error)
         return [failed] * len(items)
-    return [Outcome.failure(value) if isinstance(value, BaseException) else Outcome(value=value) for value in values]
+    return [Outcome.of_exception(value) if isinstance(value, BaseException) else Outcome(True, value)
+            for value in values]
 
 
 # --------------------------------------------------------------------------- the wait window

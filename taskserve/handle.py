@@ -18,26 +18,24 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
-import celery.states
 import kombu.exceptions
 import redis
-from kombu.utils.json import loads as json_loads
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .answers import AnswerListener, Waiter
-from .call_message import CallMessages
 from .celery_app import make_app
-from .connection import current_address, current_store, redis_client
-from .errors import BackPressureError, DeploymentNotFound, DeploymentUnavailable, RedisUnavailable, ReplicaError
+from .connection import cluster_secret, current_address, current_store, redis_client
+from .errors import BackPressureError, DeploymentNotFound, DeploymentUnavailable, RedisUnavailable
+from .signing import ClusterSecret
 from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState
 from .store import Store, canary_queue_name, queue_name
+from .wire import READY_STATES, Answer, Call, CallEncoder, decode_answer
 
 # A handle re-reads its deployment (exists? can serve? queue limit?) at most this often.
 EXISTENCE_CHECK_INTERVAL_S = 1.0
@@ -71,17 +69,24 @@ class Caller:
 
     address: str
     client: redis.Redis
-    messages: CallMessages
+    messages: CallEncoder
     listener: AnswerListener
     serializer: str
+    secret: Optional[ClusterSecret]     # pickle only: calls are signed, answers verified
+
+    def encode(self, call: Call) -> bytes:
+        return self.messages.encode(call, self.serializer, self.secret)
+
+    def decode(self, data: bytes) -> Answer:
+        return decode_answer(data, self.serializer, self.secret)
 
 
 def caller(address: str, serializer: str) -> Caller:
     """The :class:`Caller` of this process for ``address`` and ``serializer`` (a forked
     child gets its own: a connection and a listener thread do not survive a fork)."""
     pid = os.getpid()
-    return Caller(address, _client(address, pid), _messages(address, serializer),
-                  _listener(address, pid), serializer)
+    return Caller(address, _client(address, pid), _messages(address), _listener(address, pid), serializer,
+                  cluster_secret(address) if serializer == "pickle" else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,8 +96,8 @@ def _client(address: str, pid: int) -> redis.Redis:
 
 
 @functools.lru_cache(maxsize=None)
-def _messages(address: str, serializer: str) -> CallMessages:
-    return CallMessages(make_app(address, serializer), serializer)
+def _messages(address: str) -> CallEncoder:
+    return CallEncoder(make_app(address))
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,7 +151,7 @@ class Response:
         self._waiter = waiter
         self._task_id = task_id
         self.deployment = deployment
-        self._outcome: Optional[tuple[bool, Any]] = None    # (ok, value or error) once read
+        self._answer: Optional[Answer] = None
 
     @property
     def request_id(self) -> str:
@@ -160,16 +165,12 @@ class Response:
         cannot be reached. The answer is removed from Redis once read; asking again
         gives the same value.
         """
-        if self._outcome is None:
-            meta = self._await(timeout)
+        if self._answer is None:
+            self._answer = self._await(timeout)
             self._forget()
-            self._outcome = outcome(meta)
-        ok, value = self._outcome
-        if ok:
-            return value
-        raise value
+        return self._answer.result()
 
-    def _await(self, timeout: Optional[float]) -> dict:
+    def _await(self, timeout: Optional[float]) -> Answer:
         """The answer's result record: as it is published, or read from its key.
 
         The key is read every ``RESULT_RECHECK_S`` while no answer is heard (one
@@ -191,9 +192,9 @@ class Response:
                 waiter.event.clear()
                 data, waiter.data = waiter.data, None
                 if data is not None:
-                    meta = self._decode(data)
-                    if meta.get("status") in celery.states.READY_STATES:
-                        return meta
+                    answer = self._caller.decode(data)
+                    if answer.state in READY_STATES:
+                        return answer
                     continue
             try:
                 data = client.get(waiter.key)
@@ -202,9 +203,9 @@ class Response:
                 data, cause = None, error
                 outage_since = outage_since or time.monotonic()
             if data is not None:
-                meta = self._decode(data)
-                if meta.get("status") in celery.states.READY_STATES:
-                    return meta
+                answer = self._caller.decode(data)
+                if answer.state in READY_STATES:
+                    return answer
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 if outage_since is not None:
@@ -212,9 +213,6 @@ class Response:
                 raise self._timed_out(timeout)
             if deadline is None and outage_since is not None and now - outage_since >= OUTAGE_WAIT_S:
                 raise RedisUnavailable(self._caller.address, str(cause).strip())
-
-    def _decode(self, data: bytes) -> dict:
-        return pickle.loads(data) if self._caller.serializer == "pickle" else json_loads(data)
 
     def _timed_out(self, timeout: Optional[float]) -> TimeoutError:
         return TimeoutError(
@@ -231,31 +229,6 @@ class Response:
 
     def __repr__(self) -> str:
         return f"<Response {self.deployment} {self.request_id}>"
-
-
-def outcome(meta: dict) -> tuple[bool, Any]:
-    """(True, value) or (False, ReplicaError) for a finished request's result record.
-
-    >>> outcome({"status": "SUCCESS", "result": {"ok": True, "value": 42}})
-    (True, 42)
-    >>> outcome({"status": "SUCCESS", "result": {"ok": False, "type": "ValueError", "message": "bad"}})[1]
-    ReplicaError('ValueError: bad')
-    >>> outcome({"status": "FAILURE", "result": {"exc_type": "WorkerLostError", "exc_message": ["lost"]},
-    ...          "traceback": "tb"})[1]
-    ReplicaError('WorkerLostError: lost')
-    """
-    envelope = meta.get("result")
-    if meta.get("status") == celery.states.SUCCESS and isinstance(envelope, dict):
-        if envelope.get("ok"):
-            return True, envelope["value"]
-        return False, ReplicaError(envelope["type"], envelope["message"], envelope.get("traceback", ""))
-    # Celery itself failed the task (say, its worker was lost): an exception or its description.
-    if isinstance(envelope, BaseException):
-        return False, ReplicaError(type(envelope).__name__, str(envelope), meta.get("traceback") or "")
-    error = envelope if isinstance(envelope, dict) else {}
-    args = error.get("exc_message")
-    message = str(args[0]) if isinstance(args, (list, tuple)) and len(args) == 1 else str(args or "")
-    return False, ReplicaError(error.get("exc_type") or str(meta.get("status")), message, meta.get("traceback") or "")
 
 
 @dataclass
@@ -316,20 +289,23 @@ class DeploymentHandle:
             queue = self._queue()
             call = caller(address, self.serializer)
             task_id = call.listener.new_task_id()
-            item = call.messages.encode(task_id, queue, self.method, list(args), kwargs)
+            item = self._encode(call, Call(task_id, self.method, list(args), kwargs, queue=queue))
             waiter = call.listener.expect(task_id)      # listening before the call can be answered
             call.client.lpush(queue, item)
-        except kombu.exceptions.EncodeError as error:
-            raise TypeError(
-                f"the arguments of this call to {self.deployment!r} cannot travel as "
-                f"{self.serializer} ({error}); pass plain data, or deploy it with serializer='pickle'"
-            ) from None
         except Exception as error:
             cause = _unreachable(error)
             if cause is None:
                 raise
             raise RedisUnavailable(address, str(cause).strip()) from None
         return Response(call, waiter, task_id, self.deployment)
+
+    def _encode(self, call: Caller, message: Call) -> bytes:
+        try:
+            return call.encode(message)
+        except (TypeError, ValueError, kombu.exceptions.EncodeError) as error:
+            raise TypeError(f"the arguments of this call to {self.deployment!r} cannot travel as "
+                            f"{self.serializer} ({error}); pass plain data, or deploy it with serializer='pickle'"
+                            ) from None
 
     def _check(self, store: Store) -> None:
         """Re-read the deployment (one ``MGET``) if the last read is a second old; raise

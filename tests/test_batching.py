@@ -23,13 +23,18 @@ from taskserve.batching import (
     batched_methods,
     bind_batched,
     check_batched_methods,
-    failure_envelope,
     run_batch,
     split_results,
     window_wait,
 )
-from taskserve.node.batcher import expired
-from taskserve.node.replica import Dispatcher, _envelope
+from taskserve.wire import Call, Outcome, _expiry
+
+
+def envelope(outcome: Outcome) -> dict:
+    """An outcome as plain data, to compare outcomes whole."""
+    if outcome.ok:
+        return {"ok": True, "value": outcome.value}
+    return {"ok": False, "type": outcome.error_type, "message": outcome.message, "traceback": outcome.traceback}
 
 # --------------------------------------------------------------------------- the decorator
 
@@ -127,7 +132,7 @@ def test_batched_methods_are_found_through_inheritance_and_overrides():
 
     assert sorted(batched_methods(Child)) == ["__call__", "score"]
     assert sorted(batched_methods(Child())) == ["__call__", "score"]
-    assert batched_methods(Dispatcher) == {}
+    assert batched_methods(Outcome) == {}
     with pytest.raises(TypeError, match="Child.pid is not a batched method"):
         bind_batched(Child(), "pid")
 
@@ -190,7 +195,7 @@ def test_every_bad_method_is_named_in_the_one_error():
                  "Broken.wrapped: a static or class method cannot be batched"):
         assert part in message
     assert check_batched_methods(Model) is None
-    assert check_batched_methods(Dispatcher) is None          # no batched method: nothing to check
+    assert check_batched_methods(Outcome) is None             # no batched method: nothing to check
 
 
 def test_a_batched_function_is_checked_without_self():
@@ -208,12 +213,12 @@ def test_a_batched_function_is_checked_without_self():
 
 def test_each_item_gets_its_own_element_in_order():
     outcomes = run_batch(lambda items: [f"<{x}>" for x in items], ["a", "b", "c"], "Model.__call__")
-    assert [o.envelope() for o in outcomes] == [{"ok": True, "value": f"<{x}>"} for x in "abc"]
+    assert [envelope(o) for o in outcomes] == [{"ok": True, "value": f"<{x}>"} for x in "abc"]
 
 
 def test_a_result_of_the_wrong_length_fails_every_item_naming_both_lengths():
     outcomes = run_batch(lambda items: items[:-1], [1, 2, 3, 4], "Model.__call__")
-    envelopes = [o.envelope() for o in outcomes]
+    envelopes = [envelope(o) for o in outcomes]
     assert len(envelopes) == 4 and all(e == envelopes[0] for e in envelopes)
     assert envelopes[0]["ok"] is False and envelopes[0]["type"] == "BatchLengthError"
     assert envelopes[0]["message"] == ("Model.__call__ returned 3 results for a batch of 4 items; "
@@ -226,7 +231,7 @@ def test_a_result_of_the_wrong_length_fails_every_item_naming_both_lengths():
                                             (5, "int")])
 def test_a_result_that_is_not_a_list_fails_every_item(returned, kind):
     outcomes = run_batch(lambda items: returned, ["x", "y"], "Model.__call__")
-    assert {o.envelope()["message"] for o in outcomes} == {
+    assert {envelope(o)["message"] for o in outcomes} == {
         f"Model.__call__ returned {kind}, not a list of 2 results; a batched method returns one result per "
         "item, in order"}
 
@@ -251,7 +256,7 @@ def test_an_exception_fails_every_item_with_it():
         raise RuntimeError(f"CUDA out of memory at batch size {len(items)}")
 
     outcomes = run_batch(model, [1, 2, 3], "Model.__call__")
-    envelopes = [o.envelope() for o in outcomes]
+    envelopes = [envelope(o) for o in outcomes]
     assert all(e == envelopes[0] for e in envelopes)
     assert (envelopes[0]["type"], envelopes[0]["message"]) == ("RuntimeError", "CUDA out of memory at batch size 3")
     assert "Traceback (most recent call last)" in envelopes[0]["traceback"] and "in model" in envelopes[0]["traceback"]
@@ -260,20 +265,21 @@ def test_an_exception_fails_every_item_with_it():
 def test_an_element_that_is_an_exception_fails_that_item_alone():
     outcomes = run_batch(lambda items: [ValueError(f"bad {x}") if x < 0 else x for x in items], [1, -2, 3], "f")
     assert [o.ok for o in outcomes] == [True, False, True]
-    assert outcomes[1].envelope()["message"] == "bad -2"
+    assert envelope(outcomes[1])["message"] == "bad -2"
 
 
-def test_the_answers_are_the_envelopes_an_unbatched_replica_gives():
+def test_the_answers_are_those_an_unbatched_replica_gives():
     def fails():
         raise KeyError("weights")
 
-    unbatched = _envelope(Dispatcher(lambda: fails(), "function"), "__call__", [], {})
-    batched = run_batch(lambda items: fails(), [1], "f")[0].envelope()
+    try:
+        fails()
+    except KeyError as error:
+        unbatched = envelope(Outcome.of_exception(error))
+    batched = envelope(run_batch(lambda items: fails(), [1], "f")[0])
     assert set(batched) == set(unbatched) and batched["type"] == unbatched["type"]
     assert batched["message"] == unbatched["message"]
-    assert failure_envelope(KeyError("weights"), "")["message"] == unbatched["message"]
-    assert _envelope(Dispatcher(lambda: 5, "function"), "__call__", [], {}) == run_batch(
-        lambda items: [5], [1], "f")[0].envelope()
+    assert envelope(Outcome(True, 5)) == envelope(run_batch(lambda items: [5], [1], "f")[0])
 
 
 # --------------------------------------------------------------------------- the wait window
@@ -418,6 +424,9 @@ def test_batch_sizes_are_a_prometheus_histogram():
 
 
 def test_expired_requests_are_recognised_by_their_expires_header():
+    def expired(header):
+        return Call("t", "m", [], {}, expires_at=_expiry(header)).expired()
+
     assert expired("2000-01-01T00:00:00+00:00")
     assert not expired("2999-01-01T00:00:00.000000+00:00")
     assert not expired(None) and not expired("") and not expired("not a date")

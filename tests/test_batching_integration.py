@@ -28,7 +28,7 @@ import taskserve
 from taskserve.batching import BATCH_SIZES_FIELD, batch
 from taskserve.celery_app import TASK_NAME, make_app
 from taskserve.connection import current_store
-from taskserve.node.batcher import BatchTransport
+from taskserve.node.batch_server import BatchTransport
 from taskserve.node.inflight import read_tags
 from taskserve.store import UNACKED_KEY, queue_name
 

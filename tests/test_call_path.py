@@ -1,18 +1,14 @@
-"""A handle call's own path, on the test run's Redis: the message it pushes is the one
-``send_task`` would, its answer arrives on the process's one pattern subscription, and
-a lost subscription wakes the waiting calls and comes back by itself.
+"""A handle call's own path, on the test run's Redis: its answer arrives on the process's
+one pattern subscription, a lost subscription wakes the waiting calls and comes back by
+itself, and a replica writes each answer once. (The message a call pushes is the one
+``send_task`` would: tests/test_wire.py.)
 
 End to end through replicas: tests/test_deployments.py and tests/faults/.
 """
 
 from __future__ import annotations
 
-import base64
-import datetime
-import json
-import pickle
 import threading
-import uuid
 
 import kombu
 import pytest
@@ -20,11 +16,9 @@ import redis
 
 import taskserve
 from taskserve.answers import AnswerListener
-from taskserve.call_message import CallMessages
-from taskserve.celery_app import TASK_NAME, make_app
-from taskserve.handle import outcome
-from taskserve.node.replica import ReplicaTransport
+from taskserve.node.transport import ReplicaTransport
 from taskserve.store import result_key
+from taskserve.wire import Outcome, decode_answer, encode_answer
 
 from .helpers import Cluster, wait_until
 
@@ -34,48 +28,8 @@ def client(cluster: Cluster) -> redis.Redis:
     return redis.Redis.from_url(cluster.url)
 
 
-def decoded(item: bytes) -> dict:
-    message = json.loads(item)
-    raw = base64.b64decode(message["body"])
-    message["body"] = pickle.loads(raw) if message["content-type"] == "application/x-python-serialize" else json.loads(raw)
-    return message
-
-
-@pytest.mark.parametrize("serializer, args", [
-    ("json", [1, "two", {"three": [3.5, None, True]}, float("nan")]),
-    ("json", [datetime.datetime(2024, 5, 1, 12, 0), uuid.UUID(int=7)]),    # kombu's type markers
-    ("pickle", [(1, 2), {1, 2}]),
-])
-def test_a_call_pushes_the_message_send_task_would(cluster, client, serializer, args):
-    queue = f"taskserve.call-path-{uuid.uuid4().hex[:8]}"
-    app = make_app(cluster.url, serializer)
-    app.send_task(TASK_NAME, args=("echo", args, {"k": 1}), queue=queue, task_id="t1")
-    celery_message = decoded(client.rpop(queue))
-    ours = decoded(CallMessages(app, serializer).encode("t1", queue, "echo", args, {"k": 1}))
-
-    if serializer == "json" and args[-1] != args[-1]:      # NaN: equal only as text
-        assert json.dumps(ours["body"]) == json.dumps(celery_message["body"])
-    else:
-        assert ours["body"] == celery_message["body"]
-    differ = {"delivery_tag", "reply_to", "origin", "argsrepr", "ignore_result"}   # per message or display only
-    for part in ("headers", "properties"):
-        assert {k: v for k, v in ours[part].items() if k not in differ} == \
-            {k: v for k, v in celery_message[part].items() if k not in differ}
-    assert {k: v for k, v in ours.items() if k not in ("headers", "properties", "body")} == \
-        {k: v for k, v in celery_message.items() if k not in ("headers", "properties", "body")}
-    assert ours["headers"]["argsrepr"] == "('echo', ...)"
-
-
-def test_arguments_json_cannot_carry_are_refused_as_kombu_refuses_them(cluster):
-    import kombu.exceptions
-
-    messages = CallMessages(make_app(cluster.url, "json"), "json")
-    with pytest.raises(kombu.exceptions.EncodeError):
-        messages.encode("t1", "q", "echo", [{1, 2}], {})
-
-
 def publish_answer(client: redis.Redis, task_id: str, value: object) -> None:
-    meta = json.dumps({"status": "SUCCESS", "result": {"ok": True, "value": value}, "task_id": task_id})
+    meta = encode_answer(task_id, Outcome(True, value))
     client.set(result_key(task_id), meta)
     client.publish(result_key(task_id), meta)
 
@@ -86,11 +40,11 @@ def test_the_listener_hands_each_answer_to_its_waiter(cluster, client):
     waiters = [listener.expect(task_id) for task_id in ids]
     publish_answer(client, ids[1], "second")
     assert waiters[1].event.wait(5)
-    assert outcome(json.loads(waiters[1].data)) == (True, "second")
+    assert decode_answer(waiters[1].data).value == "second"
     assert not waiters[0].event.is_set() and not waiters[2].event.is_set()
     publish_answer(client, "someone-else.1", "not ours")     # another process's answer: not heard
     publish_answer(client, ids[0], "first")
-    assert waiters[0].event.wait(5) and json.loads(waiters[0].data)["result"]["value"] == "first"
+    assert waiters[0].event.wait(5) and decode_answer(waiters[0].data).value == "first"
     client.delete(*(result_key(task_id) for task_id in ids[:2]), result_key("someone-else.1"))
 
 
@@ -106,7 +60,7 @@ def test_a_lost_subscription_wakes_the_waiters_and_comes_back(cluster, client):
     publish_answer(client, task_id, "after")
     # Subscribed again, it also wakes its waiters to read their keys: wait for the data itself.
     wait_until(lambda: waiter.data is not None, timeout=5, message="the answer published after the loss")
-    assert json.loads(waiter.data)["result"]["value"] == "after"
+    assert decode_answer(waiter.data).value == "after"
     client.delete(result_key(task_id))
 
 

@@ -11,7 +11,6 @@ import base64
 import fnmatch
 import json
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -32,12 +31,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import taskserve
 from taskserve.celery_app import TASK_NAME, make_app
 from taskserve.gateway.app import listen
-from taskserve.gateway.messaging import ResultWaiter, TaskSender, unwrap
+from taskserve.gateway.messaging import ResultWaiter, TaskSender
 from taskserve.gateway.routes import Route, RouteTable
 from taskserve.http import HTTP_METHOD, Request, Response, decode_response, encode_request, encode_response
 from taskserve.redis_server import free_port
 from taskserve.state import Goal
 from taskserve.store import queue_name, result_key
+from taskserve.wire import Outcome, encode_answer
 from workers.threshold import Threshold as SeedThreshold
 
 from .helpers import REPO, Cluster, running_gateway, wait_until
@@ -115,29 +115,21 @@ def test_return_values_become_http_answers():
         Response(status=1000)
 
 
-def test_unwrap_decodes_results_like_a_handle():
-    assert unwrap({"status": "SUCCESS", "result": {"ok": True, "value": [1]}}) == [1]
-    with pytest.raises(taskserve.ReplicaError) as caught:
-        unwrap({"status": "FAILURE", "result": {"exc_type": "WorkerLostError", "exc_message": ["lost"]},
-                "traceback": "tb"})
-    assert (caught.value.type_name, caught.value.message, caught.value.traceback_text) == ("WorkerLostError", "lost", "tb")
-
-
 @pytest.mark.parametrize("serializer", ["json", "pickle"])
 def test_the_gateway_enqueues_the_message_celery_would(cluster, serializer):
-    """Replicas (and Celery's tools) must read the gateway's messages as they read send_task's."""
+    """Replicas (and Celery's tools) must read the gateway's messages as they read send_task's.
+    An HTTP request is plain data: it travels as JSON whatever the deployment's serializer."""
     route = Route("/x", "sender-check", serializer=serializer, timeout_s=60)
     queue = queue_name(route.deployment)
     client = redis.Redis.from_url(cluster.url)
     payload = {"method": "GET", "path": "/x", "a": [1]}
-    make_app(cluster.url, serializer).send_task(TASK_NAME, args=(HTTP_METHOD, [payload], {}), queue=queue,
-                                                task_id="t1", expires=60)
+    make_app(cluster.url).send_task(TASK_NAME, args=(HTTP_METHOD, [payload], {}), queue=queue,
+                                            task_id="t1", expires=60)
     celery_message = json.loads(client.rpop(queue))
     ours = json.loads(TaskSender(cluster.url, client=None).message(route, "t1", payload))
 
-    decode = pickle.loads if serializer == "pickle" else json.loads
     for message in (ours, celery_message):
-        message["body"] = decode(base64.b64decode(message["body"]))
+        message["body"] = json.loads(base64.b64decode(message["body"]))
     assert ours["body"] == celery_message["body"]
     assert {k: v for k, v in ours.items() if k != "headers" and k != "properties" and k != "body"} == \
         {k: v for k, v in celery_message.items() if k != "headers" and k != "properties" and k != "body"}
@@ -473,8 +465,7 @@ def test_up_serves_http_on_its_http_port(tmp_path):
 
 def stored_result(task_id: str, value: object) -> bytes:
     """A Celery result record of a successful request, as a replica stores it."""
-    return json.dumps({"status": "SUCCESS", "result": {"ok": True, "value": value}, "traceback": None,
-                       "children": [], "date_done": None, "task_id": task_id}).encode()
+    return encode_answer(task_id, Outcome(True, value))
 
 
 async def started_waiter(url: str, **kwargs: object) -> tuple[redis.asyncio.Redis, ResultWaiter]:
@@ -506,8 +497,8 @@ def test_a_result_published_before_the_request_is_pushed_is_delivered(cluster):
                 value = stored_result(task_id, "early")
                 await client.set(result_key(task_id), value)
                 await client.publish(result_key(task_id), value)
-                meta = await waiter.wait(pending, 10, "json")
-            assert unwrap(meta) == "early"
+                answer = await waiter.wait(pending, 10)
+            assert answer.value == "early"
             assert waiter.pending == {}
         finally:
             await waiter.close()
@@ -523,8 +514,8 @@ def test_an_answer_whose_message_never_came_is_read_from_its_key(cluster):
             task_id = waiter.new_task_id()
             with waiter.expecting(task_id) as pending:
                 await client.set(result_key(task_id), stored_result(task_id, "stored, not published"))
-                meta = await waiter.wait(pending, 30, "json")      # the sweep finds it
-            assert unwrap(meta) == "stored, not published"
+                answer = await waiter.wait(pending, 30)      # the sweep finds it
+            assert answer.value == "stored, not published"
         finally:
             await waiter.close()
             await client.aclose()
@@ -540,12 +531,12 @@ def test_answers_stored_while_the_subscription_was_down_are_delivered(cluster):
         try:
             task_id = waiter.new_task_id()
             with waiter.expecting(task_id) as pending:
-                waiting = asyncio.ensure_future(waiter.wait(pending, 30, "json"))
+                waiting = asyncio.ensure_future(waiter.wait(pending, 30))
                 [pubsub] = [c for c in await admin.client_list() if c["name"] == name and "P" in c["flags"]]
                 await admin.client_kill_filter(_id=pubsub["id"])
                 # Stored while the gateway is (re)subscribing: its message may be lost.
                 await client.set(result_key(task_id), stored_result(task_id, "during the outage"))
-                assert unwrap(await waiting) == "during the outage"
+                assert (await waiting).value == "during the outage"
             # Once subscribed again, the next answer comes by message as before.
             deadline = time.monotonic() + 30
             while waiter.lost is not None and time.monotonic() < deadline:
@@ -555,7 +546,7 @@ def test_answers_stored_while_the_subscription_was_down_are_delivered(cluster):
                 value = stored_result(task_id, "after")
                 await client.set(result_key(task_id), value)
                 await client.publish(result_key(task_id), value)
-                assert unwrap(await waiter.wait(pending, 30, "json")) == "after"
+                assert (await waiter.wait(pending, 30)).value == "after"
         finally:
             await waiter.close()
             await client.aclose()
@@ -570,7 +561,7 @@ def test_a_request_without_an_answer_times_out(cluster):
         try:
             with waiter.expecting(waiter.new_task_id()) as pending:
                 with pytest.raises(TimeoutError):
-                    await waiter.wait(pending, 0.2, "json")
+                    await waiter.wait(pending, 0.2)
         finally:
             await waiter.close()
             await client.aclose()

@@ -23,7 +23,7 @@ from kombu.asynchronous import Hub
 import taskserve
 from taskserve.connection import make_store
 from taskserve.node.agent import IDLE_RESYNC_S
-from taskserve.node.replica import BRPOP_TIMEOUT_S, IDLE_WAKE_S, ReplicaTransport, quiet_hub, wake_on_signal
+from taskserve.node.transport import BRPOP_TIMEOUT_S, IDLE_WAKE_S, ReplicaTransport, quiet_hub, wake_on_signal
 from taskserve.store import wait_for_events
 
 from .helpers import Cluster, replica_pids, wait_until

@@ -62,7 +62,7 @@ from ..errors import BackPressureError, DeploymentUnavailable, RedisUnavailable,
 from ..handle import unavailable_reason
 from ..http import decode_response, encode_request
 from ..store import ClusterReader, Store
-from .messaging import Expired, RateLimitedLog, ResultJanitor, ResultWaiter, TaskSender, unwrap
+from .messaging import Expired, RateLimitedLog, ResultJanitor, ResultWaiter, TaskSender
 from .metrics import GatewayMetrics, StatusCache, StatusReader
 from .routes import Route, RouteTable
 
@@ -303,7 +303,7 @@ class Gateway:
         try:
             with self.results.expecting(task_id) as pending:
                 await self.sender.send(route, task_id, payload, queue)
-                meta = await self.results.wait(pending, route.timeout_s, route.serializer)
+                answer = await self.results.wait(pending, route.timeout_s)
         except BackPressureError as error:
             return error_response(503, "BackPressure", str(error), headers={"retry-after": str(RETRY_AFTER_S)}), \
                 "backpressure"
@@ -320,12 +320,13 @@ class Gateway:
             self.redis_error_log.warning("cannot send a request to %s: %s", name, error)
             return self._unreachable_response(error), "unavailable"
         self.janitor.forget(task_id)
+        answered_by = answer.version or version
         try:
-            status, headers, content = decode_response(unwrap(meta))
+            status, headers, content = decode_response(answer.result())
         except ReplicaError as error:
             extra = {"traceback": error.traceback_text} if self.debug else {}
             return error_response(500, error.type_name, error.message,
-                                  headers={VERSION_HEADER: _answered_by(meta) or version}, **extra), "replica_error"
+                                  headers={VERSION_HEADER: answered_by}, **extra), "replica_error"
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             return error_response(
                 500, "BadResponse", f"deployment {name!r} sent an answer the gateway cannot read ({error}); "
@@ -333,7 +334,6 @@ class Gateway:
         response = Response(content, status_code=status)
         response.raw_headers.extend(
             (key.encode("latin-1", "replace"), value.encode("latin-1", "replace")) for key, value in headers)
-        answered_by = _answered_by(meta) or version
         response.raw_headers.append((VERSION_HEADER.encode(), answered_by.encode("latin-1", "replace")))
         return response, "" if status < 400 else "app"
 
@@ -399,18 +399,6 @@ class Gateway:
 
     async def dashboard(self, request: HTTPRequest) -> Response:
         return HTMLResponse(self.dashboard_html)
-
-
-def _answered_by(meta: dict) -> str:
-    """The version of the replica that answered, as it wrote it in its answer ("" if it
-    did not: a replica older than the gateway).
-
-    >>> _answered_by({"status": "SUCCESS", "result": {"ok": True, "value": 1, "version": "2"}})
-    '2'
-    """
-    envelope = meta.get("result")
-    version = envelope.get("version") if isinstance(envelope, dict) else None
-    return version if isinstance(version, str) else ""
 
 
 def _pool_exhausted(error: BaseException) -> bool:

@@ -6,8 +6,8 @@ builds the message kombu's Redis transport would, and pushes the requests of one
 event-loop step in one round trip). Its answer arrives through pub/sub
 (:class:`ResultWaiter`): the gateway subscribes **once**, when it starts, to a pattern
 that matches the result channel of every task id it hands out, so a request
-subscribes to nothing of its own and no answer can be published unseen. :func:`unwrap`
-reads an answer. An answer read is deleted from Redis by :class:`ResultJanitor`, in
+subscribes to nothing of its own and no answer can be published unseen;
+:func:`taskserve.wire.decode_answer` reads it, as a handle does. An answer read is deleted from Redis by :class:`ResultJanitor`, in
 batches, off the request's path. A deployment with ``max_queued_requests`` gets its
 request pushed only if its queue has room, checked in the same Lua script as the push.
 
@@ -18,35 +18,27 @@ Example::
     task_id = waiter.new_task_id()                # "<gateway id>.<n>"
     with waiter.expecting(task_id) as pending:
         await TaskSender(address, client).send(route, task_id, payload)
-        meta = await waiter.wait(pending, route.timeout_s, route.serializer)
+        answer = await waiter.wait(pending, route.timeout_s)
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
-import json
 import logging
-import pickle
 import secrets
 import time
-import uuid
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Optional
 
-import kombu.serialization
-import orjson
 import redis
 import redis.asyncio
-from celery import states
-from kombu.utils.json import loads as json_loads
 
-from ..celery_app import TASK_NAME, make_app
-from ..errors import BackPressureError, ReplicaError
+from ..celery_app import make_app
+from ..errors import BackPressureError
 from ..http import HTTP_METHOD
 from ..store import EVENTS_CHANNEL, queue_name, result_key, result_key_pattern
+from ..wire import READY_STATES, Answer, Call, CallEncoder, decode_answer
 from .routes import Route
 
 log = logging.getLogger("taskserve.gateway")
@@ -110,36 +102,6 @@ class RateLimitedLog:
         self.logger.warning(message, *args)
         self.last, self.suppressed = now, 0
         return True
-
-
-def unwrap(meta: dict) -> Any:
-    """The value in a finished request's Celery result, decoded as
-    :meth:`taskserve.handle.Response.result` does; raises :class:`ReplicaError`.
-
-    >>> unwrap({"status": "SUCCESS", "result": {"ok": True, "value": 42}})
-    42
-    >>> unwrap({"status": "SUCCESS", "result": {"ok": False, "type": "ValueError", "message": "bad"}})
-    Traceback (most recent call last):
-    ...
-    taskserve.errors.ReplicaError: ValueError: bad
-    """
-    if meta.get("status") == states.FAILURE:   # Celery itself failed to run the task
-        error = meta.get("result")
-        if isinstance(error, BaseException):
-            raise ReplicaError(type(error).__name__, str(error), meta.get("traceback") or "")
-        error = error if isinstance(error, dict) else {}
-        args = error.get("exc_message")
-        message = str(args[0]) if isinstance(args, (list, tuple)) and len(args) == 1 else str(args or "")
-        raise ReplicaError(error.get("exc_type") or "Exception", message, meta.get("traceback") or "")
-    envelope = meta["result"]
-    if envelope.get("ok"):
-        return envelope["value"]
-    raise ReplicaError(envelope["type"], envelope["message"], envelope.get("traceback", ""))
-
-
-def decode_meta(data: bytes, serializer: str) -> dict:
-    """A Celery result record as the replica wrote it (JSON, or pickle for pickle deployments)."""
-    return pickle.loads(data) if serializer == "pickle" else json_loads(data)
 
 
 class Expired(Exception):
@@ -207,7 +169,7 @@ class ResultWaiter:
         task_id = waiter.new_task_id()
         with waiter.expecting(task_id) as pending:
             await sender.send(route, task_id, payload)
-            meta = await waiter.wait(pending, route.timeout_s, route.serializer)
+            answer = await waiter.wait(pending, route.timeout_s)
     """
 
     def __init__(self, client: redis.asyncio.Redis, on_event: Callable[[], None],
@@ -312,8 +274,9 @@ class ResultWaiter:
         finally:
             del self.pending[pending.key]
 
-    async def wait(self, pending: Pending, timeout_s: float, serializer: str) -> dict:
-        """The finished result record of ``pending``'s task; ``TimeoutError`` after ``timeout_s``.
+    async def wait(self, pending: Pending, timeout_s: float) -> Answer:
+        """The finished answer of ``pending``'s task; ``TimeoutError`` after ``timeout_s``,
+        :class:`Expired` if no replica took it in time.
 
         If the pub/sub connection is lost meanwhile, the result key is read at once: a
         Redis that is away raises ``redis.ConnectionError`` then.
@@ -332,11 +295,11 @@ class ResultWaiter:
                     data = await self.client.get(pending.key)   # woken by a lost connection
                     if data is None:
                         continue
-                meta = decode_meta(data, serializer)
-                if meta.get("status") == states.REVOKED:
+                answer = decode_answer(data)
+                if answer.expired:
                     raise Expired(pending.task_id)
-                if meta.get("status") in states.READY_STATES:
-                    return meta
+                if answer.state in READY_STATES:
+                    return answer
         finally:
             timer.cancel()
 
@@ -396,9 +359,7 @@ class TaskSender:
 
     def __init__(self, address: str, client: Optional[redis.asyncio.Redis]) -> None:
         self.client = client
-        # The apps only build messages; they never connect.
-        apps = {serializer: make_app(address, serializer) for serializer in ("json", "pickle")}
-        self.templates = {serializer: _message_template(app) for serializer, app in apps.items()}
+        self.encoder = CallEncoder(make_app(address))     # the app only builds messages; it never connects
         self.batch: list[tuple[str, bytes, Optional[int], asyncio.Future]] = []
         self.pushing: Optional[asyncio.Task] = None
 
@@ -463,48 +424,17 @@ class TaskSender:
                 future.set_result(result)
 
     def message(self, route: Route, task_id: str, payload: dict, queue: Optional[str] = None) -> bytes:
-        """The message of one request, as it sits in ``queue`` (the deployment's by default)."""
-        headers, properties, embed = self.templates[route.serializer]
-        expires = datetime.now(timezone.utc) + timedelta(seconds=route.timeout_s)
-        headers = {
-            **headers, "id": task_id, "root_id": task_id,
-            "expires": expires.isoformat(),    # a replica skips a request its caller gave up on
-            # What `celery inspect` shows; Celery's own repr of the base64 body costs more
-            # than the rest of the message.
-            "argsrepr": f"('{HTTP_METHOD}', '{payload['method']} {payload['path']}')",
-        }
-        body = ((HTTP_METHOD, [payload], {}), {}, embed)
-        if route.serializer == "json":    # plain data: the standard library's encoder writes what kombu's would
-            content_type, encoding, raw = "application/json", "utf-8", json.dumps(body).encode()
-        else:
-            content_type, encoding, data = kombu.serialization.dumps(body, route.serializer)
-            raw = data.encode(encoding) if isinstance(data, str) else data
-        queue = queue or queue_name(route.deployment)
-        # The envelope holds strings and numbers only: orjson writes it at a tenth of json.dumps's cost.
-        return orjson.dumps({
-            "body": base64.b64encode(raw).decode("ascii"),
-            "content-encoding": encoding,
-            "content-type": content_type,
-            "headers": headers,
-            "properties": {
-                **properties,
-                "correlation_id": task_id,
-                "delivery_mode": 2,                   # persistent, Celery's default
-                "priority": 0,                        # priority 0 lives in the queue's own list
-                "expiration": str(int(route.timeout_s * 1000)),
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-                "delivery_info": {"exchange": "", "routing_key": queue},
-            },
-        })
+        """The message of one request, as it sits in ``queue`` (the deployment's by default).
 
-
-def _message_template(app: Any) -> tuple[dict, dict, dict]:
-    """The headers, properties and body options Celery gives every ``taskserve.call``
-    message of ``app``; what differs per request is filled in by :meth:`TaskSender.message`."""
-    headers, properties, body, _ = app.amqp.create_task_message(
-        "", TASK_NAME, (HTTP_METHOD, [], {}), {}, expires=1.0, argsrepr="", kwargsrepr="{}")
-    return headers, properties, body[2]
+        An HTTP request travels as JSON whatever the deployment's serializer: it is
+        plain data, and the gateway never unpickles. It expires when the gateway stops
+        waiting for it: a replica does not run a request its caller gave up on.
+        """
+        call = Call(task_id, HTTP_METHOD, [payload], {}, queue=queue or queue_name(route.deployment),
+                    expires_at=time.time() + route.timeout_s)
+        # What `celery inspect` shows; Celery's own repr of the base64 body costs more
+        # than the rest of the message.
+        return self.encoder.encode(call, argsrepr=f"('{HTTP_METHOD}', '{payload['method']} {payload['path']}')")
 
 
 class ResultJanitor:

@@ -28,7 +28,7 @@ A request to a method that is not batched runs alone, in arrival order.
 
 Example (what :meth:`taskserve.node.replica.ReplicaProcess.serve` does)::
 
-    server = BatchServer(replica, dispatcher, app, InflightFile(path), max_deliveries=3,
+    server = BatchServer(replica, dispatcher, app, InflightFile(path), answerer, max_deliveries=3,
                          concurrency=1, serializer="json")
     exit_code = server.serve()      # returns after SIGTERM, once the batches in hand are answered
 """
@@ -42,12 +42,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Optional
 
 import kombu
 import redis
-from celery import states
 from kombu.transport import virtual
 from kombu.utils.json import dumps as kombu_dumps
 
@@ -56,33 +54,22 @@ from ..batching import (
     ArrivalRate,
     BatchSettings,
     BatchSizeHistogram,
-    Outcome,
     PendingItems,
     batched_methods,
     bind_batched,
-    failure_envelope,
     run_batch,
     window_wait,
 )
 from ..connection import redis_client
 from ..http import HTTP_METHOD, Request, encode_response
 from ..store import replica_queue
+from ..wire import Call, NotARequest, Outcome, decode_call
+from .answering import Answerer, refuse_redelivery
 from .inflight import InflightFile
-from .replica import (
-    REDIS_UNREACHABLE,
-    Dispatcher,
-    ReplicaChannel,
-    ReplicaProcess,
-    ReplicaQoS,
-    ReplicaTransport,
-    _envelope,
-    _run,
-    refuse_redelivery,
-    request_problem,
-    retry_while_unreachable,
-)
+from .invoke import Dispatcher
+from .transport import REDIS_UNREACHABLE, ReplicaChannel, ReplicaQoS, ReplicaTransport
 
-log = logging.getLogger("taskserve.node.batcher")
+log = logging.getLogger("taskserve.node.batch_server")
 
 # The key of requests to methods that are not batched: each runs alone.
 UNBATCHED = ""
@@ -102,31 +89,13 @@ class Held:
     """A request received and not yet acknowledged."""
 
     message: Any
-    task_id: str
-    method: str
-    args: list
-    kwargs: dict
-    redelivered: bool
-    expires: Optional[str]
+    call: Call
     settled: bool = False      # answered (or given up on) and acknowledged
     taken_at: float = field(default_factory=time.perf_counter)
 
-
-def expired(expires: Optional[str], now: Optional[datetime] = None) -> bool:
-    """Whether a request whose ``expires`` header is ``expires`` (ISO 8601) is past it.
-
-    >>> expired("2020-01-01T00:00:00+00:00"), expired(None), expired("3020-01-01T00:00:00")
-    (True, False, False)
-    """
-    if not expires:
-        return False
-    try:
-        moment = datetime.fromisoformat(expires)
-    except (TypeError, ValueError):
-        return False
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment <= (now or datetime.now(timezone.utc))
+    @property
+    def task_id(self) -> str:
+        return self.call.task_id
 
 
 class BatchQoS(ReplicaQoS):
@@ -163,9 +132,10 @@ class BatchTransport(ReplicaTransport):
 class BatchServer:
     """Serves a batched deployment's queue; see the module docstring."""
 
-    def __init__(self, replica: ReplicaProcess, dispatcher: Dispatcher, app: Any, inflight: InflightFile,
+    def __init__(self, replica: Any, dispatcher: Dispatcher, app: Any, inflight: InflightFile, answerer: Answerer,
                  max_deliveries: int, concurrency: int = 1, serializer: str = "json") -> None:
         self.replica = replica
+        self.answerer = answerer
         self.dispatcher = dispatcher
         self.app = app
         self.inflight = inflight
@@ -299,15 +269,15 @@ class BatchServer:
         """A message taken from the queue: dropped if it is not a request, else held."""
         if self.stopping.is_set():
             return     # unacknowledged: put back when the channel closes
-        problem = request_problem(message)
-        if problem is not None:
-            log.error("dropped a message of %s: %s", self.queue, problem)
+        try:
+            call = decode_call(message.headers, message.body, message.content_type, message.properties,
+                               message.delivery_info, self.answerer.secret, self.serializer == "pickle")
+        except NotARequest as error:
+            log.error("dropped a message of %s: %s", self.queue, error)
             message.reject_log_error(log, REDIS_UNREACHABLE)
             return
-        (method, args, kwargs), _, _ = message.decode()
-        headers = message.headers
-        held = Held(message, headers["id"], method, list(args), dict(kwargs),
-                    bool((message.delivery_info or {}).get("redelivered")), headers.get("expires"))
+        held = Held(message, call)
+        method = call.method
         self.inflight.add(held.task_id, message.delivery_tag)
         self.replica.in_flight.took()
         key = self.key_of(method)
@@ -333,7 +303,7 @@ class BatchServer:
                 self.run(*job)
             except Exception as error:    # a bug here must neither end the worker nor leave a request unanswered
                 log.exception("serving a batch of %s failed", job[0] or "an unbatched request")
-                self.settle([(held, failure_envelope(error)) for held in job[1] if not held.settled])
+                self.settle([(held, Outcome.of_exception(error)) for held in job[1] if not held.settled])
             finally:
                 with self.cond:
                     self.running -= 1
@@ -390,87 +360,83 @@ class BatchServer:
 
     def run(self, key: str, items: list[Held]) -> None:
         """Run one job, then answer and acknowledge each of its requests."""
-        answers: list[tuple[Held, Optional[dict]]] = []
+        answers: list[tuple[Held, Optional[Outcome]]] = []
         ready = [held for held in items if self.admitted(held, key, answers)]
         if key == UNBATCHED:
-            answers += [(held, _envelope(self.dispatcher, held.method, held.args, held.kwargs)) for held in ready]
+            answers += [(held, self.run_alone(held.call)) for held in ready]
         elif ready:
             answers += self.run_batch(key, ready)
         if answers:
             self.settle(answers)
 
-    def run_batch(self, key: str, ready: list[Held]) -> list[tuple[Held, Optional[dict]]]:
+    def run_alone(self, call: Call) -> Outcome:
+        """A request to a method that is not batched: run alone."""
+        try:
+            return Outcome(True, self.dispatcher.call(call.method, call.args, call.kwargs))
+        except Exception as error:
+            return Outcome.of_exception(error)
+
+    def run_batch(self, key: str, ready: list[Held]) -> list[tuple[Held, Optional[Outcome]]]:
         """Call the batched method once with the items of ``ready``; their answers."""
         name = "__call__" if key == HTTP_METHOD else key
-        answers: list[tuple[Held, Optional[dict]]] = []
+        answers: list[tuple[Held, Optional[Outcome]]] = []
         values, batch = [], []
         for held in ready:
             try:
-                values.append(Request.from_payload(held.args[0]) if key == HTTP_METHOD else held.args[0])
+                values.append(Request.from_payload(held.call.args[0]) if key == HTTP_METHOD else held.call.args[0])
             except Exception as error:
-                answers.append((held, failure_envelope(error)))
+                answers.append((held, Outcome.of_exception(error)))
                 continue
             batch.append(held)
         if batch:
             bound = self.bound[name]
             with self.dispatcher.gate.request():
-                outcomes = run_batch(lambda items: _run(bound(items)), values, bound.method.__qualname__)
-            answers += [(held, self.http_envelope(outcome) if key == HTTP_METHOD else outcome.envelope())
+                outcomes = run_batch(lambda items: self.dispatcher.loop.resolve(bound(items)), values,
+                                     bound.method.__qualname__)
+            answers += [(held, self.http_outcome(outcome) if key == HTTP_METHOD else outcome)
                         for held, outcome in zip(batch, outcomes)]
             self.record(name, len(batch))
         return answers
 
     @staticmethod
-    def http_envelope(outcome: Outcome) -> dict:
+    def http_outcome(outcome: Outcome) -> Outcome:
         """An HTTP request's answer: the value as HTTP data."""
         if not outcome.ok:
-            return outcome.envelope()
+            return outcome
         try:
-            return {"ok": True, "value": encode_response(outcome.value)}
+            return Outcome(True, encode_response(outcome.value))
         except Exception as error:
-            return failure_envelope(error)
+            return Outcome.of_exception(error)
 
-    def admitted(self, held: Held, key: str, answers: list[tuple[Held, Optional[dict]]]) -> bool:
+    def admitted(self, held: Held, key: str, answers: list[tuple[Held, Optional[Outcome]]]) -> bool:
         """Whether ``held`` runs; if not, its answer is added to ``answers`` (None: it expired)."""
-        if expired(held.expires):
+        call = held.call
+        if call.expired():
             answers.append((held, None))     # its caller (the gateway) gave up: not run, as Celery does
             return False
-        if held.redelivered:
-            refusal = refuse_redelivery(self.replica.redeliveries(held.task_id), self.max_deliveries)
+        if call.redelivered:
+            refusal = refuse_redelivery(self.replica.redeliveries(call.task_id), self.max_deliveries)
             if refusal is not None:
-                log.error("request %s not run: %s", held.task_id, refusal["message"])
+                log.error("request %s not run: %s", call.task_id, refusal.message)
                 answers.append((held, refusal))
                 return False
-        if key not in (UNBATCHED, HTTP_METHOD) and (len(held.args) != 1 or held.kwargs):
-            answers.append((held, failure_envelope(TypeError(
+        if key not in (UNBATCHED, HTTP_METHOD) and (len(call.args) != 1 or call.kwargs):
+            answers.append((held, Outcome.failure("TypeError", (
                 f"{key} is batched: each call passes exactly one item, as .remote(item); this one passed "
-                f"{len(held.args)} positional and {len(held.kwargs)} keyword arguments"), "")))
+                f"{len(call.args)} positional and {len(call.kwargs)} keyword arguments"))))
             return False
         return True
 
-    def settle(self, answers: list[tuple[Held, Optional[dict]]]) -> None:
-        """Store the answers, then acknowledge their messages and forget them."""
-        backend = self.app.backend
+    def settle(self, answers: list[tuple[Held, Optional[Outcome]]]) -> None:
+        """Store the answers and acknowledge their messages (one transaction), then forget them."""
         now = time.perf_counter()
-        for held, envelope in answers:
-            if envelope is not None:
-                self.replica.stats.count(now - held.taken_at, bool(envelope.get("ok")))
-                envelope["version"] = self.replica.record.version
-        stored = [(held.task_id, envelope) for held, envelope in answers if envelope is not None]
+        for held, outcome in answers:
+            if outcome is not None:
+                self.replica.stats.count(now - held.taken_at, outcome.ok)
         try:
-            store_answers(backend, stored)
+            self.answerer.answer_many([(held.message, held.call, outcome) for held, outcome in answers])
         except Exception as error:     # after retrying for ACK_RETRY_S while Redis was unreachable
-            log.error("could not store the answers to %d requests (%s)", len(stored), error)
-        for held, envelope in answers:
-            if envelope is None:
-                try:
-                    backend.mark_as_revoked(held.task_id, "expired")
-                except Exception as error:
-                    log.error("could not mark request %s as expired (%s)", held.task_id, error)
-        try:
-            acknowledge([held.message for held, _ in answers])
-        except Exception as error:
-            log.error("could not acknowledge %d requests (%s)", len(answers), error)
+            log.error("could not store the answers to %d requests (%s); they are served again", len(answers), error)
         for held, _ in answers:
             self.inflight.remove(held.task_id)
             held.settled = True
@@ -498,68 +464,3 @@ class BatchServer:
             self.replica.store.update_replica(self.replica.replica_id, **{BATCH_SIZES_FIELD: text})
         except (redis.RedisError, *REDIS_UNREACHABLE) as error:
             log.warning("cannot record the batch sizes (%s)", error)
-
-
-# --------------------------------------------------------------------------- answering in bulk
-
-
-def store_answers(backend: Any, answers: list[tuple[str, dict]]) -> None:
-    """Store each ``(task_id, envelope)`` as a successful Celery result, all in one round trip.
-
-    What ``backend.mark_as_done`` stores and publishes for each, without its read of
-    the previous result first (two round trips per request). Retried while Redis is
-    unreachable; a backend other than Celery's Redis one is written one by one.
-    """
-    if not answers:
-        return
-    client = getattr(backend, "client", None)
-    if client is None or not hasattr(backend, "_get_result_meta"):
-        for task_id, envelope in answers:
-            backend.mark_as_done(task_id, envelope)
-        return
-    encoded = []
-    for task_id, envelope in answers:
-        meta = backend._get_result_meta(result=envelope, state=states.SUCCESS, traceback=None, request=None)
-        meta["task_id"] = task_id
-        encoded.append((backend.get_key_for_task(task_id), backend.encode(meta)))
-
-    def write() -> None:
-        with client.pipeline(transaction=False) as pipe:
-            for key, value in encoded:
-                if backend.expires:
-                    pipe.setex(key, backend.expires, value)
-                else:
-                    pipe.set(key, value)
-                pipe.publish(key, value)
-            pipe.execute()
-
-    retry_while_unreachable(write, f"store {len(answers)} answers")
-
-
-def acknowledge(messages: list[Any]) -> None:
-    """Acknowledge kombu Redis messages, those of one channel in one round trip.
-
-    What ``message.ack()`` does for each (remove it from the transport's
-    unacknowledged index, then from the channel's delivered set); retried while
-    Redis is unreachable.
-    """
-    by_channel: dict[int, list[Any]] = {}
-    for message in messages:
-        by_channel.setdefault(id(message.channel), []).append(message)
-    for group in by_channel.values():
-        qos = group[0].channel.qos
-        if not hasattr(qos, "_remove_from_indices"):
-            for message in group:
-                message.ack()
-            continue
-        tags = [message.delivery_tag for message in group]
-
-        def remove(qos: Any = qos, tags: list[str] = tags) -> None:
-            with qos.channel.conn_or_acquire() as client, client.pipeline() as pipe:
-                for tag in tags:
-                    qos._remove_from_indices(tag, pipe)
-                pipe.execute()
-
-        retry_while_unreachable(remove, f"acknowledge {len(tags)} requests")
-        for tag in tags:
-            virtual.QoS.ack(qos, tag)
