@@ -266,6 +266,7 @@ class CallEncoder:
         }
         if call.expires_at is not None:
             headers["expires"] = datetime.fromtimestamp(call.expires_at, timezone.utc).isoformat()
+            properties["expiration"] = str(max(0, int((call.expires_at - time.time()) * 1000)))   # as Celery sets it
         options = dict(call.options)
         if call.job:
             options["job"] = 1

@@ -133,13 +133,14 @@ def test_the_gateway_enqueues_the_message_celery_would(cluster, serializer):
     assert ours["body"] == celery_message["body"]
     assert {k: v for k, v in ours.items() if k != "headers" and k != "properties" and k != "body"} == \
         {k: v for k, v in celery_message.items() if k != "headers" and k != "properties" and k != "body"}
-    differ = {"expires", "ignore_result", "delivery_tag", "reply_to", "origin",      # per message or unused
+    differ = {"expires", "expiration", "ignore_result", "delivery_tag", "reply_to", "origin",   # per message
               "argsrepr"}                                                           # shorter, see TaskSender
     assert {k: v for k, v in ours["headers"].items() if k not in differ} == \
         {k: v for k, v in celery_message["headers"].items() if k not in differ}
     assert {k: v for k, v in ours["properties"].items() if k not in differ} == \
         {k: v for k, v in celery_message["properties"].items() if k not in differ}
     assert ours["headers"]["argsrepr"] == "('__http__', 'GET /x')"
+    assert abs(int(ours["properties"]["expiration"]) - int(celery_message["properties"]["expiration"])) < 5000
     expires = [datetime.fromisoformat(m["headers"]["expires"]) for m in (ours, celery_message)]
     assert abs((expires[0] - expires[1]).total_seconds()) < 5
 
