@@ -377,7 +377,7 @@ _FIX_HINTS = {
     "num_gpus": "use a number >= 0",
     "memory": "use a whole number of bytes >= 0, or None",
     "version": "use a string, or None to roll every replica on each deploy",
-    "max_concurrent_queries": "use a whole number from 1 to 1000",
+    "max_concurrent_queries": "use a whole number from 1 to 1000 (max_ongoing_requests is the same option)",
     "max_unavailable": "use a fraction like 0.2 or a count like 1",
     "max_surge": "use a fraction like 0.25 or a count like 1; 0 disables surge",
     "graceful_shutdown_timeout_s": "use a number of seconds >= 0",
@@ -394,6 +394,34 @@ _FIX_HINTS = {
 }
 
 OPTION_NAMES = tuple(DeploymentOptions.model_fields)
+
+
+# Other names an option answers to: Ray Serve's name for it, kept as the one stored.
+OPTION_ALIASES = {"max_ongoing_requests": "max_concurrent_queries"}
+
+
+def _resolve_aliases(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with every alias replaced by the option it names; a ``ValueError`` when
+    both are given with different values.
+
+    >>> _resolve_aliases({"max_ongoing_requests": 8})
+    {'max_concurrent_queries': 8}
+    >>> _resolve_aliases({"max_ongoing_requests": 8, "max_concurrent_queries": 2})
+    Traceback (most recent call last):
+    ...
+    ValueError: max_ongoing_requests=8 and max_concurrent_queries=2 name the same option: pass one of them
+    """
+    if not any(alias in options for alias in OPTION_ALIASES):
+        return options
+    resolved = dict(options)
+    for alias, name in OPTION_ALIASES.items():
+        if alias not in resolved:
+            continue
+        value = resolved.pop(alias)
+        if name in resolved and resolved[name] != value:
+            raise ValueError(f"{alias}={value!r} and {name}={resolved[name]!r} name the same option: pass one of them")
+        resolved[name] = value
+    return resolved
 
 
 def validate_options(options: dict[str, Any], base: Optional[DeploymentOptions] = None) -> DeploymentOptions:
@@ -419,6 +447,7 @@ def validate_options(options: dict[str, Any], base: Optional[DeploymentOptions] 
     >>> validate_options({"num_replicas": 3, "autoscaling_config": None}, autoscaled).num_replicas
     3
     """
+    options = _resolve_aliases(options)
     for key in options:
         if key not in OPTION_NAMES:
             close = difflib.get_close_matches(key, OPTION_NAMES, n=1)
