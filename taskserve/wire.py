@@ -326,8 +326,8 @@ def decode_call(headers: Any, body: bytes, content_type: str, properties: Option
     >>> call = decode_call({"task": TASK_NAME, "id": "d9b1"}, b'[["__call__", [1], {}], {}, {}]', "application/json")
     >>> call.method, call.args, call.kwargs, call.priority
     ('__call__', [1], {}, 9)
-    >>> decode_call({"task": TASK_NAME, "id": "d9b1"}, b'[[7], {"method": "embed", "args": [1]}, {"chain": [{}]}]',
-    ...             "application/json").args
+    >>> decode_call({"task": TASK_NAME, "id": "d9b1"},
+    ...             b'[[7], {"method": "embed", "args": [1], "kwargs": {}}, {"chain": [{}]}]', "application/json").args
     [7, 1]
     >>> decode_call({"task": "billing.charge", "id": "x"}, b"[[], {}, {}]", "application/json")
     Traceback (most recent call last):
@@ -383,18 +383,15 @@ def call_arguments(task_args: Any, task_kwargs: Any) -> tuple[str, list, dict]:
 
     >>> call_arguments(["__call__", [1], {}], {})
     ('__call__', [1], {})
-    >>> call_arguments([7], {"method": "embed", "args": [1]})
+    >>> call_arguments([7], {"method": "embed", "args": [1], "kwargs": {}})
     ('embed', [7, 1], {})
     """
     if not isinstance(task_kwargs, dict):
         raise NotARequest(f"it has keyword arguments: {_short(task_kwargs)}")
     if not isinstance(task_args, (list, tuple)):
         raise NotARequest(f"its arguments are not (method, args, kwargs): {_short(task_args)}")
-    if "method" in task_kwargs:
-        method, args, kwargs = task_kwargs["method"], task_kwargs.get("args", []), task_kwargs.get("kwargs", {})
-        extra = set(task_kwargs) - {"method", "args", "kwargs"}
-        if extra:
-            raise NotARequest(f"it has unknown keyword arguments: {_short(sorted(extra))}")
+    if set(task_kwargs) == {"method", "args", "kwargs"}:
+        method, args, kwargs = task_kwargs["method"], task_kwargs["args"], task_kwargs["kwargs"]
         if not (isinstance(method, str) and isinstance(args, (list, tuple)) and isinstance(kwargs, dict)):
             raise NotARequest(f"its keyword arguments are not (method, args, kwargs): {_short(task_kwargs)}")
         return method, [*task_args, *args], dict(kwargs)

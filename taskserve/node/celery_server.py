@@ -75,6 +75,7 @@ class CeleryServer:
         self.busy = 0                                   # calls taken and not yet answered
         self.idle = threading.Condition()
         self.celery_serve: Optional[Callable[[Any], Any]] = None
+        self.queue = ""
 
     # ------------------------------------------------------------------ receiving
 
@@ -121,7 +122,7 @@ class CeleryServer:
         return None
 
     def drop(self, message: Any, why: str) -> None:
-        log.error("dropped a message of %s: %s", (message.delivery_info or {}).get("routing_key") or "the queue", why)
+        log.error("dropped a message of %s: %s", self.queue or "the queue", why)
         message.reject_log_error(log, REDIS_UNREACHABLE)
 
     # ------------------------------------------------------------------ running
@@ -195,6 +196,7 @@ class CeleryServer:
     def serve(self, queue_name: str) -> int:
         """Run the Celery worker on ``queue_name`` until drained; its exit code."""
         server = self
+        self.queue = queue_name
         app = self.app
         app.conf.broker_transport = ReplicaTransport    # this worker's connections only
 

@@ -33,6 +33,7 @@ import redis
 import taskserve
 from taskserve.redis_server import free_port
 from taskserve.store import queue_name, result_key, result_key_pattern
+from taskserve.wire import Outcome, encode_answer
 
 from ..helpers import REPO, Cluster, running_gateway, start_cluster, wait_until
 
@@ -161,10 +162,8 @@ def test_an_answer_whose_publication_was_missed_is_read_from_its_key(connected, 
     waiter = threading.Thread(target=lambda: answer.append(response.result(timeout=30)))
     waiter.start()
     time.sleep(0.3)    # the caller is subscribed and waiting
-    meta = {"status": "SUCCESS", "result": {"ok": True, "value": "stored only"}, "traceback": None,
-            "children": [], "date_done": None, "task_id": response.request_id}
     client = redis.Redis.from_url(connected.url)
-    client.set(result_key(response.request_id), json.dumps(meta))
+    client.set(result_key(response.request_id), encode_answer(response.request_id, Outcome(True, "stored only")))
     waiter.join(timeout=10)
     assert answer == ["stored only"]
     wait_until(lambda: not client.exists(result_key(response.request_id)), timeout=5,

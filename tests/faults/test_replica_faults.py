@@ -13,6 +13,7 @@ import base64
 import functools
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -111,7 +112,7 @@ def _garbage(url: str, deployment: str) -> list[tuple[str, Callable[[], object],
         "an envelope without delivery_info": (
             json.dumps({"body": "", "properties": {"delivery_tag": "t"}}).encode(),
             "not a message envelope (no delivery_tag or delivery_info)"),
-        "a body that is not JSON": (_with_body(request, b"{not json"), "its body cannot be decoded (DecodeError"),
+        "a body that is not JSON": (_with_body(request, b"{not json"), "its body cannot be decoded (JSONDecodeError"),
         "a body that is not Celery's": (_with_body(request, b'"hello"'), "its body is not Celery's"),
     }
     tasks = {
@@ -133,7 +134,7 @@ def _garbage(url: str, deployment: str) -> list[tuple[str, Callable[[], object],
     items.append(("a pickled request",
                   functools.partial(make_app(url, "pickle").send_task, TASK_NAME, args=("__call__", [{1, 2}], {}),
                                     queue=queue),
-                  "its body cannot be decoded (ContentDisallowed: Refusing to deserialize untrusted content"))
+                  "a pickled body, and this deployment's serializer is json"))
     return items
 
 
@@ -145,7 +146,7 @@ def _check_garbage_dropped(cluster, deployment: str, pid: int, reasons: list[str
     queue = queue_name(deployment)
     assert redis.Redis.from_url(cluster.url).llen(queue) == 0
     log = replica_log(cluster, deployment)
-    dropped = [line for line in log.splitlines() if " ERROR taskserve.node.replica: dropped " in line]
+    dropped = [line for line in log.splitlines() if re.search(r" ERROR taskserve\.node\.\w+: dropped ", line)]
     assert len(dropped) == len(reasons), "\n".join(dropped)
     for line, why in zip(dropped, reasons):
         assert f"dropped an item of {queue}: {why}" in line or f"dropped a message of {queue}: {why}" in line
