@@ -32,6 +32,7 @@ import pytest
 
 import taskserve
 from taskserve.connection import CLUSTERS_DIR_ENV
+from taskserve.redis_server import RedisServer
 
 from .helpers import Cluster, start_cluster
 
@@ -150,6 +151,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         started.shutdown()
         os.environ.pop("TASKSERVE_ADDRESS", None)
+
+
+@pytest.fixture(scope="session")
+def redis_server_process() -> Iterator[RedisServer]:
+    """One real ``redis-server`` (a free port, nothing on disk) for the store's tests that run
+    against real Redis (the ``server`` fixture of :mod:`tests.helpers`); each test empties it."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -1,11 +1,15 @@
-"""What the tests share: a local cluster, a request loop, polling, fakeredis fixtures.
+"""What the tests share: a local cluster, a request loop, polling, the store tests' Redis.
 
 Fixtures every module may use live in ``conftest.py``; the helpers they and the tests
-use live here, so tests import them from one ordinary module. The fakeredis fixtures
-``server`` and ``client`` live here too: a module opts into them by importing them
-(other modules give those names other meanings)::
+use live here, so tests import them from one ordinary module. The fixtures ``server``
+and ``client`` of the store's tests live here too: a module opts into them by importing
+them (other modules give those names other meanings)::
 
-    from .helpers import fake_redis_client, fake_redis_server  # noqa: F401  (fixtures "client", "server")
+    from .helpers import redis_client, redis_under_test  # noqa: F401  (fixtures "client", "server")
+
+Each test that uses them runs twice: on fakeredis (fast, a unit test) and on a real
+``redis-server`` (marked ``integration``), so the store's Lua scripts and transactions
+are checked against the Redis they run on.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Callable, Iterator, Optional, TypeVar
 import fakeredis
 import httpx
 import pytest
+import redis
 
 import taskserve
 from taskserve.local import LocalCluster
@@ -35,16 +40,53 @@ os.environ.setdefault(SECRET_ENV, generate_secret())
 T = TypeVar("T")
 
 
-@pytest.fixture(name="server")
-def fake_redis_server() -> fakeredis.FakeServer:
-    """The fixture ``server``: an empty in-memory Redis of one test."""
-    return fakeredis.FakeServer()
+class RedisUnderTest:
+    """The empty Redis a store test runs against: fakeredis's in-memory one (``fake``), or
+    the session's real ``redis-server`` on ``port``.
+
+    ``connect()`` makes a client of it; ``connect(Mixin)`` one whose class puts ``Mixin``
+    before the client's own (to wrap one of its commands). The clients are closed after
+    the test.
+    """
+
+    def __init__(self, kind: str, fake: Optional[fakeredis.FakeServer] = None, port: Optional[int] = None) -> None:
+        self.kind = kind
+        self.fake = fake
+        self.port = port
+        self.clients: list[redis.Redis] = []
+
+    def connect(self, *mixins: type) -> redis.Redis:
+        base = fakeredis.FakeRedis if self.fake is not None else redis.Redis
+        cls = type("".join(m.__name__ for m in mixins) + base.__name__, (*mixins, base), {}) if mixins else base
+        client = cls(server=self.fake) if self.fake is not None else cls(host="127.0.0.1", port=self.port)
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+@pytest.fixture(name="server", params=["fakeredis", pytest.param("redis-server", marks=pytest.mark.integration)])
+def redis_under_test(request: pytest.FixtureRequest) -> Iterator[RedisUnderTest]:
+    """The fixture ``server``: an empty Redis of one test, fakeredis's or a real one (the
+    session's ``redis-server``, flushed)."""
+    if request.param == "fakeredis":
+        under_test = RedisUnderTest("fakeredis", fake=fakeredis.FakeServer())
+    else:
+        process = request.getfixturevalue("redis_server_process")
+        under_test = RedisUnderTest("redis-server", port=process.port)
+        under_test.connect().flushall()
+    try:
+        yield under_test
+    finally:
+        under_test.close()
 
 
 @pytest.fixture(name="client")
-def fake_redis_client(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
-    """The fixture ``client``: a connection to ``server``; make more with ``fakeredis.FakeRedis(server=server)``."""
-    return fakeredis.FakeRedis(server=server)
+def redis_client(server: RedisUnderTest) -> redis.Redis:
+    """The fixture ``client``: a connection to ``server``; make more with ``server.connect()``."""
+    return server.connect()
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,

@@ -1,12 +1,12 @@
 """Canary releases, the pure parts: the planner's tables, the abort decision, validation,
-routing and the stats (SPEC §9). The cluster tests are in test_canary_integration.py."""
+routing and the stats (SPEC §9). The cluster tests are in test_canary_integration.py; the
+store's part (stats per version, the canary queue moved) is tested in test_store.py."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import replace
 
-import fakeredis
 import pytest
 
 from taskserve.canary import VersionStats, abort_reason, baseline_of, count_request
@@ -14,7 +14,7 @@ from taskserve.gateway.routes import Route, RouteTable
 from taskserve.planner import NodeCapacity, PlaceReplica, StartReplica, StopReplica, plan
 from taskserve.spec import validate_options
 from taskserve.state import Canary, DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState, Resources
-from taskserve.store import Store, canary_queue_name, queue_name, replica_queue
+from taskserve.store import canary_queue_name, queue_name, replica_queue
 
 
 def stable_goal(n: int = 10, canary: Canary | None = None, version: str = "1") -> Goal:
@@ -171,29 +171,6 @@ def test_stats_count_and_compare_from_the_baseline() -> None:
     assert stats.p95 == float("inf")
     before = baseline_of({**counts, "requests:1": 7}, "2")
     assert VersionStats.of(counts, "2", before) == VersionStats(0, 0, (0,) * len(stats.buckets))
-
-
-def test_store_adds_and_resets_stats_per_version() -> None:
-    store = Store(fakeredis.FakeRedis())
-    store.add_stats("m", {"requests:1": 3, "requests:2": 2, "errors:2": 1})
-    store.add_stats("m", {"requests:2": 1})
-    assert store.stats("m") == {"requests:1": 3, "requests:2": 3, "errors:2": 1}
-    store.reset_stats("m", "2")
-    assert store.stats("m") == {"requests:1": 3}
-
-
-def test_moving_the_canary_queue_keeps_order_and_rewrites_the_routing_key() -> None:
-    store = Store(fakeredis.FakeRedis())
-    def message(n: int) -> str:
-        return '{"n": %d, "properties": {"delivery_info": {"exchange": "", "routing_key": "taskserve.m@canary"}}}' % n
-    store.redis.lpush(queue_name("m"), '{"n": 0}')
-    for n in (1, 2, 3):                       # LPUSH: the oldest (1) is served first (BRPOP, the right end)
-        store.redis.lpush(canary_queue_name("m"), message(n))
-    assert store.move_canary_queues(["m", "other"]) == {"m": 3, "other": 0}
-    items = [item.decode() for item in store.redis.lrange(queue_name("m"), 0, -1)]
-    assert [item[:7] for item in items] == ['{"n": 0', '{"n": 3', '{"n": 2', '{"n": 1']
-    assert all("taskserve.m@canary" not in item for item in items)
-    assert store.redis.llen(canary_queue_name("m")) == 0
 
 
 # --------------------------------------------------------------------------- validation and routing

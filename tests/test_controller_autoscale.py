@@ -1,4 +1,5 @@
-"""The controller's autoscaling on fakeredis: load sampled from the queue and kombu's
+"""The controller's autoscaling on fakeredis and on a real redis-server (the fixtures
+``server`` and ``client`` of tests/helpers.py): load sampled from the queue and kombu's
 unacked hash, targets per :func:`taskserve.autoscaler.decide`, stored in their own key
 (no new generation), one history line per change, failover, bounds, scale to zero.
 
@@ -14,7 +15,6 @@ import threading
 import time
 from typing import Optional
 
-import fakeredis
 import pytest
 import redis
 from kombu.transport import redis as kombu_redis
@@ -26,7 +26,7 @@ from taskserve.spec import AutoscalingConfig
 from taskserve.state import Goal, Node, ReplicaState, Resources
 from taskserve.store import UNACKED_INDEX_KEY, UNACKED_KEY, LeaseLost, Store, queue_name
 
-from .helpers import fake_redis_client, fake_redis_server  # noqa: F401  (the fixtures "client", "server")
+from .helpers import redis_client, redis_under_test  # noqa: F401  (the fixtures "client", "server")
 
 NAME = "model"
 CONFIG = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
@@ -238,7 +238,7 @@ def test_a_new_controller_goes_on_from_the_stored_target(store, client, clock, s
     store.release_lease(first.controller_id)        # it failed over
 
     idle(client)
-    second = leading(Store(fakeredis.FakeRedis(server=server)), clock)
+    second = leading(Store(server.connect()), clock)
     for _ in range(4):                               # its first sample is at 101.0
         clock.now += 0.5
         second.reconcile_once()
@@ -441,7 +441,7 @@ def test_autoscaling_turned_off_forgets_the_state_and_a_new_leader_cleans_up(sto
     # A state left behind (a leader died before it saw autoscaling turned off) goes too.
     client.set(Store.scale_key(NAME), '{"target": 4}')
     store.release_lease(controller.controller_id)
-    successor = leading(Store(fakeredis.FakeRedis(server=server)), clock)
+    successor = leading(Store(server.connect()), clock)
     successor.reconcile_once()
     assert store.autoscale_state(NAME) is None
     assert store.autoscale_state("other") is not None
@@ -478,7 +478,7 @@ def test_a_controller_that_lost_its_lease_records_no_decision(store, client, clo
     clock.now += 0.2
     controller.reconcile_once()
     client.delete(Store.LEASE_KEY)
-    Store(fakeredis.FakeRedis(server=server)).acquire_lease("controller-b", 60)
+    Store(server.connect()).acquire_lease("controller-b", 60)
     clock.now += 0.5
     with pytest.raises(LeaseLost):
         controller.reconcile_once()

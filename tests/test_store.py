@@ -1,6 +1,7 @@
-"""Unit tests of the Redis store (taskserve/store/) against fakeredis, and of the
-controller's passes (taskserve/controller.py) on it: fenced writes, one broken
-deployment among others, nodes that stop heartbeating.
+"""Tests of the Redis store (taskserve/store/), and of the controller's passes
+(taskserve/controller.py) on it: fenced writes, one broken deployment among others,
+nodes that stop heartbeating. Each runs on fakeredis and on a real redis-server (the
+fixtures ``server`` and ``client`` of tests/helpers.py; the real one is ``integration``).
 
 ``Store.update_replica`` runs a Lua script; fakeredis runs Lua only when the ``lupa``
 package is installed, so the tests of that method are skipped without it.
@@ -29,11 +30,12 @@ from taskserve.store import (
     NodeClaim,
     NodeTaken,
     Store,
+    canary_queue_name,
     queue_name,
     wait_for_events,
 )
 
-from .helpers import fake_redis_client, fake_redis_server  # noqa: F401  (the fixtures "client", "server")
+from .helpers import redis_client, redis_under_test  # noqa: F401  (the fixtures "client", "server")
 
 NAME = "echo"
 
@@ -185,7 +187,7 @@ def test_write_goal_notifies(store):
 
 
 def test_concurrent_writer_between_watch_and_exec_retries_and_the_later_goal_wins(store, server):
-    other = Store(fakeredis.FakeRedis(server=server))
+    other = Store(server.connect())
     store.write_goal(NAME, next_goal("v1"), event={"action": "deploy"})
     seen: list[Goal] = []
 
@@ -210,7 +212,7 @@ def test_concurrent_writer_between_watch_and_exec_retries_and_the_later_goal_win
 
 
 def test_concurrent_raw_write_of_the_key_is_not_overwritten_blindly(store, server):
-    other = fakeredis.FakeRedis(server=server)
+    other = server.connect()
     store.write_goal(NAME, next_goal("v1"))
     calls = []
 
@@ -359,7 +361,7 @@ def test_update_goal_errors_of_the_change_write_nothing(store, client):
 
 
 def test_update_goal_retries_on_the_newer_goal_after_a_concurrent_change(store, server):
-    other = Store(fakeredis.FakeRedis(server=server))
+    other = Store(server.connect())
     deployed(store)
     seen: list[Goal] = []
 
@@ -725,9 +727,9 @@ def test_node_records_carry_their_heartbeat_timeout_and_read_unknown_fields(stor
 # --------------------------------------------------------------------------- controller lease
 
 
-class RacingRedis(fakeredis.FakeRedis):
-    """A client after whose next plain GET of the lease ``race()`` runs: another
-    controller acts between two commands of a read-then-write."""
+class RacingGet:
+    """A client (mixed in before its class) after whose next plain GET of the lease
+    ``race()`` runs: another controller acts between two commands of a read-then-write."""
 
     race: Optional[Callable[[], None]] = None
 
@@ -740,7 +742,7 @@ class RacingRedis(fakeredis.FakeRedis):
 
 
 def test_lease_has_one_holder_at_a_time(store, client, server):
-    other = Store(fakeredis.FakeRedis(server=server))
+    other = Store(server.connect())
     token = store.acquire_lease("controller-a", ttl_s=5)
     assert token == "1:controller-a"
     assert other.acquire_lease("controller-b", ttl_s=5) is None
@@ -786,14 +788,14 @@ def test_renew_lease_only_while_the_token_holds_it(store, client, server):
     client.delete(Store.LEASE_KEY)
     assert store.renew_lease(token, ttl_s=30) is False
     assert not client.exists(Store.LEASE_KEY)         # a renewal never takes a free lease
-    Store(fakeredis.FakeRedis(server=server)).acquire_lease("controller-b", ttl_s=5)
+    Store(server.connect()).acquire_lease("controller-b", ttl_s=5)
     assert store.renew_lease(token, ttl_s=30) is False
     assert store.lease_holder() == "controller-b"
 
 
 def test_acquiring_is_atomic_when_the_lease_moves_in_between(server):
-    racing = RacingRedis(server=server)
-    store, other = Store(racing), Store(fakeredis.FakeRedis(server=server))
+    racing = server.connect(RacingGet)
+    store, other = Store(racing), Store(server.connect())
     assert store.acquire_lease("controller-a", ttl_s=5)
 
     def lease_moves() -> None:
@@ -811,8 +813,8 @@ def test_acquiring_is_atomic_when_the_lease_moves_in_between(server):
 
 
 def test_releasing_is_atomic_when_the_lease_moves_in_between(server):
-    racing = RacingRedis(server=server)
-    store, other = Store(racing), Store(fakeredis.FakeRedis(server=server))
+    racing = server.connect(RacingGet)
+    store, other = Store(racing), Store(server.connect())
     assert store.acquire_lease("controller-a", ttl_s=5)
 
     def lease_moves() -> None:
@@ -834,7 +836,7 @@ def test_fenced_writes_are_refused_once_the_lease_moved(store, client, server):
     store.create_replica(make_replica("echo-2", node_id=""))
     old = store.acquire_lease("controller-a", ttl_s=5)
     client.delete(Store.LEASE_KEY)                     # a was paused: its lease ran out ...
-    new = Store(fakeredis.FakeRedis(server=server)).acquire_lease("controller-b", ttl_s=5)   # ... b leads
+    new = Store(server.connect()).acquire_lease("controller-b", ttl_s=5)   # ... b leads
     before = {key: client.dump(key) for key in client.keys("*")}
 
     refused = [
@@ -882,7 +884,7 @@ def test_fenced_writes_are_refused_while_no_one_holds_the_lease(store, client):
 def test_a_fenced_transaction_is_refused_when_the_lease_moves_before_it_commits(store, client, server):
     token = store.acquire_lease("controller-a", ttl_s=5)
     store.update_goal(NAME, lambda previous: next_goal("v1")(previous), "deploy", missing_ok=True)
-    other = Store(fakeredis.FakeRedis(server=server))
+    other = Store(server.connect())
 
     def change(previous: Optional[Goal]) -> dict:
         if store.lease_holder() == "controller-a":     # the lease moves between WATCH and EXEC
@@ -916,6 +918,31 @@ def test_wait_for_events(store):
 
 def test_queue_name():
     assert queue_name("echo") == "taskserve.echo"
+
+
+# --------------------------------------------------------------------------- canary releases
+
+
+def test_store_adds_and_resets_stats_per_version(store):
+    store.add_stats("m", {"requests:1": 3, "requests:2": 2, "errors:2": 1})
+    store.add_stats("m", {"requests:2": 1})
+    assert store.stats("m") == {"requests:1": 3, "requests:2": 3, "errors:2": 1}
+    store.reset_stats("m", "2")
+    assert store.stats("m") == {"requests:1": 3}
+
+
+@needs_lua
+def test_moving_the_canary_queue_keeps_order_and_rewrites_the_routing_key(store):
+    def message(n: int) -> str:
+        return '{"n": %d, "properties": {"delivery_info": {"exchange": "", "routing_key": "taskserve.m@canary"}}}' % n
+    store.redis.lpush(queue_name("m"), '{"n": 0}')
+    for n in (1, 2, 3):                       # LPUSH: the oldest (1) is served first (BRPOP, the right end)
+        store.redis.lpush(canary_queue_name("m"), message(n))
+    assert store.move_canary_queues(["m", "other"]) == {"m": 3, "other": 0}
+    items = [item.decode() for item in store.redis.lrange(queue_name("m"), 0, -1)]
+    assert [item[:7] for item in items] == ['{"n": 0', '{"n": 3', '{"n": 2', '{"n": 1']
+    assert all("taskserve.m@canary" not in item for item in items)
+    assert store.redis.llen(canary_queue_name("m")) == 0
 
 
 # --------------------------------------------------------------------------- autoscaling
@@ -1155,7 +1182,7 @@ def test_a_leader_that_loses_its_lease_before_applying_writes_nothing(store, ser
     with_nodes(store, "node-a")
     deploy(store, NAME, num_replicas=3)
     paused = leading_controller(store)
-    standby = Controller(Store(fakeredis.FakeRedis(server=server)))
+    standby = Controller(Store(server.connect()))
     real_plan = controller_module.plan
 
     def plan_then_pause(*args, **kwargs):
@@ -1186,7 +1213,7 @@ def test_a_lease_lost_between_the_check_and_a_write_refuses_the_write(store, ser
     def create_after_a_pause(replica, fence=None):
         if store.lease_holder() == paused.controller_id:
             store.redis.delete(Store.LEASE_KEY)
-            Store(fakeredis.FakeRedis(server=server)).acquire_lease("controller-b", 5)
+            Store(server.connect()).acquire_lease("controller-b", 5)
         return real_create(replica, fence=fence)
 
     monkeypatch.setattr(store, "create_replica", create_after_a_pause)
