@@ -22,14 +22,27 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Iterable, Optional
 
 from .batching import check_batched_methods
-from .canary import VersionStats, baseline_of
+from .canary import baseline_of
 from .code import pack, reseal, seal_holds, sign, unpack
 from .connection import cluster_secret, current_store
 from .errors import DeploymentError, DeploymentNotFound, SignatureError, TaskserveError
+from .goals import (
+    GoalDecision,
+    Proposal,
+    next_goal,
+    promoted,
+    propose,
+    reconfigured,
+    restarted,
+    rolled_back,
+    scaled,
+    with_canary,
+    without_canary,
+)
 from .handle import DeploymentHandle
 from .history import previous_goal
 from .runtime_env import resolve as resolve_runtime_env
@@ -39,12 +52,15 @@ from .spec import (
     check_canary_config,
     check_json_value,
     check_name,
-    replica_spec_hash,
     route_of,
     validate_options,
 )
-from .state import Canary, DeploymentHealth, DeploymentState, Goal, Node, Replica, Resources, package_sha
-from .store import AutoscaleState, GoalChange, Store, wait_for_events
+from .state import Canary, Goal, Node, Resources, package_sha
+
+# DeploymentStatus and ReplicaInfo live in taskserve.status; users import them from here too.
+from .status import DeploymentStatus, status_of
+from .status import ReplicaInfo as ReplicaInfo
+from .store import Store, wait_for_events
 
 log = logging.getLogger("taskserve.deploy")
 
@@ -61,53 +77,6 @@ def _show_progress() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-
-
-@dataclass(frozen=True)
-class ReplicaInfo:
-    """One replica as ``status()`` reports it."""
-
-    replica_id: str
-    version: str
-    state: str
-    node_id: str
-    pid: Optional[int]
-    message: str = ""
-    config_hash: str = ""       # the user_config this replica runs ("" when there is none)
-    canary: bool = False        # one of the canary's replicas
-
-
-@dataclass(frozen=True)
-class DeploymentStatus:
-    """A consistent snapshot of a deployment: its state, why, and its replicas."""
-
-    name: str
-    status: str
-    message: str
-    version: str
-    num_replicas: int
-    generation: int
-    replicas: list[ReplicaInfo] = field(default_factory=list)
-    # For an autoscaled deployment: the controller's decision and the load behind it
-    # (target, waiting, serving, load, reason, min_replicas, max_replicas); else None.
-    autoscaling: Optional[dict[str, Any]] = None
-    # While a canary runs (SPEC §9): its version, percent, replicas running, requests,
-    # errors, error_rate and p95 (seconds), its thresholds, and the same counts of the
-    # stable version since the canary started (under "stable"); else None.
-    canary: Optional[dict[str, Any]] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "status": self.status,
-            "message": self.message,
-            "version": self.version,
-            "num_replicas": self.num_replicas,
-            "generation": self.generation,
-            "replicas": [info.__dict__ for info in self.replicas],
-            "autoscaling": self.autoscaling,
-            "canary": self.canary,
-        }
 
 
 class Deployment:
@@ -239,7 +208,8 @@ class Deployment:
         """Create or update the deployment and wait until the rollout is done.
 
         Constructor arguments given here replace the ones given before. Raises
-        :class:`DeploymentError` if the rollout fails or ``timeout`` seconds pass.
+        :class:`DeploymentError` if the rollout fails or ``timeout`` seconds pass. What
+        the update does to the replicas is :func:`taskserve.goals.next_goal`'s decision.
         """
         _show_progress()
         if self._code_sha is not None and self._goal is not None and not (init_args or init_kwargs):
@@ -253,7 +223,7 @@ class Deployment:
         self._check_static()
         self._check_constructor(args, kwargs)
         check_batched_methods(self._target)
-        code_sha, blob, init_sha = pack(self._target, args, kwargs)
+        _, blob, init_sha = pack(self._target, args, kwargs)
         runtime_env, packages = resolve_runtime_env(self._options.runtime_env)
         options = self._options.model_copy(update={"runtime_env": runtime_env})
         store = current_store()
@@ -261,81 +231,33 @@ class Deployment:
         if shipped and shipped not in {sha for sha, _ in packages}:
             # Uploaded by an earlier deploy (maybe of another name): this goal holds it too.
             packages.append((shipped, store.get_code(shipped)))
-        version = options.version or secrets.token_hex(4)
-        spec_hash = replica_spec_hash(options, version, init_sha)
-        new_options = options.model_dump()
-        canary_config = new_options.pop("canary")     # the goal holds a canary apart from the options
+        has_reconfigure = self._kind == "class" and callable(getattr(self._target, "reconfigure", None))
+        proposal = propose(self.name, options, code_sha="", init_sha=init_sha, kind=self._kind,
+                           has_reconfigure=has_reconfigure)
         # Sealed with what decides how it runs: a replica refuses any other pairing.
         secret = cluster_secret()
-        code_sha, blob = sign(blob, manifest(self.name, {**new_options, "kind": self._kind}), secret)
-        user_config = new_options.get("user_config")
-        _check_route_is_free(store, self.name, new_options)
-        health = store.get_health(self.name)
-        if canary_config is not None:
-            baseline = _prepare_canary(store, self.name, version)
-            has_reconfigure = self._kind == "class" and callable(getattr(self._target, "reconfigure", None))
-
-            def make_canary_goal(previous: Optional[Goal]) -> Optional[dict]:
-                return _start_or_move_canary(previous, self.name, Canary(
-                    version=version, spec_hash=spec_hash, code_sha=code_sha, init_sha=init_sha,
-                    options=new_options, kind=self._kind, has_reconfigure=has_reconfigure,
-                    baseline=baseline, started_at=time.time(),
-                    user_config_signature=sign_user_config(self.name, code_sha, user_config, secret),
-                    **canary_config))
-
-            goal = store.update_goal(self.name, make_canary_goal, "canary", blobs=[(code_sha, blob), *packages])
+        code_sha, blob = sign(blob, manifest(self.name, {**proposal.options, "kind": self._kind}), secret)
+        proposal = replace(proposal, code_sha=code_sha)
+        _check_route_is_free(store, self.name, proposal.options)
+        if options.canary is not None:
+            canary = Canary(
+                version=proposal.version, spec_hash=proposal.spec_hash, code_sha=code_sha, init_sha=init_sha,
+                options=proposal.options, kind=self._kind, has_reconfigure=has_reconfigure,
+                baseline=_prepare_canary(store, self.name, proposal.version), started_at=time.time(),
+                user_config_signature=sign_user_config(self.name, code_sha, proposal.options.get("user_config"),
+                                                       secret),
+                **options.canary)
+            goal = store.update_goal(self.name, lambda previous: with_canary(self.name, previous, canary).goal,
+                                     "canary", blobs=[(code_sha, blob), *packages])
             if goal is None:
-                log.info("%s: canary %s already runs with these options; nothing to do", self.name, version)
+                log.info("%s: canary %s already runs with these options; nothing to do", self.name, canary.version)
                 return
-            log.info("%s: canary %s at %g%% of the requests (generation %d)", self.name, version,
-                     canary_config["traffic_percent"], goal.generation)
+            log.info("%s: canary %s at %g%% of the requests (generation %d)", self.name, canary.version,
+                     canary.traffic_percent, goal.generation)
             wait_for_rollout(store, self.name, goal.generation, timeout)
             self._goal = goal
             return
-
-        # Code stored unsigned (by an older taskserve) or under another secret is not run
-        # again: this deploy ships its own, freshly sealed.
-        stored_code_holds = _stored_code_holds(store, self.name, secret)
-
-        def make_goal(previous: Optional[Goal]) -> Optional[Goal]:
-            # previous is None for a new deployment, or a goal being deleted: deploy creates it again.
-            if (
-                previous is not None
-                and not previous.deleting
-                and stored_code_holds
-                and options.version is not None
-                and previous.user_version == options.version
-                and previous.spec_hash == spec_hash
-                and previous.options == new_options
-                and previous.canary is None     # deploying the stable version again aborts its canary
-                # a goal that failed is tried again rather than taken as done
-                and not (health.observed_generation == previous.generation and health.outcome == "failed")
-                # signed with this secret (else it is written again: a rotated secret re-signs it)
-                and previous.user_config_signature == sign_user_config(self.name, previous.code_sha,
-                                                                       user_config, secret)
-            ):
-                return None  # same version, same options: nothing to do
-            same_spec = (previous is not None and not previous.deleting and previous.spec_hash == spec_hash
-                         and stored_code_holds)
-            runs = previous.code_sha if same_spec else code_sha
-            return Goal(
-                name=self.name,
-                generation=0,               # update_goal sets the generation and created_at
-                version=version,
-                spec_hash=spec_hash,
-                num_replicas=options.num_replicas,
-                options=new_options,
-                # Same version and spec: new replicas must run what the others run.
-                code_sha=runs,
-                init_sha=init_sha,
-                kind=self._kind,
-                user_version=options.version,
-                restart_nonce=previous.restart_nonce if same_spec else "",
-                has_reconfigure=self._kind == "class" and callable(getattr(self._target, "reconfigure", None)),
-                user_config_signature=sign_user_config(self.name, runs, user_config, secret),
-            )
-
-        self._write_goal(store, make_goal, [(code_sha, blob), *packages], version, timeout)
+        self._write_goal(store, proposal, [(code_sha, blob), *packages], timeout)
 
     def _deploy_stored(self, source: Goal, timeout: Optional[float]) -> None:
         """Deploy these options with the code and constructor arguments ``source`` runs,
@@ -355,66 +277,58 @@ class Deployment:
             raise ValueError(f"deployment {self.name!r} has a user_config but its class has no "
                              "reconfigure(self, config) method; add one, or drop user_config")
         runtime_env, packages = resolve_runtime_env(self._options.runtime_env)
-        options = self._options.model_copy(update={"runtime_env": runtime_env})
+        options = self._options.model_copy(update={"runtime_env": runtime_env, "canary": None})
         shipped = package_sha(runtime_env)
         if shipped and shipped not in {sha for sha, _ in packages}:
             packages.append((shipped, store.get_code(shipped)))
-        version = options.version or secrets.token_hex(4)
-        spec_hash = replica_spec_hash(options, version, source.init_sha)
-        new_options = options.model_dump()
-        new_options.pop("canary", None)     # a canary is started by deploy(), not carried over
+        # A canary is started by deploy(), not carried over.
+        proposal = propose(self.name, options, code_sha="", init_sha=source.init_sha, kind=source.kind,
+                           has_reconfigure=source.has_reconfigure)
         # Signed again for this name and these options (checked, never unpickled here).
         secret = cluster_secret()
         code_sha, blob = reseal(store.get_code(source.code_sha),
-                                manifest(self.name, {**new_options, "kind": source.kind}), secret)
+                                manifest(self.name, {**proposal.options, "kind": source.kind}), secret)
         packages.append((code_sha, blob))
-        user_config = new_options.get("user_config")
-        _check_route_is_free(store, self.name, new_options)
+        _check_route_is_free(store, self.name, proposal.options)
+        self._write_goal(store, replace(proposal, code_sha=code_sha), packages, timeout)
+
+    def _write_goal(self, store: Store, proposal: Proposal, blobs: list[tuple[str, bytes]],
+                    timeout: Optional[float]) -> None:
+        """Write the goal :func:`~taskserve.goals.next_goal` makes of ``proposal`` (storing
+        ``blobs`` with it) and wait for its rollout; when it decides there is nothing to
+        do, write nothing and only say so."""
+        secret = cluster_secret()
         health = store.get_health(self.name)
+        holds = _CodeCheck(store, secret)
+        decided: list[GoalDecision] = []
 
         def make_goal(previous: Optional[Goal]) -> Optional[Goal]:
-            live = previous is not None and not previous.deleting
-            if (
-                live
-                and options.version is not None
-                and options.version in (previous.user_version, previous.version)
-                and previous.spec_hash == spec_hash
-                and previous.options == new_options
-                and getattr(previous, "canary", None) is None
-                and not (health.observed_generation == previous.generation and health.outcome == "failed")
-                and previous.user_config_signature == sign_user_config(self.name, previous.code_sha,
-                                                                       user_config, secret)
-            ):
+            # previous is None for a new deployment, or a goal being deleted: deploy creates it again.
+            if previous is None or previous.deleting:
+                decision = next_goal(previous, proposal)
+            else:
+                decision = next_goal(
+                    previous, proposal,
+                    failed=health.observed_generation == previous.generation and health.outcome == "failed",
+                    # Code stored unsigned (by an older taskserve) or under another secret is not
+                    # run again: this deploy ships its own, freshly sealed.
+                    trusted=holds(previous.code_sha),
+                    signed_now=_user_config_signed_now(previous, secret),
+                )
+            decided.append(decision)
+            if decision.goal is None:
                 return None
-            same_spec = live and previous.spec_hash == spec_hash
-            runs = previous.code_sha if same_spec else code_sha
-            return Goal(
-                name=self.name, generation=0, version=version, spec_hash=spec_hash,
-                num_replicas=options.num_replicas, options=new_options,
-                code_sha=runs,
-                init_sha=source.init_sha, kind=source.kind,
-                user_version=options.version,
-                restart_nonce=previous.restart_nonce if same_spec else "",
-                has_reconfigure=source.has_reconfigure,
-                user_config_signature=sign_user_config(self.name, runs, user_config, secret),
-            )
+            goal = decision.goal
+            return replace(goal, user_config_signature=sign_user_config(
+                self.name, goal.code_sha, goal.options.get("user_config"), secret))
 
-        self._write_goal(store, make_goal, packages, version, timeout)
-
-    def _write_goal(self, store: Store, make_goal: GoalChange,
-                    blobs: list[tuple[str, bytes]], version: str, timeout: Optional[float]) -> None:
-        """Write the goal ``make_goal`` returns (storing ``blobs`` with it) and wait for its rollout.
-
-        ``make_goal`` returns None when ``version`` already runs with these options:
-        then nothing is written and this only says so. Example, the end of :meth:`deploy`::
-
-            self._write_goal(store, make_goal, [(code_sha, blob), *packages], version, timeout)
-        """
         goal = store.update_goal(self.name, make_goal, "deploy", blobs=blobs, missing_ok=True)
         if goal is None:
-            log.info("%s: version %s is already deployed with these options; nothing to do", self.name, version)
+            log.info("%s: version %s is already deployed with these options; nothing to do",
+                     self.name, proposal.version)
             return
-        log.info("%s: deploying version %s (generation %d)", self.name, goal.version, goal.generation)
+        log.info("%s: deploying version %s: %s (generation %d)", self.name, goal.version, decided[-1].change.value,
+                 goal.generation)
         wait_for_rollout(store, self.name, goal.generation, timeout)
         self._goal = goal
 
@@ -453,7 +367,7 @@ class Deployment:
 
     @classmethod
     def _from_goal(cls, goal: Goal) -> "Deployment":
-        options = DeploymentOptions(**goal.options)
+        options = DeploymentOptions(**goal.options, num_replicas=goal.num_replicas)
         return cls(None, options, _code_sha=goal.code_sha, _goal=goal)
 
     def __repr__(self) -> str:
@@ -499,6 +413,7 @@ def list_deployments() -> dict[str, Deployment]:
 
 
 def deployment_status(name: str) -> DeploymentStatus:
+    """One consistent snapshot of deployment ``name`` and its replicas (:func:`taskserve.status.status_of`)."""
     store = current_store()
     goal, health, replicas = store.snapshot(name)
     if goal is None or goal.deleting:
@@ -506,77 +421,6 @@ def deployment_status(name: str) -> DeploymentStatus:
     scale = store.autoscale_state(name) if goal.options.get("autoscaling_config") else None
     stats = store.stats(name) if goal.canary is not None else {}
     return status_of(goal, health, replicas, scale, stats)
-
-
-def status_of(goal: Goal, health: DeploymentHealth, replicas: list[Replica], scale: Optional[AutoscaleState],
-              stats: dict[str, int]) -> DeploymentStatus:
-    """A deployment's status from what was read of it: its goal, health and replicas,
-    its autoscaling state (used only with an ``autoscaling_config``) and its stats (used
-    only while a canary runs). Reads nothing: the gateway's status page builds every
-    deployment's status from one pipelined read this way."""
-    name = goal.name
-    status = health.status.value if health.observed_generation == goal.generation else DeploymentState.UPDATING.value
-    message = health.message if health.observed_generation == goal.generation else "waiting for the controller"
-    num_replicas, autoscaling = goal.num_replicas, None
-    config = goal.options.get("autoscaling_config")
-    if config:
-        state = scale
-        num_replicas = state.target if state is not None else goal.num_replicas
-        autoscaling = {
-            "target": num_replicas,
-            "waiting": state.waiting if state else 0,
-            "serving": state.serving if state else 0,
-            "load": state.load if state else 0,
-            "reason": state.reason if state else "no load measured yet",
-            "min_replicas": config.get("min_replicas"),
-            "max_replicas": config.get("max_replicas"),
-            "target_ongoing_requests": config.get("target_ongoing_requests"),
-        }
-    return DeploymentStatus(
-        name=name,
-        status=status,
-        message=message,
-        version=goal.version,
-        num_replicas=num_replicas,
-        generation=goal.generation,
-        autoscaling=autoscaling,
-        canary=_canary_status(goal, replicas, stats),
-        replicas=[
-            ReplicaInfo(r.replica_id, r.version, r.state.value, r.node_id, r.pid, r.message, r.applied_config_hash,
-                        r.canary)
-            for r in sorted(replicas, key=lambda r: (r.created_at, r.replica_id))
-        ],
-    )
-
-
-def _canary_status(goal: Goal, replicas: list, stats: dict[str, int]) -> Optional[dict[str, Any]]:
-    """``status().canary``: the canary and how it does against the stable version (None without one)."""
-    canary = goal.canary
-    if canary is None:
-        return None
-    mine = VersionStats.of(stats, canary.version)
-    stable = VersionStats.of(stats, goal.version, canary.baseline)
-    running = sum(1 for r in replicas if r.canary and r.spec_hash == canary.spec_hash and r.is_available)
-    return {
-        "version": canary.version,
-        "percent": canary.traffic_percent,
-        "replicas": running,
-        "target_replicas": canary.replica_count(goal.num_replicas),
-        "requests": mine.requests,
-        "errors": mine.errors,
-        "error_rate": mine.error_rate,
-        "p95": _finite(mine.p95),
-        "min_requests": canary.min_requests,
-        "max_error_rate_increase": canary.max_error_rate_increase,
-        "max_p95_ratio": canary.max_p95_ratio,
-        "stable": {"version": goal.version, "requests": stable.requests, "errors": stable.errors,
-                   "error_rate": stable.error_rate, "p95": _finite(stable.p95)},
-    }
-
-
-def _finite(seconds: Optional[float]) -> Optional[float]:
-    """A p95 for JSON: beyond the last latency bound (infinite) it is reported as None."""
-    return None if seconds is None or math.isinf(seconds) else seconds
 
 
 def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: Optional[float] = None) -> None:
@@ -587,16 +431,15 @@ def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: O
     validate_options({"num_replicas": num_replicas})
     store = current_store()
 
-    def rescale(previous: Goal) -> Optional[dict]:
+    def rescale(previous: Goal) -> Optional[Goal]:
         if previous.options.get("autoscaling_config"):
             raise ValueError(
                 f"deployment {name!r} is autoscaled, so the controller sets its replica count; "
                 "change its autoscaling_config (min_replicas, max_replicas), or deploy it with "
                 "autoscaling_config=None and num_replicas to fix the count"
             )
-        if previous.num_replicas == num_replicas:
-            return None
-        return {"num_replicas": num_replicas, "options": {**previous.options, "num_replicas": num_replicas}}
+        goal = next_goal(previous, scaled(previous, num_replicas)).goal
+        return None if goal is None else replace(goal, user_config_signature=previous.user_config_signature)
 
     goal = store.update_goal(name, rescale, "scale")
     if goal is not None and wait:
@@ -615,16 +458,17 @@ def reconfigure_deployment(name: str, user_config: Any, wait: bool = True, timeo
     store = current_store()
     secret = cluster_secret()
 
-    def reconfigure(previous: Goal) -> Optional[dict]:
+    def reconfigure(previous: Goal) -> Optional[Goal]:
         if not previous.has_reconfigure:
             raise ValueError(
                 f"deployment {name!r} has no reconfigure(self, config) method, so it cannot take a "
                 "user_config; add one and deploy it again"
             )
-        signature = sign_user_config(name, previous.code_sha, user_config, secret)
-        if previous.options.get("user_config") == user_config and previous.user_config_signature == signature:
+        goal = next_goal(previous, reconfigured(previous, user_config),
+                         signed_now=_user_config_signed_now(previous, secret)).goal
+        if goal is None:
             return None
-        return {"options": {**previous.options, "user_config": user_config}, "user_config_signature": signature}
+        return replace(goal, user_config_signature=sign_user_config(name, goal.code_sha, user_config, secret))
 
     goal = store.update_goal(name, reconfigure, "reconfigure")
     if goal is not None and wait:
@@ -639,8 +483,9 @@ def restart_deployment(name: str, wait: bool = True, timeout: Optional[float] = 
     """
     store = current_store()
 
-    def restart(previous: Goal) -> dict:
-        return {"restart_nonce": secrets.token_hex(4)}
+    def restart(previous: Goal) -> Optional[Goal]:
+        goal = next_goal(previous, restarted(previous, secrets.token_hex(4))).goal
+        return None if goal is None else replace(goal, user_config_signature=previous.user_config_signature)
 
     goal = store.update_goal(name, restart, "restart")
     if wait and goal is not None:
@@ -659,14 +504,17 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
     secret = cluster_secret()
     history = store.history(name)
     running = store.require_goal(name)
-    if to_version is not None and to_version == running.version and getattr(running, "canary", None) is None:
+    if to_version is not None and to_version == running.version and running.canary is None:
         _show_progress()
         log.info("%s: version %s is the one running; nothing to roll back", name, to_version)
         return running.version
 
     def roll_back(current: Goal) -> Goal:
         if current.canary is not None and to_version in (None, current.version):
-            return replace(current, canary=None)     # aborts the canary: the stable version stays
+            # Aborts the canary: the stable version stays.
+            aborted = without_canary(current).goal
+            assert aborted is not None
+            return replace(aborted, user_config_signature=current.user_config_signature)
         target = previous_goal(history, current, version=to_version)
         if target is None:
             versions = sorted({e["goal"]["version"] for e in history if e.get("goal")} - {current.version})
@@ -676,18 +524,18 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
                     f"known versions: {', '.join(versions) or 'none'}"
                 )
             raise ValueError(f"deployment {name!r} has no earlier version to roll back to")
-        # The count, and whether the controller sets it, stay as they are now. The old
-        # user_config keeps a signature only if it had a valid one (then signed with the
-        # current secret, which may have been rotated since).
+        # The target's own code (trusted=False: not the code running now), for which its
+        # user_config was signed.
+        goal = next_goal(current, rolled_back(current, target), trusted=False).goal
+        assert goal is not None and goal.code_sha == target.code_sha
+        # The old user_config keeps a signature only if it had a valid one (then signed with
+        # the current secret, which may have been rotated since).
         try:
             signature = resign_user_config(name, target.code_sha, target.options.get("user_config"),
                                            target.user_config_signature, secret)
         except SignatureError as error:
             raise SignatureError(f"cannot roll {name!r} back to version {target.version}: its {error}") from None
-        return replace(target, num_replicas=current.num_replicas,
-                       options={**target.options, "num_replicas": current.num_replicas,
-                                "autoscaling_config": current.options.get("autoscaling_config")},
-                       deleting=False, user_config_signature=signature)
+        return replace(goal, user_config_signature=signature)
 
     goal = store.update_goal(name, roll_back, "rollback")
     assert goal is not None
@@ -697,15 +545,28 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
     return goal.version
 
 
-def _stored_code_holds(store: Store, name: str, secret: ClusterSecret) -> bool:
-    """Whether the code the goal of ``name`` runs is sealed with ``secret`` (True with no goal)."""
-    goal = store.get_goal(name)
-    if goal is None or goal.deleting:
-        return True
-    try:
-        return seal_holds(store.get_code(goal.code_sha), secret)
-    except LookupError:
-        return False
+class _CodeCheck:
+    """Whether stored code is sealed with ``secret`` (a missing blob is not), each blob
+    looked at once."""
+
+    def __init__(self, store: Store, secret: ClusterSecret) -> None:
+        self.store, self.secret = store, secret
+        self.known: dict[str, bool] = {}
+
+    def __call__(self, code_sha: str) -> bool:
+        if code_sha not in self.known:
+            try:
+                self.known[code_sha] = seal_holds(self.store.get_code(code_sha), self.secret)
+            except LookupError:
+                self.known[code_sha] = False
+        return self.known[code_sha]
+
+
+def _user_config_signed_now(goal: Goal, secret: ClusterSecret) -> bool:
+    """Whether ``goal``'s user_config is signed with the secret that signs now (after a
+    rotation it is not, and a deploy of the same options writes the goal again)."""
+    expected = sign_user_config(goal.name, goal.code_sha, goal.options.get("user_config"), secret)
+    return goal.user_config_signature == expected
 
 
 def promote_canary(name: str, wait: bool = True, timeout: Optional[float] = None) -> str:
@@ -718,15 +579,10 @@ def promote_canary(name: str, wait: bool = True, timeout: Optional[float] = None
     store = current_store()
 
     def promote(current: Goal) -> Goal:
-        canary = current.canary
-        if canary is None:
-            raise ValueError(f"deployment {name!r} runs no canary; start one with "
-                             f"`taskserve deploy ... --version V --canary PERCENT`")
-        count = current.num_replicas
-        return Goal(name=name, generation=0, version=canary.version, spec_hash=canary.spec_hash, num_replicas=count,
-                    options={**canary.options, "num_replicas": count}, code_sha=canary.code_sha,
-                    init_sha=canary.init_sha, kind=canary.kind, user_version=canary.version,
-                    has_reconfigure=canary.has_reconfigure, user_config_signature=canary.user_config_signature)
+        proposal = promoted(current)
+        goal = next_goal(current, proposal).goal
+        assert goal is not None and current.canary is not None
+        return replace(goal, user_config_signature=current.canary.user_config_signature)
 
     goal = store.update_goal(name, promote, "promote")
     assert goal is not None
@@ -741,7 +597,7 @@ def set_canary_traffic(name: str, traffic_percent: float, wait: bool = True, tim
     restarts; the canary's replica count follows). What ``taskserve canary NAME --percent P`` does."""
     store = current_store()
 
-    def move(current: Goal) -> Optional[dict]:
+    def move(current: Goal) -> Optional[Goal]:
         canary = current.canary
         if canary is None:
             raise ValueError(f"deployment {name!r} runs no canary; start one with "
@@ -750,9 +606,7 @@ def set_canary_traffic(name: str, traffic_percent: float, wait: bool = True, tim
                                       "max_error_rate_increase": canary.max_error_rate_increase,
                                       "max_p95_ratio": canary.max_p95_ratio})
         assert config is not None
-        if config["traffic_percent"] == canary.traffic_percent:
-            return None
-        return {"canary": replace(canary, traffic_percent=config["traffic_percent"])}
+        return with_canary(name, current, replace(canary, traffic_percent=config["traffic_percent"])).goal
 
     goal = store.update_goal(name, move, "canary")
     if goal is not None and wait:
@@ -770,27 +624,6 @@ def _prepare_canary(store: Store, name: str, version: str) -> dict[str, int]:
     if current.version != version:
         store.reset_stats(name, version)
     return baseline_of(store.stats(name), current.version)
-
-
-def _start_or_move_canary(previous: Optional[Goal], name: str, canary: Canary) -> Optional[dict]:
-    """The change of a deploy with ``canary``: start it beside the running version, move
-    the split (same version and code), or replace a canary of another version."""
-    if previous is None or previous.deleting:
-        raise ValueError(f"deployment {name!r} does not run yet, so a canary has nothing to run beside; "
-                         "deploy it once without canary first")
-    if previous.version == canary.version:
-        raise ValueError(f"version {canary.version!r} of {name!r} already runs as its stable version; "
-                         "a canary needs another version")
-    if canary.options.get("serializer") != previous.options.get("serializer", "json"):
-        raise ValueError(f"the canary's serializer {canary.options.get('serializer')!r} differs from the running "
-                         f"version's {previous.options.get('serializer', 'json')!r}; callers send both the same "
-                         "messages, so keep the serializer (change it with a rolling update)")
-    running = previous.canary
-    if running is not None and (running.version, running.spec_hash) == (canary.version, canary.spec_hash):
-        moved = replace(running, traffic_percent=canary.traffic_percent, min_requests=canary.min_requests,
-                        max_error_rate_increase=canary.max_error_rate_increase, max_p95_ratio=canary.max_p95_ratio)
-        return None if moved == running else {"canary": moved}
-    return {"canary": canary}
 
 
 def history(name: str) -> list[dict]:

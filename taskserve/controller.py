@@ -44,6 +44,7 @@ import redis
 
 from .autoscaler_tracker import AutoscaleTracker, autoscaling_config
 from .canary import VersionStats, abort_reason
+from .goals import next_goal, rolled_back
 from .history import previous_goal
 from .planner import (
     ForgetDeployment,
@@ -434,11 +435,12 @@ class Controller:
         def restore(current: Goal | None) -> Goal | None:
             if current is None or current.generation != failed.generation:
                 return None  # deleted or deployed meanwhile; that goal wins
-            # The scale is not part of a version: the current count and autoscaling stay.
-            options = {**previous.options, "num_replicas": current.num_replicas}
-            if "autoscaling_config" in current.options or "autoscaling_config" in previous.options:
-                options["autoscaling_config"] = current.options.get("autoscaling_config")
-            return replace(previous, num_replicas=current.num_replicas, options=options, deleting=False)
+            # The previous goal's own code (trusted=False: not the failed one's), with the
+            # current count and autoscaling (the scale is not part of a version).
+            goal = next_goal(current, rolled_back(current, previous), trusted=False).goal
+            if goal is None:
+                return None
+            return replace(goal, user_config_signature=previous.user_config_signature)
 
         restored = self.store.update_goal(
             failed.name, restore, "auto-rollback", by=self.controller_id, missing_ok=True,

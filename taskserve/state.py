@@ -75,6 +75,18 @@ def package_sha(runtime_env: Optional[dict]) -> Optional[str]:
     return None
 
 
+def without_count(options: dict[str, Any]) -> dict[str, Any]:
+    """A goal's options without ``num_replicas``, which goals written by earlier versions kept
+    there too (the goal's own ``num_replicas`` is the count).
+
+    >>> without_count({"num_replicas": 3, "num_cpus": 1})
+    {'num_cpus': 1}
+    """
+    if "num_replicas" not in options:
+        return options
+    return {key: value for key, value in options.items() if key != "num_replicas"}
+
+
 def config_hash(user_config: Any) -> str:
     """A short stable hash of a JSON-able ``user_config``.
 
@@ -160,6 +172,9 @@ class Canary:
     user_config_signature: str = ""     # of options["user_config"] (taskserve.signing)
     started_at: float = 0.0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", without_count(self.options))
+
     def replica_count(self, stable_replicas: int) -> int:
         """``max(1, ceil(n × P / 100))`` replicas beside the ``n`` stable ones."""
         return max(1, math.ceil(stable_replicas * self.traffic_percent / 100 - 1e-9))
@@ -171,7 +186,9 @@ class Goal:
 
     ``spec_hash`` identifies what a replica process runs (version, init args,
     resources...): replicas with another ``spec_hash`` are outdated. ``generation``
-    grows by one with every write.
+    grows by one with every write. The replica count is ``num_replicas`` alone:
+    ``options`` hold every other option (a goal written with the count in its options
+    too, as earlier versions wrote it, reads the same).
     """
 
     name: str
@@ -192,6 +209,7 @@ class Goal:
     user_config_signature: str = ""     # of options["user_config"], for code_sha (taskserve.signing)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "options", without_count(self.options))
         if isinstance(self.canary, dict):   # read from JSON, or a goal of the history
             object.__setattr__(self, "canary", Canary(**known_fields(Canary, self.canary)))
 
@@ -224,7 +242,7 @@ class Goal:
             return None
         count = canary.replica_count(self.num_replicas)
         return Goal(name=self.name, generation=self.generation, version=canary.version, spec_hash=canary.spec_hash,
-                    num_replicas=count, options={**canary.options, "num_replicas": count},
+                    num_replicas=count, options=canary.options,
                     code_sha=canary.code_sha, init_sha=canary.init_sha, kind=canary.kind,
                     created_at=self.created_at, user_version=canary.version, has_reconfigure=canary.has_reconfigure,
                     user_config_signature=canary.user_config_signature)

@@ -28,10 +28,10 @@ from typing import Any, Callable, Iterator, Optional, Union
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from ..api import status_of
 from ..batching import BATCH_SIZES_FIELD
 from ..spec import route_of
 from ..state import Replica
+from ..status import status_of
 from ..store import AutoscaleState, ClusterReader, Store, queue_name
 
 log = logging.getLogger("taskserve.gateway.metrics")
