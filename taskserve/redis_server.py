@@ -71,6 +71,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# What redis-server writes in its --dir: the append-only file (or, from Redis 7, the
+# directory of its parts), a snapshot, a rewrite in progress, its log.
+REDIS_FILE_PATTERNS = ("appendonly*", "dump.rdb", "temp-*", "redis.log")
+
+
+def make_private(data_dir: Path) -> None:
+    """Take the group and other bits off what Redis wrote in ``data_dir`` (a file an older
+    version left 0644): it holds every goal and request, and the code."""
+    for pattern in REDIS_FILE_PATTERNS:
+        for path in Path(data_dir).glob(pattern):
+            for item in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else ())]:
+                if item.is_symlink():
+                    continue
+                mode = item.stat().st_mode
+                if mode & 0o077:
+                    item.chmod(mode & 0o700)
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether nothing listens on ``host:port`` (a bind to it succeeds)."""
     with socket.socket() as sock:
@@ -131,7 +149,8 @@ class RedisServer:
         args = [find_redis_server(), "-", "--port", str(self.port), "--bind", self.host,
                 "--save", "", "--protected-mode", "yes", "--loglevel", "warning"]
         if self.data_dir is not None:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private(self.data_dir)
             args += ["--dir", str(self.data_dir.resolve()), "--appendonly", "yes",
                      "--appendfsync", "everysec", "--logfile", "redis.log"]
         else:
@@ -139,8 +158,9 @@ class RedisServer:
         # Errors at start go to a file, read only if the server exits: a pipe nobody
         # reads could fill up and block the server.
         self._errors = tempfile.TemporaryFile()
+        # umask 077: the append-only file (the whole cluster's state) and the log are 0600.
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                        stderr=self._errors, start_new_session=True)
+                                        stderr=self._errors, start_new_session=True, umask=0o077)
         assert self.process.stdin is not None
         with self.process.stdin:
             if self.password:

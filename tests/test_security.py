@@ -496,6 +496,27 @@ def test_up_generates_a_password_and_a_secret_and_shows_neither(tmp_path):
         log.close()
 
 
+@pytest.mark.integration
+def test_the_append_only_file_and_the_redis_log_are_private(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    (data / "redis.log").write_text("an older log\n")
+    (data / "redis.log").chmod(0o644)                  # as an earlier version left it
+    with RedisServer(data_dir=data) as server:
+        client = redis.Redis(port=server.port)
+        client.set("goal", "everything the cluster runs")
+        client.bgrewriteaof()
+        wait_until(lambda: not int(client.info("persistence")["aof_rewrite_in_progress"]), timeout=30,
+                   message="the rewrite of the append-only file")
+        client.set("after", "the rewrite")
+        client.close()
+    written = sorted(data.rglob("*"))
+    assert any(path.name.startswith("appendonly") for path in written), written
+    loose = {str(path.relative_to(data)): oct(stat.S_IMODE(path.stat().st_mode))
+             for path in written if stat.S_IMODE(path.stat().st_mode) & 0o077}
+    assert loose == {}
+
+
 def test_a_non_loopback_redis_needs_a_password():
     with pytest.raises(ValueError, match="needs a password"):
         RedisServer(host="0.0.0.0")
