@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -27,6 +28,7 @@ import click
 import redis
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import api
 from .config_file import load_deployments_file, load_target
@@ -50,6 +52,37 @@ ADDRESS_OPTION = click.option(
     help=f"Redis URL of the cluster (default: ${ADDRESS_ENV}, then the address `taskserve up` wrote).",
 )
 
+# Control characters (C0 but tab and newline, DEL, C1) and the bidirectional overrides:
+# a value from Redis holding them could move the cursor, retitle the terminal, write an
+# OSC-8 link or reorder what is shown.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def plain(value: object, style: str = "") -> Text:
+    """``value`` as text to print and nothing else: rich markup in it is shown as written
+    (a ``Text`` is never parsed), and control characters (terminal escapes) are dropped.
+    Everything read from Redis (names, versions, states, status messages, errors) is
+    printed through it.
+
+    >>> esc = chr(27)
+    >>> plain(f"[link=https://evil.example]ok[/link] {esc}]8;;https://evil.example{esc}[2J").plain
+    '[link=https://evil.example]ok[/link] ]8;;https://evil.example[2J'
+    >>> Console(width=40, color_system=None).print(plain("[bold]v2[/bold]")) or None
+    [bold]v2[/bold]
+    """
+    return Text(_UNPRINTABLE.sub("", str(value)), style=style)
+
+
+def plain_line(*parts: object) -> Text:
+    """One line of plain parts: strings written here are markup-free text, other values
+    (from Redis) go through :func:`plain`; a ``Text`` is kept as it is (styled).
+
+    >>> plain_line("version ", "[red]2", " ", plain("ok", "green")).plain
+    'version [red]2 ok'
+    """
+    return Text.assemble(*(part if isinstance(part, Text) else plain(part) for part in parts))
+
+
 class TaskserveGroup(click.Group):
     """Turns every error into one line on stderr and exit code 1.
 
@@ -72,10 +105,10 @@ class TaskserveGroup(click.Group):
             else:
                 text = str(error) if expected else f"{type(error).__name__}: {error}"
             first, _, rest = redact_text(text).partition("\n")
-            errors.print(f"[red]error:[/red] {first}", markup=True, highlight=False)
+            errors.print(plain_line(plain("error:", "red"), " ", first), highlight=False)
             if os.environ.get("TASKSERVE_DEBUG"):
                 if rest.strip():
-                    errors.print(rest, markup=False, highlight=False)
+                    errors.print(plain(rest), highlight=False)
                 if not expected:
                     errors.print_exception()
             raise SystemExit(1)
@@ -192,7 +225,8 @@ def _deploy_example() -> None:
     try:
         Echo.deploy(timeout=120)
     except TaskserveError as error:
-        errors.print(f"[red]error:[/red] the example deployment did not start: {error}", markup=True)
+        errors.print(plain_line(plain("error:", "red"), " the example deployment did not start: ", error),
+                     highlight=False)
         return
     console.print(f"deployed [bold]{Echo.name}[/bold] (taskserve.examples.echo)")
 
@@ -360,10 +394,10 @@ def _prune(keep: set[str], timeout: Optional[float]) -> None:
     if not doomed:
         console.print("--prune: every deployment is in the file; nothing to delete")
         return
-    console.print(f"--prune: deleting {', '.join(doomed)} (not in the file)", markup=False, highlight=False)
+    console.print(plain(f"--prune: deleting {', '.join(doomed)} (not in the file)"), highlight=False)
     for name in doomed:
         api.delete_deployment(name, timeout=timeout)
-        console.print(f"deleted {name}")
+        console.print(plain(f"deleted {name}"), highlight=False)
 
 
 @contextmanager
@@ -383,7 +417,7 @@ def _interrupted_note(name: str, what: str) -> Iterator[None]:
                      f"`taskserve rollback {name}` undoes it")
         except Exception as error:   # the note must not hide the interrupt
             text += f" (the state of {name} could not be read: {error})"
-        errors.print(text, markup=False, highlight=False)
+        errors.print(plain(text), highlight=False)
         raise
 
 
@@ -422,7 +456,7 @@ def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bo
             click.echo(json.dumps({"cluster": describe_address(), "deployments": [s.to_dict() for s in statuses],
                                    "nodes": _node_rows()}, indent=2))
             return
-        console.print(f"cluster: {describe_address()}", markup=False, highlight=False)
+        console.print(plain(f"cluster: {describe_address()}"), highlight=False)
         _print_deployments(statuses)
         _print_nodes()
         return
@@ -430,21 +464,21 @@ def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bo
     if as_json:
         click.echo(json.dumps(snapshot.to_dict(), indent=2))
         return
-    console.print(f"[bold]{snapshot.name}[/bold]  {_colored(snapshot.status)}  version {snapshot.version}  "
-                  f"replicas {snapshot.num_replicas}  generation {snapshot.generation}")
+    console.print(plain_line(plain(snapshot.name, "bold"), "  ", _colored(snapshot.status), "  version ", snapshot.version,
+                       f"  replicas {snapshot.num_replicas}  generation {snapshot.generation}"), highlight=False)
     if snapshot.autoscaling:
         scaling = snapshot.autoscaling
-        console.print(f"autoscaling {scaling['min_replicas']}..{scaling['max_replicas']}: {scaling['reason']}",
-                      markup=False, highlight=False)
+        console.print(plain(f"autoscaling {scaling['min_replicas']}..{scaling['max_replicas']}: {scaling['reason']}"),
+                      highlight=False)
     if snapshot.message:
-        console.print(snapshot.message, markup=False, highlight=False)
+        console.print(plain(snapshot.message), highlight=False)
     if snapshot.canary:
-        console.print(describe_canary(snapshot.canary), markup=False, highlight=False)
+        console.print(plain(describe_canary(snapshot.canary)), highlight=False)
     table = Table("replica", "version", "state", "node", "pid", "user_config", "message")
     for replica in snapshot.replicas:
         version = f"{replica.version} (canary)" if replica.canary else replica.version
-        table.add_row(replica.replica_id, version, _colored(replica.state), replica.node_id or "-",
-                      str(replica.pid or "-"), replica.config_hash or "-", _first_line(replica.message))
+        table.add_row(plain(replica.replica_id), plain(version), _colored(replica.state), plain(replica.node_id or "-"),
+                      plain(replica.pid or "-"), plain(replica.config_hash or "-"), plain(_first_line(replica.message)))
     console.print(table)
 
 
@@ -462,27 +496,28 @@ def _watch(name: str) -> None:
     store = current_store()
     pubsub = store.subscribe()
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[message]}"), console=console) as progress:
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[message]}", markup=False), console=console) as progress:
             task = progress.add_task(name, total=None, message="")
             snapshot = api.deployment_status(name)
             first_generation, following = snapshot.generation, snapshot.status == "UPDATING"
             if not following:
-                progress.console.print(f"{name}: {snapshot.status} at version {snapshot.version} (generation "
-                                       f"{snapshot.generation}); waiting for its next rollout (Ctrl-C stops)",
-                                       markup=False, highlight=False)
+                progress.console.print(plain(f"{name}: {snapshot.status} at version {snapshot.version} (generation "
+                                             f"{snapshot.generation}); waiting for its next rollout (Ctrl-C stops)"),
+                                       highlight=False)
             while True:
                 snapshot = api.deployment_status(name)
                 following = following or snapshot.generation != first_generation or snapshot.status == "UPDATING"
                 updated = sum(1 for r in snapshot.replicas if r.version == snapshot.version and r.state == "RUNNING")
                 progress.update(task, total=max(1, snapshot.num_replicas), completed=updated,
-                                description=f"{name} → {snapshot.version}", message=_first_line(snapshot.message))
+                                description=plain(f"{name} → {snapshot.version}").plain,
+                                message=plain(_first_line(snapshot.message)).plain)
                 if following and snapshot.status != "UPDATING":
                     break
                 wait_for_events(pubsub, 0.5)
     finally:
         pubsub.close()
-    console.print(f"{name}: {_colored(snapshot.status)} {snapshot.message}".rstrip())
+    console.print(plain_line(f"{name}: ", _colored(snapshot.status), f" {snapshot.message}".rstrip()), highlight=False)
     if snapshot.status == "UNHEALTHY":
         raise SystemExit(1)
 
@@ -494,8 +529,8 @@ def _print_deployments(statuses: list[api.DeploymentStatus]) -> None:
     table = Table("deployment", "status", "running", "version", "message")
     for snapshot in statuses:
         running = sum(1 for r in snapshot.replicas if r.state == "RUNNING")
-        table.add_row(snapshot.name, _colored(snapshot.status), f"{running}/{snapshot.num_replicas}",
-                      snapshot.version, _first_line(snapshot.message))
+        table.add_row(plain(snapshot.name), _colored(snapshot.status), f"{running}/{snapshot.num_replicas}",
+                      plain(snapshot.version), plain(_first_line(snapshot.message)))
     console.print(table)
 
 
@@ -521,16 +556,16 @@ def _node_rows() -> list[dict[str, Any]]:
 def _print_nodes() -> None:
     table = Table("node", "alive", "CPUs used/total", "GPUs used/total", "host")
     for row in _node_rows():
-        table.add_row(row["node_id"], "yes" if row["alive"] else "no",
+        table.add_row(plain(row["node_id"]), "yes" if row["alive"] else "no",
                       f"{row['num_cpus_used']:g}/{row['num_cpus']:g}",
-                      f"{row['num_gpus_used']:g}/{row['num_gpus']:g}", row["hostname"])
+                      f"{row['num_gpus_used']:g}/{row['num_gpus']:g}", plain(row["hostname"]))
     console.print(table)
 
 
-def _colored(state: str) -> str:
+def _colored(state: str) -> Text:
     color = {"HEALTHY": "green", "RUNNING": "green", "UPDATING": "yellow", "STARTING": "yellow",
              "PENDING": "yellow", "DRAINING": "yellow", "UNHEALTHY": "red", "FAILED": "red"}.get(state)
-    return f"[{color}]{state}[/{color}]" if color else state
+    return plain(state, color or "")
 
 
 def _first_line(text: str) -> str:
@@ -646,11 +681,12 @@ def rollback(name: str, address: Optional[str], to_version: Optional[str], wait:
     _connect(address)
     running = api.deployment_status(name)
     if to_version is not None and to_version == running.version and not running.canary:
-        console.print(f"{name}: version {to_version} is the one running; nothing to roll back")
+        console.print(plain(f"{name}: version {to_version} is the one running; nothing to roll back"))
         return
     with _interrupted_note(name, "rollback"):
         version = api.rollback_deployment(name, to_version=to_version, wait=wait, timeout=timeout)
-    console.print(f"{name}: " + (f"rolled back to version {version}" if wait else f"rolling back to version {version}"))
+    console.print(plain(f"{name}: " + (f"rolled back to version {version}" if wait
+                                       else f"rolling back to version {version}")))
 
 
 # --------------------------------------------------------------------------- canary releases (SPEC §9)
@@ -696,7 +732,7 @@ def promote(name: str, address: Optional[str], wait: bool, timeout: Optional[flo
     """Promote NAME's canary: a rolling update of every replica to its version."""
     _connect(address)
     version = api.promote_canary(name, wait=wait, timeout=timeout)
-    console.print(f"{name}: " + (f"version {version} promoted" if wait else f"promoting version {version}"))
+    console.print(plain(f"{name}: " + (f"version {version} promoted" if wait else f"promoting version {version}")))
 
 
 @main.command()
@@ -718,10 +754,10 @@ def history(name: str, address: Optional[str], as_json: bool) -> None:
         replicas = str(entry.get("num_replicas", ""))
         if entry.get("action") == "autoscale":        # a change of count, not of the goal
             replicas = f"{entry.get('from')} -> {entry.get('to')}"
-        table.add_row(str(entry.get("generation")), entry.get("action", ""), entry["change"],
-                      entry.get("version", ""), replicas, entry.get("by", ""),
+        table.add_row(plain(entry.get("generation")), plain(entry.get("action", "")), plain(entry["change"]),
+                      plain(entry.get("version", "")), plain(replicas), plain(entry.get("by", "")),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.get("at", 0))),
-                      {"done": "[green]done[/green]", "failed": "[red]failed[/red]"}.get(outcome, outcome))
+                      plain(outcome, {"done": "green", "failed": "red"}.get(outcome, "")))
     console.print(table)
 
 
@@ -774,11 +810,11 @@ def diff(address: Optional[str], config_file: Path, prune: bool) -> None:
     loaded = load_deployments_file(config_file)
     lines, notes = changes(loaded, current_store().list_goals(), prune=prune)
     for line in lines:
-        console.print(line, markup=False, highlight=False)
+        console.print(plain(line), highlight=False)
     if not lines:
         console.print("no changes", markup=False, highlight=False)
     for note in notes:
-        console.print(note, markup=False, highlight=False)
+        console.print(plain(note), highlight=False)
     if lines:
         raise SystemExit(1)
 
@@ -799,8 +835,8 @@ def down(data_dir: Optional[Path], timeout: float) -> None:
 
     record = find_up(data_dir)
     pid, where = record["pid"], Path(record["data_dir"])
-    console.print(f"stopping the taskserve up with pid {pid} (data dir {where}, "
-                  f"{redact_address(record['url'])})", markup=False, highlight=False)
+    console.print(plain(f"stopping the taskserve up with pid {pid} (data dir {where}, "
+                        f"{redact_address(record['url'])})"), highlight=False)
     os.kill(pid, signal.SIGTERM)
     try:
         wait_until(lambda: not up_is_running(where), timeout, "`taskserve up` to stop", interval_s=0.2)
@@ -830,7 +866,7 @@ def logs(name: str, address: Optional[str], replica_id: Optional[str], follow: b
     found = replica_logs(name, replica_id)
     for item in found:
         if item.problem:
-            errors.print(f"{item.replica_id}: {item.problem}", markup=False, highlight=False)
+            errors.print(plain(f"{item.replica_id}: {item.problem}"), highlight=False)
     readable = [item for item in found if not item.problem]
     if not readable and not follow:
         if found:
@@ -891,9 +927,9 @@ def env_list(address: Optional[str], data_dir: Path, as_json: bool) -> None:
         return
     table = Table("env", "requirements", "size", "created", "used by")
     for item in environments:
-        table.add_row(item.key, " ".join(item.requirements), f"{item.size_bytes / 2**20:.1f} MB",
+        table.add_row(plain(item.key), plain(" ".join(item.requirements)), f"{item.size_bytes / 2**20:.1f} MB",
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(item.created_at)),
-                      ", ".join(used.get(item.key, [])) or "-")
+                      plain(", ".join(used.get(item.key, [])) or "-"))
     console.print(table)
 
 

@@ -522,6 +522,43 @@ def test_a_non_loopback_redis_needs_a_password():
         RedisServer(host="0.0.0.0")
 
 
+# ------------------------------------------------------------------ what the CLI prints
+
+
+HOSTILE = ("\x1b]8;;https://evil.example/\x1b\\update here\x1b]8;;\x1b\\ \x1b[2J\x1b]0;owned\x07"
+           "[link=https://evil.example/]click[/link] [blink]x[/blink]")
+
+
+@pytest.mark.integration
+def test_status_and_list_print_what_redis_holds_as_plain_text(tmp_path):
+    # A writer to Redis puts terminal escapes (an OSC-8 link, a screen clear, a title) and
+    # rich markup (a fake link) in a status message, a version, a replica's message and a
+    # host name; the CLI must show them as text, with no escape reaching the terminal.
+    from taskserve.connection import make_store
+    from taskserve.state import DeploymentHealth, DeploymentState, Goal, Node, Replica, Resources
+
+    with RedisServer() as server:
+        store = make_store(server.url)
+        store.write_goal("victim", lambda _: Goal(name="victim", generation=1, version="v1" + HOSTILE,
+                                                  spec_hash="s", num_replicas=1, options={}, code_sha="c",
+                                                  init_sha="i"))
+        store.set_health("victim", DeploymentHealth(status=DeploymentState.UNHEALTHY, message=HOSTILE))
+        store.create_replica(Replica(replica_id="victim-1", deployment="victim", spec_hash="s",
+                                     version="v1" + HOSTILE, node_id="n1", state=ReplicaState.FAILED,
+                                     message=HOSTILE))
+        store.register_node(Node(node_id="n1", total=Resources(1), hostname="box" + HOSTILE), 60)
+        env = {**os.environ, "TASKSERVE_ADDRESS": server.url, "PYTHONPATH": str(REPO)}
+        shown = []
+        for args in (["status"], ["status", "victim"], ["list"]):
+            run = subprocess.run([sys.executable, "-m", "taskserve", *args], capture_output=True, text=True,
+                                 env=env, cwd=tmp_path, timeout=60)
+            assert run.returncode == 0, run.stderr
+            shown.append(run.stdout + run.stderr)
+            assert "\x1b" not in run.stdout + run.stderr and "\x07" not in run.stdout + run.stderr, args
+            assert "[link=https://evil.example/]click[/link]" in run.stdout, (args, run.stdout)
+        assert "]8;;https://evil.example/" in shown[1]         # the escape's text, harmless without its ESC
+
+
 # ------------------------------------------------------------------ the dashboard
 
 
