@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -53,18 +54,31 @@ def normalize_pip(pip: Any) -> list[str]:
 
 
 def pack_working_dir(directory: Any, limit: int = MAX_WORKING_DIR_BYTES) -> tuple[str, bytes]:
-    """Zip ``directory`` (less ``.gitignore``d files and ``__pycache__``); return ``(sha256, zip)``."""
+    """Zip ``directory`` (less ``.gitignore``d files and ``__pycache__``); return ``(sha256, zip)``.
+
+    A symbolic link to a file inside the directory is packed as that file; one that
+    points outside it is refused (``ValueError``) rather than followed.
+    """
     root = Path(str(directory)).expanduser()
     if not root.is_dir():
         raise ValueError(f"runtime_env['working_dir'] is {str(directory)!r}, which is not a directory; "
                          "pass the path of a local directory")
     ignore = _ignore_spec(root)
+    inside = root.resolve()
     files = []
     total = 0
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root).as_posix()
-        if not path.is_file() or "__pycache__" in path.parts or relative.startswith(".git/") \
-                or ignore.match_file(relative):
+        if "__pycache__" in path.parts or relative.startswith(".git/") or ignore.match_file(relative):
+            continue
+        if path.is_symlink() and not path.resolve().is_relative_to(inside):
+            # Following it would ship a file from elsewhere (~/.ssh/id_rsa, say) to every node.
+            raise ValueError(
+                f"runtime_env['working_dir'] {str(directory)!r} holds a symbolic link {relative!r} to "
+                f"{os.readlink(path)!r}, outside the directory: refused, nothing is shipped; copy what it "
+                "points to into the directory, or list the link in its .gitignore"
+            )
+        if not path.is_file():
             continue
         total += path.stat().st_size
         if total > limit:

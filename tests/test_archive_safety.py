@@ -108,3 +108,24 @@ def test_what_taskserve_packs_unpacks_with_its_modes(tmp_path):
     target = unpack_working_dir(tmp_path / "wd", sha, lambda: blob)
     assert (target / "pkg" / "mod.py").read_text() == "VALUE = 3\n"
     assert stat.S_IMODE((target / "run.sh").stat().st_mode) == 0o755
+
+
+def test_the_packer_refuses_a_link_out_of_the_working_dir_and_ships_nothing_it_points_to(tmp_path):
+    secret = tmp_path / "home" / ".ssh" / "id_rsa"
+    secret.parent.mkdir(parents=True)
+    secret.write_text("PRIVATE KEY of the deployer")
+    work = tmp_path / "work"
+    (work / "pkg").mkdir(parents=True)
+    (work / "pkg" / "model.py").write_text("VALUE = 1\n")
+    (work / "pkg" / "same.py").symlink_to("model.py")                 # inside: packed as that file
+    assert "pkg/same.py" in zipfile.ZipFile(io.BytesIO(pack_working_dir(work)[1])).namelist()
+    for link, target in (("pkg/key.txt", secret), ("outside", secret.parent), ("up.py", "../home/.ssh/id_rsa")):
+        (work / link).symlink_to(target)
+        with pytest.raises(ValueError, match=f"symbolic link '{link}' to .*outside the directory: refused"):
+            pack_working_dir(work)
+        (work / link).unlink()
+    (work / ".gitignore").write_text("key.txt\n")                      # a link the user leaves out is no problem
+    (work / "pkg" / "key.txt").symlink_to(secret)
+    _, blob = pack_working_dir(work)
+    assert b"PRIVATE KEY" not in zipfile.ZipFile(io.BytesIO(blob)).read("pkg/model.py") + blob
+    assert "pkg/key.txt" not in zipfile.ZipFile(io.BytesIO(blob)).namelist()
