@@ -250,10 +250,11 @@ def test_logs_prints_what_replicas_write(connected, unique_name, model_file):
     unknown = run_cli(connected, "logs", unique_name, "--replica", "nope", check=False)
     assert unknown.returncode == 1 and "has no replica 'nope'" in unknown.stderr
 
-    follow = subprocess.Popen([sys.executable, "-m", "taskserve", "logs", unique_name, "-f", "--tail", "0"],
+    # --tail 1000: the new replica's first line is printed whether `logs -f` finds it at its
+    # start (a slow start on a loaded machine) or while it follows.
+    follow = subprocess.Popen([sys.executable, "-m", "taskserve", "logs", unique_name, "-f", "--tail", "1000"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=connected.env())
     try:
-        time.sleep(1.0)     # let it reach its follow loop before the new replica writes
         taskserve.scale_deployment(unique_name, 2)
         # The one that is not the first (pids wrap around: the larger pid need not be the newer).
         (new,) = [r for r in taskserve.get_deployment(unique_name).status().replicas
