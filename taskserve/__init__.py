@@ -36,11 +36,14 @@ from .errors import (
     DeploymentError,
     DeploymentNotFound,
     DeploymentUnavailable,
+    JobCancelled,
+    JobNotFound,
     RedisUnavailable,
     ReplicaError,
     TaskserveError,
 )
 from .handle import DeploymentHandle, Response
+from .jobs import Job, JobContext, JobStatus, get_job, job_context, list_jobs, purge_jobs, retry_jobs
 
 __version__ = "0.1.0"
 
@@ -53,6 +56,11 @@ __all__ = [
     "DeploymentNotFound",
     "DeploymentStatus",
     "DeploymentUnavailable",
+    "Job",
+    "JobCancelled",
+    "JobContext",
+    "JobNotFound",
+    "JobStatus",
     "RedisUnavailable",
     "ReplicaError",
     "ReplicaInfo",
@@ -62,11 +70,16 @@ __all__ = [
     "delete_deployment",
     "deployment",
     "get_deployment",
+    "get_job",
     "history",
     "http",
+    "job_context",
+    "list_jobs",
+    "purge_jobs",
     "list_deployments",
     "reconfigure_deployment",
     "restart_deployment",
+    "retry_jobs",
     "rollback_deployment",
     "scale_deployment",
     "signature",

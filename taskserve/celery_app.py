@@ -45,7 +45,9 @@ def make_app(address: str, serializer: str = "json", result_expires: float = DEF
     The results it stores expire after ``result_expires`` seconds (whole seconds,
     at least one: Redis takes no fraction, and 0 would mean never).
     """
-    transport_options: dict = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    # Every kombu priority its own list (see taskserve.wire.priority_to_transport): what a
+    # node agent puts back lands in the list it came from.
+    transport_options: dict = {"visibility_timeout": VISIBILITY_TIMEOUT_S, "priority_steps": list(range(10))}
     sentinel = parse_sentinel(address)
     if sentinel is not None:
         address = sentinel.kombu_url
@@ -74,7 +76,7 @@ def make_app(address: str, serializer: str = "json", result_expires: float = DEF
         worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options=dict(transport_options),
-        result_backend_transport_options=dict(transport_options),
+        result_backend_transport_options={k: v for k, v in transport_options.items() if k != "priority_steps"},
     )
     return app
 

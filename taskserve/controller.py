@@ -61,6 +61,10 @@ from .planner import (
 from .state import DEFAULT_HEARTBEAT_TTL_S, DeploymentHealth, DeploymentState, Goal, Node, Replica
 from .store import ClusterReader, LeaseLost, Store, wait_for_events
 
+# How often the controller drops the set entries of jobs whose records expired.
+JOB_TRIM_S = 60.0
+DEFAULT_JOB_TTL_S = 86_400
+
 log = logging.getLogger("taskserve.controller")
 
 REDIS_RETRY_S = 1.0
@@ -121,6 +125,8 @@ class Controller:
         self.autoscaling = AutoscaleTracker(resync_s)   # load samples and targets; what to watch between passes
         self.reader = ClusterReader(store, clock=clock)   # goals, healths, replicas: re-read as they change
         self.settled: set[str] = set()            # deployments planned HEALTHY with nothing to do, unchanged since
+        self.next_job_due: Optional[float] = None   # when the next delayed job is due (time.time())
+        self.jobs_trimmed_at = float("-inf")      # when finished jobs' set entries were last trimmed (clock)
 
     @property
     def leading(self) -> bool:
@@ -170,6 +176,8 @@ class Controller:
         deadline = start + self.resync_s
         if autoscaling.due is not None and autoscaling.due > start:
             deadline = min(deadline, autoscaling.due)
+        if self.next_job_due is not None:
+            deadline = min(deadline, start + max(0.0, self.next_job_due - time.time()))
         while not self.stopping.is_set():
             remaining = deadline - self.clock()
             if remaining <= 0:
@@ -257,6 +265,23 @@ class Controller:
             del self.errors[name]     # deleted meanwhile
         self._empty_canary_queues(goals)
         self._end_autoscaling_pass(goals, set(autoscaled), set(unreadable_goals))
+        self._move_due_jobs(goals, clock)
+
+    # ------------------------------------------------------------------ jobs
+
+    def _move_due_jobs(self, goals: list[Goal], clock: float) -> None:
+        """Put the delayed jobs that are due (retries after their backoff, ETAs) back on
+        their queues, and note when the next one is due (the pass comes then). Every
+        ``JOB_TRIM_S``, drop the set entries of jobs whose records expired."""
+        moved, self.next_job_due = self.store.move_due_jobs()      # atomic: any controller may run it
+        if moved:
+            log.info("%d delayed job(s) due: queued again", moved)
+        if clock - self.jobs_trimmed_at >= JOB_TRIM_S:
+            self.jobs_trimmed_at = clock
+            now = time.time()
+            for goal in goals:
+                ttl = float(goal.options.get("job_ttl_s") or DEFAULT_JOB_TTL_S)
+                self.store.trim_finished_jobs(goal.name, now - ttl)
 
     # ------------------------------------------------------------------ canary releases
 

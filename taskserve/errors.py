@@ -62,6 +62,30 @@ class ReplicaError(TaskserveError):
         return text
 
 
+class JobNotFound(TaskserveError, KeyError):
+    """No job has this id: it never existed, or it finished more than its ``job_ttl_s`` ago."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return (f"no job {self.job_id!r}: it does not exist, or it finished longer ago than its deployment's "
+                "job_ttl_s (default a day)")
+
+
+class JobCancelled(TaskserveError):
+    """The job was cancelled: it has no result."""
+
+    def __init__(self, job_id: str, message: str = "") -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} was cancelled" + (f" ({self.message})" if self.message else "")
+
+
 class ConnectionNotConfigured(TaskserveError):
     """No Redis address was given and none could be found."""
 

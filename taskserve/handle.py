@@ -20,7 +20,7 @@ import functools
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Optional
 
 import kombu.exceptions
@@ -32,10 +32,22 @@ from .answers import AnswerListener, Waiter
 from .celery_app import make_app
 from .connection import cluster_secret, current_address, current_store, redis_client
 from .errors import BackPressureError, DeploymentNotFound, DeploymentUnavailable, RedisUnavailable
+from .jobs import Job
 from .signing import ClusterSecret
 from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState
-from .store import Store, canary_queue_name, queue_name
-from .wire import READY_STATES, Answer, Call, CallEncoder, decode_answer
+from .store import Store, canary_queue_name, queue_list, queue_name
+from .wire import (
+    DEFAULT_RETRY_DELAY_S,
+    READY_STATES,
+    Answer,
+    Call,
+    CallEncoder,
+    check_priority,
+    decode_answer,
+    job_fields,
+    new_job_id,
+    priority_to_transport,
+)
 
 # A handle re-reads its deployment (exists? can serve? queue limit?) at most this often.
 EXISTENCE_CHECK_INTERVAL_S = 1.0
@@ -243,11 +255,67 @@ class _Checked:
     canary_percent: float = 0.0         # the share of the requests it gets
 
 
+@dataclass(frozen=True)
+class CallOptions:
+    """How a handle's calls travel (:meth:`DeploymentHandle.options`).
+
+    >>> CallOptions().with_changes(priority=8, max_retries=2).priority
+    8
+    >>> CallOptions().with_changes(priority=10)
+    Traceback (most recent call last):
+    ...
+    ValueError: priority=10 is out of range: use a whole number from 0 (last) to 9 (first); the default is 5
+    """
+
+    method: str = "__call__"
+    version: Optional[str] = None           # pinned: every call goes to this version's replicas
+    priority: Optional[int] = None          # 0..9, a higher one first; None: the default, 5
+    max_retries: int = 0                    # jobs: attempts that may fail and be retried
+    retry_delay_s: float = DEFAULT_RETRY_DELAY_S
+    idempotency_key: Optional[str] = None   # jobs: the same key gives the same job
+    stream: bool = False                    # a generator's chunks as they come
+
+    def with_changes(self, **changes: Any) -> "CallOptions":
+        unknown = set(changes) - set(self.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown handle option {sorted(unknown)[0]!r}; the options are "
+                            f"{', '.join(self.__dataclass_fields__)}")
+        options = replace(self, **changes)
+        if not isinstance(options.method, str) or not options.method or options.method.startswith("_") \
+                and options.method != "__call__":
+            raise ValueError(f"method={options.method!r}: name a public method, or '__call__'")
+        if options.priority is not None:
+            check_priority(options.priority)
+        if isinstance(options.max_retries, bool) or not isinstance(options.max_retries, int) \
+                or not 0 <= options.max_retries <= MAX_RETRIES:
+            raise ValueError(f"max_retries={options.max_retries!r}: use a whole number from 0 to {MAX_RETRIES}")
+        if isinstance(options.retry_delay_s, bool) or not isinstance(options.retry_delay_s, (int, float)) \
+                or not 0 <= options.retry_delay_s <= MAX_RETRY_DELAY_S:
+            raise ValueError(f"retry_delay_s={options.retry_delay_s!r}: use a number of seconds from 0 to "
+                             f"{MAX_RETRY_DELAY_S}")
+        key = options.idempotency_key
+        if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_IDEMPOTENCY_KEY):
+            raise ValueError(f"idempotency_key={key!r}: use a non-empty string of at most {MAX_IDEMPOTENCY_KEY} "
+                             "characters")
+        return options
+
+
+MAX_RETRIES = 100
+MAX_RETRY_DELAY_S = 86_400
+MAX_IDEMPOTENCY_KEY = 256
+
+
 class DeploymentHandle:
     """Sends requests to a deployment's queue.
 
     ``handle.remote(...)`` calls ``__call__``; ``handle.method.remote(...)`` calls
-    another public method. Handles are cheap and safe to share between threads.
+    another public method, and ``handle.submit(...)`` (or ``handle.method.submit``)
+    queues it as a job (:class:`taskserve.jobs.Job`). Handles are cheap and safe to share
+    between threads.
+
+    Only ``remote``, ``submit``, ``submit_many`` and ``options`` are the handle's own
+    names: every other attribute is a method of the deployment, and
+    ``handle.options(method="remote")`` reaches even a method named like those.
 
     A call fails at once, without queueing, with :class:`DeploymentNotFound` once the
     deployment is deleted, :class:`DeploymentUnavailable` while its rollout failed with
@@ -255,56 +323,119 @@ class DeploymentHandle:
     ``max_queued_requests`` requests and :class:`RedisUnavailable` while Redis is
     away. The first three are read at most once a second, so each takes up to a second
     to show. The queue limit is read with one ``LLEN`` before each push: callers racing
-    each other can put a few requests over it.
+    each other can put a few requests over it (a job's submit checks it atomically).
     """
 
     def __init__(self, deployment: str, serializer: str = "json", method: str = "__call__",
                  version: Optional[str] = None) -> None:
-        self.deployment = deployment
-        self.serializer = serializer
-        self.method = method
-        self.version = version          # pinned: every call goes to this version's replicas
+        self._deployment = deployment
+        self._serializer = serializer
+        self._options = CallOptions(method=method, version=version)
         self._checked = _Checked()
 
-    def options(self, *, version: Optional[str] = None) -> "DeploymentHandle":
-        """A handle whose calls all go to ``version`` (the stable one or the canary's),
-        whatever the split: to try a canary by hand. ``version=None`` follows the split.
+    def _with(self, options: CallOptions) -> "DeploymentHandle":
+        handle = DeploymentHandle(self._deployment, self._serializer)
+        handle._options = options
+        handle._checked = self._checked
+        return handle
+
+    def options(self, **changes: Any) -> "DeploymentHandle":
+        """A handle whose calls travel with ``changes``:
+
+        - ``version``: all go to that version (the stable one or the canary's), whatever
+          the split: to try a canary by hand; None follows the split;
+        - ``priority``: 0..9, a higher one taken first among the waiting calls and jobs
+          (default 5);
+        - ``max_retries``, ``retry_delay_s``, ``idempotency_key``: for jobs (:meth:`submit`);
+        - ``method``: the method called, by name (for one named like a handle's own).
 
         Example::
 
             handle.options(version="2").remote("hi").result()    # answered by version 2
+            handle.options(priority=9, max_retries=3).submit(video)
         """
-        handle = DeploymentHandle(self.deployment, self.serializer, self.method, version)
-        handle._checked = self._checked
-        return handle
+        return self._with(self._options.with_changes(**changes))
 
     def remote(self, *args: Any, **kwargs: Any) -> Response:
         """Enqueue a call and return at once with its :class:`Response`."""
         store = current_store()
         address = current_address()
+        options = self._options
         try:
             self._check(store)
             if self._checked.max_queued is not None:
                 self._check_queue(store, self._checked.max_queued)
             queue = self._queue()
-            call = caller(address, self.serializer)
+            call = caller(address, self._serializer)
             task_id = call.listener.new_task_id()
-            item = self._encode(call, Call(task_id, self.method, list(args), kwargs, queue=queue))
+            item = self._encode(call, Call(task_id, options.method, list(args), kwargs, queue=queue,
+                                           priority=options.priority))
             waiter = call.listener.expect(task_id)      # listening before the call can be answered
-            call.client.lpush(queue, item)
+            call.client.lpush(queue_list(queue, priority_to_transport(options.priority)), item)
         except Exception as error:
             cause = _unreachable(error)
             if cause is None:
                 raise
             raise RedisUnavailable(address, str(cause).strip()) from None
-        return Response(call, waiter, task_id, self.deployment)
+        return Response(call, waiter, task_id, self._deployment)
+
+    def submit(self, *args: Any, **kwargs: Any) -> Job:
+        """Queue the call as a job and return its :class:`~taskserve.jobs.Job` once it is
+        queued (durably: it survives replica, agent, controller and Redis restarts).
+
+        With ``options(idempotency_key=...)``, the job already submitted under that key
+        (while it is kept) is returned instead of queueing a second one.
+        """
+        return self.submit_many([(args, kwargs)])[0]
+
+    def submit_many(self, calls: Iterable[tuple[Iterable[Any], dict]]) -> list[Job]:
+        """Queue many jobs, ``(args, kwargs)`` each, in one round trip; their :class:`Job` s.
+
+        Example::
+
+            jobs = handle.embed.submit_many(([image], {}) for image in images)
+        """
+        store = current_store()
+        address = current_address()
+        options = self._options
+        calls = [(list(args), dict(kwargs)) for args, kwargs in calls]
+        if options.idempotency_key is not None and len(calls) > 1:
+            raise ValueError("an idempotency_key names one job: submit jobs with a key one by one")
+        try:
+            self._check(store)
+            queue = self._queue()
+            call = caller(address, self._serializer)
+            list_key = queue_list(queue, priority_to_transport(options.priority))
+            now = time.time()
+            submitted = []
+            with store.redis.pipeline(transaction=False) as pipe:
+                for args, kwargs in calls:
+                    job_id = new_job_id()
+                    item = self._encode(call, Call(job_id, options.method, args, kwargs, queue=queue,
+                                                   priority=options.priority, job=True))
+                    fields = job_fields(self._deployment, options.method, options.priority, options.max_retries,
+                                        options.retry_delay_s, now, options.idempotency_key or "")
+                    store.submit_job(self._deployment, job_id, item, list_key, fields, options.idempotency_key or "",
+                                     self._checked.max_queued, queue, pipe=pipe)
+                replies = pipe.execute()
+        except Exception as error:
+            cause = _unreachable(error)
+            if cause is None:
+                raise
+            raise RedisUnavailable(address, str(cause).strip()) from None
+        for reply in replies:
+            outcome = store.submitted(reply)
+            if outcome.outcome == "full":
+                raise BackPressureError(self._deployment, outcome.queued, self._checked.max_queued or 0)
+            submitted.append(Job(outcome.job_id, self._deployment, store))
+        return submitted
 
     def _encode(self, call: Caller, message: Call) -> bytes:
         try:
             return call.encode(message)
         except (TypeError, ValueError, kombu.exceptions.EncodeError) as error:
-            raise TypeError(f"the arguments of this call to {self.deployment!r} cannot travel as "
-                            f"{self.serializer} ({error}); pass plain data, or deploy it with serializer='pickle'"
+            raise TypeError(f"the arguments of this call to {self._deployment!r} cannot travel as "
+                            f"{self._serializer} ({error}); pass plain data, or deploy it with serializer='pickle'"
                             ) from None
 
     def _check(self, store: Store) -> None:
@@ -313,49 +444,48 @@ class DeploymentHandle:
         checked = self._checked
         now = time.monotonic()
         if now - checked.at >= EXISTENCE_CHECK_INTERVAL_S:
-            goal_text, health_text = store.redis.mget([store.goal_key(self.deployment),
-                                                       store.health_key(self.deployment)])
+            goal_text, health_text = store.redis.mget([store.goal_key(self._deployment),
+                                                       store.health_key(self._deployment)])
             goal = Goal.from_json(goal_text) if goal_text else None
             if goal is None or goal.deleting:
-                raise DeploymentNotFound(self.deployment)
+                raise DeploymentNotFound(self._deployment)
             health = DeploymentHealth.from_json(health_text) if health_text else DeploymentHealth()
-            checked.unavailable = unavailable_reason(goal, health, lambda: store.replicas_of(self.deployment))
+            checked.unavailable = unavailable_reason(goal, health, lambda: store.replicas_of(self._deployment))
             checked.max_queued = goal.options.get("max_queued_requests")
             checked.version = goal.version
             checked.canary_version = goal.canary.version if goal.canary else ""
             checked.canary_percent = goal.canary.traffic_percent if goal.canary else 0.0
             checked.at = now
         if checked.unavailable is not None:
-            raise DeploymentUnavailable(self.deployment, checked.unavailable)
+            raise DeploymentUnavailable(self._deployment, checked.unavailable)
 
     def _queue(self) -> str:
         """The queue of this call: the canary's for its share of the calls (a weighted
         random choice each time) or when pinned to its version, else the deployment's."""
         checked = self._checked
-        if self.version is None:
+        version = self._options.version
+        if version is None:
             to_canary = bool(checked.canary_version) and random.random() * 100 < checked.canary_percent
-        elif self.version == checked.canary_version:
+        elif version == checked.canary_version:
             to_canary = True
-        elif self.version == checked.version:
+        elif version == checked.version:
             to_canary = False
         else:
             runs = repr(checked.version) + (f" and the canary {checked.canary_version!r}" if checked.canary_version else "")
-            raise ValueError(f"deployment {self.deployment!r} runs version {runs}, not {self.version!r}; "
+            raise ValueError(f"deployment {self._deployment!r} runs version {runs}, not {version!r}; "
                              "pin one of those, or use a handle without version=")
-        return canary_queue_name(self.deployment) if to_canary else queue_name(self.deployment)
+        return canary_queue_name(self._deployment) if to_canary else queue_name(self._deployment)
 
     def _check_queue(self, store: Store, limit: int) -> None:
-        queued = store.redis.llen(queue_name(self.deployment))
+        queued = store.queued_requests(queue_name(self._deployment))
         if queued >= limit:
-            raise BackPressureError(self.deployment, queued, limit)
+            raise BackPressureError(self._deployment, queued, limit)
 
     def __getattr__(self, method: str) -> "DeploymentHandle":
         if method.startswith("_"):
             raise AttributeError(method)
-        handle = DeploymentHandle(self.deployment, self.serializer, method, self.version)
-        handle._checked = self._checked
-        return handle
+        return self._with(replace(self._options, method=method))
 
     def __repr__(self) -> str:
-        suffix = "" if self.method == "__call__" else f".{self.method}"
-        return f"DeploymentHandle({self.deployment!r}){suffix}"
+        suffix = "" if self._options.method == "__call__" else f".{self._options.method}"
+        return f"DeploymentHandle({self._deployment!r}){suffix}"

@@ -804,7 +804,8 @@ def _progress(
 def replica_config(goal: Goal) -> str:
     """The goal options a replica process needs, as the JSON its record carries."""
     keys = ("serializer", "max_concurrent_queries", "graceful_shutdown_timeout_s",
-            "health_check_period_s", "health_check_timeout_s", "result_ttl_s", "max_deliveries", "runtime_env")
+            "health_check_period_s", "health_check_timeout_s", "result_ttl_s", "job_ttl_s", "max_deliveries",
+            "runtime_env")
     config = {key: goal.options.get(key) for key in keys}
     config["kind"] = goal.kind
     return json.dumps(config, sort_keys=True)

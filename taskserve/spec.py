@@ -278,6 +278,8 @@ class DeploymentOptions(BaseModel):
     max_queued_requests: Optional[int] = Field(default=None, ge=1, le=10_000_000)
     # How long an answer nobody read stays in Redis.
     result_ttl_s: Union[int, float] = Field(default=600, gt=0, le=7 * 86_400)
+    # How long a finished job's record and result are kept (SPEC §12).
+    job_ttl_s: Union[int, float] = Field(default=86_400, gt=0, le=365 * 86_400)
     # A request whose replica died this many times is answered with an error, not run again.
     max_deliveries: int = Field(default=3, ge=1, le=100)
     # SPEC §9: start this version beside the running one, on a share of the requests.
@@ -385,6 +387,7 @@ _FIX_HINTS = {
     "health_check_timeout_s": "use a number of seconds > 0",
     "max_queued_requests": "use a whole number >= 1, or None for no limit",
     "result_ttl_s": "use a number of seconds > 0 (at most a week)",
+    "job_ttl_s": "use a number of seconds > 0 (at most a year)",
     "max_deliveries": "use a whole number from 1 to 100",
     "serializer": "use 'json' or 'pickle'",
     "route_prefix": "use a path like '/my_model', None for '/<name>', or False to serve no HTTP route",

@@ -37,6 +37,7 @@ import base64
 import builtins
 import json
 import pickle
+import secrets
 import time
 import traceback as traceback_module
 import uuid
@@ -50,13 +51,16 @@ from kombu.utils.json import loads as kombu_loads
 
 from .errors import ReplicaError
 from .signing import ClusterSecret
+from .store.keys import CONSUME_ORDER
 
 TASK_NAME = "taskserve.call"
 
 # Priorities as users give them: 0..9, a higher one is taken first; calls and jobs
-# without one get DEFAULT_PRIORITY. kombu's Redis transport takes its priority 0 first,
-# so a taskserve priority p travels as kombu priority MAX_PRIORITY - p; a plain Celery
-# producer's `priority=` keeps Celery's Redis meaning (0 first).
+# without one get DEFAULT_PRIORITY. A message's kombu priority picks the list of the queue
+# it waits in (kombu's Redis transport: the queue's own list for 0, "<queue>\x06\x16<n>"
+# for n); replicas take the lists in CONSUME_ORDER. The default lives in the queue's own
+# list, so a plain Celery producer's call without a priority is taken with the default
+# calls, and its priority 1..9 keeps Celery's Redis meaning (a lower one first).
 MIN_PRIORITY = 0
 MAX_PRIORITY = 9
 DEFAULT_PRIORITY = 5
@@ -86,27 +90,31 @@ class UnsignedPickle(NotARequest):
     """A pickled call or answer without a valid signature: refused before unpickling."""
 
 
-def priority_to_transport(priority: int) -> int:
-    """The kombu priority a taskserve ``priority`` travels as.
+def priority_to_transport(priority: Optional[int]) -> int:
+    """The kombu priority a taskserve ``priority`` travels as (None: the default).
 
-    >>> priority_to_transport(9), priority_to_transport(5), priority_to_transport(0)
-    (0, 4, 9)
+    >>> [priority_to_transport(p) for p in (9, 8, 7, 6, 5, 4, 3, 2, 1, 0)]
+    [1, 2, 3, 4, 0, 5, 6, 7, 8, 9]
     """
-    return MAX_PRIORITY - priority
+    if priority is None or priority == DEFAULT_PRIORITY:
+        return 0
+    return MAX_PRIORITY + 1 - priority if priority > DEFAULT_PRIORITY else MAX_PRIORITY - priority
 
 
 def priority_from_transport(transport_priority: Any) -> int:
     """The taskserve priority of a message whose kombu priority is ``transport_priority``
-    (anything unreadable counts as kombu's default, 0: a plain Celery producer's call).
+    (anything unreadable counts as kombu's default, 0: the default priority).
 
-    >>> priority_from_transport(4), priority_from_transport(None), priority_from_transport(42)
-    (5, 9, 0)
+    >>> [priority_from_transport(k) for k in CONSUME_ORDER]
+    [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    >>> priority_from_transport(None), priority_from_transport(42)
+    (5, 0)
     """
     try:
         value = min(max(int(transport_priority), MIN_PRIORITY), MAX_PRIORITY)
     except (TypeError, ValueError):
         value = 0
-    return MAX_PRIORITY - value
+    return MAX_PRIORITY - CONSUME_ORDER.index(value)
 
 
 def check_priority(priority: Any) -> int:
@@ -193,11 +201,13 @@ class Call:
     """One call of a deployment's method, as a caller sends it and a replica receives it.
 
     ``priority`` is 0..9 (a higher one first), None for a call that sets none.
-    ``job`` marks a durable job (its record is ``taskserve:job:<task_id>``), ``stream``
-    a call whose chunks go to a stream. ``expires_at`` (UNIX time) is when a caller that
-    gave up stops waiting: a replica does not run it after that. On a received call,
-    ``redelivered`` says it was put back after its replica died and ``canvas`` that a
-    Celery canvas (chain, chord, callbacks) continues after it.
+    ``job`` marks a durable job (it has a job record), ``stream`` a call whose chunks go
+    to a stream. ``expires_at`` (UNIX time) is when a caller that gave up stops waiting:
+    a replica does not run it after that; ``eta`` (UNIX time, Celery's ``countdown`` and
+    ``eta``) is when it may run at the earliest. On a received call, ``redelivered`` says
+    it was put back after its replica died, ``canvas`` that a Celery canvas (chain, chord,
+    callbacks) continues after it, and ``from_celery`` that a plain Celery producer sent
+    it (taskserve's callers mark theirs): such a call is served as a job.
     """
 
     task_id: str
@@ -211,7 +221,14 @@ class Call:
     stream: bool = False
     redelivered: bool = False
     canvas: bool = False
+    from_celery: bool = False
+    eta: Optional[float] = None
     options: dict = field(default_factory=dict)
+
+    @property
+    def durable(self) -> bool:
+        """Whether it is served as a job: submitted as one, or sent by a plain Celery producer."""
+        return self.job or self.from_celery
 
     def expired(self, now: Optional[float] = None) -> bool:
         """Whether its caller gave up on it already.
@@ -259,7 +276,7 @@ class CallEncoder:
             **self.properties,
             "correlation_id": call.task_id,
             "delivery_mode": 2,                          # persistent, Celery's default
-            "priority": 0 if call.priority is None else priority_to_transport(call.priority),
+            "priority": priority_to_transport(call.priority),
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
             "delivery_info": {"exchange": "", "routing_key": call.queue},
@@ -272,8 +289,7 @@ class CallEncoder:
             options["job"] = 1
         if call.stream:
             options["stream"] = 1
-        if options:
-            headers[OPTIONS_HEADER] = options
+        headers[OPTIONS_HEADER] = options       # present even empty: taskserve's, not a plain producer's
         if serializer == "pickle":
             if secret is None:
                 raise ValueError("a pickled call must be signed: no cluster secret was given")
@@ -302,6 +318,28 @@ def _encode_body(body: tuple, serializer: str) -> tuple[str, bytes]:
                         "or deploy with serializer='pickle'") from None
 
 
+def fresh_item(envelope: Mapping[str, Any]) -> bytes:
+    """A message taken from a queue (kombu's envelope, as decoded) as a new queue item:
+    without the marks of a redelivery, with a delivery tag of its own. What a job's
+    retry queues again.
+
+    >>> item = json.loads(fresh_item({"body": "e30=", "headers": {"id": "j1", "redelivered": True},
+    ...     "properties": {"delivery_tag": "t1", "delivery_info": {"routing_key": "q", "redelivered": True}}}))
+    >>> item["headers"], item["properties"]["delivery_info"], item["properties"]["delivery_tag"] != "t1"
+    ({'id': 'j1'}, {'routing_key': 'q'}, True)
+    """
+    copied = orjson.loads(orjson.dumps(envelope))
+    headers = copied.get("headers")
+    if isinstance(headers, dict):
+        headers.pop("redelivered", None)
+    properties = copied.setdefault("properties", {})
+    properties["delivery_tag"] = str(uuid.uuid4())
+    info = properties.get("delivery_info")
+    if isinstance(info, dict):
+        info.pop("redelivered", None)
+    return orjson.dumps(copied)
+
+
 def signature_args(method: str, args: list, kwargs: dict) -> tuple[tuple, dict]:
     """The Celery task arguments of a call built for a canvas (:func:`taskserve.signature`):
     the method and its arguments as task keyword arguments, so that a chain can prepend
@@ -325,7 +363,7 @@ def decode_call(headers: Any, body: bytes, content_type: str, properties: Option
 
     >>> call = decode_call({"task": TASK_NAME, "id": "d9b1"}, b'[["__call__", [1], {}], {}, {}]', "application/json")
     >>> call.method, call.args, call.kwargs, call.priority
-    ('__call__', [1], {}, 9)
+    ('__call__', [1], {}, 5)
     >>> decode_call({"task": TASK_NAME, "id": "d9b1"},
     ...             b'[[7], {"method": "embed", "args": [1], "kwargs": {}}, {"chain": [{}]}]', "application/json").args
     [7, 1]
@@ -352,7 +390,9 @@ def decode_call(headers: Any, body: bytes, content_type: str, properties: Option
     if embed is not None and not isinstance(embed, dict):
         raise NotARequest(f"its options are not a mapping: {_short(embed)}")
     method, args, kwargs = call_arguments(task_args, task_kwargs)
-    options = headers.get(OPTIONS_HEADER) or {}
+    options = headers.get(OPTIONS_HEADER)
+    from_celery = options is None
+    options = options or {}
     if not isinstance(options, dict):
         raise NotARequest(f"its {OPTIONS_HEADER} header is not a mapping: {_short(options)}")
     info = delivery_info or {}
@@ -371,6 +411,8 @@ def decode_call(headers: Any, body: bytes, content_type: str, properties: Option
         redelivered=bool(info.get("redelivered") or headers.get("redelivered")),
         canvas=bool(embed.get("chain") or embed.get("callbacks") or embed.get("errbacks") or embed.get("chord")
                     or headers.get("group")),
+        from_celery=from_celery,
+        eta=_expiry(headers.get("eta")),
         options=options,
     )
 
@@ -424,7 +466,7 @@ def _decode_body(headers: dict, body: bytes, content_type: str, secret: Optional
 
 
 def _expiry(expires: Any) -> Optional[float]:
-    """UNIX time of Celery's ``expires`` header (ISO 8601), None if absent or unreadable.
+    """UNIX time of Celery's ``expires`` (or ``eta``) header (ISO 8601), None if absent or unreadable.
 
     >>> _expiry("2020-01-01T00:00:00+00:00"), _expiry(None), _expiry("soon")
     (1577836800.0, None, None)
@@ -617,6 +659,153 @@ def revoked_answer(task_id: str, why: str = "expired") -> bytes:
                                                      "exc_module": "celery.exceptions"},
                        "traceback": None, "children": [], "task_id": task_id,
                        "date_done": datetime.now(timezone.utc).isoformat()})
+
+
+# --------------------------------------------------------------------------- job records
+
+
+# A job's states (SPEC: QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED; DEAD when it
+# cannot be run at all, or its replicas died under it max_deliveries times).
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, DEAD = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "DEAD"
+JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, DEAD)
+FINISHED_JOB_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, DEAD})
+DEFAULT_RETRY_DELAY_S = 1.0
+
+
+def new_job_id() -> str:
+    """A job id: 128 random bits in hex, so nobody guesses another's.
+
+    >>> len(new_job_id()), new_job_id() != new_job_id()
+    (32, True)
+    """
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job's last attempt failed: the exception's type, message and traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message, "traceback": self.traceback}
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job as its record says: its state, progress and times (UNIX seconds).
+
+    ``attempts`` counts the runs started (a replica dying under one starts another
+    without using up a retry); ``error`` is the last attempt's failure.
+    """
+
+    job_id: str
+    deployment: str
+    state: str
+    method: str = "__call__"
+    priority: int = DEFAULT_PRIORITY
+    progress: Optional[float] = None
+    message: str = ""
+    attempts: int = 0
+    max_retries: int = 0
+    retry_delay_s: float = DEFAULT_RETRY_DELAY_S
+    created_at: Optional[float] = None
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    error: Optional[JobError] = None
+    cancel_requested: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_JOB_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        """The status as JSON data (the gateway's ``/-/jobs/<id>``, ``taskserve job --json``)."""
+        return {"job_id": self.job_id, "deployment": self.deployment, "method": self.method, "state": self.state,
+                "priority": self.priority, "progress": self.progress, "message": self.message,
+                "attempts": self.attempts, "max_retries": self.max_retries, "created_at": self.created_at,
+                "started_at": self.started_at, "finished_at": self.finished_at,
+                "error": self.error.to_dict() if self.error else None}
+
+
+def job_fields(deployment: str, method: str, priority: Optional[int], max_retries: int, retry_delay_s: float,
+               created_at: float, idempotency_key: str = "") -> dict[str, str]:
+    """The fields of a new job's record (its Redis hash), QUEUED.
+
+    >>> job_status("j1", job_fields("ocr", "__call__", 7, 2, 0.5, 1700000000.0)).priority
+    7
+    """
+    fields = {"deployment": deployment, "method": method, "state": QUEUED,
+              "priority": str(DEFAULT_PRIORITY if priority is None else priority), "attempts": "0",
+              "failures": "0", "max_retries": str(max_retries), "retry_delay_s": repr(float(retry_delay_s)),
+              "created_at": repr(created_at)}
+    if idempotency_key:
+        fields["idempotency_key"] = idempotency_key
+    return fields
+
+
+def job_status(job_id: str, fields: Mapping[Any, Any]) -> JobStatus:
+    """The :class:`JobStatus` of a job record (its hash, as bytes or text).
+
+    >>> status = job_status("j1", {b"deployment": b"ocr", b"state": b"FAILED", b"attempts": b"2",
+    ...                            b"error": b'{"type": "ValueError", "message": "bad page", "traceback": ""}'})
+    >>> status.state, status.attempts, status.error.message, status.progress
+    ('FAILED', 2, 'bad page', None)
+    """
+    text = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()}
+    error = None
+    if text.get("error"):
+        try:
+            data = json.loads(text["error"])
+            error = JobError(str(data.get("type", "")), str(data.get("message", "")), str(data.get("traceback", "")))
+        except (ValueError, AttributeError):
+            error = JobError("Unreadable", text["error"])
+    return JobStatus(
+        job_id=job_id, deployment=text.get("deployment", ""), state=text.get("state", QUEUED),
+        method=text.get("method", "__call__"), priority=_int(text.get("priority"), DEFAULT_PRIORITY),
+        progress=_float(text.get("progress")), message=text.get("message", ""),
+        attempts=_int(text.get("attempts"), 0), max_retries=_int(text.get("max_retries"), 0),
+        retry_delay_s=_float(text.get("retry_delay_s")) or DEFAULT_RETRY_DELAY_S,
+        created_at=_float(text.get("created_at")), started_at=_float(text.get("started_at")),
+        finished_at=_float(text.get("finished_at")), error=error,
+        cancel_requested=text.get("cancel_requested") == "1")
+
+
+def job_error(outcome: Outcome) -> str:
+    """A failed outcome as a record's ``error`` field (JSON).
+
+    >>> job_error(Outcome.failure("ValueError", "bad page"))
+    '{"type":"ValueError","message":"bad page","traceback":""}'
+    """
+    return json.dumps({"type": outcome.error_type, "message": outcome.message, "traceback": outcome.traceback},
+                      separators=(",", ":"))
+
+
+def retry_delay(retry_delay_s: float, failures: int) -> float:
+    """Seconds before a job whose ``failures``-th attempt failed runs again:
+    ``retry_delay_s × 2^(failures-1)``.
+
+    >>> [retry_delay(1.0, n) for n in (1, 2, 3)]
+    [1.0, 2.0, 4.0]
+    """
+    return retry_delay_s * 2 ** max(0, failures - 1)
+
+
+def _int(text: Optional[str], default: int) -> int:
+    try:
+        return int(text) if text not in (None, "") else default
+    except ValueError:
+        return default
+
+
+def _float(text: Optional[str]) -> Optional[float]:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------- helpers

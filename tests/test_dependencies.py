@@ -25,6 +25,8 @@ PRIVATE_NAMES = [
     (kombu_redis.Channel, "_brpop_start", "remember the BRPOP connection's client id (a drain ends its wait)"),
     (kombu_redis.Channel, "_brpop_read", "drop a queue item that is not JSON instead of stopping the worker"),
     (kombu_redis.Channel, "_in_poll", "know whether a BRPOP is under way when the channel closes"),
+    (kombu_redis.Channel, "_queue_cycle", "take the active queues' lists in taskserve's priority order"),
+    (kombu_redis.Channel, "_brpop_sent_at", "the same (kombu notes when its BRPOP went out)"),
     (kombu_redis.Channel, "_create_client", "keep one Redis client per connection pool"),
     (kombu_redis.Channel, "conn_or_acquire", "the client an answer's transaction runs on"),
     (kombu_redis.Channel, "_do_restore_message", "put a message back on its queue (the node agent)"),

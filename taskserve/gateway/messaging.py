@@ -37,7 +37,8 @@ import redis.asyncio
 from ..celery_app import make_app
 from ..errors import BackPressureError
 from ..http import HTTP_METHOD
-from ..store import EVENTS_CHANNEL, queue_name, result_key, result_key_pattern
+from ..store import EVENTS_CHANNEL, queue_lists, queue_name, result_key, result_key_pattern
+from ..store.lua import source as lua_source
 from ..wire import READY_STATES, Answer, Call, CallEncoder, decode_answer
 from .routes import Route
 
@@ -60,15 +61,8 @@ DELETE_RETRY_S = 1.0
 # At most one round of deletions this often: under load, one DEL serves many answers.
 DELETE_INTERVAL_S = 0.05
 
-# Pushes a request unless the queue holds ARGV[2] requests already. Returns the queue's
-# new length, or minus its length when it was full (a full queue is never empty).
-PUSH_IF_ROOM = """
-local queued = redis.call('LLEN', KEYS[1])
-if queued >= tonumber(ARGV[2]) then
-  return -queued
-end
-return redis.call('LPUSH', KEYS[1], ARGV[1])
-"""
+# Pushes a request unless its queue holds max_queued requests already (the store's script).
+PUSH_IF_ROOM = lua_source("push_if_room")
 
 
 class RateLimitedLog:
@@ -399,14 +393,15 @@ class TaskSender:
             if len(batch) == 1:
                 queue, message, max_queued, _ = batch[0]
                 results: list[Any] = [await (self.client.lpush(queue, message) if max_queued is None else
-                                             self.client.eval(PUSH_IF_ROOM, 1, queue, message, max_queued))]
+                                             self.client.eval(PUSH_IF_ROOM, *_room_keys(queue), message,
+                                                              max_queued))]
             else:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for queue, message, max_queued, _ in batch:
                         if max_queued is None:
                             pipe.lpush(queue, message)
                         else:
-                            pipe.eval(PUSH_IF_ROOM, 1, queue, message, max_queued)
+                            pipe.eval(PUSH_IF_ROOM, *_room_keys(queue), message, max_queued)
                     results = await pipe.execute(raise_on_error=False)
         except BaseException as error:   # the requests see it; nothing else waits for this task
             for *_, future in batch:
@@ -435,6 +430,12 @@ class TaskSender:
         # What `celery inspect` shows; Celery's own repr of the base64 body costs more
         # than the rest of the message.
         return self.encoder.encode(call, argsrepr=f"('{HTTP_METHOD}', '{payload['method']} {payload['path']}')")
+
+
+def _room_keys(queue: str) -> list[Any]:
+    """``EVAL`` key arguments of :data:`PUSH_IF_ROOM` for a push onto ``queue``'s default list."""
+    lists = queue_lists(queue)
+    return [1 + len(lists), queue, *lists]
 
 
 class ResultJanitor:

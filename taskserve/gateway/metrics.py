@@ -32,7 +32,8 @@ from ..batching import BATCH_SIZES_FIELD
 from ..spec import route_of
 from ..state import Replica
 from ..status import status_of
-from ..store import AutoscaleState, ClusterReader, Store, queue_name
+from ..store import AutoscaleState, ClusterReader, Store, queue_lists, queue_name
+from ..store.keys import CONSUME_ORDER
 
 log = logging.getLogger("taskserve.gateway.metrics")
 
@@ -99,7 +100,8 @@ class StatusReader:
                          or self.batch_sizes[goal.name][0] != records[goal.name].revision}
         with store.redis.pipeline(transaction=False) as pipe:
             for goal in goals:
-                pipe.llen(queue_name(goal.name))
+                for key in queue_lists(queue_name(goal.name)):
+                    pipe.llen(key)
                 pipe.lrange(store.history_key(goal.name), -HISTORY_SHOWN, -1)
                 if goal.options.get("autoscaling_config"):
                     pipe.get(store.scale_key(goal.name))
@@ -111,7 +113,8 @@ class StatusReader:
             rows = iter(pipe.execute())
         deployments, statuses, events = [], {}, {}
         for goal in goals:
-            depth, history = int(next(rows)), next(rows)
+            depth = sum(int(next(rows)) for _ in CONSUME_ORDER)
+            history = next(rows)
             scale_text = next(rows) if goal.options.get("autoscaling_config") else None
             stats = {_text(k): int(v) for k, v in next(rows).items()} if goal.canary is not None else {}
             record = records[goal.name]

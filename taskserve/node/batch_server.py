@@ -28,7 +28,7 @@ A request to a method that is not batched runs alone, in arrival order.
 
 Example (what :meth:`taskserve.node.replica.ReplicaProcess.serve` does)::
 
-    server = BatchServer(replica, dispatcher, app, InflightFile(path), answerer, max_deliveries=3,
+    server = BatchServer(replica, dispatcher, app, InflightFile(path), answerer, jobs, max_deliveries=3,
                          concurrency=1, serializer="json")
     exit_code = server.serve()      # returns after SIGTERM, once the batches in hand are answered
 """
@@ -62,11 +62,13 @@ from ..batching import (
 )
 from ..connection import redis_client
 from ..http import HTTP_METHOD, Request, encode_response
-from ..store import replica_queue
+from ..jobs import reset_job_context, set_job_context
+from ..store import queue_lists, replica_queue
 from ..wire import Call, NotARequest, Outcome, decode_call
 from .answering import Answerer, refuse_redelivery
 from .inflight import InflightFile
 from .invoke import Dispatcher
+from .jobs import JobRunner, Running
 from .transport import REDIS_UNREACHABLE, ReplicaChannel, ReplicaQoS, ReplicaTransport
 
 log = logging.getLogger("taskserve.node.batch_server")
@@ -90,6 +92,7 @@ class Held:
 
     message: Any
     call: Call
+    running: Optional[Running] = None     # a job's
     settled: bool = False      # answered (or given up on) and acknowledged
     taken_at: float = field(default_factory=time.perf_counter)
 
@@ -113,9 +116,10 @@ class BatchQoS(ReplicaQoS):
         with self.pipe_or_acquire() as pipe:
             pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
             pipe.hset(self.unacked_key, delivery_tag, kombu_dumps([message._raw, exchange, routing_key]))
-            pipe.llen(routing_key)      # the queue's list: taskserve's queues are routed by their own name
-            *_, length = pipe.execute()
-        self.queue_length = int(length)
+            for key in queue_lists(routing_key):     # taskserve's queues are routed by their own name
+                pipe.llen(key)
+            _, _, *lengths = pipe.execute()
+        self.queue_length = sum(int(length) for length in lengths)
         virtual.QoS.append(self, message, delivery_tag)
 
 
@@ -133,9 +137,10 @@ class BatchServer:
     """Serves a batched deployment's queue; see the module docstring."""
 
     def __init__(self, replica: Any, dispatcher: Dispatcher, app: Any, inflight: InflightFile, answerer: Answerer,
-                 max_deliveries: int, concurrency: int = 1, serializer: str = "json") -> None:
+                 jobs: JobRunner, max_deliveries: int, concurrency: int = 1, serializer: str = "json") -> None:
         self.replica = replica
         self.answerer = answerer
+        self.jobs = jobs
         self.dispatcher = dispatcher
         self.app = app
         self.inflight = inflight
@@ -273,10 +278,18 @@ class BatchServer:
             call = decode_call(message.headers, message.body, message.content_type, message.properties,
                                message.delivery_info, self.answerer.secret, self.serializer == "pickle")
         except NotARequest as error:
-            log.error("dropped a message of %s: %s", self.queue, error)
-            message.reject_log_error(log, REDIS_UNREACHABLE)
+            if not self.jobs.bury_if_addressed(message, str(error)):
+                log.error("dropped a message of %s: %s", self.queue, error)
+                message.reject_log_error(log, REDIS_UNREACHABLE)
             return
-        held = Held(message, call)
+        running = None
+        if call.durable:
+            refusal = refuse_redelivery(self.replica.redeliveries(call.task_id), self.max_deliveries) \
+                if call.redelivered else None
+            running = self.jobs.admit(call, message, refusal, self.dispatcher.resolve)
+            if running is None:
+                return
+        held = Held(message, call, running)
         method = call.method
         self.inflight.add(held.task_id, message.delivery_tag)
         self.replica.in_flight.took()
@@ -352,7 +365,10 @@ class BatchServer:
     def queue_length(self) -> int:
         """How many requests wait in the queue (0 if Redis does not say in time)."""
         try:
-            return int(self.redis.llen(self.queue))
+            with self.redis.pipeline(transaction=False) as pipe:
+                for key in queue_lists(self.queue):
+                    pipe.llen(key)
+                return sum(int(length) for length in pipe.execute())
         except (redis.RedisError, *REDIS_UNREACHABLE):
             return 0
 
@@ -363,18 +379,21 @@ class BatchServer:
         answers: list[tuple[Held, Optional[Outcome]]] = []
         ready = [held for held in items if self.admitted(held, key, answers)]
         if key == UNBATCHED:
-            answers += [(held, self.run_alone(held.call)) for held in ready]
+            answers += [(held, self.run_alone(held.call, held.running)) for held in ready]
         elif ready:
             answers += self.run_batch(key, ready)
         if answers:
             self.settle(answers)
 
-    def run_alone(self, call: Call) -> Outcome:
-        """A request to a method that is not batched: run alone."""
+    def run_alone(self, call: Call, running: Optional[Running] = None) -> Outcome:
+        """A request to a method that is not batched: run alone (a job with its context)."""
+        token = set_job_context(running.context if running else None)
         try:
             return Outcome(True, self.dispatcher.call(call.method, call.args, call.kwargs))
         except Exception as error:
             return Outcome.of_exception(error)
+        finally:
+            reset_job_context(token)
 
     def run_batch(self, key: str, ready: list[Held]) -> list[tuple[Held, Optional[Outcome]]]:
         """Call the batched method once with the items of ``ready``; their answers."""
@@ -411,10 +430,10 @@ class BatchServer:
     def admitted(self, held: Held, key: str, answers: list[tuple[Held, Optional[Outcome]]]) -> bool:
         """Whether ``held`` runs; if not, its answer is added to ``answers`` (None: it expired)."""
         call = held.call
-        if call.expired():
+        if held.running is None and call.expired():
             answers.append((held, None))     # its caller (the gateway) gave up: not run, as Celery does
             return False
-        if call.redelivered:
+        if held.running is None and call.redelivered:
             refusal = refuse_redelivery(self.replica.redeliveries(call.task_id), self.max_deliveries)
             if refusal is not None:
                 log.error("request %s not run: %s", call.task_id, refusal.message)
@@ -434,7 +453,11 @@ class BatchServer:
             if outcome is not None:
                 self.replica.stats.count(now - held.taken_at, outcome.ok)
         try:
-            self.answerer.answer_many([(held.message, held.call, outcome) for held, outcome in answers])
+            self.answerer.answer_many([(held.message, held.call, outcome) for held, outcome in answers
+                                       if held.running is None])
+            for held, outcome in answers:
+                if held.running is not None and outcome is not None:
+                    self.jobs.end(held.message, held.call, outcome, held.running)
         except Exception as error:     # after retrying for ACK_RETRY_S while Redis was unreachable
             log.error("could not store the answers to %d requests (%s); they are served again", len(answers), error)
         for held, _ in answers:

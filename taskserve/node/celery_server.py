@@ -24,7 +24,7 @@ connection close, putting back what was taken but not started.
 
 Example (what :meth:`taskserve.node.replica.ReplicaProcess.serve` does)::
 
-    server = CeleryServer(replica, dispatcher, app, inflight, answerer, max_deliveries=3, concurrency=1)
+    server = CeleryServer(replica, dispatcher, app, inflight, answerer, jobs, max_deliveries=3, concurrency=1)
     exit_code = server.serve()      # returns after SIGTERM, once the calls in hand are answered
 """
 
@@ -36,15 +36,18 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from celery import signals
 from celery.concurrency.solo import TaskPool as SoloPool
 
+from ..jobs import reset_job_context, set_job_context
 from ..wire import TASK_NAME, Call, NotARequest, Outcome, call_arguments, decode_call
 from .answering import Answerer, refuse_redelivery
 from .inflight import InflightFile
 from .invoke import ASYNC, ASYNC_GENERATOR, Dispatcher
+from .jobs import JobRunner, Running
 from .transport import REDIS_UNREACHABLE, ReplicaConsumer, ReplicaTransport, _why
 
 log = logging.getLogger("taskserve.node.celery_server")
@@ -58,19 +61,20 @@ class CeleryServer:
     """Serves a deployment's queue with a Celery worker; see the module docstring."""
 
     def __init__(self, replica: Any, dispatcher: Dispatcher, app: Any, inflight: InflightFile, answerer: Answerer,
-                 max_deliveries: int, concurrency: int = 1, accept_pickle: bool = False) -> None:
+                 jobs: JobRunner, max_deliveries: int, concurrency: int = 1, accept_pickle: bool = False) -> None:
         self.replica = replica
         self.dispatcher = dispatcher
         self.app = app
         self.inflight = inflight
         self.answerer = answerer
+        self.jobs = jobs
         self.max_deliveries = max_deliveries
         self.concurrency = max(1, concurrency)
         self.accept_pickle = accept_pickle
         self.secret = answerer.secret
         self.executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="request") \
             if self.concurrency > 1 else None
-        self.writer = AnswerWriter(answerer, self._settled)
+        self.writer = AnswerWriter(self.write, self._settled)
         self.hub: Any = None
         self.busy = 0                                   # calls taken and not yet answered
         self.idle = threading.Condition()
@@ -85,23 +89,39 @@ class CeleryServer:
             call = decode_call(message.headers, message.body, message.content_type, message.properties,
                                message.delivery_info, self.secret, self.accept_pickle)
         except NotARequest as error:
-            return self.drop(message, str(error))
+            return self._refuse(message, str(error))
+        self._took(call, message)
         if call.canvas and self.celery_serve is not None:
             # Celery's own machinery stores the value and sends what comes next.
-            self._took(call, message)
             return self.celery_serve(message)
-        self._took(call, message)
-        answer = self._not_run(call)
-        if answer is not None:
-            return self._finish_here(message, call, answer[0], started=None)
+        if call.durable:
+            running = self._start_job(call, message)
+            if running is None:
+                return self._done(call)
+        else:
+            running = None
+            if call.expired():    # its caller (the gateway) gave up: not run, as Celery does
+                return self._finish_here(Served(message, call, None), started=None)
+            refusal = self._refusal(call)
+            if refusal is not None:
+                return self._finish_here(Served(message, call, refusal), started=None)
         if self.dispatcher.shape(call.method) in (ASYNC, ASYNC_GENERATOR):
             self.dispatcher.enter()
-            self.dispatcher.loop.run(self._serve_async(call, message))
+            self.dispatcher.loop.run(self._serve_async(call, message, running))
         elif self.executor is not None:
-            self.executor.submit(self._serve_in_thread, call, message)
+            self.executor.submit(self._serve_in_thread, call, message, running)
         else:
             started = time.perf_counter()
-            self._finish_here(message, call, self._run(call), started)
+            self._finish_here(Served(message, call, self._run(call, running), running), started)
+
+    def _start_job(self, call: Call, message: Any) -> Optional[Running]:
+        return self.jobs.admit(call, message, self._refusal(call), self.dispatcher.resolve)
+
+    def _refuse(self, message: Any, why: str) -> None:
+        """A message that is not a call: a job addressed to this deployment is DEAD (its
+        caller reads why), anything else is dropped with one log line."""
+        if not self.jobs.bury_if_addressed(message, why):
+            self.drop(message, why)
 
     def _took(self, call: Call, message: Any) -> None:
         with self.idle:
@@ -109,17 +129,14 @@ class CeleryServer:
         self.inflight.add(call.task_id, message.delivery_tag)
         self.replica.in_flight.took()
 
-    def _not_run(self, call: Call) -> Optional[tuple[Optional[Outcome]]]:
-        """(the answer,) of a call that is not run: it expired (None) or its replicas
-        died under it too often; None to run it."""
-        if call.expired():
-            return (None,)    # its caller (the gateway) gave up: not run, as Celery does
-        if call.redelivered:
-            refusal = refuse_redelivery(self.replica.redeliveries(call.task_id), self.max_deliveries)
-            if refusal is not None:
-                log.error("request %s not run: %s", call.task_id, refusal.message)
-                return (refusal,)
-        return None
+    def _refusal(self, call: Call) -> Optional[Outcome]:
+        """The answer of a call its replicas died under too often (None to run it)."""
+        if not call.redelivered:
+            return None
+        refusal = refuse_redelivery(self.replica.redeliveries(call.task_id), self.max_deliveries)
+        if refusal is not None:
+            log.error("request %s not run: %s", call.task_id, refusal.message)
+        return refusal
 
     def drop(self, message: Any, why: str) -> None:
         log.error("dropped a message of %s: %s", self.queue or "the queue", why)
@@ -127,26 +144,30 @@ class CeleryServer:
 
     # ------------------------------------------------------------------ running
 
-    def _run(self, call: Call) -> Outcome:
+    def _run(self, call: Call, running: Optional[Running] = None) -> Outcome:
+        token = set_job_context(running.context if running else None)
         try:
             return Outcome(True, self.dispatcher.call(call.method, call.args, call.kwargs))
         except Exception as error:      # the caller gets it as ReplicaError
             return Outcome.of_exception(error)
+        finally:
+            reset_job_context(token)
 
-    def _serve_in_thread(self, call: Call, message: Any) -> None:
+    def _serve_in_thread(self, call: Call, message: Any, running: Optional[Running]) -> None:
         started = time.perf_counter()
-        outcome = self._run(call)
+        outcome = self._run(call, running)
         self._count(outcome, started)
-        self.writer.put(message, call, outcome)
+        self.writer.put(Served(message, call, outcome, running))
 
-    async def _serve_async(self, call: Call, message: Any) -> None:
+    async def _serve_async(self, call: Call, message: Any, running: Optional[Running]) -> None:
         started = time.perf_counter()
+        set_job_context(running.context if running else None)    # this task's own context
         try:
             outcome = Outcome(True, await self.dispatcher.call_async(call.method, call.args, call.kwargs))
         except Exception as error:
             outcome = Outcome.of_exception(error)
         self._count(outcome, started)
-        self.writer.put(message, call, outcome)
+        self.writer.put(Served(message, call, outcome, running))
 
     def _count(self, outcome: Outcome, started: Optional[float]) -> None:
         if started is not None:
@@ -154,17 +175,27 @@ class CeleryServer:
 
     # ------------------------------------------------------------------ answering
 
-    def _finish_here(self, message: Any, call: Call, outcome: Optional[Outcome], started: Optional[float]) -> None:
+    def write(self, served: list["Served"]) -> None:
+        """Store the answers of ``served`` and acknowledge their messages: plain calls'
+        in one transaction, each job's with its record."""
+        plain = [(item.message, item.call, item.outcome) for item in served if item.running is None]
+        if plain:
+            self.answerer.answer_many(plain)
+        for item in served:
+            if item.running is not None and item.outcome is not None:
+                self.jobs.end(item.message, item.call, item.outcome, item.running)
+
+    def _finish_here(self, served: "Served", started: Optional[float]) -> None:
         """Answer in the consumer's thread (inline calls, and calls not run)."""
-        if outcome is not None:
-            self._count(outcome, started)
+        if served.outcome is not None:
+            self._count(served.outcome, started)
         try:
-            self.answerer.answer(message, call, outcome)
+            self.write([served])
         except REDIS_UNREACHABLE as error:
             # Unacknowledged, the request is served again once Redis is back: not lost.
-            log.error("cannot store the answer to %s (%s); it is served again", call.task_id, _why(error))
-            message.channel.qos.reject(message.delivery_tag, requeue=True)
-        self._done(call)
+            log.error("cannot store the answer to %s (%s); it is served again", served.call.task_id, _why(error))
+            served.message.channel.qos.reject(served.message.delivery_tag, requeue=True)
+        self._done(served.call)
 
     def _settled(self, calls: list[Call]) -> None:
         """Answered by the writer thread: wake the consumer, whose prefetch has room again."""
@@ -290,25 +321,35 @@ class DrainingPool(SoloPool):
         super().on_stop()
 
 
+@dataclass
+class Served:
+    """A call served (or not run: ``outcome`` None, it expired), to be answered."""
+
+    message: Any
+    call: Call
+    outcome: Optional[Outcome]
+    running: Optional[Running] = None
+
+
 class AnswerWriter:
     """Writes the answers finished off the consumer's thread (thread pool, event loop):
-    one thread takes every answer waiting and writes them in one round trip, so answers
-    finished together cost one transaction, not one each.
+    one thread takes every answer waiting and writes them together (``write``), so
+    answers finished together cost one transaction, not one each.
 
     ``settled`` is called (in the writer's thread) with the calls of each round written.
     """
 
-    def __init__(self, answerer: Answerer, settled: Callable[[list[Call]], None]) -> None:
-        self.answerer = answerer
+    def __init__(self, write: Callable[[list[Served]], None], settled: Callable[[list[Call]], None]) -> None:
+        self.write = write
         self.settled = settled
-        self.waiting: "queue.SimpleQueue[Optional[tuple[Any, Call, Outcome]]]" = queue.SimpleQueue()
+        self.waiting: "queue.SimpleQueue[Optional[Served]]" = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="answer-writer", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def put(self, message: Any, call: Call, outcome: Outcome) -> None:
-        self.waiting.put((message, call, outcome))
+    def put(self, served: Served) -> None:
+        self.waiting.put(served)
 
     def stop(self) -> None:
         if self.thread.is_alive():
@@ -331,16 +372,15 @@ class AnswerWriter:
                     break
                 batch.append(more)
             try:
-                self.answerer.answer_many(batch)
+                self.write(batch)
             except REDIS_UNREACHABLE as error:
                 # Unacknowledged, these requests are served again once Redis is back.
                 log.error("cannot store %d answer(s) (%s); they are served again", len(batch), _why(error))
-                for message, _, _ in batch:
+                for served in batch:
                     try:
-                        message.channel.qos.reject(message.delivery_tag, requeue=True)
+                        served.message.channel.qos.reject(served.message.delivery_tag, requeue=True)
                     except Exception as reject_error:
-                        log.error("cannot put back request %s (%s)", message.delivery_tag, _why(reject_error))
+                        log.error("cannot put back request %s (%s)", served.message.delivery_tag, _why(reject_error))
             except Exception:
                 log.exception("storing %d answer(s) failed", len(batch))
-            self.settled([call for _, call, _ in batch])
-
+            self.settled([served.call for served in batch])

@@ -56,6 +56,7 @@ from .batch_server import BatchServer
 from .celery_server import CeleryServer
 from .inflight import InflightFile
 from .invoke import Dispatcher, HealthWatch, ReconfigureFailed, align_thread_pools, construct
+from .jobs import DEFAULT_JOB_TTL_S, JobRunner
 from .loop import ReplicaLoop
 from .processes import die_with_parent, hold_lock
 from .protocol import EXIT_CONSTRUCTOR_FAILED, INFLIGHT_FILE_ENV
@@ -257,11 +258,13 @@ class ReplicaProcess:
                                         self.stats.wake)
         self.stats.also.append(self.in_flight.report)
         max_deliveries = int(self.config.get("max_deliveries") or DEFAULT_MAX_DELIVERIES)
+        jobs = JobRunner(self.store, self.replica_id, self.record.deployment, answerer,
+                         float(self.config.get("job_ttl_s") or DEFAULT_JOB_TTL_S))
         try:
             if batched_methods(dispatcher.target):
-                return BatchServer(self, dispatcher, app, inflight, answerer, max_deliveries, concurrency,
+                return BatchServer(self, dispatcher, app, inflight, answerer, jobs, max_deliveries, concurrency,
                                    serializer).serve()
-            return CeleryServer(self, dispatcher, app, inflight, answerer, max_deliveries, concurrency,
+            return CeleryServer(self, dispatcher, app, inflight, answerer, jobs, max_deliveries, concurrency,
                                 accept_pickle=serializer == "pickle").serve(replica_queue(self.record))
         finally:
             self.stats.flush()

@@ -34,6 +34,7 @@ from celery.worker.consumer import Consumer
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
+from ..store.keys import CONSUME_ORDER, queue_list
 from ..wire import NotARequest, _short, _why
 
 log = logging.getLogger("taskserve.node.transport")
@@ -173,8 +174,22 @@ class ReplicaChannel(kombu_redis.Channel):
         yield shared
 
     def _brpop_start(self, timeout: Any = None) -> Any:
+        """kombu's BRPOP of the active queues, taking each queue's lists in
+        :data:`~taskserve.store.keys.CONSUME_ORDER` (a higher taskserve priority first),
+        where kombu takes them in the order of its priority steps."""
         self._remember_client_id()
-        return super()._brpop_start(timeout)
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        keys = [queue_list(queue, priority) for priority in CONSUME_ORDER for queue in queues] + [timeout or 0]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        command_args = ["BRPOP", *keys]
+        if self.global_keyprefix:
+            command_args = self.client._prefix_args(command_args)
+        self.client.connection.send_command(*command_args)
 
     def _remember_client_id(self) -> None:
         """Note the BRPOP connection's client id (one round trip per new connection), so

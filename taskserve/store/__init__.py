@@ -15,6 +15,7 @@ module             what it holds
 ``queues``         the deployments' queues: waiting and served requests (the autoscaler's
                    load), canary queues emptied, redeliveries
 ``autoscale``      the controller's autoscaling decisions (``AutoscaleState``)
+``jobs``           jobs: records, the sets of each state, idempotency keys, delayed messages
 ``stats``          what the replicas served, per version (the canary's error rates)
 ``events``         change notifications (``notify``, ``subscribe``, ``wait_for_events``)
 ``reader``         ``ClusterReader``: every deployment, re-reading only what changed
@@ -35,6 +36,7 @@ from .autoscale import AUTOSCALE_ACTION, AUTOSCALE_HISTORY_LIMIT, Autoscale, Aut
 from .base import LeaseLost
 from .events import wait_for_events
 from .goals import HISTORY_LIMIT, GoalChange, Goals
+from .jobs import Jobs, Started, Submitted
 from .keys import (
     CANARY_QUEUE_SUFFIX,
     EVENTS_CHANNEL,
@@ -45,6 +47,8 @@ from .keys import (
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
     canary_queue_name,
+    queue_list,
+    queue_lists,
     queue_name,
     replica_queue,
     result_key,
@@ -61,11 +65,11 @@ __all__ = [
     "AUTOSCALE_ACTION", "AUTOSCALE_HISTORY_LIMIT", "CANARY_QUEUE_SUFFIX", "EVENTS_CHANNEL", "HISTORY_LIMIT",
     "KEY_PATTERN", "PREFIX", "QUEUE_PREFIX", "RESULT_KEY_PREFIX", "UNACKED_INDEX_KEY", "UNACKED_KEY",
     "AutoscaleState", "ClusterReader", "DeploymentRecords", "GoalChange", "LeaseLost", "NodeClaim", "NodeTaken",
-    "Store", "canary_queue_name", "queue_name", "replica_queue", "result_key",
+    "Started", "Store", "Submitted", "canary_queue_name", "queue_list", "queue_lists", "queue_name", "replica_queue", "result_key",
     "result_key_pattern", "unacked_routing_key", "wait_for_events",
 ]
 
 
-class Store(Goals, Replicas, Nodes, Lease, Queues, Autoscale, Stats):
+class Store(Goals, Replicas, Nodes, Lease, Queues, Jobs, Autoscale, Stats):
     """Typed access to the cluster state in one Redis database (see the module's table
     for which part does what)."""

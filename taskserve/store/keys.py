@@ -46,12 +46,23 @@ key                                 type     who writes                  who rea
                                              second); clients reset a    clients                       deployment
                                              version's
 ``taskserve.{name}``                list     clients, gateway; agents    replicas (kombu), controller, none
-                                             (requests put back),        gateway
-                                             controller (canary moves)
+``taskserve.{name}\\x06\\x16{n}``     list     (requests put back),        gateway
+                                             controller (canary moves,
+                                             retries due)
 ``taskserve.{name}@canary``         list     the same                    the canary's replicas, the    none
                                                                          controller
 ``celery-task-meta-{task_id}``      string   replicas (Celery's backend) clients, gateway              result_ttl_s,
-                                                                                                       or once read
+                                                                                                       or once read;
+                                                                                                       a job's:
+                                                                                                       job_ttl_s
+``{p}:job:{job_id}``                hash     clients (submit, cancel,    clients, gateway, replicas    job_ttl_s once
+                                             retry), replicas                                          finished
+``{p}:jobs:{name}:{state}``         zset     clients, replicas           clients, gateway, controller  trimmed by the
+                                                                                                       controller
+``{p}:job-key:{name}:{key}``        string   clients (an idempotent      clients                       with its job
+                                             submit)
+``{p}:delayed``                     zset     replicas (retries, ETAs)    controller                    none
+``{p}:cancel:{task_id}``            string   clients, gateway            replicas                      an hour
 ``unacked``                         hash     replicas (kombu)            controller, agents            none
 ``unacked_index``                   zset     replicas (kombu)            kombu                         none
 ==================================  =======  ==========================  ============================  ============
@@ -80,10 +91,21 @@ What the records hold:
 - ``{p}:stats:{name}``: requests, errors and latency buckets the replicas served, per
   version: ``requests:{version}``, ``errors:{version}``, ``le{i}:{version}`` (see
   :mod:`taskserve.canary`).
-- ``taskserve.{name}``: Celery's queue of a deployment (kombu's list);
-  ``taskserve.{name}@canary`` the queue of its canary's replicas.
+- ``taskserve.{name}``: Celery's queue of a deployment (kombu's list), holding its
+  default-priority messages; ``taskserve.{name}\\x06\\x16{n}`` (kombu's naming) those of kombu
+  priority ``n`` (1..9; see :func:`taskserve.wire.priority_to_transport`), taken in
+  :data:`taskserve.wire.CONSUME_ORDER`; ``taskserve.{name}@canary`` (and its priority
+  lists) the queue of its canary's replicas.
 - ``celery-task-meta-{task_id}``: Celery's result of a request, also published on the
   channel of the same name.
+- ``{p}:job:{job_id}``: a job's record (:func:`taskserve.wire.job_status` reads it): its
+  deployment, method, state, priority, attempts, failures, max_retries, retry_delay_s,
+  times, progress, message, last error; once FAILED or DEAD, the message (``call``), for
+  a retry. ``{p}:jobs:{name}:{state}``: a deployment's jobs in each state, job id -> when
+  it entered it (lists, counts, the oldest waiting). ``{p}:job-key:{name}:{key}``: the job
+  submitted under an idempotency key. ``{p}:delayed``: messages waiting for their time
+  (a retry's backoff, a Celery ETA), ``"<list>\n<message>"`` -> when due.
+  ``{p}:cancel:{task_id}``: set while a running call or job is asked to stop.
 - ``unacked``: kombu's messages taken but not acknowledged: delivery tag -> JSON
   ``[message, exchange, routing_key]``, the routing key being the queue's name (read for
   the autoscaler's load); ``unacked_index``: delivery tag -> when it was taken.
@@ -167,6 +189,26 @@ def deliveries_key(task_id: str) -> str:
     return f"{PREFIX}:deliveries:{task_id}"
 
 
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def jobs_key(name: str, state: str) -> str:
+    """The set of a deployment's jobs in ``state`` (job id -> when it entered it)."""
+    return f"{PREFIX}:jobs:{name}:{state}"
+
+
+def idempotency_key(name: str, key: str) -> str:
+    return f"{PREFIX}:job-key:{name}:{key}"
+
+
+def cancel_key(task_id: str) -> str:
+    return f"{PREFIX}:cancel:{task_id}"
+
+
+DELAYED_KEY = f"{PREFIX}:delayed"
+
+
 def queue_name(deployment: str) -> str:
     """The Celery queue a deployment's replicas consume.
 
@@ -174,6 +216,33 @@ def queue_name(deployment: str) -> str:
     'taskserve.echo'
     """
     return QUEUE_PREFIX + deployment
+
+
+# kombu's Redis transport keeps a queue's messages of priority n > 0 in "<queue><SEP><n>".
+PRIORITY_SEP = "\x06\x16"
+# kombu priorities in the order replicas take them (see taskserve.wire.priority_to_transport:
+# taskserve's priority 9, 8, 7, 6, then the default 5 in the queue's own list, then 4 ... 0).
+CONSUME_ORDER = (1, 2, 3, 4, 0, 5, 6, 7, 8, 9)
+
+
+def queue_list(queue: str, transport_priority: int) -> str:
+    """The list ``queue``'s messages of kombu priority ``transport_priority`` wait in
+    (:func:`taskserve.wire.priority_to_transport`): kombu's own naming, so a message it
+    puts back lands where it was.
+
+    >>> queue_list("taskserve.echo", 0), queue_list("taskserve.echo", 3)
+    ('taskserve.echo', 'taskserve.echo\\x06\\x163')
+    """
+    return queue if not transport_priority else f"{queue}{PRIORITY_SEP}{transport_priority}"
+
+
+def queue_lists(queue: str) -> list[str]:
+    """Every list of ``queue``, in the order replicas take from them (a higher priority first).
+
+    >>> queue_lists("q")[:5] == [queue_list("q", k) for k in (1, 2, 3, 4, 0)]
+    True
+    """
+    return [queue_list(queue, transport_priority) for transport_priority in CONSUME_ORDER]
 
 
 def canary_queue_name(deployment: str) -> str:

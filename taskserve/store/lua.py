@@ -62,3 +62,12 @@ class Scripts:
         # Queues.
         self.queue_lengths: Script = client.register_script(source("queue_lengths"))
         self.move_canary_queues: Script = client.register_script(source("move_canary_queues"))
+        self.push_if_room: Script = client.register_script(source("push_if_room"))
+        # Jobs.
+        self.submit_job: Script = client.register_script(source("submit_job"))
+        self.start_job: Script = client.register_script(source("start_job"))
+        self.finish_job: Script = client.register_script(source("finish_job"))
+        self.delay_job: Script = client.register_script(source("delay_job"))
+        self.cancel_job: Script = client.register_script(source("cancel_job"))
+        self.requeue_job: Script = client.register_script(source("requeue_job"))
+        self.move_due_jobs: Script = client.register_script(source("move_due_jobs"))

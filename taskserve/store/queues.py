@@ -12,7 +12,7 @@ import json
 from typing import Iterable, Optional, Union
 
 from .base import StoreBase
-from .keys import UNACKED_KEY, canary_queue_name, queue_name
+from .keys import CONSUME_ORDER, UNACKED_KEY, canary_queue_name, queue_lists, queue_name
 
 
 class Queues(StoreBase):
@@ -33,8 +33,9 @@ class Queues(StoreBase):
         names = list(names)
         if not names:
             return {}
-        lengths = self._scripts.queue_lengths(keys=[queue_name(name) for name in names])
-        return {name: int(length) for name, length in zip(names, lengths, strict=True)}
+        lists = len(CONSUME_ORDER)
+        lengths = self._scripts.queue_lengths(keys=[key for name in names for key in queue_lists(queue_name(name))])
+        return {name: sum(int(length) for length in lengths[i * lists:(i + 1) * lists]) for i, name in enumerate(names)}
 
     def deployment_loads(self, names: Iterable[str]) -> dict[str, tuple[int, int]]:
         """Each deployment's load as ``(waiting, serving)``, in one round trip: the
@@ -56,13 +57,31 @@ class Queues(StoreBase):
             return {}
         # One transaction: a message moving from a queue to the unacked hash meanwhile
         # is not counted twice.
+        lists = len(CONSUME_ORDER)
         with self.redis.pipeline(transaction=True) as pipe:
             for name in names:
-                pipe.llen(queue_name(name))
+                for key in queue_lists(queue_name(name)):
+                    pipe.llen(key)
             pipe.hgetall(UNACKED_KEY)
             *depths, unacked = pipe.execute()
         serving = _count_serving(names, unacked)
-        return {name: (int(depth), serving[name]) for name, depth in zip(names, depths, strict=True)}
+        return {name: (sum(int(depth) for depth in depths[i * lists:(i + 1) * lists]), serving[name])
+                for i, name in enumerate(names)}
+
+    def queued_requests(self, queue: str) -> int:
+        """How many requests wait in ``queue`` (all its priorities), in one command.
+
+        >>> import fakeredis
+        >>> from taskserve.store.keys import queue_list
+        >>> queues = Queues(fakeredis.FakeRedis())
+        >>> queues.redis.lpush(queue_list("taskserve.echo", 3), "urgent")
+        1
+        >>> queues.redis.lpush("taskserve.echo", "plain")
+        1
+        >>> queues.queued_requests("taskserve.echo")
+        2
+        """
+        return sum(int(length) for length in self._scripts.queue_lengths(keys=queue_lists(queue)))
 
     # ------------------------------------------------------------------ canary releases
 
@@ -83,9 +102,14 @@ class Queues(StoreBase):
         names = list(names)
         if not names:
             return {}
-        pairs = [key for name in names for key in (canary_queue_name(name), queue_name(name))]
-        moved = self._scripts.move_canary_queues(keys=pairs, args=pairs)
-        return {name: int(count) for name, count in zip(names, moved, strict=True)}
+        keys, routing = [], []
+        for name in names:
+            for canary_list, stable_list in zip(queue_lists(canary_queue_name(name)), queue_lists(queue_name(name))):
+                keys += [canary_list, stable_list]
+                routing += [canary_queue_name(name), queue_name(name)]
+        moved = self._scripts.move_canary_queues(keys=keys, args=routing)
+        lists = len(CONSUME_ORDER)
+        return {name: sum(int(count) for count in moved[i * lists:(i + 1) * lists]) for i, name in enumerate(names)}
 
     # ------------------------------------------------------------------ redeliveries
 

@@ -1,0 +1,264 @@
+"""Jobs: their records, the sets of each state, idempotency keys, delayed messages.
+
+Every change of a job's state is one Lua script (``scripts/*_job.lua``), so a record,
+its state set, its message and its answer never disagree, whatever fails between
+them. Who runs which:
+
+==================  ===========  =============================================================
+script              who          what
+==================  ===========  =============================================================
+``submit_job``      clients      record QUEUED, message on the queue (idempotent, bounded)
+``start_job``       replicas     QUEUED -> RUNNING, one attempt more (a plain Celery
+                                 producer's job gets its record here)
+``finish_job``      replicas     -> SUCCEEDED, FAILED, CANCELLED or DEAD; answer stored and
+                                 published; message acknowledged
+``delay_job``       replicas     RUNNING -> QUEUED, the message delayed (a retry, an ETA)
+``cancel_job``      clients      QUEUED -> CANCELLED; RUNNING: asked to stop
+``requeue_job``     clients      FAILED or DEAD -> QUEUED (``taskserve retry``)
+``move_due_jobs``   controller   delayed messages that are due, onto their lists
+==================  ===========  =============================================================
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+from .base import StoreBase
+from .keys import (
+    DELAYED_KEY,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    cancel_key,
+    idempotency_key,
+    job_key,
+    jobs_key,
+    queue_lists,
+    result_key,
+)
+
+# A cancel flag outlives any reasonable wait for the replica to see it.
+CANCEL_FLAG_TTL_S = 3600
+# The controller moves at most this many due messages per look.
+MOVE_DUE_LIMIT = 1000
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, DEAD = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "DEAD"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, DEAD)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What :meth:`Jobs.submit_job` did: ``"submitted"``, ``"existing"`` (the job already
+    submitted under the idempotency key: ``job_id`` is its id) or ``"full"`` (the queue
+    holds ``queued`` requests, its ``max_queued_requests``)."""
+
+    outcome: str
+    job_id: str = ""
+    queued: int = 0
+
+
+@dataclass(frozen=True)
+class Started:
+    """What :meth:`Jobs.start_job` found: the state the job was in (``"GONE"`` without a
+    record), and, for a job to run, its attempt number, failures so far and retry settings."""
+
+    previous: str
+    attempt: int = 0
+    failures: int = 0
+    max_retries: int = 0
+    retry_delay_s: Optional[float] = None
+
+    @property
+    def runs(self) -> bool:
+        return self.previous in (QUEUED, RUNNING)
+
+
+class Jobs(StoreBase):
+    """The jobs part of :class:`taskserve.store.Store`.
+
+    >>> import fakeredis
+    >>> jobs = Jobs(fakeredis.FakeRedis())
+    >>> jobs.submit_job("ocr", "j1", b"message", "taskserve.ocr", {"deployment": "ocr", "state": "QUEUED"})
+    Submitted(outcome='submitted', job_id='j1', queued=0)
+    >>> jobs.job_fields("j1")[b"state"], jobs.count_jobs("ocr")[QUEUED]
+    (b'QUEUED', 1)
+    """
+
+    # ------------------------------------------------------------------ clients
+
+    def submit_job(self, name: str, job_id: str, message: bytes, queue_list_key: str, fields: dict[str, str],
+                   key: str = "", max_queued: Optional[int] = None, queue: str = "",
+                   pipe: Optional[object] = None) -> Submitted:
+        """Record job ``job_id`` of deployment ``name`` as QUEUED and push its ``message``
+        onto ``queue_list_key``, in one step; with an idempotency ``key``, the job already
+        submitted under it instead, if there is one. With ``max_queued``, refused when
+        ``queue`` (every priority) holds that many requests.
+
+        With ``pipe`` (a pipeline) the script is only queued on it; :meth:`submitted` reads
+        its reply.
+        """
+        keys = [job_key(job_id), jobs_key(name, QUEUED), queue_list_key, idempotency_key(name, key) if key else ""]
+        if max_queued:
+            keys += queue_lists(queue)
+        args: list = [job_id, message, repr(time.time()), max_queued or 0]
+        for field, value in fields.items():
+            args += [field, value]
+        if pipe is not None:
+            self._scripts.submit_job(keys=keys, args=args, client=pipe)
+            return Submitted("pending", job_id)
+        return self.submitted(self._scripts.submit_job(keys=keys, args=args))
+
+    @staticmethod
+    def submitted(reply: Sequence) -> Submitted:
+        """The :class:`Submitted` of ``submit_job``'s reply."""
+        code, value = int(reply[0]), reply[1]
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        if code == 1:
+            return Submitted("submitted", text)
+        if code == 0:
+            return Submitted("existing", text)
+        return Submitted("full", queued=int(text))
+
+    def job_fields(self, job_id: str) -> dict[bytes, bytes]:
+        """The record of job ``job_id`` ({} when there is none)."""
+        return self.redis.hgetall(job_key(job_id))
+
+    def jobs_fields(self, job_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
+        """The records of ``job_ids``, in one round trip ({} for each that is gone)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(job_key(job_id))
+            return pipe.execute()
+
+    def job_answer(self, job_id: str) -> Optional[bytes]:
+        """The answer (result record) of a finished job, None when there is none (yet)."""
+        return self.redis.get(result_key(job_id))
+
+    def cancel_job(self, name: str, job_id: str, ttl_s: float, answer: bytes) -> str:
+        """Cancel job ``job_id``: its state after (see ``scripts/cancel_job.lua``)."""
+        state = self._scripts.cancel_job(
+            keys=[job_key(job_id), jobs_key(name, QUEUED), jobs_key(name, CANCELLED), result_key(job_id),
+                  cancel_key(job_id)],
+            args=[job_id, repr(time.time()), max(1, int(ttl_s)), answer, CANCEL_FLAG_TTL_S])
+        return state.decode() if isinstance(state, bytes) else str(state)
+
+    def requeue_job(self, name: str, job_id: str, state: str, queue_list_key: str, message: str) -> str:
+        """Queue job ``job_id`` (now in ``state``, FAILED or DEAD) again; "1" or why not."""
+        done = self._scripts.requeue_job(
+            keys=[job_key(job_id), jobs_key(name, state), jobs_key(name, QUEUED), queue_list_key, result_key(job_id)],
+            args=[job_id, repr(time.time()), state, message])
+        return done.decode() if isinstance(done, bytes) else str(done)
+
+    def job_ids(self, name: str, state: str, limit: int, newest_first: bool = True) -> list[str]:
+        """Up to ``limit`` ids of ``name``'s jobs in ``state``."""
+        ids = (self.redis.zrevrange if newest_first else self.redis.zrange)(jobs_key(name, state), 0, limit - 1)
+        return [job_id.decode() for job_id in ids]
+
+    def count_jobs(self, name: str) -> dict[str, int]:
+        """How many of ``name``'s jobs are in each state (finished ones until they expire)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for state in STATES:
+                pipe.zcard(jobs_key(name, state))
+            return dict(zip(STATES, (int(count) for count in pipe.execute()), strict=True))
+
+    def oldest_queued(self, names: Iterable[str]) -> dict[str, Optional[float]]:
+        """When the oldest QUEUED job of each of ``names`` was queued (None: none waits)."""
+        names = list(names)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.zrange(jobs_key(name, QUEUED), 0, 0, withscores=True)
+            rows = pipe.execute()
+        return {name: (row[0][1] if row else None) for name, row in zip(names, rows, strict=True)}
+
+    def forget_jobs(self, name: str, state: str, job_ids: Sequence[str]) -> int:
+        """Delete the records, answers and set entries of ``job_ids`` (in ``state``); how many."""
+        if not job_ids:
+            return 0
+        with self.redis.pipeline(transaction=True) as pipe:
+            for job_id in job_ids:
+                pipe.delete(job_key(job_id), result_key(job_id))
+            pipe.zrem(jobs_key(name, state), *job_ids)
+            *_, removed = pipe.execute()
+        return int(removed)
+
+    def trim_finished_jobs(self, name: str, older_than: float) -> int:
+        """Drop the set entries of ``name``'s finished jobs that finished before
+        ``older_than`` (their records have expired); how many."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for state in (SUCCEEDED, FAILED, CANCELLED, DEAD):
+                pipe.zremrangebyscore(jobs_key(name, state), "-inf", older_than)
+            return sum(int(count) for count in pipe.execute())
+
+    # ------------------------------------------------------------------ replicas
+
+    def start_job(self, name: str, job_id: str, replica_id: str, create: Optional[dict[str, str]] = None) -> Started:
+        """Job ``job_id`` taken by ``replica_id``: RUNNING unless it is not to run (see
+        :class:`Started`). ``create``: the record of a job that may have none (a plain
+        Celery producer's), made RUNNING."""
+        args: list = [job_id, replica_id, repr(time.time()), "1" if create else "0"]
+        for field, value in (create or {}).items():
+            args += [field, value]
+        previous, attempt, failures, max_retries, delay = self._scripts.start_job(
+            keys=[job_key(job_id), jobs_key(name, QUEUED), jobs_key(name, RUNNING)], args=args)
+        previous = previous.decode() if isinstance(previous, bytes) else str(previous)
+        delay_text = delay.decode() if isinstance(delay, bytes) else str(delay)
+        return Started(previous, int(attempt), int(failures), int(max_retries),
+                       float(delay_text) if delay_text else None)
+
+    def finish_job(self, name: str, job_id: str, state: str, ttl_s: float, answer: bytes, cancelled_answer: bytes,
+                   error: str = "", delivery_tag: str = "", keep_message: bytes = b"", message: str = "",
+                   pipe: Optional[object] = None) -> Any:
+        """Job ``job_id`` ends in ``state``; its ``answer`` is stored and published, its
+        message (``delivery_tag``) acknowledged, all in one step (queued on ``pipe`` if
+        given). A job asked to stop while it ran ends CANCELLED (with ``cancelled_answer``)
+        unless ``state`` is DEAD; the state it ended in is returned."""
+        ended = self._scripts.finish_job(
+            keys=[job_key(job_id), jobs_key(name, QUEUED), jobs_key(name, RUNNING), jobs_key(name, state),
+                  result_key(job_id), UNACKED_KEY, UNACKED_INDEX_KEY, jobs_key(name, CANCELLED)],
+            args=[job_id, state, repr(time.time()), max(1, int(ttl_s)), answer, error, delivery_tag,
+                  keep_message, message, cancelled_answer],
+            client=pipe)
+        return ended.decode() if isinstance(ended, bytes) else ended
+
+    def delay_job(self, name: str, job_id: str, due: float, list_key: str, queue_message: bytes, delivery_tag: str,
+                  error: str = "", failed: bool = False, message: str = "", pipe: Optional[object] = None) -> Any:
+        """Job ``job_id`` waits until ``due`` (a retry's backoff, an ETA): QUEUED, its
+        ``queue_message`` delayed for ``list_key``, the taken one acknowledged. Returns 1,
+        or 0 when the job was asked to stop meanwhile (nothing done: end it CANCELLED)."""
+        return self._scripts.delay_job(
+            keys=[job_key(job_id), jobs_key(name, QUEUED), jobs_key(name, RUNNING), DELAYED_KEY, UNACKED_KEY,
+                  UNACKED_INDEX_KEY],
+            args=[job_id, repr(time.time()), repr(due), list_key.encode() + b"\n" + queue_message, error,
+                  "1" if failed else "0", delivery_tag, message],
+            client=pipe)
+
+    def report_progress(self, job_id: str, progress: Optional[float], message: Optional[str]) -> None:
+        """A running job's progress (0..1) and status message, as its method reports them."""
+        fields = {}
+        if progress is not None:
+            fields["progress"] = repr(float(progress))
+        if message is not None:
+            fields["message"] = message
+        if fields:
+            self.redis.hset(job_key(job_id), mapping=fields)
+
+    def cancel_requested(self, task_ids: Sequence[str]) -> set[str]:
+        """Which of ``task_ids`` (running calls and jobs) were asked to stop."""
+        if not task_ids:
+            return set()
+        flags = self.redis.mget([cancel_key(task_id) for task_id in task_ids])
+        return {task_id for task_id, flag in zip(task_ids, flags, strict=True) if flag}
+
+    def request_cancel(self, task_id: str) -> None:
+        """Ask whoever runs ``task_id`` to stop (a call whose caller left, a stream)."""
+        self.redis.set(cancel_key(task_id), "1", ex=CANCEL_FLAG_TTL_S)
+
+    # ------------------------------------------------------------------ the controller
+
+    def move_due_jobs(self, now: Optional[float] = None, limit: int = MOVE_DUE_LIMIT) -> tuple[int, Optional[float]]:
+        """Push the delayed messages that are due onto their lists; (how many, when the
+        next one is due)."""
+        moved, next_due = self._scripts.move_due_jobs(keys=[DELAYED_KEY], args=[repr(now or time.time()), limit])
+        next_text = next_due.decode() if isinstance(next_due, bytes) else str(next_due)
+        return int(moved), (float(next_text) if next_text else None)
