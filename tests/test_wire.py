@@ -103,11 +103,12 @@ def test_a_call_is_the_message_send_task_pushes(url, client, serializer, args):
     else:
         assert ours["body"] == celery_message["body"]
     differ = {"delivery_tag", "reply_to", "origin", "argsrepr", "ignore_result",     # per message or display only
-              "taskserve_signature"}                                                # pickled calls are signed
+              "taskserve_signature",                                                # pickled calls are signed
+              "taskserve"}                                                          # taskserve's own options
     for part in ("headers", "properties"):
         assert {k: v for k, v in ours[part].items() if k not in differ} == \
             {k: v for k, v in celery_message[part].items() if k not in differ}
-    assert ours["headers"]["argsrepr"] == "('echo', ...)"
+    assert ours["headers"]["argsrepr"] == "('echo', ...)" and ours["headers"]["taskserve"] == {}
 
 
 def test_a_replica_reads_send_tasks_message_as_its_own(url, client):
