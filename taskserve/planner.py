@@ -8,6 +8,9 @@ plain tables:
   replaced in batches: at no moment are more than
   ``max(1, floor(max_unavailable * n))`` of the ``n`` target replicas unavailable;
 - with ``max_surge`` new replicas start before old ones stop while nodes have room;
+- when only replicas that never got a node spend that budget, one running outdated replica
+  at a time is traded for new ones that fit in the room it frees (else the rollout would
+  wait forever for room);
 - a scale changes only the difference; a goal that matches what runs plans nothing;
 - a replica whose constructor keeps failing stops the rollout after
   ``min(100, 3 * n)`` failed starts, with a growing pause between attempts;
@@ -581,7 +584,7 @@ def _choose_stops(goal: Goal, fleet: _Fleet, failures: _Failures, nodes: Sequenc
     current = [r for r in fleet.current if not r.unhealthy]
     surplus = _surplus(current, goal.num_replicas)
     current = [r for r in current if r not in surplus]
-    outdated = _outdated_to_stop(goal, fleet, current, unhealthy + surplus, failures.gave_up, nodes)
+    outdated = _outdated_to_stop(goal, fleet, current, unhealthy + surplus, failures, nodes)
     replicas = unhealthy + surplus + outdated
     stopped = {r.replica_id for r in replicas}
     return _Stops(replicas, current, [r for r in fleet.outdated if r.replica_id not in stopped])
@@ -603,17 +606,18 @@ def _outdated_to_stop(
     fleet: _Fleet,
     current: list[Replica],
     already: list[Replica],
-    gave_up: bool,
+    failures: _Failures,
     nodes: Sequence[NodeCapacity],
 ) -> list[Replica]:
     """Outdated replicas to stop. Those not available cost nothing to stop. Running ones,
     oldest first, go only while availability stays within the budget (and, with surge,
-    only once replacements run, unless the surge cannot be placed). After the rollout
-    gave up, only unplaced ones go, so the previous version keeps serving.
+    only once replacements run, unless the surge cannot be placed), or one at a time as a
+    :func:`_trade`. After the rollout gave up, only unplaced ones go, so the previous
+    version keeps serving.
 
     ``already`` are the replicas the stop step chose before.
     """
-    if gave_up:
+    if failures.gave_up:
         return [r for r in fleet.outdated if not r.is_available and r.node_id == ""]
     target = goal.num_replicas
     not_serving = [r for r in fleet.outdated if not r.is_available]
@@ -625,7 +629,66 @@ def _outdated_to_stop(
         allowed = max(0, running_after - target)
     else:
         allowed = max(0, running_after - fleet.min_available)
+    if allowed == 0 and not failures.backing_off:
+        return not_serving + _trade(goal, fleet, already, outdated_running, nodes)
     return not_serving + outdated_running[:allowed]
+
+
+def _trade(
+    goal: Goal,
+    fleet: _Fleet,
+    already: list[Replica],
+    outdated_running: list[Replica],
+    nodes: Sequence[NodeCapacity],
+) -> list[Replica]:
+    """One running outdated replica to stop although the budget is spent, or none.
+
+    When every unavailable replica of the target is one that never got a node (they are
+    unavailable whether they run the old spec or the new), the budget stops nothing, and
+    new replicas wait for room only a stopped old one frees: the rollout would wait
+    forever. So one old replica is traded for the new ones that fit in the room it frees:
+    only while nothing else is in flight (no replica starting or draining, so the last
+    trade's replacements run first), no new replica fits anywhere as it is, and the
+    room freed fits one; the oldest such replica goes. Each trade removes one outdated
+    replica and places at least one new one, so a target that fits the nodes is reached,
+    with availability at most one below what ran before.
+
+    >>> goal = Goal(name="m", generation=1, version="2", spec_hash="new", num_replicas=2,
+    ...             options={"num_cpus": 1}, code_sha="c", init_sha="i")
+    >>> old = Replica(replica_id="m-1", deployment="m", spec_hash="old", version="1",
+    ...               node_id="a", state=ReplicaState.RUNNING, num_cpus=2)
+    >>> unplaced = replace(old, replica_id="m-2", node_id="", state=ReplicaState.PENDING)
+    >>> fleet = _partition(goal, [old, unplaced])
+    >>> [r.replica_id for r in _trade(goal, fleet, [], [old], [NodeCapacity("a", Resources(0.5))])]
+    ['m-1']
+    """
+    if not outdated_running or goal.num_replicas == 0:
+        return []
+    in_flight = any(r.node_id and not r.is_available for r in fleet.present) or any(r.node_id for r in already)
+    waiting = len(fleet.current) < goal.num_replicas or any(not r.node_id for r in fleet.current)
+    if in_flight or not waiting or place(goal.resources, nodes, {})[0] is not None:
+        return []
+    by_id = {node.node_id: node for node in nodes}
+    for replica in outdated_running:
+        node = by_id.get(replica.node_id)
+        if node is not None and place(goal.resources, [_give_back(node, replica)], {})[0] is not None:
+            return [replica]
+    return []
+
+
+def _give_back(node: NodeCapacity, replica: Replica) -> NodeCapacity:
+    """``node`` once ``replica`` has exited and freed what it held (its GPUs by id).
+
+    >>> _give_back(NodeCapacity("a", Resources(1)), Replica(replica_id="r", deployment="m",
+    ...            spec_hash="s", version="1", num_cpus=2)).free.num_cpus
+    3
+    """
+    gpus = list(node.gpus())
+    share = replica.num_gpus if replica.num_gpus < 1 else 1.0
+    for gpu_id in replica.gpu_id_list:
+        if gpu_id < len(gpus):
+            gpus[gpu_id] += share
+    return NodeCapacity(node.node_id, node.free + replica.resources, tuple(gpus))
 
 
 def _stop_actions(replicas: list[Replica]) -> list[Action]:

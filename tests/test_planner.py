@@ -2,7 +2,8 @@
 
 Plain tables for the rules, hypothesis properties for the invariants of docs/reference.md, Updates:
 availability never below ``n - unavailable_budget``, a matching goal plans nothing,
-scale-only keeps current replicas, rollouts converge, failures stop the rollout,
+scale-only keeps current replicas, rollouts converge (whenever the new version fits the
+nodes, even when replicas that never got a node spend the budget), failures stop the rollout,
 placement fits and spreads, deletion drains before forgetting.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import replace
 from typing import Callable, Iterable, Optional
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from taskserve.planner import (
@@ -527,6 +528,48 @@ def test_outdated_replicas_not_serving_are_stopped_regardless_of_budget():
     assert running_stopped == [StopReplica("old0")]
 
 
+def issue_fleet() -> list[Replica]:
+    """4 replicas needing 7.5 CPUs on a 16-CPU node: two run, two never found room."""
+    return [
+        rep("old0", spec_hash=OLD, num_cpus=7.5, created_at=0),
+        rep("old1", spec_hash=OLD, num_cpus=7.5, created_at=1),
+        rep("old2", spec_hash=OLD, num_cpus=7.5, node_id="", state=ReplicaState.PENDING, created_at=2),
+        rep("old3", spec_hash=OLD, num_cpus=7.5, node_id="", state=ReplicaState.PENDING, created_at=3),
+    ]
+
+
+def test_budget_spent_by_never_placed_replicas_trades_one_running_replica():
+    # The new version (1.5 CPUs) fits 4 times, but not in the 1 CPU left. The two replicas that
+    # never got a node spend the budget of 1, so the plain rule stops no running one and the
+    # rollout waits forever; instead one running replica is traded for new ones.
+    result = run_plan(make_goal(4, num_cpus=1.5), issue_fleet(), nodes=[cap("node-a", 1)])
+    assert {ForgetReplica("old2"), ForgetReplica("old3")} <= set(result.actions)
+    assert of_type(result, StopReplica) == [StopReplica("old0")]       # one at a time, oldest first
+    # Its replacement and those of the two never placed wait for the room it frees.
+    assert [s.replica.node_id for s in of_type(result, StartReplica)] == ["", "", ""]
+
+
+def test_no_trade_while_anything_is_in_flight_or_where_the_freed_room_does_not_fit():
+    goal = make_goal(4, num_cpus=1.5)
+    one_free = [cap("node-a", 1)]
+    draining = [*issue_fleet()[1:], rep("old0", spec_hash=OLD, num_cpus=7.5, desired="stop")]
+    starting = [*issue_fleet()[:2], rep("new0", num_cpus=1.5, state=ReplicaState.STARTING)]
+    for replicas in (draining, starting):
+        assert not of_type(run_plan(goal, replicas, nodes=one_free), StopReplica), replicas
+    # Room for a new replica somewhere already: it goes there, nothing is traded.
+    assert not of_type(run_plan(goal, issue_fleet(), nodes=[cap("node-a", 1), cap("node-b", 2)]), StopReplica)
+    # Even the freed room would not hold a new replica: trading would only lose one.
+    assert not of_type(run_plan(make_goal(4, num_cpus=9), issue_fleet(), nodes=one_free), StopReplica)
+
+
+def test_simulated_rollout_out_of_never_placed_replicas_reaches_the_new_version():
+    world = World([Node("node-a", Resources(16, 0, 2**40))], issue_fleet())
+    goal = make_goal(4, num_cpus=1.5)
+    result, availability = converge(world, goal, max_steps=20)
+    assert_converged(world, goal, result)
+    assert min(availability) >= 1, availability      # one below the two that ran, once
+
+
 def test_replica_config_carries_the_options_a_replica_needs():
     goal = replace(make_goal(1), options={**make_goal(1).options, "user_config": {"a": 1}, "serializer": "pickle"})
     [start] = of_type(run_plan(goal, []), StartReplica)
@@ -985,6 +1028,46 @@ def test_simulated_rollout_on_full_nodes_converges(n, max_surge, max_unavailable
     result, availability = converge(world, goal, max_steps=6 * n + 10)
     assert_converged(world, goal, result)
     assert min(availability) >= n - unavailable_budget(max_unavailable, n), availability
+
+
+@st.composite
+def fleets_the_new_spec_fits(draw) -> tuple[list[Node], list[Replica], int, float]:
+    """Nodes, a fleet of the old spec placed first-fit (what fits nowhere waits unplaced), and
+    a target ``n`` with a new CPU need such that ``n`` new replicas fit the nodes at once."""
+    sizes = draw(st.lists(st.sampled_from([1, 2, 3, 4, 6, 8, 16]), min_size=1, max_size=3))
+    nodes = [Node(f"node-{i}", Resources(size, 0, 2**40)) for i, size in enumerate(sizes)]
+    new_cpus = draw(st.sampled_from([0.25, 0.5, 1, 1.5, 2, 3, 4]))
+    fits = sum(int(size // new_cpus) for size in sizes)
+    assume(fits >= 1)
+    n = draw(st.integers(min_value=1, max_value=min(fits, 12)))
+    old_cpus = draw(st.sampled_from([0.25, 0.5, 1, 1.5, 2, 3, 4, 7.5, 12]))
+    old_count = draw(st.integers(min_value=0, max_value=12))
+    free = {node.node_id: node.total.num_cpus for node in nodes}
+    replicas = []
+    for i in range(old_count):
+        home = next((node_id for node_id, left in free.items() if left + 1e-9 >= old_cpus), "")
+        if home:
+            free[home] -= old_cpus
+        state = ReplicaState.RUNNING if home else ReplicaState.PENDING
+        replicas.append(rep(f"old{i}", spec_hash=OLD, num_cpus=old_cpus, node_id=home, state=state,
+                            created_at=-1.0 - i))
+    return nodes, replicas, n, new_cpus
+
+
+@given(fleet=fleets_the_new_spec_fits(), max_unavailable=MAX_UNAVAILABLE, max_surge=MAX_SURGE)
+@SIM
+def test_simulated_rollout_reaches_the_new_version_whenever_it_fits(fleet, max_unavailable, max_surge):
+    # Whatever the old version needed, and however much of it never found room: when the new
+    # version's replicas fit the nodes, planning pass after pass reaches it (issue: a rollout
+    # deadlocked when the budget was spent by replicas that were never placed).
+    nodes, replicas, n, new_cpus = fleet
+    world = World(nodes, replicas)
+    goal = make_goal(n, num_cpus=new_cpus, max_unavailable=max_unavailable, max_surge=max_surge)
+    result, availability = converge(world, goal, max_steps=6 * max(n, len(replicas)) + 10)
+    assert_converged(world, goal, result)
+    # Availability falls below the bound only by a trade: one below what ran before, at worst.
+    running_before = sum(1 for r in replicas if r.is_available)
+    assert min(availability) >= min(n - unavailable_budget(max_unavailable, n), running_before - 1), availability
 
 
 @given(n=st.integers(min_value=1, max_value=10), max_unavailable=MAX_UNAVAILABLE)

@@ -15,7 +15,7 @@ import pytest
 
 import taskserve
 
-from .helpers import RequestLoop, replica_pids, wait_until
+from .helpers import RequestLoop, replica_pids, start_cluster, wait_until
 
 
 class Versioned:
@@ -242,3 +242,25 @@ def test_restart_and_rollback_from_the_cli(connected, unique_name):
     watched = cli(connected, "status", unique_name)
     assert "HEALTHY" in watched.stdout
     model.delete()
+
+
+@pytest.mark.integration
+def test_rollout_out_of_replicas_that_never_found_room_completes(tmp_path):
+    # The numbers: 4 replicas of 7.5 CPUs on a 16-CPU node, two run and two wait for
+    # room that never comes. A new version of 1.5 CPUs fits 4 times; the two that never ran
+    # spend the unavailability budget, which used to stop the rollout for good.
+    cluster = start_cluster(tmp_path, ("node-a",), 16)
+    try:
+        model = taskserve.deployment(Versioned).options(name="too_big", num_replicas=4, version="1", num_cpus=7.5)
+        with pytest.raises(taskserve.DeploymentError, match="did not finish"):
+            model.deploy("v1", timeout=1)
+        wait_until(lambda: [r.state for r in model.status().replicas].count("RUNNING") == 2, timeout=60,
+                   message="two of the four running")
+        model.options(version="2", num_cpus=1.5).deploy("v2", timeout=60)
+        status = model.status()
+        assert status.status == "HEALTHY"
+        assert sorted((r.version, r.state) for r in status.replicas) == [("2", "RUNNING")] * 4
+        assert model.get_handle().remote(1).result(timeout=30) == ["v2", 1]
+        model.delete()
+    finally:
+        cluster.shutdown()
