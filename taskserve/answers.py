@@ -30,7 +30,7 @@ import secrets
 import threading
 import time
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import redis
 
@@ -57,16 +57,24 @@ class Waiter:
     (True, b'{"status": "SUCCESS"}')
     """
 
-    __slots__ = ("key", "event", "data", "__weakref__")
+    __slots__ = ("key", "event", "data", "wakeup", "__weakref__")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.event = threading.Event()
         self.data: Optional[bytes] = None
+        self.wakeup: Optional[Callable[[], None]] = None     # also told, for a caller awaiting in asyncio
 
     def deliver(self, data: bytes) -> None:
         self.data = data
+        self.wake()
+
+    def wake(self) -> None:
+        """The caller should look: at :attr:`data`, or at its key."""
         self.event.set()
+        wakeup = self.wakeup
+        if wakeup is not None:
+            wakeup()
 
 
 class AnswerListener:
@@ -174,4 +182,4 @@ class AnswerListener:
         with self.lock:
             waiters = list(self.waiting.values())
         for waiter in waiters:
-            waiter.event.set()
+            waiter.wake()

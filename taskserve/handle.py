@@ -16,26 +16,31 @@ one ``LLEN`` per call.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Optional
 
 import kombu.exceptions
 import redis
+import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .answers import AnswerListener, Waiter
 from .celery_app import make_app
-from .connection import cluster_secret, current_address, current_store, redis_client
+from .connection import async_connection_pool, cluster_secret, current_address, current_store, redis_client
 from .errors import BackPressureError, DeploymentNotFound, DeploymentUnavailable, RedisUnavailable
 from .jobs import Job
 from .signing import ClusterSecret
 from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState
 from .store import Store, canary_queue_name, queue_list, queue_name
+from .store.jobs import CANCEL_FLAG_TTL_S
+from .store.keys import cancel_key, stream_key
 from .wire import (
     DEFAULT_RETRY_DELAY_S,
     READY_STATES,
@@ -47,6 +52,7 @@ from .wire import (
     job_fields,
     new_job_id,
     priority_to_transport,
+    read_stream_entry,
 )
 
 # A handle re-reads its deployment (exists? can serve? queue limit?) at most this often.
@@ -65,6 +71,13 @@ OUTAGE_RETRY_S = 0.2
 OUTAGE_WAIT_S = 60.0
 # A caller still waiting reads its answer's key this often, in case its publication was missed.
 RESULT_RECHECK_S = 1.0
+# The one thread of the process that deletes answers read by asyncio callers (and reads
+# a key whose publication was missed): an awaited call ties up no thread of its own.
+_BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="taskserve-answers-io")
+
+# A stream's reader blocks this long for its next entries, and takes this many at once.
+STREAM_BLOCK_MS = 1000
+STREAM_READ_COUNT = 1000
 
 # Replicas that take requests from the queue, or may soon (a constructor still running).
 SERVING_STATES = frozenset({ReplicaState.STARTING, ReplicaState.RUNNING, ReplicaState.RECONFIGURING})
@@ -226,6 +239,50 @@ class Response:
             if deadline is None and outage_since is not None and now - outage_since >= OUTAGE_WAIT_S:
                 raise RedisUnavailable(self._caller.address, str(cause).strip())
 
+    def __await__(self) -> Any:
+        """``await response``: the value, waited for in asyncio without tying up a thread
+        (inside an ``async def`` method, to call another deployment)."""
+        return self.result_async().__await__()
+
+    async def result_async(self, timeout: Optional[float] = None) -> Any:
+        """:meth:`result` for asyncio code: the answer arrives through the same listener,
+        and the event loop is woken for it."""
+        if self._answer is None:
+            loop = asyncio.get_running_loop()
+            woken = asyncio.Event()
+            waiter = self._waiter
+            waiter.wakeup = lambda: loop.call_soon_threadsafe(woken.set)
+            deadline = None if timeout is None else loop.time() + timeout
+            try:
+                while self._answer is None:
+                    if waiter.event.is_set():
+                        waiter.event.clear()
+                        data, waiter.data = waiter.data, None
+                        answer = self._caller.decode(data) if data is not None else await self._read_key_async()
+                        if answer is not None and answer.state in READY_STATES:
+                            self._answer = answer
+                            break
+                    pause = RESULT_RECHECK_S if deadline is None else min(RESULT_RECHECK_S, deadline - loop.time())
+                    if pause <= 0:
+                        raise self._timed_out(timeout)
+                    woken.clear()
+                    try:
+                        await asyncio.wait_for(woken.wait(), pause)
+                    except asyncio.TimeoutError:
+                        waiter.event.set()       # read the key, in case a publication was missed
+            finally:
+                waiter.wakeup = None
+            _BACKGROUND.submit(self._forget)        # nobody waits on it
+        return self._answer.result()
+
+    async def _read_key_async(self) -> Optional[Answer]:
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(_BACKGROUND, self._caller.client.get,
+                                                                     self._waiter.key)
+        except _UNREACHABLE as error:
+            raise RedisUnavailable(self._caller.address, str(error).strip()) from None
+        return self._caller.decode(data) if data is not None else None
+
     def _timed_out(self, timeout: Optional[float]) -> TimeoutError:
         return TimeoutError(
             f"no answer from deployment {self.deployment!r} within {timeout}s "
@@ -241,6 +298,107 @@ class Response:
 
     def __repr__(self) -> str:
         return f"<Response {self.deployment} {self.request_id}>"
+
+
+class StreamResponse:
+    """A streaming call in flight: iterate it (``for``, or ``async for``) for its chunks as
+    the replica yields them.
+
+    The iteration ends after the last chunk; an exception the generator raised comes
+    after the chunks before it, as :class:`ReplicaError`, and so does a replica that died
+    mid-stream ("stream interrupted"; a stream is not run again). Leaving the loop early
+    (``break``, an exception, :meth:`cancel`) stops the generator in the replica.
+    ``timeout`` bounds the wait for each next chunk (``TimeoutError``).
+
+    Example::
+
+        for token in handle.options(stream=True).generate.remote("hi"):
+            print(token, end="")
+    """
+
+    def __init__(self, caller: Caller, task_id: str, deployment: str, timeout: Optional[float] = None) -> None:
+        self._caller = caller
+        self.request_id = task_id
+        self.deployment = deployment
+        self.timeout = timeout
+        self._key = stream_key(task_id)
+        self._ended = False
+
+    def __iter__(self) -> Iterator[Any]:
+        client, last = self._caller.client, "0-0"
+        try:
+            while True:
+                waited_since = time.monotonic()
+                while True:
+                    try:
+                        reply = client.xread({self._key: last}, count=STREAM_READ_COUNT, block=STREAM_BLOCK_MS)
+                    except _UNREACHABLE as error:
+                        raise RedisUnavailable(self._caller.address, str(error).strip()) from None
+                    if reply:
+                        break
+                    self._check_wait(waited_since)
+                for entry_id, fields in reply[0][1]:
+                    last = entry_id
+                    chunks, end = read_stream_entry(fields)
+                    yield from chunks
+                    if end is not None:
+                        self._ended = True
+                        end.result()
+                        return
+        finally:
+            if not self._ended:
+                self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        # A pool of this event loop's own (asyncio connections belong to one loop).
+        client = redis.asyncio.Redis(connection_pool=async_connection_pool(
+            self._caller.address, max_connections=2, timeout=REDIS_SOCKET_TIMEOUT_S))
+        last = "0-0"
+        try:
+            while True:
+                waited_since = time.monotonic()
+                while True:
+                    try:
+                        reply = await client.xread({self._key: last}, count=STREAM_READ_COUNT, block=STREAM_BLOCK_MS)
+                    except _UNREACHABLE as error:
+                        raise RedisUnavailable(self._caller.address, str(error).strip()) from None
+                    if reply:
+                        break
+                    self._check_wait(waited_since)
+                for entry_id, fields in reply[0][1]:
+                    last = entry_id
+                    chunks, end = read_stream_entry(fields)
+                    for chunk in chunks:
+                        yield chunk
+                    if end is not None:
+                        self._ended = True
+                        end.result()
+                        return
+        finally:
+            if not self._ended:
+                await asyncio.to_thread(self.cancel)
+            await client.aclose(close_connection_pool=True)
+
+    def _check_wait(self, since: float) -> None:
+        if self.timeout is not None and time.monotonic() - since >= self.timeout:
+            raise TimeoutError(f"no chunk from deployment {self.deployment!r} within {self.timeout}s "
+                               f"(stream {self.request_id})")
+
+    def cancel(self) -> None:
+        """Stop the generator in the replica (the caller is leaving)."""
+        self._ended = True
+        try:
+            self._caller.client.set(cancel_key(self.request_id), "1", ex=CANCEL_FLAG_TTL_S)
+        except _UNREACHABLE:
+            pass     # Redis is away: the stream ends when its generator does
+
+    def result(self, timeout: Optional[float] = None) -> list:
+        """Every chunk, once the stream ended (a list)."""
+        self.timeout = timeout if timeout is not None else self.timeout
+        return list(self)
+
+    def __repr__(self) -> str:
+        return f"<StreamResponse {self.deployment} {self.request_id}>"
 
 
 @dataclass
@@ -356,8 +514,9 @@ class DeploymentHandle:
         """
         return self._with(self._options.with_changes(**changes))
 
-    def remote(self, *args: Any, **kwargs: Any) -> Response:
-        """Enqueue a call and return at once with its :class:`Response`."""
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Enqueue a call and return at once with its :class:`Response` (a
+        :class:`StreamResponse` with ``options(stream=True)``)."""
         store = current_store()
         address = current_address()
         options = self._options
@@ -369,14 +528,17 @@ class DeploymentHandle:
             call = caller(address, self._serializer)
             task_id = call.listener.new_task_id()
             item = self._encode(call, Call(task_id, options.method, list(args), kwargs, queue=queue,
-                                           priority=options.priority))
-            waiter = call.listener.expect(task_id)      # listening before the call can be answered
+                                           priority=options.priority, stream=options.stream))
+            waiter = None if options.stream else call.listener.expect(task_id)   # listening before it can answer
             call.client.lpush(queue_list(queue, priority_to_transport(options.priority)), item)
         except Exception as error:
             cause = _unreachable(error)
             if cause is None:
                 raise
             raise RedisUnavailable(address, str(cause).strip()) from None
+        if options.stream:
+            return StreamResponse(call, task_id, self._deployment)
+        assert waiter is not None
         return Response(call, waiter, task_id, self._deployment)
 
     def submit(self, *args: Any, **kwargs: Any) -> Job:

@@ -661,6 +661,63 @@ def revoked_answer(task_id: str, why: str = "expired") -> bytes:
                        "date_done": datetime.now(timezone.utc).isoformat()})
 
 
+# --------------------------------------------------------------------------- streams
+
+
+# A stream's entries (a Redis stream, one per streaming call): a batch of chunks, in
+# order, or the end. STREAM_CHUNKS holds a JSON list of the chunks yielded since the last
+# entry (each its own JSON value, bytes as kombu's type marker); STREAM_END holds the
+# outcome: {"ok": true} after the last chunk, or the error, which comes after the chunks
+# before it. An HTTP stream's first entry carries the response head (STREAM_HEAD).
+STREAM_CHUNKS, STREAM_END, STREAM_HEAD = b"c", b"e", b"h"
+# What a caller gets when the replica serving its stream died mid-stream.
+STREAM_INTERRUPTED = "stream interrupted: the replica serving it stopped; it is not run again"
+
+
+def stream_chunks(chunks: list) -> dict[bytes, bytes]:
+    """The entry of a batch of chunks.
+
+    >>> read_stream_entry(stream_chunks(["to", b"ken", 3]))
+    (['to', b'ken', 3], None)
+    """
+    return {STREAM_CHUNKS: dumps_json(chunks)}
+
+
+def stream_end(outcome: Optional[Outcome] = None) -> dict[bytes, bytes]:
+    """The last entry: the stream ended (``outcome`` None or ok) or failed (its error).
+
+    >>> read_stream_entry(stream_end(Outcome.failure("ValueError", "bad token")))[1].error
+    ReplicaError('ValueError: bad token')
+    """
+    if outcome is None or outcome.ok:
+        return {STREAM_END: b'{"ok":true}'}
+    return {STREAM_END: dumps_json({"ok": False, "type": outcome.error_type, "message": outcome.message,
+                                    "traceback": outcome.traceback})}
+
+
+def interrupted_stream_end() -> dict[bytes, bytes]:
+    """The last entry a node agent writes for a stream whose replica died mid-stream."""
+    return stream_end(Outcome.failure("ReplicaError", STREAM_INTERRUPTED))
+
+
+def read_stream_entry(fields: Mapping[Any, Any]) -> tuple[list, Optional[Answer]]:
+    """(the chunks, the end or None) of one stream entry (its fields, bytes keys).
+
+    >>> read_stream_entry(stream_end())
+    ([], Answer(state='SUCCESS', value=None, error=None, version=''))
+    """
+    fields = {(k if isinstance(k, bytes) else k.encode()): v for k, v in fields.items()}
+    chunks = loads_json(fields[STREAM_CHUNKS]) if STREAM_CHUNKS in fields else []
+    if STREAM_END not in fields:
+        return list(chunks), None
+    end = loads_json(fields[STREAM_END])
+    if end.get("ok"):
+        return list(chunks), Answer(SUCCESS)
+    error = ReplicaError(str(end.get("type") or "Exception"), str(end.get("message") or ""),
+                         str(end.get("traceback") or ""))
+    return list(chunks), Answer(FAILURE, error=error)
+
+
 # --------------------------------------------------------------------------- job records
 
 

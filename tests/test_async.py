@@ -123,3 +123,31 @@ def test_max_ongoing_requests_is_ray_serves_name_for_the_same_option(name):
     assert model.config.max_concurrent_queries == 7
     with pytest.raises(ValueError, match="name the same option"):
         taskserve.deployment(Sleeper).options(max_ongoing_requests=2, max_concurrent_queries=3)
+
+
+class Doubler:
+    def __call__(self, x: int) -> int:
+        return 2 * x
+
+
+class Composer:
+    def __init__(self, other: str) -> None:
+        self.other = other
+
+    async def fan_out(self, n: int) -> tuple[list, list]:
+        handle = taskserve.get_deployment(self.other).get_handle()
+        before = threading.active_count()
+        values = await asyncio.gather(*(handle.remote(i) for i in range(n)))
+        return values, [threading.current_thread().name, threading.active_count() - before]
+
+
+def test_an_async_method_awaits_other_deployments_without_a_thread_each(connected, unique_name):
+    doubler = taskserve.deployment(Doubler).options(name=f"{unique_name}-d", num_cpus=0.1, max_ongoing_requests=8)
+    doubler.deploy()
+    composer = taskserve.deployment(Composer).options(name=unique_name, num_cpus=0.1)
+    composer.deploy(doubler.name)
+    values, (thread, new_threads) = composer.get_handle().fan_out.remote(20).result(timeout=60)
+    assert values == [2 * i for i in range(20)]
+    assert thread == "replica-loop" and new_threads <= 2      # the listener's thread at most, not one per call
+    composer.delete()
+    doubler.delete()

@@ -52,6 +52,8 @@ from ..runtime_env import env_key
 from ..signing import check_assignment
 from ..state import Node, Replica, ReplicaState, Resources, check_id, package_sha
 from ..store import NodeClaim, NodeTaken, Store, wait_for_events
+from ..store.keys import stream_key
+from ..wire import OPTIONS_HEADER, interrupted_stream_end
 from .envs import EnvironmentCache, unpack_working_dir
 from .forkserver import Launcher
 from .inflight import read_tags
@@ -643,17 +645,44 @@ def put_back(channel: Any, tags: list[str]) -> list[str]:
     taken next; the task ids of those that were still unacknowledged.
 
     The task id is read from kombu's entry of the unacknowledged message (its
-    payload's ``headers["id"]``) before it is restored.
+    payload's ``headers["id"]``) before it is restored. A streaming call is not run
+    again: its stream ends with the error "stream interrupted" at once, and its message
+    is acknowledged.
     """
     qos = channel.qos
     with channel.conn_or_acquire() as client:
         entries = client.hmget(qos.unacked_key, tags)
-    task_ids = [task_id for task_id in (_task_id(entry) for entry in entries if entry) if task_id]
-    for tag in tags:
+    task_ids = []
+    for tag, entry in zip(tags, entries):
+        task_id = _task_id(entry) if entry else None
+        if task_id and _streaming(entry):
+            with channel.conn_or_acquire() as client, client.pipeline(transaction=True) as pipe:
+                pipe.xadd(stream_key(task_id), interrupted_stream_end())
+                qos._remove_from_indices(tag, pipe)
+                pipe.execute()
+            log.info("stream %s interrupted: its replica died", task_id)
+            continue
+        if task_id:
+            task_ids.append(task_id)
         # kombu publishes with LPUSH and consumes with BRPOP (the right end), so
         # leftmost=False (RPUSH) is what it pops next: ahead of newer requests.
         qos.restore_by_tag(tag, leftmost=False)
     return task_ids
+
+
+def _streaming(entry: bytes | str) -> bool:
+    """Whether kombu's unacked entry holds a streaming call (taskserve's options say so).
+
+    >>> _streaming('[{"headers": {"id": "d9b1", "taskserve": {"stream": 1}}}, "", "taskserve.llm"]')
+    True
+    >>> _streaming('[{"headers": {"id": "d9b1"}}, "", "taskserve.llm"]'), _streaming("not json")
+    (False, False)
+    """
+    try:
+        options = (json.loads(entry)[0].get("headers") or {}).get(OPTIONS_HEADER)
+    except (ValueError, TypeError, IndexError, AttributeError):
+        return False
+    return isinstance(options, dict) and bool(options.get("stream"))
 
 
 def _task_id(entry: bytes | str) -> Optional[str]:

@@ -24,12 +24,14 @@ connection close, putting back what was taken but not started.
 
 Example (what :meth:`taskserve.node.replica.ReplicaProcess.serve` does)::
 
-    server = CeleryServer(replica, dispatcher, app, inflight, answerer, jobs, max_deliveries=3, concurrency=1)
+    server = CeleryServer(replica, dispatcher, app, inflight, answerer, jobs, streams, max_deliveries=3)
     exit_code = server.serve()      # returns after SIGTERM, once the calls in hand are answered
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import queue
 import socket
@@ -42,12 +44,14 @@ from typing import Any, Callable, Optional
 from celery import signals
 from celery.concurrency.solo import TaskPool as SoloPool
 
+from ..http import HTTP_METHOD
 from ..jobs import reset_job_context, set_job_context
-from ..wire import TASK_NAME, Call, NotARequest, Outcome, call_arguments, decode_call
+from ..wire import STREAM_INTERRUPTED, TASK_NAME, Call, NotARequest, Outcome, call_arguments, decode_call
 from .answering import Answerer, refuse_redelivery
 from .inflight import InflightFile
-from .invoke import ASYNC, ASYNC_GENERATOR, Dispatcher
+from .invoke import ASYNC, ASYNC_GENERATOR, GENERATOR, Dispatcher
 from .jobs import JobRunner, Running
+from .streams import StreamWriter
 from .transport import REDIS_UNREACHABLE, ReplicaConsumer, ReplicaTransport, _why
 
 log = logging.getLogger("taskserve.node.celery_server")
@@ -61,13 +65,15 @@ class CeleryServer:
     """Serves a deployment's queue with a Celery worker; see the module docstring."""
 
     def __init__(self, replica: Any, dispatcher: Dispatcher, app: Any, inflight: InflightFile, answerer: Answerer,
-                 jobs: JobRunner, max_deliveries: int, concurrency: int = 1, accept_pickle: bool = False) -> None:
+                 jobs: JobRunner, streams: StreamWriter, max_deliveries: int, concurrency: int = 1,
+                 accept_pickle: bool = False) -> None:
         self.replica = replica
         self.dispatcher = dispatcher
         self.app = app
         self.inflight = inflight
         self.answerer = answerer
         self.jobs = jobs
+        self.streams = streams
         self.max_deliveries = max_deliveries
         self.concurrency = max(1, concurrency)
         self.accept_pickle = accept_pickle
@@ -105,7 +111,10 @@ class CeleryServer:
             refusal = self._refusal(call)
             if refusal is not None:
                 return self._finish_here(Served(message, call, refusal), started=None)
-        if self.dispatcher.shape(call.method) in (ASYNC, ASYNC_GENERATOR):
+        shape = self.dispatcher.shape("__call__" if call.method == HTTP_METHOD else call.method)
+        if call.stream or (call.method == HTTP_METHOD and shape in (GENERATOR, ASYNC_GENERATOR)):
+            return self._serve_stream(call, message, shape)
+        if shape in (ASYNC, ASYNC_GENERATOR):
             self.dispatcher.enter()
             self.dispatcher.loop.run(self._serve_async(call, message, running))
         elif self.executor is not None:
@@ -168,6 +177,83 @@ class CeleryServer:
             outcome = Outcome.of_exception(error)
         self._count(outcome, started)
         self.writer.put(Served(message, call, outcome, running))
+
+    # ------------------------------------------------------------------ streams
+
+    def _serve_stream(self, call: Call, message: Any, shape: str) -> None:
+        """A streaming call (or an HTTP request to a generator ``__call__``): its chunks go
+        to its stream as they are yielded. One delivered again after its replica died is
+        not run again: its caller reads that it was interrupted."""
+        head = None
+        if call.method == HTTP_METHOD:      # the gateway reads the head, then the stream
+            head = self.answerer.record(call, Outcome(True, {"status": 200, "headers": [], "stream": True}))
+        if call.redelivered:
+            stream = self.streams.open(call, message, head=head)
+            self.streams.end(stream, Outcome.failure("ReplicaError", STREAM_INTERRUPTED), lambda: self._done(call))
+            return
+        if shape in (ASYNC, ASYNC_GENERATOR):
+            self.dispatcher.enter()
+            self.dispatcher.loop.run(self._stream_async(call, message, head))
+        elif self.executor is not None:
+            self.executor.submit(self._stream_in_thread, call, message, head)
+        else:
+            self._stream_in_thread(call, message, head)
+
+    def _stream_in_thread(self, call: Call, message: Any, head: Optional[bytes]) -> None:
+        stream = self.streams.open(call, message, head=head)
+        started = time.perf_counter()
+        outcome = Outcome(True)
+        try:
+            with self.dispatcher.gate.request():
+                produced = self.dispatcher.begin_stream(call.method, call.args, call.kwargs)
+                if inspect.isasyncgen(produced) or inspect.isawaitable(produced):
+                    raise TypeError(f"{call.method} returned a coroutine or an async generator from a sync method; "
+                                    "write it as `async def` to stream from it")
+                chunks = produced if inspect.isgenerator(produced) else iter([produced])
+                try:
+                    for chunk in chunks:
+                        if not self.streams.put(stream, self.dispatcher.chunk(call.method, chunk)):
+                            break     # the caller left: GeneratorExit in the generator, below
+                finally:
+                    if inspect.isgenerator(chunks):
+                        chunks.close()
+        except Exception as error:
+            outcome = Outcome.of_exception(error)
+        self._count(outcome, started)
+        self.streams.end(stream, outcome, lambda: self._done(call))
+
+    async def _stream_async(self, call: Call, message: Any, head: Optional[bytes]) -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        stream = self.streams.open(call, message, head=head,
+                                   on_cancel=lambda: loop.call_soon_threadsafe(task.cancel) if task else None)
+        started = time.perf_counter()
+        outcome = Outcome(True)
+        try:
+            produced = self.dispatcher.begin_stream(call.method, call.args, call.kwargs)
+            if inspect.isasyncgen(produced):
+                try:
+                    async for chunk in produced:
+                        if not self.streams.put(stream, self.dispatcher.chunk(call.method, chunk)):
+                            break
+                finally:
+                    await produced.aclose()
+            elif inspect.isgenerator(produced):
+                for chunk in produced:
+                    if not self.streams.put(stream, self.dispatcher.chunk(call.method, chunk)):
+                        produced.close()
+                        break
+            else:
+                value = await produced if inspect.isawaitable(produced) else produced
+                self.streams.put(stream, self.dispatcher.chunk(call.method, value))
+        except asyncio.CancelledError:
+            outcome = Outcome.failure("Cancelled", "the caller left; the generator was stopped")
+        except Exception as error:
+            outcome = Outcome.of_exception(error)
+        finally:
+            self.dispatcher.gate.leave()
+        self._count(outcome, started)
+        self.streams.end(stream, outcome, lambda: self._done(call))
 
     def _count(self, outcome: Outcome, started: Optional[float]) -> None:
         if started is not None:
@@ -273,10 +359,12 @@ class CeleryServer:
             consumer_cls=consumer_cls,
         )
         self.writer.start()
+        self.streams.start()
         try:
             worker.start()
         finally:
             self.writer.stop()
+            self.streams.stop()
             if self.executor is not None:
                 self.executor.shutdown(wait=False)
         return worker.exitcode or 0

@@ -208,6 +208,19 @@ class Dispatcher:
         finally:
             self.gate.leave()
 
+    def begin_stream(self, method: str, args: list, kwargs: dict) -> Any:
+        """What ``method`` returns for a streaming call, not consumed: a generator, an async
+        generator, or (a method that is neither) a value or coroutine, streamed as one chunk.
+        The caller holds the gate (:meth:`enter` / ``gate.request()``)."""
+        function = self.resolve(method)
+        args, kwargs = self.arguments(method, args, kwargs)
+        return function(*args, **kwargs)
+
+    @staticmethod
+    def chunk(method: str, value: Any) -> Any:
+        """One chunk as it travels: an HTTP response's body as data, else the value as it is."""
+        return handle_value(value) if method != HTTP_METHOD else value
+
     def enter(self) -> None:
         """Enter the gate for a request served on the loop (waits while ``reconfigure`` runs)."""
         self.gate.try_enter()

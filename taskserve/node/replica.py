@@ -61,6 +61,7 @@ from .loop import ReplicaLoop
 from .processes import die_with_parent, hold_lock
 from .protocol import EXIT_CONSTRUCTOR_FAILED, INFLIGHT_FILE_ENV
 from .stats import InFlightReport, RequestStats
+from .streams import StreamWriter
 
 log = logging.getLogger("taskserve.node.replica")
 
@@ -264,7 +265,8 @@ class ReplicaProcess:
             if batched_methods(dispatcher.target):
                 return BatchServer(self, dispatcher, app, inflight, answerer, jobs, max_deliveries, concurrency,
                                    serializer).serve()
-            return CeleryServer(self, dispatcher, app, inflight, answerer, jobs, max_deliveries, concurrency,
+            streams = StreamWriter(self.store, float(self.config.get("result_ttl_s") or DEFAULT_RESULT_EXPIRES_S))
+            return CeleryServer(self, dispatcher, app, inflight, answerer, jobs, streams, max_deliveries, concurrency,
                                 accept_pickle=serializer == "pickle").serve(replica_queue(self.record))
         finally:
             self.stats.flush()

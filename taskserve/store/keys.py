@@ -63,6 +63,8 @@ key                                 type     who writes                  who rea
                                              submit)
 ``{p}:delayed``                     zset     replicas (retries, ETAs)    controller                    none
 ``{p}:cancel:{task_id}``            string   clients, gateway            replicas                      an hour
+``{p}:stream:{task_id}``            stream   replicas; agents (the end   clients, gateway              result_ttl_s
+                                             of a dead replica's)
 ``unacked``                         hash     replicas (kombu)            controller, agents            none
 ``unacked_index``                   zset     replicas (kombu)            kombu                         none
 ==================================  =======  ==========================  ============================  ============
@@ -106,6 +108,8 @@ What the records hold:
   submitted under an idempotency key. ``{p}:delayed``: messages waiting for their time
   (a retry's backoff, a Celery ETA), ``"<list>\n<message>"`` -> when due.
   ``{p}:cancel:{task_id}``: set while a running call or job is asked to stop.
+- ``{p}:stream:{task_id}``: a streaming call's chunks, in batches, then its end (see
+  :mod:`taskserve.wire`'s stream entries); it expires ``result_ttl_s`` after its last write.
 - ``unacked``: kombu's messages taken but not acknowledged: delivery tag -> JSON
   ``[message, exchange, routing_key]``, the routing key being the queue's name (read for
   the autoscaler's load); ``unacked_index``: delivery tag -> when it was taken.
@@ -204,6 +208,10 @@ def idempotency_key(name: str, key: str) -> str:
 
 def cancel_key(task_id: str) -> str:
     return f"{PREFIX}:cancel:{task_id}"
+
+
+def stream_key(task_id: str) -> str:
+    return f"{PREFIX}:stream:{task_id}"
 
 
 DELAYED_KEY = f"{PREFIX}:delayed"

@@ -1,0 +1,184 @@
+"""Streaming calls: a generator's chunks reach the caller as they are yielded.
+
+Each streaming call writes to a Redis stream of its own (``taskserve:stream:<task id>``,
+see :mod:`taskserve.wire` for its entries): batches of chunks, then the end (the error,
+if the generator raised, after the chunks before it). Why a Redis stream rather than
+pub/sub: a caller that subscribes late, or whose connection is re-established, misses
+nothing (it reads from the last id it saw), the entries keep their order, and the key
+expires on its own. Why batches: one thread (:class:`StreamWriter`) writes every open
+stream's new chunks in one round trip, so a chunk never waits for a later one (the first
+goes out at once) and a fast generator costs one ``XADD`` per round trip, not per chunk.
+
+The same round trip asks whether any open stream's caller left (its cancel flag): a
+generator whose caller left is closed (``GeneratorExit`` in it; an async one's task is
+cancelled) within ``CANCEL_POLL_S`` while it yields nothing, at its next yield otherwise.
+The stream's end and the message's acknowledgement are one transaction.
+
+Example (what :class:`~taskserve.node.celery_server.CeleryServer` does)::
+
+    stream = writer.open(call, message, on_cancel=lambda: task.cancel())
+    for chunk in generator:
+        if not writer.put(stream, chunk):      # the caller left
+            generator.close()
+            break
+    writer.end(stream, outcome, done=lambda: server.done(call))
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from ..store import Store
+from ..store.keys import UNACKED_INDEX_KEY, UNACKED_KEY, cancel_key, result_key, stream_key
+from ..wire import Call, Outcome, stream_chunks, stream_end
+from .transport import REDIS_UNREACHABLE, _why, retry_while_unreachable
+
+log = logging.getLogger("taskserve.node.streams")
+
+# How often the writer asks whether the callers of the open streams left, while some are open.
+CANCEL_POLL_S = 0.5
+# At most this many chunks in one entry.
+MAX_BATCH = 1000
+
+
+@dataclass(eq=False)
+class Stream:
+    """One streaming call of this replica."""
+
+    call: Call
+    message: Any
+    key: str
+    on_cancel: Optional[Callable[[], None]] = None
+    head: Optional[bytes] = None          # an HTTP stream's answer (its response head), written once
+    pending: list = field(default_factory=list)
+    end: Optional[dict] = None
+    done: Optional[Callable[[], None]] = None
+    cancelled: bool = False
+    written: int = 0
+
+
+class StreamWriter:
+    """Writes the chunks of every open stream of a replica, from one thread."""
+
+    def __init__(self, store: Store, ttl_s: float) -> None:
+        self.store = store
+        self.ttl_s = max(1, int(ttl_s))
+        self.streams: dict[str, Stream] = {}
+        self.lock = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
+        self.stopping = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(5.0)
+
+    def open(self, call: Call, message: Any, on_cancel: Optional[Callable[[], None]] = None,
+             head: Optional[bytes] = None) -> Stream:
+        """A stream for ``call`` (``head``: an HTTP stream's answer, written with its first chunk)."""
+        stream = Stream(call, message, stream_key(call.task_id), on_cancel, head)
+        with self.lock:
+            self.streams[call.task_id] = stream
+            self.lock.notify_all()
+        return stream
+
+    def put(self, stream: Stream, chunk: Any) -> bool:
+        """Queue ``chunk`` for the caller; False once the caller left (stop yielding)."""
+        with self.lock:
+            if not stream.cancelled:
+                stream.pending.append(chunk)
+                self.lock.notify_all()
+            return not stream.cancelled
+
+    def end(self, stream: Stream, outcome: Optional[Outcome], done: Callable[[], None]) -> None:
+        """End ``stream`` with ``outcome`` (None or ok: ended; else its error) after its
+        chunks; ``done`` is called once that and the acknowledgement are written."""
+        with self.lock:
+            stream.end = stream_end(outcome)
+            stream.done = done
+            self.lock.notify_all()
+
+    # ------------------------------------------------------------------ the writer
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not self._has_work() and not self.stopping:
+                    self.lock.wait(CANCEL_POLL_S if self.streams else None)
+                    if self.streams:
+                        break         # time to ask about cancellations
+                if self.stopping and not self._has_work():
+                    return
+                batch = [(stream, stream.pending[:MAX_BATCH], stream.end if len(stream.pending) <= MAX_BATCH
+                          else None) for stream in self.streams.values()]
+                for stream, chunks, _ in batch:
+                    del stream.pending[:len(chunks)]
+            try:
+                self._write(batch)
+            except Exception as error:     # a bug or a long outage: end what can be ended, never hang a caller
+                log.error("cannot write %d stream(s) (%s)", len(batch), _why(error))
+
+    def _has_work(self) -> bool:
+        return any(stream.pending or stream.end is not None for stream in self.streams.values())
+
+    def _write(self, batch: list[tuple[Stream, list, Optional[dict]]]) -> None:
+        asks = [stream for stream, _, end in batch if end is None and not stream.cancelled]
+
+        def write() -> list:
+            with self.store.redis.pipeline(transaction=True) as pipe:
+                for stream, chunks, end in batch:
+                    if stream.head is not None and (chunks or end is not None):
+                        key = result_key(stream.call.task_id)
+                        pipe.set(key, stream.head, ex=self.ttl_s)
+                        pipe.publish(key, stream.head)
+                    if chunks:
+                        pipe.xadd(stream.key, stream_chunks(chunks))
+                    if end is not None:
+                        pipe.xadd(stream.key, end)
+                        tag = stream.message.delivery_tag
+                        pipe.hdel(UNACKED_KEY, tag)
+                        pipe.zrem(UNACKED_INDEX_KEY, tag)
+                    if chunks or end is not None:
+                        pipe.expire(stream.key, self.ttl_s)
+                if asks:
+                    pipe.mget([cancel_key(stream.call.task_id) for stream in asks])
+                return pipe.execute()
+
+        try:
+            replies = retry_while_unreachable(write, "write the chunks of a stream")
+        except REDIS_UNREACHABLE:
+            raise
+        for stream, chunks, _ in batch:
+            if stream.head is not None and (chunks or stream.end is not None):
+                stream.head = None
+            stream.written += len(chunks)
+        if asks:
+            for stream, flag in zip(asks, replies[-1]):
+                if flag and not stream.cancelled:
+                    self._cancel(stream)
+        for stream, _, end in batch:
+            if end is not None:
+                stream.message.channel.qos.acknowledged_in_redis(stream.message.delivery_tag)
+                with self.lock:
+                    self.streams.pop(stream.call.task_id, None)
+                if stream.done is not None:
+                    stream.done()
+
+    def _cancel(self, stream: Stream) -> None:
+        log.info("the caller of stream %s left: stopping its generator", stream.call.task_id)
+        with self.lock:
+            stream.cancelled = True
+            stream.pending.clear()
+        if stream.on_cancel is not None:
+            try:
+                stream.on_cancel()
+            except Exception as error:
+                log.warning("cannot stop the generator of stream %s (%s)", stream.call.task_id, _why(error))
