@@ -60,15 +60,19 @@ class Sleeper:
         self.in_flight = 0
         self.most = 0
         self.threads: set[str] = set()
+        self.all_in = asyncio.Event()
         self.release = threading.Event()
         self.blocking = False
 
-    async def nap(self, seconds: float) -> int:
+    async def nap(self, together: int) -> int:
+        """Wait until ``together`` calls wait at once (at most a minute)."""
         self.in_flight += 1
         self.most = max(self.most, self.in_flight)
         self.threads.add(threading.current_thread().name)
+        if self.in_flight >= together:
+            self.all_in.set()
         try:
-            await asyncio.sleep(seconds)
+            await asyncio.wait_for(self.all_in.wait(), 60)
         finally:
             self.in_flight -= 1
         return self.most
@@ -96,7 +100,7 @@ def test_200_async_calls_run_at_once_on_one_replica(connected, unique_name):
     model = taskserve.deployment(Sleeper).options(name=unique_name, num_cpus=0.1, max_ongoing_requests=200)
     model.deploy()
     handle = model.get_handle()
-    responses = [handle.nap.remote(0.5) for _ in range(200)]
+    responses = [handle.nap.remote(200) for _ in range(200)]
     for response in responses:
         response.result(timeout=60)
     # Every call was awaiting at the same moment, all as coroutines of the one loop (no thread each).
