@@ -17,23 +17,24 @@ from taskserve.runtime_env import env_key, normalize_pip, pack_working_dir
 from .helpers import replica_pids
 
 
-def build_wheel(root: Path, version: str) -> Path:
-    project = root / f"tsdemo-{version}"
-    (project / "tsdemo").mkdir(parents=True)
-    (project / "tsdemo" / "__init__.py").write_text(f'VERSION = "{version}"\n')
+def build_wheel(root: Path, version: str, name: str = "tsdemo") -> Path:
+    module = name.replace("-", "_")
+    project = root / f"{name}-{version}"
+    (project / module).mkdir(parents=True)
+    (project / module / "__init__.py").write_text(f'VERSION = "{version}"\n')
     (project / "pyproject.toml").write_text(textwrap.dedent(f"""
         [build-system]
         requires = ["hatchling"]
         build-backend = "hatchling.build"
 
         [project]
-        name = "tsdemo"
+        name = "{name}"
         version = "{version}"
     """))
     out = root / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(out), str(project)], check=True, capture_output=True, timeout=120)
-    [wheel] = out.glob(f"tsdemo-{version}-*.whl")
+    [wheel] = out.glob(f"{module}-{version}-*.whl")
     return wheel
 
 
@@ -175,3 +176,126 @@ def test_a_working_dir_outlives_the_deployment_it_was_uploaded_with(connected, u
     assert taskserve.connect().get_code(sha)   # still there for replicas on nodes that lack it
     assert copy.get_handle().remote().result(timeout=10)["value"] == 7
     copy.delete()
+
+
+# --------------------------------------------------------------------------- the machine's pip configuration
+
+MIRRORED = "taskserve-mirror-probe"       # on no public index: only the local one below has it
+
+
+class SimpleIndex:
+    """A PEP 503 index of one project on 127.0.0.1 (``python -m http.server``), and the
+    paths it was asked for."""
+
+    def __init__(self, root: Path, wheel: Path) -> None:
+        project = root / "simple" / MIRRORED
+        project.mkdir(parents=True)
+        (project / wheel.name).write_bytes(wheel.read_bytes())
+        (project / "index.html").write_text(f'<html><body><a href="{wheel.name}">{wheel.name}</a></body></html>\n')
+        self.log = root / "requests.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(root)],
+            stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True)
+        assert self.process.stdout is not None
+        first = self.process.stdout.readline()     # "Serving HTTP on 127.0.0.1 port 43117 (...) ..."
+        self.url = f"http://127.0.0.1:{first.split(' port ')[1].split()[0]}/simple"
+
+    def requested(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def mirrored_wheel(tmp_path_factory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("mirrored"), "3.0", MIRRORED)
+
+
+@pytest.fixture
+def simple_index(tmp_path, mirrored_wheel):
+    index = SimpleIndex(tmp_path / "index", mirrored_wheel)
+    try:
+        yield index
+    finally:
+        index.stop()
+
+
+@pytest.fixture
+def machine_without_network(tmp_path, monkeypatch) -> Path:
+    """No pip or uv setting of this machine's user, an empty uv cache, and every connection
+    beyond 127.0.0.1 refused (a proxy on a closed port): the only index is the test's.
+    Returns the home directory, where a test may write a pip.conf."""
+    for name in list(os.environ):
+        if name.startswith(("PIP_", "UV_")) or name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "uv-cache"))
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    return home
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("configured_by", ["PIP_INDEX_URL", "pip.conf", "PIP_FIND_LINKS and PIP_NO_INDEX"])
+def test_a_runtime_env_installs_from_where_the_machines_pip_does(configured_by, tmp_path, simple_index,
+                                                                  mirrored_wheel, machine_without_network,
+                                                                  monkeypatch):
+    from taskserve.node.envs import EnvironmentCache
+
+    if configured_by == "PIP_INDEX_URL":
+        monkeypatch.setenv("PIP_INDEX_URL", simple_index.url)
+    elif configured_by == "pip.conf":
+        conf = machine_without_network / ".config" / "pip" / "pip.conf"
+        conf.parent.mkdir(parents=True)
+        conf.write_text(f"[global]\nindex-url = {simple_index.url}\n")
+    else:
+        monkeypatch.setenv("PIP_FIND_LINKS", str(mirrored_wheel.parent))
+        monkeypatch.setenv("PIP_NO_INDEX", "1")
+    lines: list[str] = []
+    # The deployment's list names the package only: where it comes from is the machine's business.
+    python = EnvironmentCache(tmp_path / "envs").ensure([f"{MIRRORED}==3.0"], progress=lines.append)
+    probe = subprocess.run([str(python), "-c", "import taskserve_mirror_probe as m; print(m.VERSION)"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "3.0", (probe.stderr, lines)
+    if configured_by != "PIP_FIND_LINKS and PIP_NO_INDEX":
+        assert f"/simple/{MIRRORED}/" in simple_index.requested()
+    assert any("pip configuration" in line for line in lines), lines
+
+
+def test_pip_settings_map_onto_uv_and_uv_own_variables_win(tmp_path):
+    from taskserve.node.pip_config import uv_settings
+
+    system = tmp_path / "pip-system.conf"
+    system.write_text("[global]\nindex-url = https://system.example/simple\ntrusted-host = system.example\n"
+                      "cert = /etc/company-ca.pem\n"
+                      "find-links =\n    /srv/wheels\n    /srv/more\n")
+    user = tmp_path / "pip-user.conf"
+    user.write_text("[global]\nindex-url = https://user.example/simple\n"
+                    "[install]\nextra-index-url = https://extra.example/simple https://extra2.example/simple\n"
+                    "no-index = false\n")
+    files = [system, user, tmp_path / "missing.conf"]
+
+    env, flags = uv_settings({}, files, uv_files=[])
+    assert env == {
+        "UV_INDEX_URL": "https://user.example/simple",                  # the later file wins
+        "UV_EXTRA_INDEX_URL": "https://extra.example/simple https://extra2.example/simple",
+        "UV_FIND_LINKS": "/srv/wheels,/srv/more",
+        "UV_INSECURE_HOST": "system.example",
+        "SSL_CERT_FILE": "/etc/company-ca.pem",
+    }
+    assert flags == []
+    # A PIP_ variable beats the files; [install] beats [global].
+    env, flags = uv_settings({"PIP_INDEX_URL": "https://env.example/simple", "PIP_NO_INDEX": "true"}, files, [])
+    assert env["UV_INDEX_URL"] == "https://env.example/simple" and flags == ["--no-index"]
+    # uv's own settings win, each on its own.
+    env, _ = uv_settings({"UV_DEFAULT_INDEX": "https://uv.example/simple", "UV_INDEX": "https://uv2.example"}, files, [])
+    assert "UV_INDEX_URL" not in env and "UV_EXTRA_INDEX_URL" not in env and env["UV_FIND_LINKS"]
+    # A uv.toml of its own: pip's configuration is not read at all.
+    (tmp_path / "uv.toml").write_text('index-url = "https://uv.example/simple"\n')
+    assert uv_settings({"UV_CONFIG_FILE": str(tmp_path / "uv.toml")}, files) == ({}, [])

@@ -1,7 +1,8 @@
 """Runtime environments, the node's half: cached virtual environments and working dirs.
 
 :class:`EnvironmentCache` builds one virtual environment per distinct ``pip`` list
-and Python version (with ``uv``, or ``venv`` + pip without it), once, under a file
+and Python version (with ``uv``, given the machine's pip index settings by
+:mod:`taskserve.node.pip_config`, or ``venv`` + pip without it), once, under a file
 lock, and reuses it for every replica of this node; :func:`unpack_working_dir`
 unpacks an uploaded working_dir once per node. The client's half, which packs
 them, is :mod:`taskserve.runtime_env`.
@@ -34,6 +35,7 @@ import filelock
 
 from ..runtime_env import MAX_WORKING_DIR_BYTES, env_key
 from ..state import check_id
+from .pip_config import uv_settings
 
 log = logging.getLogger("taskserve.node.envs")
 
@@ -119,15 +121,21 @@ class EnvironmentCache:
 
 def _build(path: Path, pip: list[str], progress: Callable[[str], None]) -> None:
     uv = _find_uv()
+    environ: Optional[dict[str, str]] = None
     if uv:
         _run([uv, "venv", "--quiet", "--python", sys.executable, str(path)], progress)
-        install = [uv, "pip", "install", "--python", str(path / "bin" / "python"), *pip]
+        # uv reads neither pip.conf nor PIP_*: give it the machine's pip index settings as its own.
+        added, flags = uv_settings(os.environ)
+        if added or flags:
+            progress(f"pip configuration given to uv: {', '.join([*sorted(added), *flags])}")
+            environ = {**os.environ, **added}
+        install = [uv, "pip", "install", *flags, "--python", str(path / "bin" / "python"), *pip]
     else:
         _run([sys.executable, "-m", "venv", "--without-pip", str(path)], progress)
         install = [sys.executable, "-m", "pip", "--python", str(path / "bin" / "python"), "install",
                    "--disable-pip-version-check", *pip]
     _see_base_packages(path)
-    _run(install, progress)
+    _run(install, progress, environ)
 
 
 def _find_uv() -> Optional[str]:
@@ -150,9 +158,9 @@ def _see_base_packages(venv: Path) -> None:
         (site_packages / "_taskserve_base.pth").write_text("\n".join(lines) + "\n")
 
 
-def _run(command: list[str], progress: Callable[[str], None]) -> None:
+def _run(command: list[str], progress: Callable[[str], None], environ: Optional[dict[str, str]] = None) -> None:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               stdin=subprocess.DEVNULL)
+                               stdin=subprocess.DEVNULL, env=environ)
     output = []
     assert process.stdout is not None
     for line in process.stdout:
