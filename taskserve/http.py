@@ -183,6 +183,37 @@ def decode_response(encoded: Mapping[str, Any]) -> tuple[int, list[tuple[str, st
     return int(encoded.get("status", 200)), headers, body
 
 
+def response_data(encoded: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`encode_response`'s data as a reader of JSON wants it (a job's result over
+    HTTP, ``taskserve job``): the status, the headers (repeated ones joined by ``", "``),
+    the content type and the body, with ``body_encoding`` saying how it is given:
+    ``"json"`` (the value itself) when the content type is JSON and the body parses,
+    else ``"text"`` when it is UTF-8, else ``"base64"``.
+
+    >>> response_data(encode_response({"result": 42}))
+    {'status': 200, 'headers': {'content-type': 'application/json'}, 'content_type': 'application/json', 'body': {'result': 42}, 'body_encoding': 'json'}
+    >>> data = response_data(encode_response(Response(b"\\xff\\x00", status=201)))
+    >>> data["status"], data["body"], data["body_encoding"]
+    (201, '/wA=', 'base64')
+    """
+    status, pairs, body = decode_response(encoded)
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    content_type = headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    data: dict[str, Any] = {"status": status, "headers": headers, "content_type": content_type}
+    if media == JSON_TYPE or media.endswith("+json"):
+        try:
+            return {**data, "body": json.loads(body), "body_encoding": "json"}
+        except ValueError:
+            pass
+    try:
+        return {**data, "body": body.decode("utf-8"), "body_encoding": "text"}
+    except UnicodeDecodeError:
+        return {**data, "body": base64.b64encode(body).decode("ascii"), "body_encoding": "base64"}
+
+
 def _json_bytes(value: Any) -> bytes:
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default)

@@ -14,7 +14,8 @@ answers to all its requests arrive on one pub/sub pattern subscription, made onc
 start (see :mod:`.messaging`), all through ``redis.asyncio``: no thread per request,
 no subscription per request.
 Its own endpoints live under ``/-/``: ``healthz``, ``routes``, ``metrics``
-(Prometheus), ``api/status`` and ``dashboard``.
+(Prometheus), ``api/status``, ``dashboard`` and ``jobs/<id>``. A request with
+``Prefer: respond-async`` is submitted as a job instead (:mod:`.jobs`).
 
 Errors are JSON ``{"error": TYPE, "message": TEXT}``: 404 for a path no deployment
 serves, 408 for a body that did not arrive within ``body_timeout_s``, 413 for a body
@@ -62,6 +63,7 @@ from ..errors import BackPressureError, DeploymentUnavailable, RedisUnavailable,
 from ..handle import unavailable_reason
 from ..http import decode_response, encode_request
 from ..store import ClusterReader, Store
+from .jobs import JobEndpoints, prefers_async
 from .messaging import Expired, RateLimitedLog, ResultJanitor, ResultWaiter, TaskSender
 from .metrics import GatewayMetrics, StatusCache, StatusReader
 from .routes import Route, RouteTable
@@ -188,6 +190,7 @@ class Gateway:
                 StarletteRoute("/-/metrics", self.prometheus),
                 StarletteRoute("/-/api/status", self.status),
                 StarletteRoute("/-/dashboard", self.dashboard),
+                StarletteRoute("/-/jobs/{job_id}", self.job, methods=["GET", "DELETE"]),
                 StarletteRoute("/{path:path}", self.forward, methods=HTTP_METHODS),
             ],
             lifespan=self.lifespan,
@@ -207,6 +210,7 @@ class Gateway:
         self.results = ResultWaiter(self.client, on_event=self.routes_changed.set)
         self.sender = TaskSender(self.address, self.client)
         self.janitor = ResultJanitor(self.client)
+        self.jobs = JobEndpoints(self.address, self.client, self.sender.encoder, self.debug)
         await self.results.start()
         self.janitor.start()
         await self.refresh_routes()
@@ -299,6 +303,8 @@ class Gateway:
             queue, version = route.queue_for(request.headers.get(VERSION_HEADER), random.random() * 100)
         except ValueError as error:
             return error_response(400, "UnknownVersion", str(error)), "unknown_version"
+        if prefers_async(request.headers):     # Prefer: respond-async: a job, answered 202 at once
+            return await self.jobs.submit(route, queue, payload, request.headers)
         task_id = self.results.new_task_id()
         try:
             with self.results.expecting(task_id) as pending:
@@ -399,6 +405,10 @@ class Gateway:
 
     async def dashboard(self, request: HTTPRequest) -> Response:
         return HTMLResponse(self.dashboard_html)
+
+    async def job(self, request: HTTPRequest) -> Response:
+        """``GET`` (status, result) or ``DELETE`` (cancel) ``/-/jobs/<id>``: see :mod:`.jobs`."""
+        return await (self.jobs.cancel if request.method == "DELETE" else self.jobs.get)(request)
 
 
 def _pool_exhausted(error: BaseException) -> bool:

@@ -98,16 +98,30 @@ class Jobs(StoreBase):
         With ``pipe`` (a pipeline) the script is only queued on it; :meth:`submitted` reads
         its reply.
         """
-        keys = [job_key(job_id), jobs_key(name, QUEUED), queue_list_key, idempotency_key(name, key) if key else ""]
-        if max_queued:
-            keys += queue_lists(queue)
-        args: list = [job_id, message, repr(time.time()), max_queued or 0]
-        for field, value in fields.items():
-            args += [field, value]
+        keys, args = self.submit_job_arguments(name, job_id, message, queue_list_key, fields, key, max_queued, queue)
         if pipe is not None:
             self._scripts.submit_job(keys=keys, args=args, client=pipe)
             return Submitted("pending", job_id)
         return self.submitted(self._scripts.submit_job(keys=keys, args=args))
+
+    @staticmethod
+    def submit_job_arguments(name: str, job_id: str, message: bytes, queue_list_key: str, fields: dict[str, str],
+                             key: str = "", max_queued: Optional[int] = None,
+                             queue: str = "") -> tuple[list[str], list[Any]]:
+        """The keys and arguments ``scripts/submit_job.lua`` runs with for :meth:`submit_job`:
+        for a caller that runs the script on a client of its own (the gateway's asyncio one).
+
+        >>> keys, args = Jobs.submit_job_arguments("ocr", "j1", b"m", "taskserve.ocr", {"state": "QUEUED"}, "k17")
+        >>> keys, args[0], args[3:]
+        (['taskserve:job:j1', 'taskserve:jobs:ocr:QUEUED', 'taskserve.ocr', 'taskserve:job-key:ocr:k17'], 'j1', [0, 'state', 'QUEUED'])
+        """
+        keys = [job_key(job_id), jobs_key(name, QUEUED), queue_list_key, idempotency_key(name, key) if key else ""]
+        if max_queued:
+            keys += queue_lists(queue)
+        args: list[Any] = [job_id, message, repr(time.time()), max_queued or 0]
+        for field, value in fields.items():
+            args += [field, value]
+        return keys, args
 
     @staticmethod
     def submitted(reply: Sequence) -> Submitted:
@@ -137,11 +151,16 @@ class Jobs(StoreBase):
 
     def cancel_job(self, name: str, job_id: str, ttl_s: float, answer: bytes) -> str:
         """Cancel job ``job_id``: its state after (see ``scripts/cancel_job.lua``)."""
-        state = self._scripts.cancel_job(
-            keys=[job_key(job_id), jobs_key(name, QUEUED), jobs_key(name, CANCELLED), result_key(job_id),
-                  cancel_key(job_id)],
-            args=[job_id, repr(time.time()), max(1, int(ttl_s)), answer, CANCEL_FLAG_TTL_S])
+        keys, args = self.cancel_job_arguments(name, job_id, ttl_s, answer)
+        state = self._scripts.cancel_job(keys=keys, args=args)
         return state.decode() if isinstance(state, bytes) else str(state)
+
+    @staticmethod
+    def cancel_job_arguments(name: str, job_id: str, ttl_s: float, answer: bytes) -> tuple[list[str], list[Any]]:
+        """The keys and arguments ``scripts/cancel_job.lua`` runs with for :meth:`cancel_job`."""
+        return ([job_key(job_id), jobs_key(name, QUEUED), jobs_key(name, CANCELLED), result_key(job_id),
+                 cancel_key(job_id)],
+                [job_id, repr(time.time()), max(1, int(ttl_s)), answer, CANCEL_FLAG_TTL_S])
 
     def requeue_job(self, name: str, job_id: str, state: str, queue_list_key: str, message: str) -> str:
         """Queue job ``job_id`` (now in ``state``, FAILED or DEAD) again; "1" or why not."""
