@@ -234,14 +234,37 @@ def _deploy_example() -> None:
 @main.command()
 @ADDRESS_OPTION
 @click.option("--resync", type=float, default=1.0, show_default=True, help="Seconds between full passes.")
-def controller(address: Optional[str], resync: float) -> None:
-    """Run a controller (one leads; others stand by)."""
+@click.option("--health-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write whether this controller leads or stands by to this file on every turn of its loop "
+                   "(read by --check).")
+@click.option("--check", is_flag=True,
+              help="Do not run a controller: exit 0 if the one writing --health-file leads, or stands by while "
+                   "another leads; else say why and exit 1 (a container's health check).")
+@click.option("--max-age", type=float, default=None,
+              help="With --check: seconds after which a health file not rewritten means a stuck controller "
+                   "[default: 30].")
+def controller(address: Optional[str], resync: float, health_file: Optional[Path], check: bool,
+               max_age: Optional[float]) -> None:
+    """Run a controller (one leads; others stand by), or --check one."""
     from .connection import make_store
     from .controller import Controller
+    from .controller_health import HEALTH_MAX_AGE_S
+    from .controller_health import check as check_health
 
-    _log_to_stderr()
     url = resolve_address(address)
-    ctl = Controller(make_store(url), resync_s=resync)
+    if check:
+        if health_file is None:
+            raise click.UsageError("--check needs --health-file PATH, the file the controller was started with")
+        healthy, why = check_health(health_file, make_store(url), HEALTH_MAX_AGE_S if max_age is None else max_age)
+        if not healthy:
+            errors.print(plain_line(plain("unhealthy:", "red"), " ", redact_text(why)), highlight=False)
+            raise SystemExit(1)
+        console.print(plain(why))
+        return
+    if max_age is not None:
+        raise click.UsageError("--max-age goes with --check")
+    _log_to_stderr()
+    ctl = Controller(make_store(url), resync_s=resync, health_file=health_file)
     _stop_on_signals(ctl.stop)
     ctl.run()
 

@@ -38,12 +38,14 @@ import threading
 import time
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import AbstractSet, Callable, Optional
 
 import redis
 
 from .autoscaler_tracker import AutoscaleTracker, autoscaling_config
 from .canary import VersionStats, abort_reason
+from .controller_health import HealthReport, remove_report, write_report
 from .goals import next_goal, rolled_back
 from .history import previous_goal
 from .planner import (
@@ -112,8 +114,9 @@ class Controller:
     """
 
     def __init__(self, store: Store, resync_s: float = 1.0, lease_ttl_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, health_file: Optional[Path] = None) -> None:
         self.store = store
+        self.health_file = health_file            # where each turn of the loop says whether it leads
         self.resync_s = resync_s
         self.lease_ttl_s = lease_ttl_s
         self.clock = clock
@@ -139,6 +142,7 @@ class Controller:
             while not self.stopping.is_set():
                 try:
                     self._lead(self.store.acquire_lease(self.controller_id, self.lease_ttl_s))
+                    self._report_health()
                     if self.leading:
                         self.reconcile_once()
                         self._wait(pubsub)
@@ -154,6 +158,8 @@ class Controller:
                     log.exception("reconcile pass failed; retrying")
                     self.stopping.wait(self.resync_s)
         finally:
+            if self.health_file is not None:
+                remove_report(self.health_file, self.controller_id)
             try:
                 pubsub.close()
                 self.store.release_lease(self.controller_id)
@@ -162,6 +168,15 @@ class Controller:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def _report_health(self) -> None:
+        """Write whether this controller leads to its health file (``taskserve controller --check``)."""
+        if self.health_file is None:
+            return
+        try:
+            write_report(self.health_file, HealthReport(self.controller_id, os.getpid(), self.leading, time.time()))
+        except OSError as error:
+            log.warning("cannot write the health file %s (%s)", self.health_file, error)
 
     def _wait(self, pubsub: redis.client.PubSub) -> None:
         """Until the next pass: a notification, ``resync_s``, the end of an autoscaling

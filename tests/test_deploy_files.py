@@ -23,6 +23,8 @@ import io
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -200,7 +202,14 @@ def copied_sources(text: str) -> list[str]:
 
 # --------------------------------------------------------------------------- docker-compose.yml
 
-_INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+_INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+# What a .env gives the compose file in these tests.
+SAMPLE_ENVIRONMENT = {"REDIS_PASSWORD": "sample-redis-password", "TASKSERVE_SECRET": "sample-secret"}
+CONTROLLER_HEALTH_FILE = "/tmp/taskserve-controller.json"
+
+
+class RequiredVariableMissing(Exception):
+    """``docker compose`` would refuse to start: a ``${VAR:?message}`` has no value."""
 
 
 def strings(value: Any) -> Iterator[str]:
@@ -224,39 +233,50 @@ def compose_variables(text: str) -> set[str]:
 
 def interpolate(text: str, environment: Optional[dict[str, str]] = None) -> str:
     """``text`` as ``docker compose`` reads it: ``${VAR:-default}``, ``${VAR-default}``,
-    ``${VAR}``, ``$VAR``, ``$$``. A variable with neither a value nor a default is an error.
+    ``${VAR:?message}``, ``${VAR?message}``, ``${VAR}``, ``$VAR``, ``$$``. A required
+    variable without a value raises :class:`RequiredVariableMissing` (compose refuses to
+    start); one with neither a value nor a default is an error of the file.
 
-    >>> interpolate("a ${X:-1} $$Y ${Z}", {"Z": "z"})
-    'a 1 $Y z'
+    >>> interpolate("a ${X:-1} $$Y ${Z} ${W:?set W}", {"Z": "z", "W": "w"})
+    'a 1 $Y z w'
+    >>> interpolate("${W:?set W in .env}", {"W": ""})
+    Traceback (most recent call last):
+    ...
+    tests.test_deploy_files.RequiredVariableMissing: required variable W is missing a value: set W in .env
     """
     environment = environment or {}
 
     def replace(match: re.Match) -> str:
         if match.group(0) == "$$":
             return "$"
-        name = match.group(1) or match.group(4)
-        if name in environment and (environment[name] or match.group(2) != ":-"):
+        name, operator, argument = match.group(1) or match.group(4), match.group(2), match.group(3)
+        colon = bool(operator) and operator.startswith(":")     # ":" also refuses an empty value
+        if name in environment and (environment[name] or not colon):
             return environment[name]
-        if match.group(2):
-            return match.group(3)
-        raise AssertionError(f"docker-compose.yml uses ${{{name}}} without a default: add ${{{name}:-...}}")
+        if operator and operator.endswith("?"):
+            raise RequiredVariableMissing(f"required variable {name} is missing a value: {argument}")
+        if operator:
+            return argument
+        raise AssertionError(f"docker-compose.yml uses ${{{name}}} without a default: add ${{{name}:?...}}")
 
     return _INTERPOLATION.sub(replace, text)
 
 
-def interpolate_tree(value: Any) -> Any:
+def interpolate_tree(value: Any, environment: dict[str, str]) -> Any:
     """A parsed document with :func:`interpolate` applied to every string, as compose does."""
     if isinstance(value, str):
-        return interpolate(value)
+        return interpolate(value, environment)
     if isinstance(value, dict):
-        return {key: interpolate_tree(item) for key, item in value.items()}
+        return {key: interpolate_tree(item, environment) for key, item in value.items()}
     if isinstance(value, list):
-        return [interpolate_tree(item) for item in value]
+        return [interpolate_tree(item, environment) for item in value]
     return value
 
 
-def load_compose(text: str) -> dict[str, Any]:
-    return interpolate_tree(yaml.safe_load(text))
+def load_compose(text: str, environment: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The compose file as ``docker compose`` reads it with ``environment`` (default: a .env
+    with sample values)."""
+    return interpolate_tree(yaml.safe_load(text), SAMPLE_ENVIRONMENT if environment is None else environment)
 
 
 def as_argv(value: Any) -> list[str]:
@@ -329,7 +349,12 @@ def duration_s(text: str) -> float:
 
 
 def manifest_files() -> list[Path]:
-    return sorted(KUBERNETES.rglob("*.yaml"))
+    """Every manifest (the kustomizations, which list them, aside)."""
+    return sorted(path for path in KUBERNETES.rglob("*.yaml") if path.name != "kustomization.yaml")
+
+
+def kustomization(directory: Path = KUBERNETES) -> dict[str, Any]:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
 
 
 def load_manifests(paths: Sequence[Path]) -> list[tuple[Path, dict[str, Any]]]:
@@ -351,8 +376,14 @@ def containers(docs: Sequence[tuple[Path, dict[str, Any]]]) -> Iterator[tuple[st
             yield f"{shown} {doc['kind']}/{doc['metadata']['name']}/{container['name']}", doc, container
 
 
+def names_taskserve_image(image: str) -> bool:
+    """``taskserve``, with or without a registry's path and a tag."""
+    return image.split("/")[-1].split(":")[0] == "taskserve"
+
+
 def is_taskserve_container(container: dict[str, Any]) -> bool:
-    return container["image"].split("/")[-1].startswith("taskserve:")
+    """A container of taskserve's image that runs taskserve (not an init container's ``chown``)."""
+    return names_taskserve_image(container["image"]) and container.get("command", ["taskserve"])[0] == "taskserve"
 
 
 def kubernetes_expand(argv: Sequence[str], container: dict[str, Any], where: str) -> list[str]:
@@ -464,8 +495,8 @@ def test_compose_commands_and_health_checks_are_real_taskserve_commands():
 @pytest.mark.parametrize("change", [
     ("--node-id", "--node-name"),
     ('"--port", "8000"]', '"--port", "http"]'),
-    ('["controller"]', '["controler"]'),
-    ('"taskserve", "status"', '"taskserve", "status", "--jsn"'),
+    ('["controller", "--health-file"', '["controler", "--health-file"'),
+    ('"--check", "--health-file"', '"--chek", "--health-file"'),
     ("sys.exit(0 if", "sys.exit(0 iff"),
 ])
 def test_compose_typo_is_caught(change: tuple[str, str]):
@@ -556,6 +587,33 @@ def test_compose_gateway_port_lines_up():
     assert f":{port}/-/healthz" in " ".join(healthcheck_argv(gateway["healthcheck"]["test"]))
 
 
+def test_compose_refuses_to_start_without_its_passwords():
+    # Issue: without a .env every part fell back to the passwords `change-me` and `change-me-too`.
+    text = COMPOSE.read_text()
+    for value in strings(yaml.safe_load(text)):
+        for match in _INTERPOLATION.finditer(value):
+            if match.group(0) != "$$":
+                assert match.group(2) == ":?", f"{match.group(0)}: a variable with a fallback; use ${{VAR:?...}}"
+    assert "change-me" not in text
+    for name in SAMPLE_ENVIRONMENT:
+        without = {key: value for key, value in SAMPLE_ENVIRONMENT.items() if key != name}
+        for environment in (without, {**without, name: ""}):
+            with pytest.raises(RequiredVariableMissing, match=rf"{name} is missing a value: set {name} in \.env"):
+                load_compose(text, environment)
+
+
+def test_compose_controllers_prove_they_lead_or_stand_by():
+    # Issue: the controllers' health check (`taskserve status`) proved only that Redis answers.
+    services = load_compose(COMPOSE.read_text())["services"]
+    controllers = [name for name, service in services.items() if as_argv(service.get("command"))[:1] == ["controller"]]
+    assert len(controllers) == 2
+    for name in controllers:
+        health_file = option_value(as_argv(services[name]["command"]), "--health-file")
+        check = healthcheck_argv(services[name]["healthcheck"]["test"])
+        assert health_file and check == ["taskserve", "controller", "--check", "--health-file", health_file], (
+            f"{name}: its health check must read the health file its controller writes")
+
+
 # =========================================================================== tests: Kubernetes
 
 
@@ -569,7 +627,7 @@ def test_kubernetes_commands_and_probes_are_real_taskserve_commands():
     ("agent.yaml", ("- --node-id", "- --node")),
     ("agent.yaml", ("$(CPU_LIMIT)", "$(CPU_LIMITS)")),
     ("gateway.yaml", ('"--port", "8000"', '"--prot", "8000"')),
-    ("controller.yaml", ('["taskserve", "status"]', '["taskserve", "stats"]')),
+    ("controller.yaml", ('"--check", "--health-file"', '"--chek", "--health-file"')),
 ])
 def test_kubernetes_typo_is_caught(tmp_path: Path, file: str, change: tuple[str, str]):
     text = (KUBERNETES / file).read_text()
@@ -615,7 +673,9 @@ def test_kubernetes_parts_read_the_address_from_the_secret():
             assert "TASKSERVE_ADDRESS" in names, where
             assert ("TASKSERVE_SECRET" in names) == (container_argv(container)[1] != "gateway"), (
                 f"{where}: the agents (and the controllers, to deploy from) hold the secret; the gateway does not")
-            assert container["image"].endswith(f":{version}"), f"{where}: the image tag is not version {version}"
+        if names_taskserve_image(container["image"]):
+            assert container["image"] == "taskserve", (
+                f"{where}: name the image `taskserve` only; kustomization.yaml sets its registry and tag (version {version})")
 
 
 def test_kubernetes_agent_takes_its_node_id_and_resources_from_the_downward_api():
@@ -656,6 +716,122 @@ def test_kubernetes_gateway_ports_line_up():
     assert len(services) == 1, "one Service selects the gateway pods"
     for item in services[0]["spec"]["ports"]:
         assert named_port(gateway, item["targetPort"]) == port
+
+
+def label_selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (``matchLabels``, ``matchExpressions``) selects ``labels``.
+
+    >>> label_selector_matches({"matchLabels": {"a": "1"}, "matchExpressions": [
+    ...     {"key": "b", "operator": "In", "values": ["x", "y"]}]}, {"a": "1", "b": "y"})
+    True
+    """
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and labels.get(key) in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def pod_labels(docs: Sequence[tuple[Path, dict[str, Any]]]) -> dict[str, dict[str, str]]:
+    """The pod labels of each workload, by its component label."""
+    return {doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]:
+            doc["spec"]["template"]["metadata"]["labels"] for _, doc in docs if pod_spec(doc) is not None}
+
+
+def test_kubernetes_image_is_named_once_in_the_kustomization():
+    # Issue: the image's name and tag were written in three files.
+    found = kustomization()
+    listed = sorted(found["resources"])
+    assert listed == sorted(path.name for path in KUBERNETES.glob("*.yaml")
+                            if path.name not in ("kustomization.yaml", "secret.yaml")), (
+        "kustomization.yaml lists every manifest but the Secret (created by hand, never a placeholder)")
+    [image] = found["images"]
+    assert image["name"] == "taskserve" and image["newTag"] == project_field("version")
+    docs = load_manifests(manifest_files())
+    images = [(where, container["image"]) for where, _, container in containers(docs)
+              if names_taskserve_image(container["image"])]
+    assert len(images) == 4 and all(name == "taskserve" for _, name in images), images
+    redis = kustomization(KUBERNETES / "redis")
+    assert sorted(redis["resources"]) == sorted(p.name for p in (KUBERNETES / "redis").glob("*.yaml")
+                                                if p.name != "kustomization.yaml")
+
+
+def test_kubernetes_gateway_and_agents_have_disruption_budgets():
+    docs = load_manifests(manifest_files())
+    labels = pod_labels(docs)
+    budgets = [doc for _, doc in docs if doc["kind"] == "PodDisruptionBudget"]
+    for component, kind in (("gateway", "Deployment"), ("agent", "DaemonSet")):
+        [budget] = [b for b in budgets if label_selector_matches(b["spec"]["selector"], labels[component])]
+        spec = budget["spec"]
+        if kind == "DaemonSet":
+            # Kubernetes cannot scale a DaemonSet: its pods' budget must be a whole minAvailable.
+            assert "maxUnavailable" not in spec and isinstance(spec.get("minAvailable"), int), spec
+        else:
+            assert spec.get("maxUnavailable") == 1 or isinstance(spec.get("minAvailable"), int), spec
+
+
+def test_kubernetes_only_taskserve_parts_reach_redis():
+    docs = load_manifests(manifest_files())
+    labels = pod_labels(docs)
+    [policy] = [doc for _, doc in docs if doc["kind"] == "NetworkPolicy"]
+    assert label_selector_matches(policy["spec"]["podSelector"], labels["redis"])
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+
+    def admitted(pod: dict[str, str]) -> bool:
+        return any(label_selector_matches(peer["podSelector"], pod) and set(peer) == {"podSelector"}
+                   for rule in policy["spec"]["ingress"] for peer in rule["from"])
+
+    for part in ("controller", "agent", "gateway"):
+        assert admitted(labels[part]), f"the {part}s cannot reach Redis"
+    for stranger in ({}, {"app": "other"}, {"app.kubernetes.io/name": "taskserve",
+                                            "app.kubernetes.io/component": "redis-cli"}):
+        assert not admitted(stranger), f"pods labelled {stranger} reach Redis"
+    (_, redis_doc, redis_container), = [c for c in containers(docs) if c[2]["name"] == "redis"]
+    ports = {item["port"] for rule in policy["spec"]["ingress"] for item in rule["ports"]}
+    assert ports == {item["containerPort"] for item in redis_container["ports"]}
+
+
+def test_kubernetes_agent_data_dir_outlives_the_pod():
+    # Issue: runtime environments lived in an emptyDir, built again in every new agent pod.
+    docs = load_manifests(manifest_files())
+    (where, doc, agent), = [c for c in containers(docs) if is_taskserve_container(c[2]) and
+                            container_argv(c[2])[1] == "agent"]
+    pod = pod_spec(doc)
+    data_dir = option_value(container_argv(agent), "--data-dir")
+    [mount] = [m for m in agent["volumeMounts"] if m["mountPath"] == data_dir]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "hostPath" in volume and volume["hostPath"]["type"] == "DirectoryOrCreate", (
+        f"{where}: the data dir (runtime envs, in-flight files) must be on the node")
+    user = pod["securityContext"]["runAsUser"]
+    owners = [c for c in pod.get("initContainers", [])
+              if c["command"][:2] == ["chown", f"{user}:{pod['securityContext']['runAsGroup']}"]
+              and data_dir in c["command"] and any(m["name"] == mount["name"] for m in c["volumeMounts"])]
+    assert owners, f"{where}: kubelet creates the hostPath as root; an init container must give it to uid {user}"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl to run kustomize with")
+def test_kubectl_kustomize_builds_both_directories_with_the_one_image():
+    image = kustomization()["images"][0]
+    for directory in (KUBERNETES, KUBERNETES / "redis"):
+        built = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+        assert built.returncode == 0, built.stderr
+        docs = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+        images = {c["image"] for doc in docs if pod_spec(doc) for c in
+                  pod_spec(doc)["containers"] + pod_spec(doc).get("initContainers", [])}
+        if directory == KUBERNETES:
+            assert images == {f"{image['newName']}:{image['newTag']}"}
+            assert {doc["kind"] for doc in docs} == {"Deployment", "DaemonSet", "Service", "PodDisruptionBudget"}
+        else:
+            assert {doc["kind"] for doc in docs} == {"StatefulSet", "Service", "NetworkPolicy"}
 
 
 # =========================================================================== tests: both
@@ -700,16 +876,21 @@ def test_health_checks_pass_against_a_real_cluster(cluster):
     """
     node = "node-a"
     port = free_port()
+    health_file = cluster.workdir / f"controller-{port}.json"
     gateway = cluster.start_gateway(port, name=f"gateway-{port}")
+    # A second controller, with the health file its checks read: it stands by.
+    standby = cluster.start_controller("--health-file", str(health_file), name=f"controller-{port}")
     try:
-        _run_health_checks(node, port, cluster.url)
+        _run_health_checks(node, port, cluster.url, health_file)
     finally:
-        gateway.terminate()
-        gateway.wait(timeout=60)
+        for process in (gateway, standby):
+            process.terminate()
+            process.wait(timeout=60)
 
 
-def _run_health_checks(node: str, port: int, url: str) -> None:
+def _run_health_checks(node: str, port: int, url: str, health_file: Path) -> None:
     wait_until(lambda: port_open(port), message="the gateway to listen")
+    wait_until(health_file.exists, message="the standby controller's health file")
     env = {**os.environ, "TASKSERVE_ADDRESS": url, "NODE_NAME": node,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
@@ -727,6 +908,7 @@ def _run_health_checks(node: str, port: int, url: str) -> None:
         if is_taskserve_container(container):
             checks += [(f"{where} {kind}", probe["exec"]["command"])
                        for kind, probe in probes(container) if "exec" in probe]
+    checks = [(where, [str(health_file) if a == CONTROLLER_HEALTH_FILE else a for a in argv]) for where, argv in checks]
     assert len(checks) >= 7
     for where, argv in checks:
         result = _run_check(argv, env)
@@ -773,3 +955,63 @@ def test_an_agent_restarted_in_its_container_takes_its_node_back_at_once(tmp_pat
     assert restarted.claim != killed.claim
     restarted.take_node()
     assert store.node_claim("node-1")[0] == restarted.claim
+
+
+@pytest.mark.integration
+def test_controller_check_tells_a_leader_a_standby_and_a_stuck_or_gone_controller_apart(tmp_path: Path):
+    """``taskserve controller --check`` against real controllers: 0 for the leader and for a
+    standby while a live one leads; 1 for a controller that is stopped (SIGSTOP), killed, or
+    gone, and while none leads. ``taskserve status``, the check it replaces, passes throughout."""
+    from .helpers import Cluster
+
+    cluster = Cluster(tmp_path / "cluster")
+    files = {name: tmp_path / f"{name}.json" for name in ("controller-a", "controller-b")}
+
+    def check(name: str, max_age: float = 30) -> tuple[int, str]:
+        result = subprocess.run([sys.executable, "-m", "taskserve", "controller", "--check", "--health-file",
+                                 str(files[name]), "--max-age", str(max_age)],
+                                env=cluster.env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+        return result.returncode, (result.stdout + result.stderr).strip()
+
+    def status_passes() -> bool:
+        return subprocess.run([sys.executable, "-m", "taskserve", "status"], env=cluster.env(), cwd=REPO,
+                              capture_output=True, timeout=60).returncode == 0
+
+    def until(name: str, code: int, words: str, max_age: float = 30) -> None:
+        wait_until(lambda: (lambda got: got[0] == code and words in got[1])(check(name, max_age)), timeout=60,
+                   message=f"{name}: exit {code}, saying {words!r} (last: {check(name, max_age)})")
+
+    try:
+        cluster.start_redis()
+        assert check("controller-a") == (1, "unhealthy: no health file: the controller was not started with "
+                                            "this --health-file, or has not written it yet")
+        assert status_passes(), "`taskserve status` passes with no controller at all"
+        cluster.start_controller("--health-file", str(files["controller-a"]), name="controller-a")
+        until("controller-a", 0, "leads")
+        cluster.start_controller("--health-file", str(files["controller-b"]), name="controller-b")
+        until("controller-b", 0, "stands by")
+
+        # A hung leader: its file grows old, and once its lease expires the standby leads.
+        cluster.processes["controller-a"].send_signal(signal.SIGSTOP)
+        until("controller-a", 1, "its loop is stuck", max_age=2)
+        assert status_passes(), "`taskserve status` passes with the leader hung"
+        until("controller-b", 0, "leads")
+        cluster.processes["controller-a"].send_signal(signal.SIGCONT)
+        until("controller-a", 0, "stands by")
+
+        # A killed leader: its file stays, its process is gone; the standby takes over.
+        cluster.processes["controller-b"].kill()
+        cluster.processes["controller-b"].wait(timeout=30)
+        until("controller-b", 1, "is not running")
+        until("controller-a", 0, "leads")
+
+        # A stopped controller removes its file; with no controller left, nobody leads.
+        cluster.stop("controller-a")
+        assert not files["controller-a"].exists()
+        assert check("controller-a")[0] == 1
+        assert check("controller-b")[0] == 1
+    finally:
+        for process in cluster.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+        cluster.stop_all()
