@@ -50,7 +50,13 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis
 
-from .errors import ConnectionNotConfigured, RedisUnavailable, SecretNotConfigured, redact_address
+from .errors import (
+    ConnectionNotConfigured,
+    RedisAuthenticationFailed,
+    RedisUnavailable,
+    SecretNotConfigured,
+    redact_address,
+)
 from .signing import (
     SECRET_ENV,
     SECRET_FILE_ENV,
@@ -319,6 +325,16 @@ def _local_cluster() -> Optional[ClusterAddress]:
     return None
 
 
+def _address_file_of(url: str) -> Optional[str]:
+    """The address file of the running ``up`` (here, or registered) whose Redis ``url``
+    names, password or not: where the whole address is."""
+    local = _local_cluster()
+    for cluster in ([local] if local else []) + running_clusters():
+        if redact_address(cluster.url) == redact_address(url) and cluster.data_dir is not None:
+            return str(cluster.data_dir / ADDRESS_FILE_NAME)
+    return None
+
+
 def _data_dir_of(url: str) -> Optional[Path]:
     """The data dir of the running ``up`` (here, or registered) whose address is ``url``."""
     local = _local_cluster()
@@ -522,6 +538,8 @@ def connect(address: Optional[str] = None) -> Store:
         store = make_store(url)
         try:
             store.redis.ping()
+        except redis.AuthenticationError as error:
+            raise RedisAuthenticationFailed(url, str(error), _address_file_of(url)) from None
         except redis.RedisError as error:
             raise RedisUnavailable(url, str(error)) from None
         _store, _address, _source = store, url, "connect()" if address else found.source

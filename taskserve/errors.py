@@ -157,6 +157,36 @@ class RedisUnavailable(TaskserveError, ConnectionError):
         return f"cannot reach Redis at {self.address}{detail}; is the cluster up (`taskserve up`, or check --address)?"
 
 
+class RedisAuthenticationFailed(RedisUnavailable):
+    """Redis wants a password the address does not give, or refused the one it gives.
+
+    Says where the whole address is: ``address_file``, when the address is that of a
+    running ``taskserve up``, else where each way of running taskserve keeps it.
+
+    >>> print(RedisAuthenticationFailed("redis://127.0.0.1:6379/0", "Authentication required.",
+    ...                                 ".taskserve/address"))
+    Redis at redis://127.0.0.1:6379/0 needs a password, and this address has none (Authentication required.): the whole address is in .taskserve/address (`export TASKSERVE_ADDRESS="$(cat .taskserve/address)"`)
+    """
+
+    def __init__(self, address: str, detail: str = "", address_file: Optional[str] = None) -> None:
+        self.has_password = redact_address(address) != address
+        self.address_file = address_file
+        super().__init__(address, detail)
+
+    def __str__(self) -> str:
+        detail = f" ({self.detail})" if self.detail else ""
+        problem = ("refused the password of this address" if self.has_password
+                   else "needs a password, and this address has none")
+        if self.address_file:
+            where = (f"the whole address is in {self.address_file} "
+                     f"(`export TASKSERVE_ADDRESS=\"$(cat {self.address_file})\"`)")
+        else:
+            where = ("give the whole address, redis://:PASSWORD@HOST:PORT/DB: a `taskserve up` keeps it in "
+                     "the file `address` in its data dir (.taskserve/address, mode 0600), docker compose takes "
+                     "the password from REDIS_PASSWORD in .env, Kubernetes from the Secret `taskserve`")
+        return f"Redis at {self.address} {problem}{detail}: {where}"
+
+
 def redact_address(url: str) -> str:
     """``url`` without the password it may hold (in the user part or the query).
 

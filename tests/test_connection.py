@@ -198,3 +198,29 @@ def test_up_restarts_a_part_that_died_with_a_growing_pause():
     supervisor.check()
     assert cluster.restarted == ["agent", "agent"]
     assert "controller" not in cluster.restarted
+
+
+@pytest.mark.integration
+def test_an_address_without_its_password_says_so_and_where_the_password_is(home):
+    # Issue: it said "cannot reach Redis ... (Authentication required.); is the cluster up?".
+    from taskserve.errors import redact_address
+    from taskserve.redis_server import RedisServer, generate_password
+
+    with RedisServer(password=generate_password()) as server:
+        bare = redact_address(server.url)
+        assert bare != server.url
+        with pytest.raises(taskserve.RedisUnavailable) as caught:
+            connection.connect(bare)
+        message = str(caught.value)
+        assert f"Redis at {bare} needs a password, and this address has none" in message
+        assert "is the cluster up" not in message and server.password not in message
+        assert "the file `address` in its data dir" in message       # where a `taskserve up` keeps it
+        # The address of a running `taskserve up`: its address file, by name.
+        lock = hold_up_lock(home / "a")
+        connection.register_cluster(server.url, home / "a")
+        with pytest.raises(taskserve.RedisUnavailable, match=rf"is in {home / 'a' / 'address'} "):
+            connection.connect(bare)
+        wrong = server.url.replace(server.password, "not-the-password")
+        with pytest.raises(taskserve.RedisUnavailable, match=rf"Redis at {bare} refused the password of this address"):
+            connection.connect(wrong)
+        lock.close()
