@@ -912,8 +912,26 @@ def env() -> None:
     """Runtime environments cached on this machine (built by its node agent)."""
 
 
-DATA_DIR_OPTION = click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".taskserve"),
-                               show_default=True, help="The node agent's data dir.")
+DATA_DIR_OPTION = click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=None,
+    help="The node agent's data dir [default: those of the cluster's agents on this machine, else .taskserve].")
+
+
+def _agent_data_dirs(data_dir: Optional[Path]) -> list[Path]:
+    """The data dirs whose runtime environments ``env`` looks at: ``--data-dir``, else
+    those of the connected cluster's agents on this machine (their node records say
+    where they log, in ``<data dir>/logs``), else ``./.taskserve``. A directory of
+    another user's, or one others may write, is left out (it is said why)."""
+    import socket
+
+    from .connection import DATA_DIR_NAME, current_store, trusted_directory
+
+    if data_dir is not None:
+        return [data_dir]
+    host = socket.gethostname()
+    found = sorted({Path(node.log_dir).parent for node in current_store().list_nodes()
+                    if node.hostname == host and node.log_dir})
+    return [directory for directory in found if trusted_directory(directory)] or [Path(DATA_DIR_NAME)]
 
 
 def _environments_in_use() -> dict[str, list[str]]:
@@ -933,42 +951,46 @@ def _environments_in_use() -> dict[str, list[str]]:
 @ADDRESS_OPTION
 @DATA_DIR_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def env_list(address: Optional[str], data_dir: Path, as_json: bool) -> None:
+def env_list(address: Optional[str], data_dir: Optional[Path], as_json: bool) -> None:
     """List the cached environments and the deployments that use them."""
     from .node.envs import EnvironmentCache
 
     _connect(address)
     used = _environments_in_use()
-    environments = EnvironmentCache(data_dir / "envs").list()
+    directories = [directory / "envs" for directory in _agent_data_dirs(data_dir)]
+    environments = [item for directory in directories for item in EnvironmentCache(directory).list()]
     if as_json:
         click.echo(json.dumps([{"key": item.key, "requirements": item.requirements, "path": str(item.path),
                                 "size_bytes": item.size_bytes, "created_at": item.created_at,
                                 "used_by": used.get(item.key, [])} for item in environments], indent=2))
         return
     if not environments:
-        console.print(f"no runtime environments in {data_dir / 'envs'}")
+        console.print(f"no runtime environments in {', '.join(str(d) for d in directories)}")
         return
-    table = Table("env", "requirements", "size", "created", "used by")
+    table = Table("env", "requirements", "size", "created", "used by", "where")
     for item in environments:
         table.add_row(plain(item.key), plain(" ".join(item.requirements)), f"{item.size_bytes / 2**20:.1f} MB",
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(item.created_at)),
-                      plain(", ".join(used.get(item.key, [])) or "-"))
+                      plain(", ".join(used.get(item.key, [])) or "-"), plain(item.path.parent))
     console.print(table)
 
 
 @env.command(name="prune")
 @ADDRESS_OPTION
 @DATA_DIR_OPTION
-def env_prune(address: Optional[str], data_dir: Path) -> None:
+def env_prune(address: Optional[str], data_dir: Optional[Path]) -> None:
     """Remove the cached environments no deployment uses."""
     from .node.envs import EnvironmentCache
 
     _connect(address)
     used = _environments_in_use()
-    cache = EnvironmentCache(data_dir / "envs")
-    removed = [item for item in cache.list() if item.key not in used]
-    for item in removed:
-        cache.remove(item.key)
+    removed = []
+    for directory in _agent_data_dirs(data_dir):
+        cache = EnvironmentCache(directory / "envs")
+        for item in cache.list():
+            if item.key not in used:
+                cache.remove(item.key)
+                removed.append(item)
     console.print(f"removed {len(removed)} unused runtime environment(s)"
                   + (f": {', '.join(item.key for item in removed)}" if removed else ""))
 

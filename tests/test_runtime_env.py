@@ -60,7 +60,7 @@ def agent_log(cluster) -> str:
     return (cluster.workdir / "agent-node-a.log").read_text()
 
 
-def test_two_deployments_pin_conflicting_versions_at_once(connected, unique_name, wheels):
+def test_two_deployments_pin_conflicting_versions_at_once(connected, unique_name, wheels, tmp_path):
     old = taskserve.deployment(UsesDemo).options(name=unique_name + "-old",
                                                   runtime_env={"pip": [str(wheels["1.0"])]})
     new = taskserve.deployment(UsesDemo).options(name=unique_name + "-new",
@@ -81,12 +81,14 @@ def test_two_deployments_pin_conflicting_versions_at_once(connected, unique_name
     assert again.get_handle().remote().result(timeout=10)[2] == old_python
     assert agent_log(connected).count(f"building runtime env {key}") == 1
 
-    listing = subprocess.run([sys.executable, "-m", "taskserve", "env", "list", "--json", "--data-dir",
-                              str(connected.workdir / "node-a")], capture_output=True, text=True,
-                             env=connected.env(), timeout=60)
+    # Without --data-dir, from a directory of no cluster: the data dir of the cluster's agent on
+    # this machine (issue: it looked in ./.taskserve only, and found nothing).
+    listing = subprocess.run([sys.executable, "-m", "taskserve", "env", "list", "--json"], capture_output=True,
+                             text=True, env=connected.env(), cwd=tmp_path, timeout=60)
     assert listing.returncode == 0, listing.stderr
     [entry] = [item for item in json.loads(listing.stdout) if item["key"] == key]
     assert sorted(entry["used_by"]) == [unique_name + "-again", unique_name + "-old"]
+    assert Path(entry["path"]).parent == (connected.workdir / "node-a" / "envs").resolve()
 
     for deployment in (old, new, again):
         deployment.delete()
