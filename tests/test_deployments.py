@@ -263,3 +263,25 @@ def test_same_version_deploy_after_a_failed_first_deploy_tries_again(connected, 
     model.deploy(timeout=60)
     assert model.get_handle().remote().result(timeout=10) == "fixed"
     model.delete()
+
+
+def test_the_readme_example_scales_to_2_without_restarting_its_replica(connected):
+    """README's "Deploy your own" example, run as written, with a look at the replicas at its
+    "# scales to 2" line: the replica that served keeps serving (issue: the example had no
+    version, so that line was a full rolling restart)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    [block] = [b for b in readme.split("```python\n")[1:] if "# scales to 2" in b.split("```")[0]]
+    lines = block.split("```")[0].splitlines(keepends=True)
+    [at] = [i for i, line in enumerate(lines) if "# scales to 2" in line]
+    namespace: dict = {"__name__": "readme_example"}
+    exec(compile("".join(lines[:at]), "README.md", "exec"), namespace)
+    before = {r.replica_id for r in taskserve.get_deployment("my_deployment").status().replicas}
+    exec(compile("".join(lines[at:at + 1]), "README.md", "exec"), namespace)
+    after = {r.replica_id for r in taskserve.get_deployment("my_deployment").status().replicas
+             if r.state == "RUNNING"}
+    try:
+        assert len(before) == 1 and before < after and len(after) == 2, (before, after)
+    finally:
+        exec(compile("".join(lines[at + 1:]), "README.md", "exec"), namespace)    # it deletes the deployment
