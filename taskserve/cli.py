@@ -319,17 +319,23 @@ def agent(address: Optional[str], node_id: Optional[str], num_cpus: Optional[flo
               help="Seconds a client has to send a request's body; then 408.")
 @click.option("--max-in-flight", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Requests answered at once; beyond it 503 with Retry-After.")
+@click.option("--max-inflight-bytes", type=click.IntRange(min=1), default=256 * 2**20, show_default=True,
+              help="Bytes of request bodies held at once; beyond it 503 with Retry-After.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A Host name to serve besides the listener's own (and, on loopback, localhost); repeatable. "
+                   "Other hosts get 421.")
 @click.option("--reuse-port", is_flag=True,
               help="Share the port with other gateways started with it (SO_REUSEPORT; see docs/http.md).")
 def gateway(address: Optional[str], host: str, port: int, max_body_size: int, debug: bool, header_timeout: float,
-            body_timeout: float, max_in_flight: int, reuse_port: bool) -> None:
+            body_timeout: float, max_in_flight: int, max_inflight_bytes: int, allowed_hosts: tuple[str, ...],
+            reuse_port: bool) -> None:
     """Serve every deployment over HTTP at its route prefix."""
     from .gateway.app import serve
 
     _log_to_stderr()
     serve(resolve_address(address), host=host, port=port, max_body_bytes=max_body_size, debug=debug,
           header_timeout_s=header_timeout, body_timeout_s=body_timeout, max_in_flight=max_in_flight,
-          reuse_port=reuse_port)
+          reuse_port=reuse_port, max_inflight_bytes=max_inflight_bytes, extra_hosts=allowed_hosts)
 
 
 def _log_to_stderr() -> None:

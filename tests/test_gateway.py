@@ -700,7 +700,7 @@ def test_both_http_parsers_cut_off_slow_clients_and_answer_in_order(connected, u
                    timeout=5, message="the route")
 
         # Two requests in one write: two answers, in order, in one answer each.
-        request = (f"POST /{unique_name} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        request = (f"POST /{unique_name} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                    "content-length: {length}\r\n\r\n{body}")
         bodies = ['{"n": 1}', '{"n": 2}']
         with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -720,18 +720,18 @@ def test_both_http_parsers_cut_off_slow_clients_and_answer_in_order(connected, u
 
         # A head that never ends: 408 once it is late.
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(f"GET /{unique_name} HTTP/1.1\r\nhost: x\r\n".encode())
+            sock.sendall(f"GET /{unique_name} HTTP/1.1\r\nhost: 127.0.0.1\r\n".encode())
             assert read_until_closed(sock, timeout_s=30).startswith(b"HTTP/1.1 408 ")
 
         # A head over the limit: refused at once, the connection closed.
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(f"GET /{unique_name} HTTP/1.1\r\nhost: x\r\nx-big: {'a' * 40_000}\r\n".encode())
+            sock.sendall(f"GET /{unique_name} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: {'a' * 40_000}\r\n".encode())
             answer = read_until_closed(sock, timeout_s=30)
         assert answer.startswith(b"HTTP/1.1 431 " if parser == "httptools" else b"HTTP/1.1 400 "), answer[:80]
 
         # A body that stops coming: 408 with connection: close.
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(f"POST /{unique_name} HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n[1".encode())
+            sock.sendall(f"POST /{unique_name} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n[1".encode())
             answer = read_until_closed(sock, timeout_s=30)
         assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower()
 

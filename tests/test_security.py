@@ -14,6 +14,8 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -604,3 +606,87 @@ def test_gateway_sends_no_traceback_without_debug(connected, unique_name):
         answer = http.get(f"/{unique_name}")
     assert answer.status_code == 500 and "traceback" not in answer.json()
     assert "Traceback" not in answer.text and "File \"" not in answer.text
+
+
+# ------------------------------------------------------------------ the gateway: hosts and memory
+
+
+def test_the_gateway_answers_only_the_hosts_it_listens_for(connected):
+    # DNS rebinding: a page from evil.example, its name now resolving to 127.0.0.1, sends
+    # Host: evil.example:PORT to the local gateway. It must not read /-/api/status or call anything.
+    with running_gateway(connected) as http:
+        port = http.base_url.port
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST"):
+            assert http.get("/-/routes", headers={"host": host}).status_code == 200, host
+        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", "0.0.0.0"):
+            for path in ("/-/api/status", "/-/healthz", "/any-deployment"):
+                answer = http.get(path, headers={"host": host})
+                assert answer.status_code == 421, (host, path, answer.status_code)
+                assert answer.json()["error"] == "MisdirectedRequest" and repr(host) in answer.json()["message"]
+    with running_gateway(connected, "--allowed-host", "api.internal", "--allowed-host", "gw.example") as http:
+        for host in ("api.internal", f"API.internal:{http.base_url.port}", "gw.example", "127.0.0.1"):
+            assert http.get("/-/routes", headers={"host": host}).status_code == 200, host
+        assert http.get("/-/routes", headers={"host": "evil.example"}).status_code == 421
+
+
+class HeldUntilReleased:
+    """Notes each request it gets, then answers once the file ``release`` exists (bounded)."""
+
+    def __init__(self, started: str, release: str) -> None:
+        self.started, self.release = started, release
+
+    def __call__(self, request):
+        with open(self.started, "a") as out:
+            out.write(f"{len(request.body)}\n")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.release) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return len(request.body)
+
+
+def test_the_gateway_bounds_the_request_bodies_it_holds_at_once(connected, unique_name, tmp_path):
+    # 40-60 concurrent 10 MB POSTs took a gateway to 3.7 GB: it now holds at most
+    # --max-inflight-bytes of bodies, and refuses the rest with 503 + Retry-After.
+    MiB = 2**20
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.touch()
+    taskserve.deployment(name=unique_name, max_concurrent_queries=8, request_timeout_s=120)(
+        HeldUntilReleased).deploy(str(started), str(release))
+
+    def count_started() -> int:
+        return len(started.read_text().splitlines())
+
+    with running_gateway(connected, "--max-inflight-bytes", str(7 * MiB), "--max-body-size", str(2 * MiB)) as http:
+        wait_until(lambda: http.get("/-/routes").json().get(f"/{unique_name}"), timeout=30, message="the route")
+        answers: list = []
+
+        def post(body: bytes) -> None:
+            answers.append(http.post(f"/{unique_name}", content=body, timeout=120))
+
+        def post_held(size: int, count: int = 1) -> list[threading.Thread]:
+            threads = [threading.Thread(target=post, args=(b"x" * size,)) for _ in range(count)]
+            for thread in threads:
+                thread.start()
+            return threads
+
+        held = post_held(2 * MiB, 3)                                     # 6 MiB held
+        wait_until(lambda: count_started() == 3, timeout=60, message="three requests held by the replica")
+        # A chunked body is counted as it arrives: refused once it would pass 7 MiB.
+        chunked = http.post(f"/{unique_name}", content=iter([b"y" * MiB] * 2), timeout=60)
+        assert chunked.status_code == 503 and chunked.headers["retry-after"] == "1", chunked.text
+        assert chunked.json()["error"] == "Overloaded" and "--max-inflight-bytes" in chunked.json()["message"]
+        held += post_held(MiB)                                           # exactly 7 MiB: taken
+        wait_until(lambda: count_started() == 4, timeout=60, message="the fourth request held")
+        # With a Content-Length that does not fit: refused before a byte of the body is read.
+        for body in (b"z" * (2 * MiB), b"z", iter([b"z"])):
+            refused = http.post(f"/{unique_name}", content=body, timeout=60)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert count_started() == 4
+        release.touch()
+        for thread in held:
+            thread.join(timeout=120)
+        assert sorted(answer.json() for answer in answers) == [MiB, 2 * MiB, 2 * MiB, 2 * MiB]
+        # Answered bodies are given back: the gateway takes as much again.
+        assert http.post(f"/{unique_name}", content=b"x" * (2 * MiB), timeout=60).json() == 2 * MiB
+    taskserve.delete_deployment(unique_name)
+

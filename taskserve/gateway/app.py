@@ -23,7 +23,11 @@ over the limit, 500 when the replica's code raised (with the traceback under
 ``--debug``), 503 when no answer came within the deployment's ``request_timeout_s``,
 when the deployment has no replica that can serve (its rollout failed), when Redis
 cannot be reached, and, with a ``Retry-After`` header, when the deployment's queue
-holds its ``max_queued_requests`` or the gateway has ``max_in_flight`` requests in hand.
+holds its ``max_queued_requests``, the gateway has ``max_in_flight`` requests in hand, or
+the bodies it holds would pass ``max_inflight_bytes`` (checked against ``Content-Length``
+before a byte of the body is read, and chunk by chunk for a chunked body). A request
+whose ``Host`` names none of the hosts the gateway serves (:func:`allowed_hosts`) gets a
+421: a web page loaded from elsewhere cannot reach a local gateway by DNS rebinding.
 
 Many clients at once queue rather than fail: Redis commands share a bounded pool of
 connections (a request waits up to ``REDIS_POOL_TIMEOUT_S`` for one). Slow clients
@@ -46,7 +50,7 @@ import socket
 import sys
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Iterable, Optional
 
 import h11
 import redis
@@ -93,6 +97,9 @@ MAX_REDIS_CONNECTIONS = 64
 REDIS_POOL_TIMEOUT_S = 10.0
 REDIS_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_MAX_IN_FLIGHT = 10_000
+# Request bodies read and not answered yet, at most (the gateway's memory grows with them:
+# each is copied a few times on its way into the message).
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 2**20
 RETRY_AFTER_S = 1
 # A failing accept() (out of file descriptors) is logged at most this often.
 ACCEPT_ERROR_LOG_S = 10.0
@@ -103,6 +110,96 @@ ACCEPT_ERROR_LOG_S = 10.0
 
 class BodyTooLarge(Exception):
     pass
+
+
+class OverBudget(Exception):
+    """The body would take the gateway past its bytes in flight."""
+
+
+class ByteBudget:
+    """The bytes of request bodies a gateway holds at once, and their limit.
+
+    >>> budget = ByteBudget(100)
+    >>> first, second = budget.hold(), budget.hold()
+    >>> first.take(60), second.take(50), second.take(40), budget.used
+    (True, False, True, 100)
+    >>> first.release(); budget.used
+    40
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def hold(self) -> "BudgetHold":
+        """What one request holds; :meth:`BudgetHold.release` gives it back."""
+        return BudgetHold(self)
+
+
+class BudgetHold:
+    """The part of a :class:`ByteBudget` one request holds."""
+
+    __slots__ = ("budget", "count")
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self.budget = budget
+        self.count = 0
+
+    def take(self, count: int) -> bool:
+        """Hold ``count`` more bytes, unless the budget would pass its limit (then False)."""
+        if self.budget.used + count > self.budget.limit:
+            return False
+        self.budget.used += count
+        self.count += count
+        return True
+
+    def release(self) -> None:
+        self.budget.used -= self.count
+        self.count = 0
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def host_name(value: str) -> str:
+    """The host a ``Host`` header names, without its port, lowercase.
+
+    >>> host_name("127.0.0.1:8000"), host_name("[::1]:8000"), host_name("API.Example.com."), host_name("::1")
+    ('127.0.0.1', '::1', 'api.example.com', '::1')
+    """
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1:value.find("]")] if "]" in value else value[1:]
+    elif value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def allowed_hosts(listen_host: str, extra: Iterable[str] = ()) -> Optional[frozenset[str]]:
+    """The hosts a request's ``Host`` header may name for a gateway listening on
+    ``listen_host``; None: any.
+
+    A loopback listener serves 127.0.0.1, localhost and ::1; any listener its own
+    address; and every name in ``extra`` (``--allowed-host``). A wildcard listener
+    (0.0.0.0, ::) without ``extra`` serves any host: it cannot know its names.
+
+    >>> sorted(allowed_hosts("127.0.0.1"))
+    ['127.0.0.1', '::1', 'localhost']
+    >>> sorted(allowed_hosts("10.0.0.5", ["api.internal"]))
+    ['10.0.0.5', 'api.internal']
+    >>> allowed_hosts("0.0.0.0") is None, sorted(allowed_hosts("0.0.0.0", ["api.internal"]))
+    (True, ['127.0.0.1', '::1', 'api.internal', 'localhost'])
+    """
+    from ..redis_server import is_loopback
+
+    names = {host_name(name) for name in extra if name.strip()}
+    if listen_host in WILDCARD_HOSTS:
+        return frozenset(names | LOOPBACK_HOSTS) if names else None
+    names.add(host_name(listen_host))
+    if is_loopback(listen_host.strip("[]")):
+        names |= LOOPBACK_HOSTS
+    return frozenset(names)
 
 
 def error_response(status: int, error: str, message: str, *, headers: Optional[dict[str, str]] = None,
@@ -149,6 +246,12 @@ class GatewayApp:
         self.gateway = gateway
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan" and not self.gateway.host_allowed(scope):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})   # policy violation
+            else:
+                await self.gateway.misdirected(scope)(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] in HTTP_METHODS and not scope["path"].startswith("/-"):
             response = await self.gateway.forward(HTTPRequest(scope, receive))
             await response(scope, receive, send)
@@ -166,7 +269,12 @@ class Gateway:
 
     def __init__(self, address: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, debug: bool = False,
                  body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                 max_redis_connections: int = MAX_REDIS_CONNECTIONS) -> None:
+                 max_redis_connections: int = MAX_REDIS_CONNECTIONS,
+                 max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+                 hosts: Optional[frozenset[str]] = LOOPBACK_HOSTS) -> None:
+        if max_inflight_bytes < max_body_bytes:
+            raise ValueError(f"--max-inflight-bytes {max_inflight_bytes} is below --max-body-size {max_body_bytes}: "
+                             "the largest body allowed could never be taken; raise the one or lower the other")
         self.address = address
         self.max_body_bytes = max_body_bytes
         self.debug = debug
@@ -174,6 +282,9 @@ class Gateway:
         self.max_in_flight = max_in_flight
         self.max_redis_connections = max_redis_connections
         self.in_flight = 0
+        self.budget = ByteBudget(max_inflight_bytes)
+        self.hosts = hosts
+        self.host_verdicts: dict[bytes, bool] = {}
         self.redis_error_log = RateLimitedLog(log)
         self.store = connect(address)
         self.routes = RouteTable()
@@ -286,8 +397,22 @@ class Gateway:
         if route.unavailable:
             return error_response(503, "Unavailable", str(DeploymentUnavailable(name, route.unavailable))), \
                 "deployment_unavailable"
+        held = self.budget.hold()
         try:
-            body = await self._read_body_in_time(request)
+            return await self._send_and_wait(request, route, path, held)
+        finally:
+            held.release()
+
+    async def _send_and_wait(self, request: HTTPRequest, route: Route, path: str,
+                             held: BudgetHold) -> tuple[Response, str]:
+        name = route.deployment
+        try:
+            body = await self._read_body_in_time(request, held)
+        except OverBudget:
+            return error_response(
+                503, "Overloaded", f"the gateway holds {self.budget.used} bytes of request bodies; this one would "
+                f"pass its limit of {self.budget.limit} (--max-inflight-bytes); retry later",
+                headers={"retry-after": str(RETRY_AFTER_S)}), "overloaded"
         except BodyTooLarge:
             return error_response(
                 413, "PayloadTooLarge", f"the request body is over the gateway's limit of {self.max_body_bytes} "
@@ -299,6 +424,7 @@ class Gateway:
         payload = encode_request(
             request.method, path, request.scope.get("query_string", b"").decode("latin-1"),
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]], body)
+        del body    # held no longer than needed: the budget counts it until the answer, memory need not
         try:
             queue, version = route.queue_for(request.headers.get(VERSION_HEADER), random.random() * 100)
         except ValueError as error:
@@ -309,6 +435,7 @@ class Gateway:
         try:
             with self.results.expecting(task_id) as pending:
                 await self.sender.send(route, task_id, payload, queue)
+                del payload
                 answer = await self.results.wait(pending, route.timeout_s)
         except BackPressureError as error:
             return error_response(503, "BackPressure", str(error), headers={"retry-after": str(RETRY_AFTER_S)}), \
@@ -352,24 +479,56 @@ class Gateway:
     def _unreachable_response(self, error: BaseException) -> Response:
         return error_response(503, "Unavailable", f"the gateway {RedisUnavailable(self.address, str(error))}")
 
-    async def _read_body_in_time(self, request: HTTPRequest) -> bytes:
+    async def _read_body_in_time(self, request: HTTPRequest, held: BudgetHold) -> bytes:
         """The body, or ``asyncio.TimeoutError`` if it took over ``body_timeout_s`` to arrive."""
         if sys.version_info >= (3, 11):   # a deadline on this task: wait_for would start another
             async with asyncio.timeout(self.body_timeout_s):
-                return await self._read_body(request)
-        return await asyncio.wait_for(self._read_body(request), self.body_timeout_s)
+                return await self._read_body(request, held)
+        return await asyncio.wait_for(self._read_body(request, held), self.body_timeout_s)
 
-    async def _read_body(self, request: HTTPRequest) -> bytes:
+    async def _read_body(self, request: HTTPRequest, held: BudgetHold) -> bytes:
+        """The body, held in ``held``: :class:`OverBudget` before a byte is read when its
+        ``Content-Length`` does not fit, else as soon as a chunk would not."""
         length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_bytes:
+        announced = length.isdigit()
+        if announced and int(length) > self.max_body_bytes:
             raise BodyTooLarge()
+        if announced and not held.take(int(length)):
+            raise OverBudget()
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body_bytes:
                 raise BodyTooLarge()
+            if not announced and not held.take(len(chunk)):
+                raise OverBudget()
             chunks.append(chunk)
         return b"".join(chunks)
+
+    # ------------------------------------------------------------------ hosts
+
+    def host_allowed(self, scope: dict[str, Any]) -> bool:
+        """Whether the request's ``Host`` names a host this gateway serves (one without
+        a ``Host``, HTTP/1.0, is served: browsers always send one)."""
+        if self.hosts is None:
+            return True
+        for key, value in scope.get("headers") or ():
+            if key == b"host":
+                verdict = self.host_verdicts.get(value)
+                if verdict is None:
+                    if len(self.host_verdicts) > 1024:
+                        self.host_verdicts.clear()
+                    verdict = self.host_verdicts[value] = host_name(value.decode("latin-1")) in self.hosts
+                return verdict
+        return True
+
+    def misdirected(self, scope: dict[str, Any]) -> Response:
+        """The answer to a request for a host this gateway does not serve."""
+        host = next((value.decode("latin-1") for key, value in scope.get("headers") or () if key == b"host"), "")
+        self.metrics.observe("", scope.get("method", ""), 421, 0.0, "misdirected")
+        return error_response(
+            421, "MisdirectedRequest", f"the gateway does not serve the host {host!r}; it answers to "
+            f"{', '.join(sorted(self.hosts or ()))}: start it with --allowed-host NAME to serve another name")
 
     # ------------------------------------------------------------------ the gateway's own pages
 
@@ -750,12 +909,15 @@ def serve(address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, debug: bool = False,
           header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
           max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, reuse_port: bool = False, http_parser: str = "auto",
-          event_loop: str = "asyncio") -> None:
+          event_loop: str = "asyncio", max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+          extra_hosts: Iterable[str] = ()) -> None:
     """Serve HTTP until SIGINT or SIGTERM (then finish the requests in hand).
 
     ``reuse_port``: share ``port`` with other gateways started with it (see :func:`listen`).
     ``http_parser``: "httptools", "h11" or "auto" (see :func:`slow_client_protocol`).
     ``event_loop``: "uvloop", "asyncio" or "auto" (see :func:`event_loop_name`).
+    ``max_inflight_bytes``: the request bodies held at once (:class:`ByteBudget`).
+    ``extra_hosts``: ``Host`` names served besides the listener's own (:func:`allowed_hosts`).
 
     Example::
 
@@ -771,8 +933,12 @@ def serve(address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     sock = listen(host, port, reuse_port=reuse_port)
     raise_open_file_limit()
     disable_created_metrics()   # no *_created series: they double the output and few use them
+    hosts = allowed_hosts(host, extra_hosts)
+    if hosts is None:
+        log.warning("the gateway listens on %s and answers any Host: a web page loaded from elsewhere can reach it "
+                    "by DNS rebinding; name the hosts it serves with --allowed-host", host)
     gateway = Gateway(address, max_body_bytes=max_body_bytes, debug=debug, body_timeout_s=body_timeout_s,
-                      max_in_flight=max_in_flight)
+                      max_in_flight=max_in_flight, max_inflight_bytes=max_inflight_bytes, hosts=hosts)
     # proxy_headers off: the gateway never uses the client's address, and uvicorn's
     # middleware for it would read every request's headers.
     config = uvicorn.Config(gateway.app, lifespan="on", log_config=None, access_log=False, server_header=False,

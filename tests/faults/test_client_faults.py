@@ -379,7 +379,7 @@ def test_slow_clients_are_cut_off(connected, unique_name, tmp_path):
             sock.settimeout(1.0)             # the client's pace: a byte, then up to a second for an answer
             started = time.monotonic()
             answer = b""
-            for byte in f"GET /{unique_name} HTTP/1.1\r\nhost: x\r\nx-slow: {'a' * 60}\r\n\r\n".encode():
+            for byte in f"GET /{unique_name} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: {'a' * 60}\r\n\r\n".encode():
                 try:
                     sock.sendall(bytes([byte]))
                     answer = sock.recv(4096)
@@ -394,7 +394,7 @@ def test_slow_clients_are_cut_off(connected, unique_name, tmp_path):
 
         # A body that stops coming: 408, and the connection is closed.
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(f"POST /{unique_name} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            sock.sendall(f"POST /{unique_name} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                          "content-length: 100\r\n\r\n[1, 2".encode())
             started = time.monotonic()
             answer = read_until_closed(sock, timeout_s=30)
