@@ -324,18 +324,22 @@ def agent(address: Optional[str], node_id: Optional[str], num_cpus: Optional[flo
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A Host name to serve besides the listener's own (and, on loopback, localhost); repeatable. "
                    "Other hosts get 421.")
+@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="On SIGTERM, seconds the requests in hand have to be answered; then those no replica took "
+                   "are taken off the queue and answered 503 (they never run).")
 @click.option("--reuse-port", is_flag=True,
               help="Share the port with other gateways started with it (SO_REUSEPORT; see docs/http.md).")
 def gateway(address: Optional[str], host: str, port: int, max_body_size: int, debug: bool, header_timeout: float,
             body_timeout: float, max_in_flight: int, max_inflight_bytes: int, allowed_hosts: tuple[str, ...],
-            reuse_port: bool) -> None:
+            shutdown_grace: float, reuse_port: bool) -> None:
     """Serve every deployment over HTTP at its route prefix."""
     from .gateway.app import serve
 
     _log_to_stderr()
     serve(resolve_address(address), host=host, port=port, max_body_bytes=max_body_size, debug=debug,
           header_timeout_s=header_timeout, body_timeout_s=body_timeout, max_in_flight=max_in_flight,
-          reuse_port=reuse_port, max_inflight_bytes=max_inflight_bytes, extra_hosts=allowed_hosts)
+          reuse_port=reuse_port, max_inflight_bytes=max_inflight_bytes, extra_hosts=allowed_hosts,
+          shutdown_grace_s=shutdown_grace)
 
 
 def _log_to_stderr() -> None:

@@ -3,8 +3,9 @@
 ``taskserve up``, the tests and the benchmarks all start their clusters with
 :class:`LocalCluster`: every part is a child process (``python -m taskserve ...``)
 that logs to ``<log_dir>/<part>.log``, dies with this process (parent-death
-signal), and is stopped in order by :meth:`LocalCluster.stop_all` — agents first
-(they drain their replicas), then the gateway, the controller, and Redis last.
+signal), and is stopped in order by :meth:`LocalCluster.stop_all` — the gateways
+first (they answer or withdraw the requests in hand while the replicas still run),
+then the controller, the agents (they drain their replicas), and Redis last.
 
 Example::
 
@@ -267,10 +268,12 @@ class LocalCluster:
         return process.returncode
 
     def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Stop every part in order: agents (they drain), gateways, controllers, then Redis."""
+        """Stop every part in order: gateways (a request is answered, or taken off its
+        queue and refused, while the replicas still run), controllers, agents (they
+        drain their replicas), then Redis."""
 
         def order(name: str) -> int:
-            for rank, prefix in enumerate(("agent", "gateway", "controller")):
+            for rank, prefix in enumerate(("gateway", "controller", "agent")):
                 if name.startswith(prefix):
                     return rank
             return 3

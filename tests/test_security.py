@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -26,7 +27,7 @@ from taskserve.celery_app import make_app
 from taskserve.code import pack, sign, unpack
 from taskserve.connection import cluster_secret, find_cluster, parse_sentinel, redis_client
 from taskserve.errors import SecretNotConfigured, SignatureError, redact_text
-from taskserve.redis_server import RedisServer, find_redis_server, generate_password
+from taskserve.redis_server import RedisServer, find_redis_server, free_port, generate_password
 from taskserve.signing import (
     ClusterSecret,
     check_user_config,
@@ -689,4 +690,89 @@ def test_the_gateway_bounds_the_request_bodies_it_holds_at_once(connected, uniqu
         # Answered bodies are given back: the gateway takes as much again.
         assert http.post(f"/{unique_name}", content=b"x" * (2 * MiB), timeout=60).json() == 2 * MiB
     taskserve.delete_deployment(unique_name)
+
+
+# ------------------------------------------------------------------ shutdown under load
+
+
+class Recorder:
+    """Writes each request's token to a file when it starts, then works half a second."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, request):
+        token = request.json()["token"]
+        with open(self.path, "a") as out:
+            out.write(f"{token}\n")
+        time.sleep(0.5)     # the work itself
+        return {"token": token}
+
+
+@pytest.mark.integration
+def test_stopping_under_load_answers_every_caller_and_runs_no_request_it_said_failed(tmp_path, unique_name):
+    # The issue: SIGTERM to `taskserve up` with 60 requests in flight gave plain-text 500s, and
+    # requests whose callers got them ran after the restart. Now the gateway stops first:
+    # each caller gets its answer, or a JSON 503 naming its request, which then never runs.
+    from taskserve.store import queue_name
+    from taskserve.store.keys import UNACKED_KEY
+
+    ran = tmp_path / "ran"
+    ran.touch()
+    with RedisServer() as server:          # outlives the cluster: what is left queued can be seen
+        cluster = Cluster(tmp_path / "cluster", redis_url=server.url)
+        try:
+            cluster.start_redis()
+            taskserve.connect(server.url)
+            cluster.start_controller("--resync", "0.5")
+            cluster.start_agent("node-a", 4)
+            taskserve.deployment(name=unique_name, request_timeout_s=120)(Recorder).deploy(str(ran))
+            port = free_port()
+            cluster.start_gateway(port)
+            http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180)
+            wait_until(lambda: http.get("/-/routes").json().get(f"/{unique_name}"), timeout=30, message="the route")
+            answers: dict[int, object] = {}
+
+            def call(token: int) -> None:
+                try:
+                    answers[token] = httpx.post(f"http://127.0.0.1:{port}/{unique_name}", json={"token": token},
+                                                timeout=180)
+                except httpx.HTTPError as error:
+                    answers[token] = error
+
+            callers = [threading.Thread(target=call, args=(token,)) for token in range(60)]
+            for caller in callers:
+                caller.start()
+
+            def in_flight() -> float:
+                for line in http.get("/-/metrics").text.splitlines():
+                    if line.startswith("taskserve_http_requests_in_flight{") and f'"{unique_name}"' in line:
+                        return float(line.rsplit(" ", 1)[1])
+                return 0.0
+
+            wait_until(lambda: in_flight() + len(answers) >= 60, timeout=90, message="every request in flight")
+            wait_until(lambda: len(ran.read_text().splitlines()) >= 3, timeout=60, message="requests to run")
+            cluster.stop_all()               # what `taskserve up` does on SIGTERM
+            for caller in callers:
+                caller.join(timeout=180)
+        finally:
+            cluster.stop_all()
+        started = [int(line) for line in ran.read_text().splitlines()]
+        kinds: dict[str, list[int]] = {"ok": [], "refused": [], "other": []}
+        for token, answer in sorted(answers.items()):
+            if isinstance(answer, httpx.Response) and answer.status_code == 200 and answer.json() == {"token": token}:
+                kinds["ok"].append(token)
+            elif isinstance(answer, httpx.Response) and answer.status_code == 503 \
+                    and answer.headers.get("content-type") == "application/json" \
+                    and answer.json()["error"] == "ShuttingDown" and answer.json()["request_id"] in answer.text:
+                kinds["refused"].append(token)
+            else:
+                kinds["other"].append(token)
+        others = {token: getattr(answers[token], "text", repr(answers[token]))[:200] for token in kinds["other"]}
+        assert len(answers) == 60 and not others, others
+        assert kinds["refused"], "the gateway never had to refuse: the load was too light to show anything"
+        assert sorted(started) == kinds["ok"]                  # each answered request ran once, no refused one
+        client = redis.Redis.from_url(server.url)
+        assert client.llen(queue_name(unique_name)) == 0       # nothing left to run after a restart
+        assert client.hlen(UNACKED_KEY) == 0
 

@@ -29,6 +29,13 @@ before a byte of the body is read, and chunk by chunk for a chunked body). A req
 whose ``Host`` names none of the hosts the gateway serves (:func:`allowed_hosts`) gets a
 421: a web page loaded from elsewhere cannot reach a local gateway by DNS rebinding.
 
+On SIGTERM or SIGINT the gateway stops accepting connections and drains
+(:meth:`Gateway.begin_shutdown`): requests in hand get ``shutdown_grace_s`` to be
+answered; then each one no replica has taken yet is taken off its queue (``LREM`` of
+the very item pushed, atomic against the replicas' ``BRPOP``) and answered 503
+``ShuttingDown`` naming its request id: it never runs. One a replica has taken is
+waited for until its own deadline. A request that arrives meanwhile gets that 503 too.
+
 Many clients at once queue rather than fail: Redis commands share a bounded pool of
 connections (a request waits up to ``REDIS_POOL_TIMEOUT_S`` for one). Slow clients
 are cut off: a request head must arrive within ``header_timeout_s`` (or the
@@ -68,9 +75,10 @@ from ..handle import unavailable_reason
 from ..http import decode_response, encode_request
 from ..store import ClusterReader, Store
 from .jobs import JobEndpoints, prefers_async
-from .messaging import Expired, RateLimitedLog, ResultJanitor, ResultWaiter, TaskSender
+from .messaging import Expired, Pending, RateLimitedLog, ResultJanitor, ResultWaiter, TaskSender, Withdrawn
 from .metrics import GatewayMetrics, StatusCache, StatusReader
 from .routes import Route, RouteTable
+from .server import QuietServer
 
 log = logging.getLogger("taskserve.gateway")
 
@@ -103,6 +111,11 @@ DEFAULT_MAX_INFLIGHT_BYTES = 256 * 2**20
 RETRY_AFTER_S = 1
 # A failing accept() (out of file descriptors) is logged at most this often.
 ACCEPT_ERROR_LOG_S = 10.0
+# On SIGTERM: how long the requests in hand have to be answered before those no replica
+# has taken are taken off their queues; and what a shutdown may take beyond the longest
+# deadline of a request a replica has (answers to write, connections to close).
+DEFAULT_SHUTDOWN_GRACE_S = 10.0
+SHUTDOWN_MARGIN_S = 5.0
 
 
 # --------------------------------------------------------------------------- the app
@@ -271,7 +284,8 @@ class Gateway:
                  body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  max_redis_connections: int = MAX_REDIS_CONNECTIONS,
                  max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
-                 hosts: Optional[frozenset[str]] = LOOPBACK_HOSTS) -> None:
+                 hosts: Optional[frozenset[str]] = LOOPBACK_HOSTS,
+                 shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S) -> None:
         if max_inflight_bytes < max_body_bytes:
             raise ValueError(f"--max-inflight-bytes {max_inflight_bytes} is below --max-body-size {max_body_bytes}: "
                              "the largest body allowed could never be taken; raise the one or lower the other")
@@ -285,6 +299,12 @@ class Gateway:
         self.budget = ByteBudget(max_inflight_bytes)
         self.hosts = hosts
         self.host_verdicts: dict[bytes, bool] = {}
+        self.shutdown_grace_s = shutdown_grace_s
+        self.draining = False       # SIGTERM came: new requests are refused
+        self.withdrawing = False    # the grace is over: what no replica took is taken off its queue
+        self.withdrawal: Optional[asyncio.Task] = None
+        # Requests pushed and not answered: their queue and the very item pushed (to withdraw it).
+        self.queued: dict[str, tuple[str, bytes, Pending]] = {}
         self.redis_error_log = RateLimitedLog(log)
         self.store = connect(address)
         self.routes = RouteTable()
@@ -332,6 +352,8 @@ class Gateway:
         finally:
             follower.cancel()
             status_follower.cancel()
+            if self.withdrawal is not None:
+                self.withdrawal.cancel()
             await self.janitor.close()
             await self.results.close()
             await self.client.aclose()
@@ -375,6 +397,11 @@ class Gateway:
         if route is None:
             response, error = error_response(
                 404, "NotFound", f"no deployment serves {path}; GET /-/routes lists the routes"), "not_found"
+        elif self.draining:
+            response, error = error_response(
+                503, "ShuttingDown", "the gateway is shutting down; the request was not sent: send it again "
+                "(to another gateway, or to this one once it is back)",
+                headers={"retry-after": str(RETRY_AFTER_S), "connection": "close"}), "shutting_down"
         elif self.in_flight >= self.max_in_flight:
             response, error = error_response(
                 503, "Overloaded", f"the gateway has {self.in_flight} requests in hand, its limit; retry later",
@@ -434,9 +461,20 @@ class Gateway:
         task_id = self.results.new_task_id()
         try:
             with self.results.expecting(task_id) as pending:
-                await self.sender.send(route, task_id, payload, queue)
+                pushed_to, item = await self.sender.send(route, task_id, payload, queue)
                 del payload
-                answer = await self.results.wait(pending, route.timeout_s)
+                self.queued[task_id] = (pushed_to, item, pending)
+                try:
+                    if self.withdrawing:     # pushed after the grace: taken back at once
+                        await self.withdraw([task_id])
+                    answer = await self.results.wait(pending, route.timeout_s)
+                finally:
+                    del self.queued[task_id]
+        except Withdrawn:
+            return error_response(
+                503, "ShuttingDown", f"the gateway is shutting down and no replica had taken request {task_id}: it "
+                "was taken off the queue and will never run; send it again (to another gateway, or to this one "
+                "once it is back)", headers={"retry-after": str(RETRY_AFTER_S)}, request_id=task_id), "shutting_down"
         except BackPressureError as error:
             return error_response(503, "BackPressure", str(error), headers={"retry-after": str(RETRY_AFTER_S)}), \
                 "backpressure"
@@ -469,6 +507,56 @@ class Gateway:
             (key.encode("latin-1", "replace"), value.encode("latin-1", "replace")) for key, value in headers)
         response.raw_headers.append((VERSION_HEADER.encode(), answered_by.encode("latin-1", "replace")))
         return response, "" if status < 400 else "app"
+
+    # ------------------------------------------------------------------ shutdown
+
+    def begin_shutdown(self) -> float:
+        """Refuse new requests, and take the unanswered ones no replica has yet off their
+        queues once ``shutdown_grace_s`` is over. Returns how long the shutdown may take:
+        the grace, then the longest deadline of a request a replica may hold."""
+        self.draining = True
+        self.withdrawal = asyncio.get_running_loop().create_task(self._withdraw_after_grace(), name="withdrawal")
+        longest = max((route.timeout_s for route in self.routes.routes), default=0.0)
+        log.info("shutting down: %d requests in hand get %gs to be answered", self.in_flight, self.shutdown_grace_s)
+        return self.shutdown_grace_s + self.body_timeout_s + longest + SHUTDOWN_MARGIN_S
+
+    async def _withdraw_after_grace(self) -> None:
+        await asyncio.sleep(self.shutdown_grace_s)    # the grace period itself, not a synchronisation
+        self.withdrawing = True
+        if self.queued:
+            await self.withdraw(list(self.queued))
+
+    async def withdraw(self, task_ids: list[str]) -> int:
+        """Take the requests ``task_ids`` off their queues where no replica has taken them
+        yet; each one taken off ends its wait with :class:`Withdrawn` (503, never run).
+        Returns how many were.
+
+        ``LREM`` of the exact item pushed (its delivery tag makes it unique) is one Redis
+        command, atomic against the ``BRPOP`` replicas take requests with: the item is
+        either still queued, and then no replica can ever take it, or a replica has it
+        (``LREM`` removes nothing) and its answer is waited for. Marking it expired would
+        leave the replica to decide, after it took the request.
+        """
+        entries = [(task_id, self.queued[task_id]) for task_id in task_ids if task_id in self.queued]
+        if not entries:
+            return 0
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for _, (queue, item, _) in entries:
+                    pipe.lrem(queue, 1, item)
+                removed = await pipe.execute()
+        except (redis.RedisError, OSError) as error:
+            log.warning("cannot take %d unanswered requests off their queues (%s); they are waited for until their "
+                        "deadline, and a replica that takes one later drops it unrun", len(entries), error)
+            return 0
+        count = 0
+        for (_, (_, _, pending)), taken_off in zip(entries, removed):
+            if taken_off:
+                pending.withdraw()
+                count += 1
+        log.info("took %d requests no replica had yet off their queues (answered 503, never run); %d are "
+                 "with replicas and waited for", count, len(entries) - count)
+        return count
 
     def _timeout_response(self, route: Route) -> Response:
         name = route.deployment
@@ -533,7 +621,9 @@ class Gateway:
     # ------------------------------------------------------------------ the gateway's own pages
 
     async def healthz(self, request: HTTPRequest) -> Response:
-        """200 while the gateway can reach Redis: for load balancers."""
+        """200 while the gateway can reach Redis and is not shutting down: for load balancers."""
+        if self.draining:
+            return error_response(503, "ShuttingDown", "the gateway is shutting down")
         try:
             await asyncio.wait_for(self.client.ping(), 2.0)
         except (redis.RedisError, OSError, asyncio.TimeoutError) as error:
@@ -905,12 +995,26 @@ def event_loop_name(choice: str) -> str:
     return "asyncio"
 
 
+class GatewayServer(QuietServer):
+    """The gateway's uvicorn server: on SIGTERM or SIGINT the gateway drains first
+    (:meth:`Gateway.begin_shutdown`), then uvicorn waits for the requests in hand, at
+    most as long as the drain may take."""
+
+    def __init__(self, config: Any, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+
+    async def shutdown(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        self.config.timeout_graceful_shutdown = self.gateway.begin_shutdown()
+        await super().shutdown(sockets)
+
+
 def serve(address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, debug: bool = False,
           header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
           max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, reuse_port: bool = False, http_parser: str = "auto",
           event_loop: str = "asyncio", max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
-          extra_hosts: Iterable[str] = ()) -> None:
+          extra_hosts: Iterable[str] = (), shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S) -> None:
     """Serve HTTP until SIGINT or SIGTERM (then finish the requests in hand).
 
     ``reuse_port``: share ``port`` with other gateways started with it (see :func:`listen`).
@@ -918,6 +1022,8 @@ def serve(address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     ``event_loop``: "uvloop", "asyncio" or "auto" (see :func:`event_loop_name`).
     ``max_inflight_bytes``: the request bodies held at once (:class:`ByteBudget`).
     ``extra_hosts``: ``Host`` names served besides the listener's own (:func:`allowed_hosts`).
+    ``shutdown_grace_s``: on SIGTERM, how long requests in hand have before those no
+    replica has taken are withdrawn (:meth:`Gateway.begin_shutdown`).
 
     Example::
 
@@ -926,8 +1032,6 @@ def serve(address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     """
     import uvicorn
     from prometheus_client import disable_created_metrics
-
-    from .server import QuietServer
 
     loop = event_loop_name(event_loop)
     sock = listen(host, port, reuse_port=reuse_port)
@@ -938,7 +1042,8 @@ def serve(address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
         log.warning("the gateway listens on %s and answers any Host: a web page loaded from elsewhere can reach it "
                     "by DNS rebinding; name the hosts it serves with --allowed-host", host)
     gateway = Gateway(address, max_body_bytes=max_body_bytes, debug=debug, body_timeout_s=body_timeout_s,
-                      max_in_flight=max_in_flight, max_inflight_bytes=max_inflight_bytes, hosts=hosts)
+                      max_in_flight=max_in_flight, max_inflight_bytes=max_inflight_bytes, hosts=hosts,
+                      shutdown_grace_s=shutdown_grace_s)
     # proxy_headers off: the gateway never uses the client's address, and uvicorn's
     # middleware for it would read every request's headers.
     config = uvicorn.Config(gateway.app, lifespan="on", log_config=None, access_log=False, server_header=False,
@@ -947,4 +1052,4 @@ def serve(address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                             http=slow_client_protocol(header_timeout_s, parser=http_parser),
                             loop=loop)
     log.info("gateway serves http://%s:%d (dashboard: /-/dashboard, metrics: /-/metrics)", host, sock.getsockname()[1])
-    QuietServer(config).run(sockets=[sock])
+    GatewayServer(config, gateway).run(sockets=[sock])

@@ -102,6 +102,10 @@ class Expired(Exception):
     """The request expired in the queue: no replica took it in time."""
 
 
+class Withdrawn(Exception):
+    """The gateway took the request off its queue before any replica had it: it never runs."""
+
+
 class Pending:
     """One request waiting for its answer (see :meth:`ResultWaiter.expecting`).
 
@@ -119,7 +123,7 @@ class Pending:
     >>> loop.close()
     """
 
-    __slots__ = ("task_id", "key", "future", "data", "since")
+    __slots__ = ("task_id", "key", "future", "data", "since", "withdrawn")
 
     def __init__(self, task_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.task_id = task_id
@@ -127,6 +131,7 @@ class Pending:
         self.future: asyncio.Future = loop.create_future()
         self.data: Optional[bytes] = None
         self.since = loop.time()
+        self.withdrawn = False
 
     def deliver(self, data: bytes) -> None:
         """The result record arrived."""
@@ -137,6 +142,11 @@ class Pending:
         """Make the waiting request look (at :attr:`data`, its deadline, or its result key)."""
         if not self.future.done():
             self.future.set_result(None)
+
+    def withdraw(self) -> None:
+        """The request was taken off its queue: its wait ends with :class:`Withdrawn`."""
+        self.withdrawn = True
+        self.wake()
 
 
 class ResultWaiter:
@@ -282,6 +292,8 @@ class ResultWaiter:
             while True:
                 await pending.future
                 pending.future = loop.create_future()
+                if pending.withdrawn:
+                    raise Withdrawn(pending.task_id)
                 data, pending.data = pending.data, None
                 if data is None:
                     if loop.time() >= deadline:
@@ -357,9 +369,10 @@ class TaskSender:
         self.batch: list[tuple[str, bytes, Optional[int], asyncio.Future]] = []
         self.pushing: Optional[asyncio.Task] = None
 
-    async def send(self, route: Route, task_id: str, payload: dict, queue: Optional[str] = None) -> None:
+    async def send(self, route: Route, task_id: str, payload: dict, queue: Optional[str] = None) -> tuple[str, bytes]:
         """Push the request onto ``queue`` (the deployment's by default; its canary's for
-        a request the canary serves); :class:`BackPressureError` if it holds ``route.max_queued``."""
+        a request the canary serves); :class:`BackPressureError` if it holds ``route.max_queued``.
+        Returns the queue and the item pushed (what ``LREM`` takes back)."""
         assert self.client is not None
         queue = queue or queue_name(route.deployment)
         message = self.message(route, task_id, payload, queue)
@@ -370,6 +383,7 @@ class TaskSender:
         pushed = await future
         if pushed < 0:
             raise BackPressureError(route.deployment, -pushed, route.max_queued)
+        return queue, message
 
     def _start_push(self) -> None:
         self.pushing = asyncio.ensure_future(self._push_gathered())
