@@ -591,7 +591,9 @@ def test_requests_sent_together_are_pushed_together_in_order():
         assert batches == [12]                     # one round trip for the twelve
         refused = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, taskserve.BackPressureError)]
         assert refused == [7, 9, 11]               # the limited queue took its first three
-        assert all(outcome is None for i, outcome in enumerate(outcomes) if i not in refused)
+        pushed = [outcome for i, outcome in enumerate(outcomes) if i not in refused]
+        assert [queue for queue, _ in pushed] == [queue_name("free" if i % 2 == 0 else "limited")
+                                                  for i in range(12) if i not in refused]
 
         def ids(queue: str) -> list[str]:
             return [json.loads(m)["headers"]["id"] for m in reversed(items[queue])]   # consumers pop the right end
@@ -599,8 +601,11 @@ def test_requests_sent_together_are_pushed_together_in_order():
         items = {queue: await client.lrange(queue, 0, -1) for queue in (queue_name("free"), queue_name("limited"))}
         assert ids(queue_name("free")) == [f"t{i}" for i in range(0, 12, 2)]
         assert ids(queue_name("limited")) == ["t1", "t3", "t5"]
+        # Each send names the very item it pushed (what a shutting-down gateway takes back).
+        assert sorted(item for _, item in pushed) == sorted(items[queue_name("free")] + items[queue_name("limited")])
 
-        assert await asyncio.gather(sender.send(free, "alone", payload)) == [None]
+        (alone,) = await asyncio.gather(sender.send(free, "alone", payload))
+        assert alone[0] == queue_name("free") and json.loads(alone[1])["headers"]["id"] == "alone"
         assert batches == [12, 1]
 
     asyncio.run(run())
