@@ -507,6 +507,7 @@ def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bo
         console.print(plain(snapshot.message), highlight=False)
     if snapshot.canary:
         console.print(plain(describe_canary(snapshot.canary)), highlight=False)
+    _print_job_summary(name)
     table = Table("replica", "version", "state", "node", "pid", "user_config", "message")
     for replica in snapshot.replicas:
         version = f"{replica.version} (canary)" if replica.canary else replica.version
@@ -1003,6 +1004,304 @@ def env_prune(address: Optional[str], data_dir: Optional[Path]) -> None:
                 removed.append(item)
     console.print(f"removed {len(removed)} unused runtime environment(s)"
                   + (f": {', '.join(item.key for item in removed)}" if removed else ""))
+
+
+# --------------------------------------------------------------------------- jobs (SPEC §12)
+
+
+def describe_age(seconds: float) -> str:
+    """A duration, short: seconds, then minutes, hours, days.
+
+    >>> describe_age(12.4), describe_age(125), describe_age(7300), describe_age(200000)
+    ('12s', '2m5s', '2h1m', '2d7h')
+    """
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def describe_jobs(counts: dict[str, int], oldest_queued_at: Optional[float], now: float) -> list[str]:
+    """The two lines `taskserve jobs NAME` and `taskserve status NAME` print about a
+    deployment's jobs: how many in each state, and how long the oldest waiting one waited.
+
+    >>> for line in describe_jobs({"QUEUED": 2, "RUNNING": 1, "SUCCEEDED": 40, "FAILED": 0, "CANCELLED": 0,
+    ...                            "DEAD": 1}, 100.0, 112.0):
+    ...     print(line)
+    jobs: 2 queued, 1 running, 40 succeeded, 0 failed, 0 cancelled, 1 dead
+    oldest waiting job: queued 12s ago
+    """
+    from .wire import JOB_STATES
+
+    line = "jobs: " + ", ".join(f"{counts.get(state, 0)} {state.lower()}" for state in JOB_STATES)
+    waiting = ("oldest waiting job: none waits" if oldest_queued_at is None
+               else f"oldest waiting job: queued {describe_age(now - oldest_queued_at)} ago")
+    return [line, waiting]
+
+
+def _job_summary(name: str) -> tuple[dict[str, int], Optional[float]]:
+    """``name``'s job counts per state and when its oldest waiting job was queued."""
+    from .connection import current_store
+
+    store = current_store()
+    return store.count_jobs(name), store.oldest_queued([name])[name]
+
+
+def _print_job_summary(name: str) -> None:
+    """``status NAME``'s job lines, when the deployment has jobs."""
+    counts, oldest = _job_summary(name)
+    if any(counts.values()):
+        for line in describe_jobs(counts, oldest, time.time()):
+            console.print(plain(line), highlight=False)
+
+
+def _job_arguments(payload: tuple[str, ...], kwargs_json: Optional[str]) -> tuple[list, dict]:
+    args = [_parse_json(item, "PAYLOAD" if len(payload) == 1 else f"PAYLOAD {index}")
+            for index, item in enumerate(payload, start=1)]
+    kwargs = {} if kwargs_json is None else _parse_json(kwargs_json, "--kwargs")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--kwargs is a JSON object of keyword arguments, not {kwargs_json!r}; "
+                         "like '{\"scale\": 3}'")
+    return args, kwargs
+
+
+@main.command()
+@click.argument("name")
+@click.argument("payload", nargs=-1)
+@ADDRESS_OPTION
+@click.option("--method", default="__call__", show_default=True, help="Method to call.")
+@click.option("--kwargs", "kwargs_json", default=None, help="Keyword arguments, a JSON object.")
+@click.option("--priority", type=int, default=None, help="0 (last) to 9 (first); default 5.")
+@click.option("--max-retries", type=int, default=0, show_default=True,
+              help="Attempts that may fail and be retried before the job is FAILED.")
+@click.option("--retry-delay", type=float, default=1.0, show_default=True,
+              help="Seconds before the first retry; doubled for each next one.")
+@click.option("--idempotency-key", default=None,
+              help="Submit at most one job under this key: again, it prints the job already submitted.")
+def submit(name: str, payload: tuple[str, ...], address: Optional[str], method: str, kwargs_json: Optional[str],
+           priority: Optional[int], max_retries: int, retry_delay: float, idempotency_key: Optional[str]) -> None:
+    """Queue a call of NAME as a job and print its id; each PAYLOAD (JSON) is one positional argument.
+
+    \b
+      taskserve submit ocr '"s3://scans/17.pdf"' --priority 8 --max-retries 3
+      taskserve job ID --wait
+    """
+    check_method_name(method)
+    args, kwargs = _job_arguments(payload, kwargs_json)
+    _connect(address)
+    handle = api.get_deployment(name).get_handle().options(
+        method=method, priority=priority, max_retries=max_retries, retry_delay_s=retry_delay,
+        idempotency_key=idempotency_key)
+    click.echo(handle.submit(*args, **kwargs).id)
+
+
+def _job_value(job: Any, status: Any) -> Any:
+    """A SUCCEEDED job's value as it is printed: an HTTP job's answer as data
+    (status, headers, body), anything else as it is."""
+    from .http import HTTP_METHOD, response_data
+
+    value = job.result()
+    if status.method == HTTP_METHOD and isinstance(value, dict):
+        try:
+            return response_data(value)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return value
+    return value
+
+
+def _print_job(status: Any, value: Any, value_error: Optional[str]) -> None:
+    """A job's status in lines (everything read from Redis printed as plain text)."""
+    from .wire import SUCCEEDED
+
+    now = time.time()
+
+    def when(moment: Optional[float]) -> str:
+        if moment is None:
+            return "-"
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(moment)) + f" ({describe_age(now - moment)} ago)"
+
+    method = "" if status.method == "__call__" else f".{status.method}"
+    console.print(plain_line("job ", plain(status.job_id, "bold"), f"  of {status.deployment}{method}",
+                             f"  priority {status.priority}"), highlight=False)
+    progress = "-" if status.progress is None else f"{status.progress:.0%}"
+    console.print(plain_line(_job_state(status.state), f"  attempts {status.attempts} (max_retries "
+                             f"{status.max_retries})  progress {progress}",
+                             "  cancel requested" if status.cancel_requested and not status.finished else ""),
+                  highlight=False)
+    if status.message:
+        console.print(plain_line("message: ", status.message), highlight=False)
+    console.print(plain(f"created {when(status.created_at)}, started {when(status.started_at)}, "
+                        f"finished {when(status.finished_at)}"), highlight=False)
+    if status.error is not None and status.state != SUCCEEDED:
+        console.print(plain_line(plain("error:", "red"), f" {status.error.type}: {status.error.message}"),
+                      highlight=False)
+    if status.state == SUCCEEDED:
+        if value_error is not None:
+            console.print(plain(f"result: cannot be read here ({value_error})"), highlight=False)
+        else:
+            console.print(plain_line("result: ", json.dumps(value, default=repr)), highlight=False)
+
+
+def _job_state(state: str) -> Text:
+    color = {"QUEUED": "yellow", "RUNNING": "blue", "SUCCEEDED": "green", "FAILED": "red", "DEAD": "red"}.get(state)
+    return plain(state, color or "")
+
+
+@main.command()
+@click.argument("job_id")
+@ADDRESS_OPTION
+@click.option("--wait", is_flag=True, help="Wait until the job ends; print its result, or its error and exit 1.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds (exit 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the status, with the result once SUCCEEDED.")
+def job(job_id: str, address: Optional[str], wait: bool, timeout: Optional[float], as_json: bool) -> None:
+    """Show job JOB_ID: state, progress, attempts, times, result or error.
+
+    With --wait, wait for its end: print the result (JSON), or the error and exit 1 when
+    it ends FAILED, DEAD or CANCELLED.
+    """
+    from .errors import JobCancelled, ReplicaError
+    from .jobs import get_job
+    from .wire import SUCCEEDED
+
+    _connect(address)
+    found = get_job(job_id)
+    if wait:
+        try:
+            found.result(timeout=timeout)
+        except (ReplicaError, JobCancelled) as error:
+            status = found.status()
+            if as_json:
+                click.echo(json.dumps(status.to_dict(), indent=2))
+            else:
+                errors.print(plain_line(plain("error:", "red"), f" job {job_id} is {status.state}: ",
+                                        _first_line(str(error)) if isinstance(error, JobCancelled)
+                                        else f"{error.type_name}: {_first_line(error.message)}"), highlight=False)
+            raise SystemExit(1)
+    status = found.status()
+    value, value_error = None, None
+    if status.state == SUCCEEDED:
+        try:
+            value = _job_value(found, status)
+        except Exception as error:   # a pickled result without the secret here: the status still shows
+            if wait:
+                raise
+            value_error = str(error)
+    if as_json:
+        data = status.to_dict()
+        if status.state == SUCCEEDED:
+            data["result"] = value
+        click.echo(json.dumps(data, indent=2, default=repr))
+    elif wait:
+        click.echo(json.dumps(value, default=repr))
+    else:
+        _print_job(status, value, value_error)
+
+
+@main.command(name="jobs")
+@click.argument("name")
+@ADDRESS_OPTION
+@click.option("--state", default=None,
+              help="Only the jobs in this state: QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED or DEAD.")
+@click.option("--limit", type=int, default=20, show_default=True, help="List at most this many jobs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def jobs_command(name: str, address: Optional[str], state: Optional[str], limit: int, as_json: bool) -> None:
+    """NAME's jobs: how many in each state, the oldest waiting one's age, then the jobs, newest first."""
+    from .jobs import list_jobs
+
+    _connect(address)
+    listed = list_jobs(name, state.upper() if state else None, limit)
+    counts, oldest = _job_summary(name)
+    now = time.time()
+    if as_json:
+        click.echo(json.dumps({"deployment": name, "counts": counts, "oldest_queued_at": oldest,
+                               "oldest_queued_age_s": None if oldest is None else max(0.0, now - oldest),
+                               "jobs": [status.to_dict() for status in listed]}, indent=2))
+        return
+    for line in describe_jobs(counts, oldest, now):
+        console.print(plain(line), highlight=False)
+    if not listed:
+        console.print(plain(f"no {state.upper() + ' ' if state else ''}jobs of {name}"), highlight=False)
+        return
+    table = Table("job", "state", "method", "priority", "attempts", "progress", "created", "message")
+    for status in listed:
+        text = status.message
+        if status.error is not None and status.state != "SUCCEEDED":
+            text = f"{status.error.type}: {status.error.message}"
+        table.add_row(plain(status.job_id), _job_state(status.state), plain(status.method), str(status.priority),
+                      str(status.attempts), "-" if status.progress is None else f"{status.progress:.0%}",
+                      "-" if status.created_at is None else describe_age(now - status.created_at) + " ago",
+                      plain(_first_line(text)))
+    console.print(table)
+
+
+@main.command()
+@click.argument("job_id")
+@ADDRESS_OPTION
+def cancel(job_id: str, address: Optional[str]) -> None:
+    """Cancel job JOB_ID: a queued job never runs; a running one is asked to stop."""
+    from .jobs import get_job
+    from .wire import CANCELLED, RUNNING
+
+    _connect(address)
+    found = get_job(job_id)
+    before = found.status()
+    if before.finished:
+        raise RuntimeError(f"job {job_id} has finished ({before.state}): there is nothing to cancel")
+    state = found.cancel()
+    if state == CANCELLED:
+        console.print(plain(f"job {job_id}: CANCELLED (it never runs)"), highlight=False)
+    elif state == RUNNING:
+        console.print(plain(f"job {job_id}: RUNNING, asked to stop (its method sees job_context().cancelled); "
+                            f"`taskserve job {job_id} --wait` follows it"), highlight=False)
+    else:
+        raise RuntimeError(f"job {job_id} has finished ({state}): there is nothing to cancel")
+
+
+@main.command()
+@click.argument("name")
+@click.argument("job_ids", nargs=-1)
+@ADDRESS_OPTION
+@click.option("--all-failed", is_flag=True, help="Every FAILED job of NAME.")
+@click.option("--all-dead", is_flag=True, help="Every DEAD job of NAME.")
+def retry(name: str, job_ids: tuple[str, ...], address: Optional[str], all_failed: bool, all_dead: bool) -> None:
+    """Queue FAILED or DEAD jobs of NAME again: JOB_ID ..., --all-failed or --all-dead.
+
+    Each runs again under its id, as a new attempt with its retries counted afresh.
+    """
+    from .jobs import retry_jobs
+    from .wire import DEAD, FAILED
+
+    if sum((bool(job_ids), all_failed, all_dead)) != 1:
+        raise ValueError("name the jobs to retry: JOB_ID ..., --all-failed or --all-dead (one of them)")
+    _connect(address)
+    state = FAILED if all_failed else DEAD if all_dead else None
+    queued = retry_jobs(name, list(job_ids) if job_ids else None, state=state)
+    console.print(plain(f"{name}: {len(queued)} job(s) queued again"), highlight=False)
+    for job_id in queued:
+        console.print(plain(job_id), highlight=False)
+    left = [job_id for job_id in job_ids if job_id not in queued]
+    if left:
+        console.print(plain(f"left alone (not FAILED or DEAD): {', '.join(left)}"), highlight=False)
+
+
+@main.command()
+@click.argument("name")
+@ADDRESS_OPTION
+@click.option("--state", required=True, help="FAILED, DEAD, SUCCEEDED or CANCELLED.")
+def purge(name: str, address: Optional[str], state: str) -> None:
+    """Forget NAME's finished jobs in --state: their records and results."""
+    from .jobs import purge_jobs
+
+    _connect(address)
+    purged = purge_jobs(name, state.upper())
+    console.print(plain(f"{name}: {purged} {state.upper()} job(s) purged"), highlight=False)
 
 
 if __name__ == "__main__":

@@ -184,22 +184,34 @@ def list_jobs(name: str, state: Optional[str] = None, limit: int = 100) -> list[
 def retry_jobs(name: str, job_ids: Optional[list[str]] = None, state: Optional[str] = None) -> list[str]:
     """Queue FAILED or DEAD jobs of ``name`` again (a new attempt under the same id, its
     retries counted afresh): those of ``job_ids``, or every one in ``state`` (FAILED or
-    DEAD). Returns the ids queued; a job in another state is left alone."""
+    DEAD). Returns the ids queued; a job in another state is left alone.
+
+    Every id is checked before any job is queued: an unknown one (:class:`JobNotFound`)
+    or another deployment's (``ValueError``) queues none.
+    """
     if (job_ids is None) == (state is None):
         raise ValueError("name the jobs to retry: job_ids=[...], or state='FAILED' or 'DEAD'")
     if state is not None and state not in (FAILED, DEAD):
         raise ValueError(f"state={state!r}: only FAILED and DEAD jobs are retried")
     store = current_store()
+    if store.get_goal(name) is None:
+        raise DeploymentNotFound(name)
+    named = job_ids is not None
     if job_ids is None:
         job_ids = store.job_ids(name, state, limit=1_000_000, newest_first=False)
-    queued = []
-    for job_id in job_ids:
-        fields = store.job_fields(job_id)
+    statuses = []
+    for job_id, fields in zip(job_ids, store.jobs_fields(job_ids), strict=True):
         if not fields:
+            if not named:
+                continue        # expired since the set was read (its entry is trimmed later)
             raise JobNotFound(job_id)
         status = job_status(job_id, fields)
         if status.deployment != name:
             raise ValueError(f"job {job_id} belongs to {status.deployment!r}, not {name!r}")
+        statuses.append(status)
+    queued = []
+    for status in statuses:
+        job_id = status.job_id
         if status.state not in (FAILED, DEAD):
             continue
         list_key = queue_list(queue_name(name), priority_to_transport(status.priority))
