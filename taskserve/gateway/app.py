@@ -355,6 +355,7 @@ class Gateway:
             if self.withdrawal is not None:
                 self.withdrawal.cancel()
             await self.janitor.close()
+            await self.jobs.close()
             await self.results.close()
             await self.client.aclose()
 

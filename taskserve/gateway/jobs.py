@@ -29,13 +29,16 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
+from ..connection import async_connection_pool
 from ..errors import JobNotFound, RedisUnavailable
 from ..http import HTTP_METHOD, response_data
 from ..state import Goal
@@ -73,6 +76,10 @@ PRIORITY_HEADER = "priority"
 MAX_IDEMPOTENCY_KEY = 256          # as a handle's idempotency_key
 DEFAULT_JOB_TTL_S = 86_400
 RETRY_AFTER_S = 1
+# Submits go through connections of their own that never resend a command by themselves
+# (the gateway's others retry once, for a connection gone stale): see submit_once.
+SUBMIT_CONNECTIONS = 16
+SUBMIT_POOL_TIMEOUT_S = 10.0
 # Job ids: taskserve's 32 hex digits, or a plain Celery producer's (a UUID); anything
 # else is no job and never becomes part of a key.
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -80,6 +87,10 @@ JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 class BadJobRequest(ValueError):
     """A header of a job's request that cannot be used; the message names the fix."""
+
+
+class SubmitUnsure(Exception):
+    """Redis failed under a submit, and then could not be asked whether the job was queued."""
 
 
 def prefers_async(headers: Mapping[str, str]) -> bool:
@@ -202,13 +213,47 @@ class JobEndpoints:
         response, error = await jobs.submit(route, queue, payload, request.headers)
     """
 
-    def __init__(self, address: str, client: redis.asyncio.Redis, encoder: CallEncoder, debug: bool = False) -> None:
+    def __init__(self, address: str, client: redis.asyncio.Redis, encoder: CallEncoder, debug: bool = False,
+                 writer: Optional[redis.asyncio.Redis] = None) -> None:
         self.address = address
         self.client = client
         self.encoder = encoder
         self.debug = debug
-        self.submit_script = client.register_script(lua_source("submit_job"))
         self.cancel_script = client.register_script(lua_source("cancel_job"))
+        # The client submits go through (made at the first: it needs the event loop).
+        self.writer = writer
+        self.submit_script: Any = writer.register_script(lua_source("submit_job")) if writer is not None else None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer.aclose()
+
+    async def submit_once(self, job_id: str, keys: list[str], args: list[Any]) -> Sequence[Any]:
+        """The reply of the store's ``submit_job`` script for job ``job_id``, run so that
+        the job is never queued twice: a submit is not resent blindly when its connection
+        fails (its reply may be all that was lost), but checked: if the job's record
+        exists, it was queued (the reply given is "submitted"); if not, it is sent once
+        more. Raises the connection's error when it was not queued, and
+        :class:`SubmitUnsure` when Redis cannot be asked.
+        """
+        if self.submit_script is None:
+            self.writer = redis.asyncio.Redis.from_pool(async_connection_pool(
+                self.address, max_connections=SUBMIT_CONNECTIONS, timeout=SUBMIT_POOL_TIMEOUT_S,
+                retry=Retry(NoBackoff(), 0), socket_keepalive=True, socket_connect_timeout=5))
+            self.submit_script = self.writer.register_script(lua_source("submit_job"))
+        failure: Optional[BaseException] = None
+        for _ in range(2):
+            try:
+                return await self.submit_script(keys=keys, args=args)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+                failure = error
+            try:
+                if await self.client.exists(job_key(job_id)):
+                    return [1, job_id]
+            except (redis.RedisError, OSError) as error:
+                raise SubmitUnsure(f"{failure}; then {error}") from None
+        assert failure is not None
+        raise failure
 
     # ------------------------------------------------------------------ submit
 
@@ -229,7 +274,14 @@ class JobEndpoints:
         keys, args = Jobs.submit_job_arguments(name, job_id, message, queue_list(queue, priority_to_transport(priority)),
                                                fields, key, route.max_queued, queue)
         try:
-            submitted = Jobs.submitted(await self.submit_script(keys=keys, args=args))
+            submitted = Jobs.submitted(await self.submit_once(job_id, keys, args))
+        except SubmitUnsure as error:
+            log.warning("a job of %s may or may not be queued: %s", name, error)
+            url = JOBS_PATH + job_id
+            return error_response(
+                503, "Unavailable", f"Redis failed while job {job_id} was submitted, and whether it was queued cannot "
+                f"be told now ({RedisUnavailable(self.address, str(error))}); GET {url} tells once Redis is back: "
+                "404 means it was not queued", job_id=job_id, status_url=url), "unavailable"
         except (redis.RedisError, OSError) as error:
             log.warning("cannot submit a job to %s: %s", name, error)
             return self._unreachable(error), "unavailable"
