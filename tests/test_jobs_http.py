@@ -1,6 +1,7 @@
 """Jobs over HTTP on a real cluster and a real gateway: ``Prefer: respond-async`` answers
 202 with the job's status URL, ``GET /-/jobs/<id>`` follows it through its states to its
-result, ``DELETE`` cancels, ``Idempotency-Key`` and ``Priority`` headers."""
+result, ``DELETE`` cancels, ``Idempotency-Key`` and ``Priority`` headers, and the job
+lines of ``/-/metrics`` and ``/-/api/status``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 import taskserve
 from taskserve.http import Response
@@ -252,3 +254,37 @@ def test_a_python_job_reads_over_http_and_a_pickled_result_is_never_unpickled(co
     assert wait_for_state(http, over_http, "SUCCEEDED")["result"]["body"]["done"] == "h"
     pickled.delete()
     plain.delete()
+
+
+def scrape(http: httpx.Client) -> dict[tuple, float]:
+    answer = http.get("/-/metrics")
+    assert answer.status_code == 200
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.text) for sample in family.samples}
+
+
+def test_metrics_and_the_status_page_count_jobs_by_state_the_oldest_waiting_and_attempts(connected, orders, http,
+                                                                                         log_key):
+    name = orders.name
+    hold = f"{log_key}:hold"
+
+    def sample(metric: str, **labels: str) -> float | None:
+        return scrape(http).get((metric, tuple(sorted({"deployment": name, **labels}.items()))))
+
+    blocker = submit(http, name, {"name": "blocker", "log": log_key, "hold": hold})
+    wait_for_state(http, blocker, "RUNNING")
+    waiting = submit(http, name, {"name": "waiting", "log": log_key})
+    wait_until(lambda: sample("taskserve_jobs", state="QUEUED") == 1 and sample("taskserve_jobs", state="RUNNING") == 1,
+               timeout=10, message="a queued and a running job in the metrics")
+    wait_until(lambda: (sample("taskserve_jobs_oldest_queued_age_seconds") or 0) > 0, timeout=10,
+               message="the oldest waiting job's age in the metrics")
+    deployment = next(d for d in http.get("/-/api/status").json()["deployments"] if d["name"] == name)
+    assert deployment["jobs"]["QUEUED"] == 1 and deployment["jobs_oldest_queued_at"] <= time.time()
+
+    release(connected, hold)
+    wait_for_state(http, waiting, "SUCCEEDED")
+    wait_until(lambda: sample("taskserve_jobs", state="SUCCEEDED") == 2 and sample("taskserve_jobs", state="QUEUED") == 0
+               and sample("taskserve_jobs_oldest_queued_age_seconds") == 0
+               and sample("taskserve_job_attempts_total") == 2,
+               timeout=10, message="two jobs succeeded after two attempts in the metrics")
+    assert sample("taskserve_jobs", state="DEAD") == 0

@@ -26,14 +26,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from ..batching import BATCH_SIZES_FIELD
 from ..spec import route_of
 from ..state import Replica
 from ..status import status_of
 from ..store import AutoscaleState, ClusterReader, Store, queue_lists, queue_name
-from ..store.keys import CONSUME_ORDER
+from ..store.keys import CONSUME_ORDER, jobs_key
+from ..store.stats import JOB_ATTEMPTS_FIELD
+from ..wire import JOB_STATES, QUEUED
 
 log = logging.getLogger("taskserve.gateway.metrics")
 
@@ -69,6 +71,8 @@ class StatusReader:
     deployments and replicas there are: goals, healths and replicas through a
     :class:`~taskserve.store.ClusterReader` (only the deployments whose revision moved
     are read again), then one pipeline for the queue depths, the recent history, the
+    jobs (how many in each state, when the oldest waiting one was queued, the attempts
+    started: the sizes of the state sets and one counter, never a job's record), the
     autoscaling states and canary stats, and the batch sizes of the replicas of changed
     deployments, then the nodes. A deployment's status is built again only when its
     revision, autoscaling state or stats moved; a history entry is parsed once.
@@ -103,6 +107,10 @@ class StatusReader:
                 for key in queue_lists(queue_name(goal.name)):
                     pipe.llen(key)
                 pipe.lrange(store.history_key(goal.name), -HISTORY_SHOWN, -1)
+                for state in JOB_STATES:
+                    pipe.zcard(jobs_key(goal.name, state))
+                pipe.zrange(jobs_key(goal.name, QUEUED), 0, 0, withscores=True)
+                pipe.hget(store.stats_key(goal.name), JOB_ATTEMPTS_FIELD)
                 if goal.options.get("autoscaling_config"):
                     pipe.get(store.scale_key(goal.name))
                 if goal.canary is not None:
@@ -115,6 +123,9 @@ class StatusReader:
         for goal in goals:
             depth = sum(int(next(rows)) for _ in CONSUME_ORDER)
             history = next(rows)
+            jobs = {state: int(next(rows)) for state in JOB_STATES}
+            oldest = next(rows)
+            attempts = next(rows)
             scale_text = next(rows) if goal.options.get("autoscaling_config") else None
             stats = {_text(k): int(v) for k, v in next(rows).items()} if goal.canary is not None else {}
             record = records[goal.name]
@@ -133,6 +144,9 @@ class StatusReader:
                                                     goal.name in stale_batches),
                 "route_prefix": route_of(goal.name, goal.options),
                 "queue_depth": depth,
+                "jobs": jobs,
+                "jobs_oldest_queued_at": oldest[0][1] if oldest else None,
+                "job_attempts": int(attempts or 0),
                 "history": [events[raw] for raw in reversed(history) if events[raw] is not None],
             })
         self.statuses, self.events = statuses, events
@@ -331,10 +345,32 @@ class ClusterCollector:
         yield replicas
         yield target
         yield load
+        yield from _job_metrics(status["deployments"], status["time"])
         yield from _canary_metrics(status["deployments"])
         yield from _batch_size_histograms(status["deployments"])
         yield GaugeMetricFamily("taskserve_rollouts_in_progress", "Deployments whose rollout is not done yet.",
                                 value=status["rollouts_in_progress"])
+
+
+def _job_metrics(deployments: list[dict[str, Any]], read_at: float) -> Iterator[Metric]:
+    """Jobs by deployment and state, the age of the oldest waiting one (0 when none
+    waits; as of the status read at ``read_at``), and the attempts started."""
+    states = GaugeMetricFamily("taskserve_jobs", "Jobs of a deployment by state (finished ones until they expire).",
+                               labels=["deployment", "state"])
+    oldest = GaugeMetricFamily("taskserve_jobs_oldest_queued_age_seconds", "How long the oldest QUEUED job of a "
+                               "deployment has waited (0 when none waits).", labels=["deployment"])
+    attempts = CounterMetricFamily("taskserve_job_attempts", "Job attempts the replicas of a deployment started "
+                                   "(retries and redeliveries included).", labels=["deployment"])
+    for deployment in deployments:
+        name = deployment["name"]
+        for state, count in deployment["jobs"].items():
+            states.add_metric([name, state], count)
+        since = deployment["jobs_oldest_queued_at"]
+        oldest.add_metric([name], max(0.0, read_at - since) if since is not None else 0.0)
+        attempts.add_metric([name], deployment["job_attempts"])
+    yield states
+    yield oldest
+    yield attempts
 
 
 def _canary_metrics(deployments: list[dict[str, Any]]) -> Iterator[Metric]:

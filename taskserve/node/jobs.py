@@ -68,12 +68,13 @@ class JobRunner:
     """Starts, ends, retries and buries the jobs of one replica."""
 
     def __init__(self, store: Store, replica_id: str, deployment: str, answerer: Answerer,
-                 job_ttl_s: float = DEFAULT_JOB_TTL_S) -> None:
+                 job_ttl_s: float = DEFAULT_JOB_TTL_S, on_attempt: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.replica_id = replica_id
         self.deployment = deployment
         self.answerer = answerer
         self.job_ttl_s = job_ttl_s
+        self.on_attempt = on_attempt        # an attempt started (the replica's stats count it)
 
     def admit(self, call: Call, message: Any, refusal: Optional[Outcome],
               resolve: Callable[[str], Any]) -> Optional[Running]:
@@ -122,6 +123,7 @@ class JobRunner:
             log.info("job %s not run: it is %s", call.task_id, started.previous.lower())
             self._acknowledge(message)
             return None
+        self.on_attempt()
         if call.from_celery:
             # Celery's own STARTED, for AsyncResult.state (not published: nobody waits on it).
             self._store_started(call)

@@ -260,7 +260,7 @@ class ReplicaProcess:
         self.stats.also.append(self.in_flight.report)
         max_deliveries = int(self.config.get("max_deliveries") or DEFAULT_MAX_DELIVERIES)
         jobs = JobRunner(self.store, self.replica_id, self.record.deployment, answerer,
-                         float(self.config.get("job_ttl_s") or DEFAULT_JOB_TTL_S))
+                         float(self.config.get("job_ttl_s") or DEFAULT_JOB_TTL_S), on_attempt=self.stats.count_attempt)
         try:
             if batched_methods(dispatcher.target):
                 return BatchServer(self, dispatcher, app, inflight, answerer, jobs, max_deliveries, concurrency,

@@ -16,6 +16,7 @@ import redis
 
 from ..canary import count_request
 from ..store import Store
+from ..store.stats import JOB_ATTEMPTS_FIELD
 from .inflight import InflightFile
 
 log = logging.getLogger("taskserve.node.stats")
@@ -65,6 +66,20 @@ class RequestStats:
     def count(self, seconds: float, ok: bool) -> None:
         with self.lock:
             count_request(self.counts, self.version, seconds, ok)
+            if self.idle:
+                self.idle = False
+                self.wake.set()
+
+    def count_attempt(self) -> None:
+        """A job attempt started (counted for the metrics' ``taskserve_job_attempts_total``).
+
+        >>> import fakeredis
+        >>> stats = RequestStats(Store(fakeredis.FakeRedis()), "ocr", "1")
+        >>> stats.count_attempt(); stats.count_attempt(); stats.flush(), stats.store.stats("ocr")
+        (True, {'job_attempts': 2})
+        """
+        with self.lock:
+            self.counts[JOB_ATTEMPTS_FIELD] = self.counts.get(JOB_ATTEMPTS_FIELD, 0) + 1
             if self.idle:
                 self.idle = False
                 self.wake.set()

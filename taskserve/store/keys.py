@@ -92,7 +92,7 @@ What the records hold:
 - ``{p}:deliveries:{task_id}``: times a request was put back after its replica died.
 - ``{p}:stats:{name}``: requests, errors and latency buckets the replicas served, per
   version: ``requests:{version}``, ``errors:{version}``, ``le{i}:{version}`` (see
-  :mod:`taskserve.canary`).
+  :mod:`taskserve.canary`); and ``job_attempts``, the job attempts they started.
 - ``taskserve.{name}``: Celery's queue of a deployment (kombu's list), holding its
   default-priority messages; ``taskserve.{name}\\x06\\x16{n}`` (kombu's naming) those of kombu
   priority ``n`` (1..9; see :func:`taskserve.wire.priority_to_transport`), taken in

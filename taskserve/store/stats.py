@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from .base import StoreBase, as_text
 
+# The stats hash's count of job attempts the deployment's replicas started (every
+# version together: a canary's reset of its version's counters leaves it alone).
+JOB_ATTEMPTS_FIELD = "job_attempts"
+
 
 class Stats(StoreBase):
     """The request counters part of :class:`taskserve.store.Store`."""
