@@ -512,6 +512,10 @@ class Controller:
             elif isinstance(action, ForgetReplica):
                 record = records.get(action.replica_id)
                 if record is not None:
+                    # What it held and nobody put back (its node died with it): served next.
+                    restored = self.store.restore_held(record.replica_id)
+                    if restored:
+                        log.warning("put back %d request(s) replica %s held", len(restored), record.replica_id)
                     self.store.forget_replica(record, fence=fence)
                     if action.crashed:
                         log.warning("replica %s of %s died; replacing it", record.replica_id, goal.name)

@@ -575,6 +575,11 @@ class NodeAgent:
             return
         log.info("put back %d request(s) replica %s held when it died", len(tags), replica_id)
         try:
+            # Anything it took whose tag never reached the file (it died in between): back too.
+            task_ids += self.store.restore_held(replica_id, count=False)
+        except Exception as error:     # the controller puts back what is still held, when it forgets the replica
+            log.warning("could not put back the rest of what replica %s held (%s)", replica_id, error)
+        try:
             self.store.count_redeliveries(task_ids)
         except Exception as error:
             log.warning("could not count the redeliveries of %s (%s)", ", ".join(task_ids), error)

@@ -47,7 +47,6 @@ from typing import Any, Optional
 import kombu
 import redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps as kombu_dumps
 
 from ..batching import (
     BATCH_SIZES_FIELD,
@@ -69,7 +68,7 @@ from .answering import Answerer, refuse_redelivery
 from .inflight import InflightFile
 from .invoke import Dispatcher
 from .jobs import JobRunner, Running
-from .transport import REDIS_UNREACHABLE, ReplicaChannel, ReplicaQoS, ReplicaTransport
+from .transport import REDIS_UNREACHABLE, ReplicaChannel, ReplicaQoS, ReplicaTransport, retry_while_unreachable
 
 log = logging.getLogger("taskserve.node.batch_server")
 
@@ -109,17 +108,17 @@ class BatchQoS(ReplicaQoS):
     taken_at = 0.0      # time.monotonic() when the last message came out of the queue
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        # kombu's Redis QoS.append (the message into the unacknowledged index), plus the LLEN.
+        # Recorded as taken (ReplicaQoS.record_taken), plus the queue's length, in one round trip.
         self.taken_at = time.monotonic()
-        delivery = message.delivery_info
-        exchange, routing_key = delivery["exchange"], delivery["routing_key"]
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(self.unacked_key, delivery_tag, kombu_dumps([message._raw, exchange, routing_key]))
-            for key in queue_lists(routing_key):     # taskserve's queues are routed by their own name
+        routing_key = message.delivery_info["routing_key"]    # taskserve's queues are routed by their own name
+
+        def lengths(pipe: Any) -> None:
+            for key in queue_lists(routing_key):
                 pipe.llen(key)
-            _, _, *lengths = pipe.execute()
-        self.queue_length = sum(int(length) for length in lengths)
+
+        replies = retry_while_unreachable(lambda: self.record_taken(message, delivery_tag, lengths),
+                                          "record a request as taken")
+        self.queue_length = sum(int(length) for length in replies[-len(queue_lists(routing_key)):])
         virtual.QoS.append(self, message, delivery_tag)
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 
 from ..jobs import JobContext
 from ..store import Started, Store, queue_list, result_key
+from ..store.keys import held_key
 from ..wire import (
     CANCELLED,
     DEAD,
@@ -176,7 +177,7 @@ class JobRunner:
                 job_fields(self.deployment, call.method or "?", call.priority, 0, 1.0, time.time())), "record a job")
         ended = retry_while_unreachable(lambda: self.store.finish_job(
             self.deployment, call.task_id, state, self.job_ttl_s, answer, revoked_answer(call.task_id, "cancelled"),
-            error, tag, kept, text), "end a job")
+            error, tag, kept, text, held=held_key(self.replica_id)), "end a job")
         if message is not None:
             message.channel.qos.acknowledged_in_redis(tag)
         return str(ended)
@@ -186,7 +187,7 @@ class JobRunner:
                               priority_to_transport(call.priority))
         done = retry_while_unreachable(lambda: self.store.delay_job(
             self.deployment, call.task_id, due, list_key, fresh_item(message._raw), message.delivery_tag,
-            error, failed, text), "delay a job")
+            error, failed, text, held=held_key(self.replica_id)), "delay a job")
         if not int(done):
             return False
         message.channel.qos.acknowledged_in_redis(message.delivery_tag)

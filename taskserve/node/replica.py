@@ -51,6 +51,7 @@ from ..planner import RECONFIGURE_FAILED_MARK
 from ..signing import check_user_config, manifest, node_secret
 from ..state import Replica, ReplicaState
 from ..store import Store, replica_queue
+from ..store.keys import held_key
 from .answering import DEFAULT_MAX_DELIVERIES, Answerer
 from .batch_server import BatchServer
 from .celery_server import CeleryServer
@@ -62,6 +63,7 @@ from .processes import die_with_parent, hold_lock
 from .protocol import EXIT_CONSTRUCTOR_FAILED, INFLIGHT_FILE_ENV
 from .stats import InFlightReport, RequestStats
 from .streams import StreamWriter
+from .transport import ReplicaQoS
 
 log = logging.getLogger("taskserve.node.replica")
 
@@ -254,6 +256,7 @@ class ReplicaProcess:
                        result_expires=float(self.config.get("result_ttl_s") or DEFAULT_RESULT_EXPIRES_S))
         answerer = Answerer(float(self.config.get("result_ttl_s") or DEFAULT_RESULT_EXPIRES_S), self.record.version,
                             serializer, node_secret() if serializer == "pickle" else None)
+        ReplicaQoS.held_key = held_key(self.replica_id)     # what this replica holds, for its node's death
         inflight = InflightFile(self.inflight_path)
         self.in_flight = InFlightReport(self.store, self.replica_id, inflight, self.record.deployment,
                                         self.stats.wake)

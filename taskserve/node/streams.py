@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ..store import Store
-from ..store.keys import UNACKED_INDEX_KEY, UNACKED_KEY, cancel_key, result_key, stream_key
+from ..store.keys import cancel_key, result_key, stream_key
 from ..wire import Call, Outcome, stream_chunks, stream_end
 from .transport import REDIS_UNREACHABLE, _why, retry_while_unreachable
 
@@ -144,8 +144,7 @@ class StreamWriter:
                     if end is not None:
                         pipe.xadd(stream.key, end)
                         tag = stream.message.delivery_tag
-                        pipe.hdel(UNACKED_KEY, tag)
-                        pipe.zrem(UNACKED_INDEX_KEY, tag)
+                        stream.message.channel.qos._remove_from_indices(tag, pipe)
                     if chunks or end is not None:
                         pipe.expire(stream.key, self.ttl_s)
                 if asks:

@@ -33,6 +33,7 @@ import redis
 from celery.worker.consumer import Consumer
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.json import dumps as kombu_dumps
 
 from ..store.keys import CONSUME_ORDER, queue_list
 from ..wire import NotARequest, _short, _why
@@ -122,6 +123,23 @@ class ReplicaQoS(kombu_redis.QoS):
     memory only (:meth:`acknowledged_in_redis`).
     """
 
+    # The set of the tags this replica holds (taskserve:held:<replica id>), kept with kombu's
+    # unacknowledged hash, so that the controller puts back what a replica on a dead node
+    # held: set by the replica process before it serves.
+    held_key: Optional[str] = None
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        """Never: kombu hands out a message unacknowledged for its visibility timeout again,
+        while its replica may still run it (a job may run for hours). A dead replica's
+        messages are put back by its agent, and a dead node's by the controller."""
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        with self.pipe_or_acquire(pipe) as pipe:
+            pipe = super()._remove_from_indices(delivery_tag, pipe)
+            if self.held_key:
+                pipe.srem(self.held_key, delivery_tag)
+            return pipe
+
     def acknowledged_in_redis(self, delivery_tag: str) -> None:
         """``delivery_tag`` left the unacknowledged index with its answer: acknowledge it in
         memory (a restore at shutdown must not put it back; the prefetch has room again)."""
@@ -130,8 +148,23 @@ class ReplicaQoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
         # A message BRPOP took just as Redis went away is held nowhere but here until
         # it is in the unacknowledged hash: recorded once Redis is back, then served.
-        retry_while_unreachable(lambda: super(ReplicaQoS, self).append(message, delivery_tag),
-                                "record a request as taken")
+        retry_while_unreachable(lambda: self.record_taken(message, delivery_tag), "record a request as taken")
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def record_taken(self, message: Any, delivery_tag: str, also: Optional[Callable[[Any], None]] = None) -> list:
+        """What kombu's Redis QoS records of a message taken (its unacknowledged index and
+        hash), with its tag in this replica's held set, in one round trip; ``also`` may add
+        commands to that pipeline. The pipeline's replies."""
+        delivery = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag,
+                      kombu_dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
+            if self.held_key:
+                pipe.sadd(self.held_key, delivery_tag)
+            if also is not None:
+                also(pipe)
+            return pipe.execute()
 
     def ack(self, delivery_tag: str) -> None:
         retry_while_unreachable(lambda: super(ReplicaQoS, self).ack(delivery_tag), "acknowledge a request")

@@ -227,27 +227,28 @@ class Jobs(StoreBase):
 
     def finish_job(self, name: str, job_id: str, state: str, ttl_s: float, answer: bytes, cancelled_answer: bytes,
                    error: str = "", delivery_tag: str = "", keep_message: bytes = b"", message: str = "",
-                   pipe: Optional[object] = None) -> Any:
+                   held: str = "", pipe: Optional[object] = None) -> Any:
         """Job ``job_id`` ends in ``state``; its ``answer`` is stored and published, its
         message (``delivery_tag``) acknowledged, all in one step (queued on ``pipe`` if
         given). A job asked to stop while it ran ends CANCELLED (with ``cancelled_answer``)
         unless ``state`` is DEAD; the state it ended in is returned."""
         ended = self._scripts.finish_job(
             keys=[job_key(job_id), jobs_key(name, QUEUED), jobs_key(name, RUNNING), jobs_key(name, state),
-                  result_key(job_id), UNACKED_KEY, UNACKED_INDEX_KEY, jobs_key(name, CANCELLED)],
+                  result_key(job_id), UNACKED_KEY, UNACKED_INDEX_KEY, jobs_key(name, CANCELLED), held],
             args=[job_id, state, repr(time.time()), max(1, int(ttl_s)), answer, error, delivery_tag,
                   keep_message, message, cancelled_answer],
             client=pipe)
         return ended.decode() if isinstance(ended, bytes) else ended
 
     def delay_job(self, name: str, job_id: str, due: float, list_key: str, queue_message: bytes, delivery_tag: str,
-                  error: str = "", failed: bool = False, message: str = "", pipe: Optional[object] = None) -> Any:
+                  error: str = "", failed: bool = False, message: str = "", held: str = "",
+                  pipe: Optional[object] = None) -> Any:
         """Job ``job_id`` waits until ``due`` (a retry's backoff, an ETA): QUEUED, its
         ``queue_message`` delayed for ``list_key``, the taken one acknowledged. Returns 1,
         or 0 when the job was asked to stop meanwhile (nothing done: end it CANCELLED)."""
         return self._scripts.delay_job(
             keys=[job_key(job_id), jobs_key(name, QUEUED), jobs_key(name, RUNNING), DELAYED_KEY, UNACKED_KEY,
-                  UNACKED_INDEX_KEY],
+                  UNACKED_INDEX_KEY, held],
             args=[job_id, repr(time.time()), repr(due), list_key.encode() + b"\n" + queue_message, error,
                   "1" if failed else "0", delivery_tag, message],
             client=pipe)

@@ -63,6 +63,8 @@ key                                 type     who writes                  who rea
                                              submit)
 ``{p}:delayed``                     zset     replicas (retries, ETAs)    controller                    none
 ``{p}:cancel:{task_id}``            string   clients, gateway            replicas                      an hour
+``{p}:held:{replica_id}``           set      replicas (with kombu's      the controller (a dead        when emptied
+                                             unacked hash)               node's), agents
 ``{p}:stream:{task_id}``            stream   replicas; agents (the end   clients, gateway              result_ttl_s
                                              of a dead replica's)
 ``unacked``                         hash     replicas (kombu)            controller, agents            none
@@ -108,6 +110,10 @@ What the records hold:
   submitted under an idempotency key. ``{p}:delayed``: messages waiting for their time
   (a retry's backoff, a Celery ETA), ``"<list>\n<message>"`` -> when due.
   ``{p}:cancel:{task_id}``: set while a running call or job is asked to stop.
+- ``{p}:held:{replica_id}``: the delivery tags (kombu's unacked hash) a replica holds: a
+  replica takes and acknowledges a message with its tag in the same step, so when its node
+  dies the controller puts back exactly what it held (there is no time-based redelivery:
+  a job may run for hours).
 - ``{p}:stream:{task_id}``: a streaming call's chunks, in batches, then its end (see
   :mod:`taskserve.wire`'s stream entries); it expires ``result_ttl_s`` after its last write.
 - ``unacked``: kombu's messages taken but not acknowledged: delivery tag -> JSON
@@ -208,6 +214,11 @@ def idempotency_key(name: str, key: str) -> str:
 
 def cancel_key(task_id: str) -> str:
     return f"{PREFIX}:cancel:{task_id}"
+
+
+def held_key(replica_id: str) -> str:
+    """The delivery tags of the messages replica ``replica_id`` took and has not acknowledged."""
+    return f"{PREFIX}:held:{replica_id}"
 
 
 def stream_key(task_id: str) -> str:

@@ -11,8 +11,19 @@ from __future__ import annotations
 import json
 from typing import Iterable, Optional, Union
 
+import redis
+
 from .base import StoreBase
-from .keys import CONSUME_ORDER, UNACKED_KEY, canary_queue_name, queue_lists, queue_name
+from .keys import (
+    CONSUME_ORDER,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
+    canary_queue_name,
+    held_key,
+    queue_list,
+    queue_lists,
+    queue_name,
+)
 
 
 class Queues(StoreBase):
@@ -112,6 +123,60 @@ class Queues(StoreBase):
         return {name: sum(int(count) for count in moved[i * lists:(i + 1) * lists]) for i, name in enumerate(names)}
 
     # ------------------------------------------------------------------ redeliveries
+
+    def restore_held(self, replica_id: str, ttl_s: int = 86_400, count: bool = True) -> list[str]:
+        """Put back on their queues the messages replica ``replica_id`` held (its node died,
+        or it did and its agent could not), to be taken next and counted as delivered
+        again (unless ``count`` is False: the caller counts them), as kombu's own restore
+        does; the task ids put back. Idempotent: a message already put back or
+        acknowledged is not in kombu's unacked hash any more.
+
+        >>> import fakeredis
+        >>> queues = Queues(fakeredis.FakeRedis())
+        >>> message = {"headers": {"id": "t1"}, "properties": {"priority": 0, "delivery_info": {}}}
+        >>> queues.redis.hset(UNACKED_KEY, "tag-1", json.dumps([message, "", "taskserve.echo"]))
+        1
+        >>> queues.redis.sadd(held_key("echo-1"), "tag-1")
+        1
+        >>> queues.restore_held("echo-1"), queues.redeliveries("t1")
+        (['t1'], 1)
+        >>> json.loads(queues.redis.rpop("taskserve.echo"))["headers"]["redelivered"]
+        True
+        """
+        key = held_key(replica_id)
+        restored = []
+        for tag in self.redis.smembers(key):
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.watch(UNACKED_KEY)
+                entry = pipe.hget(UNACKED_KEY, tag)
+                pipe.multi()
+                pipe.srem(key, tag)
+                task_id = None
+                if entry is not None:
+                    try:
+                        payload, _, routing_key = json.loads(entry)
+                        task_id = str(payload["headers"]["id"])
+                        payload["headers"]["redelivered"] = True
+                        payload["properties"].setdefault("delivery_info", {})["redelivered"] = True
+                        priority = int(payload["properties"].get("priority") or 0)
+                    except (ValueError, TypeError, KeyError) as error:
+                        self.report_unreadable(f"held message {tag!r} of replica {replica_id}", str(error))
+                    else:
+                        pipe.rpush(queue_list(routing_key, priority), json.dumps(payload))   # taken next
+                        if count:
+                            pipe.incr(self.deliveries_key(task_id))
+                            pipe.expire(self.deliveries_key(task_id), ttl_s)
+                    pipe.zrem(UNACKED_INDEX_KEY, tag)
+                    pipe.hdel(UNACKED_KEY, tag)
+                try:
+                    pipe.execute()
+                except redis.WatchError:
+                    continue      # acknowledged or put back meanwhile: nothing to do for it
+                if task_id:
+                    restored.append(task_id)
+        self.redis.delete(key)
+        return restored
+
 
     def count_redeliveries(self, task_ids: Iterable[str], ttl_s: int = 86_400) -> None:
         """Note that the requests ``task_ids`` are delivered again (their replica died)."""

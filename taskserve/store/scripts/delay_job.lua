@@ -1,7 +1,8 @@
 -- A job waits to run again (an attempt failed with retries left) or for its ETA: QUEUED,
 -- its message in the delayed set until ARGV[3], acknowledged from the queue.
 -- KEYS[1] the job's record, KEYS[2] its QUEUED set, KEYS[3] its RUNNING set, KEYS[4] the
--- delayed set, KEYS[5] kombu's unacked hash, KEYS[6] kombu's unacked index.
+-- delayed set, KEYS[5] kombu's unacked hash, KEYS[6] kombu's unacked index, KEYS[7] the
+-- replica's held set ("" for none).
 -- ARGV[1] job id, ARGV[2] now, ARGV[3] when it is due, ARGV[4] the delayed entry (the
 -- list and the message), ARGV[5] the error ("" when none), ARGV[6] "1" if an attempt
 -- failed, ARGV[7] the delivery tag, ARGV[8] a status message.
@@ -21,4 +22,7 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
 redis.call('HDEL', KEYS[5], ARGV[7])
 redis.call('ZREM', KEYS[6], ARGV[7])
+if KEYS[7] ~= '' then
+  redis.call('SREM', KEYS[7], ARGV[7])
+end
 return 1

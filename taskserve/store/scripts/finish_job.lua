@@ -2,7 +2,7 @@
 -- and its message acknowledged: one step.
 -- KEYS[1] the job's record, KEYS[2] its QUEUED set, KEYS[3] its RUNNING set, KEYS[4] the
 -- set of its new state, KEYS[5] its result key, KEYS[6] kombu's unacked hash, KEYS[7]
--- kombu's unacked index, KEYS[8] its CANCELLED set.
+-- kombu's unacked index, KEYS[8] its CANCELLED set, KEYS[9] the replica's held set ("" for none).
 -- ARGV[1] job id, ARGV[2] new state, ARGV[3] now, ARGV[4] how long the job is kept (s),
 -- ARGV[5] the answer (the result record), ARGV[6] the error ("" when none), ARGV[7] the
 -- message's delivery tag ("" when not taken from a queue), ARGV[8] the message, kept for
@@ -43,5 +43,8 @@ redis.call('PUBLISH', KEYS[5], answer)
 if ARGV[7] ~= '' then
   redis.call('HDEL', KEYS[6], ARGV[7])
   redis.call('ZREM', KEYS[7], ARGV[7])
+  if KEYS[9] ~= '' then
+    redis.call('SREM', KEYS[9], ARGV[7])
+  end
 end
 return state
