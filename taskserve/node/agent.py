@@ -546,41 +546,44 @@ class NodeAgent:
         return unpack_working_dir(self.data_dir / "working_dirs", sha, lambda: self.store.get_code(sha))
 
     def _restore_inflight(self, process: ManagedProcess) -> None:
-        self._restore_file(process.replica_id, process.inflight_path)
+        # A replica killed because it did not drain in time handed its requests back: a
+        # job longer than graceful_shutdown_timeout_s runs again elsewhere, and that is not
+        # a crash counted against max_deliveries.
+        self._restore_file(process.replica_id, process.inflight_path, count=not process.killed)
 
-    def _restore_file(self, replica_id: str, inflight_path: Path) -> None:
+    def _restore_file(self, replica_id: str, inflight_path: Path, count: bool = True) -> None:
         """Put the requests a dead replica held back on its queue, to be served next,
-        and count them as redelivered.
+        and count them as redelivered (unless ``count`` is False).
 
-        Never raises: while Redis is unreachable the requests stay unacknowledged,
-        and the transport hands them out again after its visibility timeout.
+        Never raises: while Redis is unreachable the requests stay unacknowledged, and
+        the controller puts them back once it forgets the replica.
         """
         try:
             tags = read_tags(inflight_path)
         except Exception as error:
             log.warning("could not read what replica %s held (%s)", replica_id, error)
             return
-        if not tags:
-            return
-        try:
-            if self._celery_app is None:
-                self._celery_app = make_app(self.address)
-            with self._celery_app.connection_for_write() as connection:
-                connection.ensure_connection(max_retries=0)   # fail at once, not after seconds of retries
-                task_ids = put_back(connection.default_channel, tags)
-        except Exception as error:
-            log.warning("could not put back the %d request(s) replica %s held (%s); "
-                        "they are handed out again after the visibility timeout",
-                        len(tags), replica_id, error)
-            return
-        log.info("put back %d request(s) replica %s held when it died", len(tags), replica_id)
+        task_ids: list[str] = []
+        if tags:
+            try:
+                if self._celery_app is None:
+                    self._celery_app = make_app(self.address)
+                with self._celery_app.connection_for_write() as connection:
+                    connection.ensure_connection(max_retries=0)   # fail at once, not after seconds of retries
+                    task_ids = put_back(connection.default_channel, tags)
+            except Exception as error:
+                log.warning("could not put back the %d request(s) replica %s held (%s); the controller puts them "
+                            "back when it forgets the replica", len(tags), replica_id, error)
+                return
+            log.info("put back %d request(s) replica %s held when it died", len(tags), replica_id)
         try:
             # Anything it took whose tag never reached the file (it died in between): back too.
             task_ids += self.store.restore_held(replica_id, count=False)
         except Exception as error:     # the controller puts back what is still held, when it forgets the replica
             log.warning("could not put back the rest of what replica %s held (%s)", replica_id, error)
         try:
-            self.store.count_redeliveries(task_ids)
+            if count:
+                self.store.count_redeliveries(task_ids)
         except Exception as error:
             log.warning("could not count the redeliveries of %s (%s)", ", ".join(task_ids), error)
 
