@@ -62,6 +62,8 @@ from .planner import (
 )
 from .state import DEFAULT_HEARTBEAT_TTL_S, DeploymentHealth, DeploymentState, Goal, Node, Replica
 from .store import ClusterReader, LeaseLost, Store, wait_for_events
+from .store.keys import stream_key
+from .wire import interrupted_stream_end, is_streaming_message
 
 # How often the controller drops the set entries of jobs whose records expired.
 JOB_TRIM_S = 60.0
@@ -512,10 +514,13 @@ class Controller:
             elif isinstance(action, ForgetReplica):
                 record = records.get(action.replica_id)
                 if record is not None:
-                    # What it held and nobody put back (its node died with it): served next.
-                    restored = self.store.restore_held(record.replica_id)
+                    # What it held and nobody put back (its node died with it): served next; a
+                    # stream is not run again, its caller reads that it was interrupted.
+                    restored, interrupted = self.store.restore_held(record.replica_id, drop=is_streaming_message)
                     if restored:
                         log.warning("put back %d request(s) replica %s held", len(restored), record.replica_id)
+                    for task_id in interrupted:
+                        self.store.redis.xadd(stream_key(task_id), interrupted_stream_end())
                     self.store.forget_replica(record, fence=fence)
                     if action.crashed:
                         log.warning("replica %s of %s died; replacing it", record.replica_id, goal.name)

@@ -695,6 +695,18 @@ def stream_end(outcome: Optional[Outcome] = None) -> dict[bytes, bytes]:
                                     "traceback": outcome.traceback})}
 
 
+def is_streaming_message(message: Mapping[str, Any]) -> bool:
+    """Whether a queued message (kombu's envelope, decoded) is a streaming call.
+
+    >>> is_streaming_message({"headers": {"id": "d9b1", "taskserve": {"stream": 1}}})
+    True
+    >>> is_streaming_message({"headers": {"id": "d9b1"}}), is_streaming_message({"headers": None})
+    (False, False)
+    """
+    options = (message.get("headers") or {}).get(OPTIONS_HEADER)
+    return isinstance(options, dict) and bool(options.get("stream"))
+
+
 def interrupted_stream_end() -> dict[bytes, bytes]:
     """The last entry a node agent writes for a stream whose replica died mid-stream."""
     return stream_end(Outcome.failure("ReplicaError", STREAM_INTERRUPTED))

@@ -41,19 +41,18 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Mapping, Optional
+from typing import IO, Iterable, Mapping, Optional
 
 import psutil
 import redis
 
-from ..celery_app import make_app
 from ..connection import ADDRESS_ENV
 from ..runtime_env import env_key
 from ..signing import check_assignment
 from ..state import Node, Replica, ReplicaState, Resources, check_id, package_sha
 from ..store import NodeClaim, NodeTaken, Store, wait_for_events
 from ..store.keys import stream_key
-from ..wire import OPTIONS_HEADER, interrupted_stream_end
+from ..wire import interrupted_stream_end, is_streaming_message
 from .envs import EnvironmentCache, unpack_working_dir
 from .forkserver import Launcher
 from .inflight import read_tags
@@ -171,7 +170,6 @@ class NodeAgent:
         self.node_lost = False                # another agent holds the node id now
         self.malformed: set[str] = set()      # records already reported as unreadable
         self.claim = NodeClaim(pid=os.getpid(), host=socket.gethostname(), token=secrets.token_hex(8))
-        self._celery_app = None
         self.launcher = Launcher(self.log_dir)
         # _wake() writes here: the main loop's wait (up to IDLE_RESYNC_S) ends at once.
         self._wake_read, self._wake_write = os.pipe()
@@ -563,29 +561,21 @@ class NodeAgent:
         except Exception as error:
             log.warning("could not read what replica %s held (%s)", replica_id, error)
             return
-        task_ids: list[str] = []
-        if tags:
-            try:
-                if self._celery_app is None:
-                    self._celery_app = make_app(self.address)
-                with self._celery_app.connection_for_write() as connection:
-                    connection.ensure_connection(max_retries=0)   # fail at once, not after seconds of retries
-                    task_ids = put_back(connection.default_channel, tags)
-            except Exception as error:
-                log.warning("could not put back the %d request(s) replica %s held (%s); the controller puts them "
-                            "back when it forgets the replica", len(tags), replica_id, error)
-                return
-            log.info("put back %d request(s) replica %s held when it died", len(tags), replica_id)
         try:
-            # Anything it took whose tag never reached the file (it died in between): back too.
-            task_ids += self.store.restore_held(replica_id, count=False)
-        except Exception as error:     # the controller puts back what is still held, when it forgets the replica
-            log.warning("could not put back the rest of what replica %s held (%s)", replica_id, error)
-        try:
-            if count:
-                self.store.count_redeliveries(task_ids)
+            restored, interrupted = self.store.restore_held(replica_id, tags, count=count, drop=is_streaming_message)
         except Exception as error:
-            log.warning("could not count the redeliveries of %s (%s)", ", ".join(task_ids), error)
+            log.warning("could not put back the request(s) replica %s held (%s); the controller puts them "
+                        "back when it forgets the replica", replica_id, error)
+            return
+        if restored:
+            log.info("put back %d request(s) replica %s held when it died", len(restored), replica_id)
+        for task_id in interrupted:
+            # A stream is not run again: its caller learns at once that it ended.
+            try:
+                self.store.redis.xadd(stream_key(task_id), interrupted_stream_end())
+                log.info("stream %s interrupted: its replica died", task_id)
+            except Exception as error:
+                log.warning("could not end stream %s (%s)", task_id, error)
 
     def _find_orphans(self) -> None:
         """Note the in-flight files an earlier agent's replicas left behind.
@@ -646,67 +636,6 @@ class NodeAgent:
         except redis.RedisError as error:
             log.warning("could not record the shutdown in Redis (%s); the node will expire", error)
         log.info("node agent %s stopped", self.node_id)
-
-
-def put_back(channel: Any, tags: list[str]) -> list[str]:
-    """Put the messages of ``tags`` back on their queues (kombu's Redis channel), to be
-    taken next; the task ids of those that were still unacknowledged.
-
-    The task id is read from kombu's entry of the unacknowledged message (its
-    payload's ``headers["id"]``) before it is restored. A streaming call is not run
-    again: its stream ends with the error "stream interrupted" at once, and its message
-    is acknowledged.
-    """
-    qos = channel.qos
-    with channel.conn_or_acquire() as client:
-        entries = client.hmget(qos.unacked_key, tags)
-    task_ids = []
-    for tag, entry in zip(tags, entries):
-        task_id = _task_id(entry) if entry else None
-        if task_id and _streaming(entry):
-            with channel.conn_or_acquire() as client, client.pipeline(transaction=True) as pipe:
-                pipe.xadd(stream_key(task_id), interrupted_stream_end())
-                qos._remove_from_indices(tag, pipe)
-                pipe.execute()
-            log.info("stream %s interrupted: its replica died", task_id)
-            continue
-        if task_id:
-            task_ids.append(task_id)
-        # kombu publishes with LPUSH and consumes with BRPOP (the right end), so
-        # leftmost=False (RPUSH) is what it pops next: ahead of newer requests.
-        qos.restore_by_tag(tag, leftmost=False)
-    return task_ids
-
-
-def _streaming(entry: bytes | str) -> bool:
-    """Whether kombu's unacked entry holds a streaming call (taskserve's options say so).
-
-    >>> _streaming('[{"headers": {"id": "d9b1", "taskserve": {"stream": 1}}}, "", "taskserve.llm"]')
-    True
-    >>> _streaming('[{"headers": {"id": "d9b1"}}, "", "taskserve.llm"]'), _streaming("not json")
-    (False, False)
-    """
-    try:
-        options = (json.loads(entry)[0].get("headers") or {}).get(OPTIONS_HEADER)
-    except (ValueError, TypeError, IndexError, AttributeError):
-        return False
-    return isinstance(options, dict) and bool(options.get("stream"))
-
-
-def _task_id(entry: bytes | str) -> Optional[str]:
-    """The Celery task id in kombu's unacked entry ``[payload, exchange, routing_key]``.
-
-    >>> _task_id('[{"headers": {"id": "d9b1"}, "properties": {}}, "", "taskserve.echo"]')
-    'd9b1'
-    >>> _task_id("not json") is None
-    True
-    """
-    try:
-        payload = json.loads(entry)[0]
-        task_id = (payload.get("headers") or {}).get("id") or (payload.get("properties") or {}).get("correlation_id")
-    except (ValueError, TypeError, IndexError, AttributeError):
-        return None
-    return str(task_id) if task_id else None
 
 
 def _agent_running(pid: int) -> bool:

@@ -9,7 +9,8 @@ acknowledged sit in kombu's ``unacked`` hash (``keys.UNACKED_KEY``).
 from __future__ import annotations
 
 import json
-from typing import Iterable, Optional, Union
+import uuid
+from typing import Callable, Iterable, Optional, Union
 
 import redis
 
@@ -124,59 +125,72 @@ class Queues(StoreBase):
 
     # ------------------------------------------------------------------ redeliveries
 
-    def restore_held(self, replica_id: str, ttl_s: int = 86_400, count: bool = True) -> list[str]:
-        """Put back on their queues the messages replica ``replica_id`` held (its node died,
-        or it did and its agent could not), to be taken next and counted as delivered
-        again (unless ``count`` is False: the caller counts them), as kombu's own restore
-        does; the task ids put back. Idempotent: a message already put back or
-        acknowledged is not in kombu's unacked hash any more.
+    def restore_held(self, replica_id: str, tags: Iterable[str] = (), count: bool = True,
+                     drop: Optional[Callable[[dict], bool]] = None, ttl_s: int = 86_400) -> tuple[list[str], list[str]]:
+        """Put back on their queues the messages replica ``replica_id`` held (its held set,
+        and ``tags`` its agent read from its in-flight file): to be taken next, marked
+        redelivered and counted as delivered again (unless ``count`` is False), as kombu's
+        own restore does — but under a new delivery tag, so that a tag the dead replica
+        still lists can never name the message once another replica took it. A message
+        for which ``drop(message)`` is true is acknowledged instead (a streaming call, not
+        run again). Returns (the task ids put back, those dropped). Idempotent: a message
+        already put back or acknowledged is not in kombu's unacked hash any more.
 
         >>> import fakeredis
         >>> queues = Queues(fakeredis.FakeRedis())
-        >>> message = {"headers": {"id": "t1"}, "properties": {"priority": 0, "delivery_info": {}}}
+        >>> message = {"headers": {"id": "t1"}, "properties": {"priority": 0, "delivery_tag": "tag-1"}}
         >>> queues.redis.hset(UNACKED_KEY, "tag-1", json.dumps([message, "", "taskserve.echo"]))
         1
         >>> queues.redis.sadd(held_key("echo-1"), "tag-1")
         1
         >>> queues.restore_held("echo-1"), queues.redeliveries("t1")
-        (['t1'], 1)
-        >>> json.loads(queues.redis.rpop("taskserve.echo"))["headers"]["redelivered"]
-        True
+        ((['t1'], []), 1)
+        >>> back = json.loads(queues.redis.rpop("taskserve.echo"))
+        >>> back["headers"]["redelivered"], back["properties"]["delivery_tag"] != "tag-1"
+        (True, True)
+        >>> queues.restore_held("echo-1", ["tag-1"])       # once only
+        ([], [])
         """
         key = held_key(replica_id)
-        restored = []
-        for tag in self.redis.smembers(key):
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.watch(UNACKED_KEY)
+        restored: list[str] = []
+        dropped: list[str] = []
+        for tag in {*(t.decode() if isinstance(t, bytes) else t for t in self.redis.smembers(key)), *tags}:
+            outcome: dict = {}
+
+            def put_back(pipe: redis.client.Pipeline, tag: str = tag, outcome: dict = outcome) -> None:
                 entry = pipe.hget(UNACKED_KEY, tag)
                 pipe.multi()
                 pipe.srem(key, tag)
-                task_id = None
-                if entry is not None:
-                    try:
-                        payload, _, routing_key = json.loads(entry)
-                        task_id = str(payload["headers"]["id"])
-                        payload["headers"]["redelivered"] = True
-                        payload["properties"].setdefault("delivery_info", {})["redelivered"] = True
-                        priority = int(payload["properties"].get("priority") or 0)
-                    except (ValueError, TypeError, KeyError) as error:
-                        self.report_unreadable(f"held message {tag!r} of replica {replica_id}", str(error))
-                    else:
+                outcome.clear()
+                if entry is None:
+                    return
+                try:
+                    payload, _, routing_key = json.loads(entry)
+                    task_id = str(payload["headers"]["id"])
+                    dropping = drop is not None and drop(payload)
+                    payload["headers"]["redelivered"] = True
+                    properties = payload["properties"]
+                    properties.setdefault("delivery_info", {})["redelivered"] = True
+                    properties["delivery_tag"] = str(uuid.uuid4())
+                    priority = int(properties.get("priority") or 0)
+                except (ValueError, TypeError, KeyError, AttributeError) as error:
+                    self.report_unreadable(f"held message {tag!r} of replica {replica_id}", str(error))
+                else:
+                    outcome.update(task_id=task_id, dropped=dropping)
+                    if not dropping:
                         pipe.rpush(queue_list(routing_key, priority), json.dumps(payload))   # taken next
                         if count:
                             pipe.incr(self.deliveries_key(task_id))
                             pipe.expire(self.deliveries_key(task_id), ttl_s)
-                    pipe.zrem(UNACKED_INDEX_KEY, tag)
-                    pipe.hdel(UNACKED_KEY, tag)
-                try:
-                    pipe.execute()
-                except redis.WatchError:
-                    continue      # acknowledged or put back meanwhile: nothing to do for it
-                if task_id:
-                    restored.append(task_id)
-        self.redis.delete(key)
-        return restored
+                pipe.zrem(UNACKED_INDEX_KEY, tag)
+                pipe.hdel(UNACKED_KEY, tag)
 
+            # WATCHed: retried while other replicas change the hash meanwhile, as kombu's restore is.
+            self.redis.transaction(put_back, UNACKED_KEY)
+            if outcome:
+                (dropped if outcome["dropped"] else restored).append(outcome["task_id"])
+        self.redis.delete(key)
+        return restored, dropped
 
     def count_redeliveries(self, task_ids: Iterable[str], ttl_s: int = 86_400) -> None:
         """Note that the requests ``task_ids`` are delivered again (their replica died)."""
