@@ -154,6 +154,8 @@ def test_jobs_queued_and_running_survive_a_redis_restart_from_its_aof(tmp_path):
         cluster.stop_all()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_2000_jobs_through_replica_kills_and_a_redis_restart(tmp_path):
     """The fault table's jobs row: every job ends SUCCEEDED; a job runs twice only if a
     replica was killed under it (each kill can cost the jobs it was running)."""
