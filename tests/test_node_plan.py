@@ -13,15 +13,14 @@ back and counted), and its claim of the node id against fakeredis.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
+import fakeredis
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -47,7 +46,9 @@ from taskserve.node.plan import (
 )
 from taskserve.node.protocol import EXIT_CONSTRUCTOR_FAILED
 from taskserve.state import Replica, ReplicaState, Resources
-from taskserve.store import UNACKED_KEY
+from taskserve.store import UNACKED_KEY, Store
+from taskserve.store.keys import held_key, stream_key
+from taskserve.wire import read_stream_entry
 
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -515,7 +516,6 @@ class FakeStore:
     def __init__(self, records: list[Replica]) -> None:
         self.records = {r.replica_id: r.to_fields() for r in records}
         self.writes: list[tuple[str, dict]] = []
-        self.counted: list[list[str]] = []
         self.down = False
 
     def update_replica(self, replica_id: str, **fields: object) -> bool:
@@ -533,9 +533,6 @@ class FakeStore:
 
     def notify(self, what: str) -> None:
         pass
-
-    def count_redeliveries(self, task_ids) -> None:
-        self.counted.append(list(task_ids))
 
     def get_code(self, sha: str) -> bytes:
         raise KeyError(f"no code {sha!r} in this fake store")
@@ -606,49 +603,26 @@ def unacked_entry(task_id: str, tag: str) -> str:
     return json.dumps([payload, "", "taskserve.echo"])
 
 
-class FakeQos:
-    unacked_key = UNACKED_KEY
+class RestoringStore(FakeStore):
+    """A fake store whose putting back of what a replica held is the real store's, on fakeredis."""
 
-    def __init__(self, client) -> None:
-        self.client = client
-        self.restored: list[tuple[str, bool]] = []
+    def __init__(self) -> None:
+        super().__init__([])
+        self.real = Store(fakeredis.FakeRedis())
+        self.redis = self.real.redis
 
-    def restore_by_tag(self, tag: str, leftmost: bool = False) -> None:
-        self.restored.append((tag, leftmost))
-        self.client.hdel(self.unacked_key, tag)
-
-
-class FakeChannel:
-    """The parts of kombu's Redis channel that putting messages back uses."""
-
-    def __init__(self, client) -> None:
-        self.client = client
-        self.qos = FakeQos(client)
-
-    @contextlib.contextmanager
-    def conn_or_acquire(self, client=None):
-        yield self.client
-
-
-class FakeApp:
-    def __init__(self, channel: FakeChannel) -> None:
-        self.channel = channel
-
-    @contextlib.contextmanager
-    def connection_for_write(self):
-        yield SimpleNamespace(default_channel=self.channel, ensure_connection=lambda max_retries=0: None)
+    def restore_held(self, *args, **kwargs):
+        return self.real.restore_held(*args, **kwargs)
 
 
 def test_the_requests_a_dead_replica_held_are_put_back_and_counted(tmp_path):
-    import fakeredis
-
-    client = fakeredis.FakeRedis()
+    store = RestoringStore()
+    client = store.redis
     client.hset(UNACKED_KEY, mapping={"tag-1": unacked_entry("task-1", "tag-1"),
-                                    "tag-2": unacked_entry("task-2", "tag-2")})
-    store = FakeStore([])
+                                    "tag-2": unacked_entry("task-2", "tag-2"),
+                                    "tag-4": unacked_entry("task-4", "tag-4")})
+    client.sadd(held_key("r1"), "tag-4")  # taken, its tag not yet in the in-flight file
     agent = make_agent(store, tmp_path)
-    channel = FakeChannel(client)
-    agent._celery_app = FakeApp(channel)
     inflight_path = agent.log_dir / "r1.inflight"
     held = InflightFile(str(inflight_path))
     held.add("task-1", "tag-1")
@@ -657,18 +631,47 @@ def test_the_requests_a_dead_replica_held_are_put_back_and_counted(tmp_path):
     process = ManagedProcess("r1", "echo", popen=None, log_file=None, inflight_path=inflight_path,
                              graceful_timeout_s=1.0)
     agent._restore_inflight(process)
-    assert channel.qos.restored == [("tag-1", False), ("tag-2", False), ("tag-3", False)]
-    assert store.counted == [["task-1", "task-2"]]
+    back = sorted(json.loads(item)["headers"]["id"] for item in client.lrange("taskserve.echo", 0, -1))
+    assert back == ["task-1", "task-2", "task-4"] and client.hlen(UNACKED_KEY) == 0
+    assert [store.real.redeliveries(f"task-{n}") for n in (1, 2, 3, 4)] == [1, 1, 0, 1]
+    assert not client.exists(held_key("r1"))
+
+
+def test_a_replica_killed_for_not_draining_hands_back_without_counting(tmp_path):
+    store = RestoringStore()
+    store.redis.hset(UNACKED_KEY, "tag-1", unacked_entry("task-1", "tag-1"))
+    agent = make_agent(store, tmp_path)
+    inflight_path = agent.log_dir / "r1.inflight"
+    InflightFile(str(inflight_path)).add("task-1", "tag-1")
+    process = ManagedProcess("r1", "echo", popen=None, log_file=None, inflight_path=inflight_path,
+                             graceful_timeout_s=1.0, killed=True)
+    agent._restore_inflight(process)
+    assert store.redis.llen("taskserve.echo") == 1 and store.real.redeliveries("task-1") == 0
+
+
+def test_a_stream_its_replica_died_under_is_ended_not_run_again(tmp_path):
+    store = RestoringStore()
+    entry = json.loads(unacked_entry("task-1", "tag-1"))
+    entry[0]["headers"]["taskserve"] = {"stream": 1}
+    store.redis.hset(UNACKED_KEY, "tag-1", json.dumps(entry))
+    agent = make_agent(store, tmp_path)
+    inflight_path = agent.log_dir / "r1.inflight"
+    InflightFile(str(inflight_path)).add("task-1", "tag-1")
+    agent._restore_inflight(ManagedProcess("r1", "echo", popen=None, log_file=None, inflight_path=inflight_path,
+                                           graceful_timeout_s=1.0))
+    assert store.redis.llen("taskserve.echo") == 0 and store.redis.hlen(UNACKED_KEY) == 0
+    [(_, fields)] = store.redis.xrange(stream_key("task-1"))
+    _, end = read_stream_entry(fields)
+    assert "stream interrupted" in str(end.error)
 
 
 def test_a_replica_that_held_nothing_counts_nothing(tmp_path):
-    store = FakeStore([])
+    store = RestoringStore()
     agent = make_agent(store, tmp_path)
-    agent._celery_app = FakeApp(FakeChannel(None))
     process = ManagedProcess("r1", "echo", popen=None, log_file=None, inflight_path=agent.log_dir / "none.inflight",
                              graceful_timeout_s=1.0)
     agent._restore_inflight(process)
-    assert store.counted == []
+    assert store.redis.keys("*") == []
 
 
 # --------------------------------------------------------------------------- the node id

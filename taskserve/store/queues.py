@@ -192,17 +192,6 @@ class Queues(StoreBase):
         self.redis.delete(key)
         return restored, dropped
 
-    def count_redeliveries(self, task_ids: Iterable[str], ttl_s: int = 86_400) -> None:
-        """Note that the requests ``task_ids`` are delivered again (their replica died)."""
-        task_ids = list(task_ids)
-        if not task_ids:
-            return
-        with self.redis.pipeline(transaction=False) as pipe:
-            for task_id in task_ids:
-                pipe.incr(self.deliveries_key(task_id))
-                pipe.expire(self.deliveries_key(task_id), ttl_s)
-            pipe.execute()
-
     def redeliveries(self, task_id: str) -> int:
         """How often the request ``task_id`` was put back after its replica died."""
         return int(self.redis.get(self.deliveries_key(task_id)) or 0)
