@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -67,8 +68,14 @@ from taskserve.gateway.app import Gateway, read_routes
 from taskserve.gateway.metrics import StatusReader
 from taskserve.planner import NodeCapacity, StartReplica, StopReplica, node_capacities, plan
 from taskserve.redis_server import RedisServer
+from taskserve.signing import SECRET_ENV, generate_secret, node_secret, sign_goal
 from taskserve.state import DeploymentHealth, Goal, Node, Replica, ReplicaState, Resources
 from taskserve.store import Store
+
+# The controller and the gateway act only on goals signed with the cluster secret: one for
+# this run (and the processes it starts), unless the environment has one.
+os.environ.setdefault(SECRET_ENV, generate_secret())
+SECRET = node_secret()
 
 PASS_TARGET_MS = 50.0
 BATCH_TARGET_MS = 5.0
@@ -103,9 +110,11 @@ def counting_store(port: int) -> Store:
 
 
 def goal_of(name: str, num_replicas: int, version: str = "1") -> Goal:
-    return Goal(name=name, generation=0, version=version, spec_hash=f"spec-{version}", num_replicas=num_replicas,
-                options={"num_cpus": 0.1, "num_replicas": num_replicas, "version": version, "max_unavailable": 0.2},
-                code_sha="code", init_sha="init", user_version=version)
+    """A goal as a client writes it: signed with the cluster secret, so the controller plans it."""
+    return sign_goal(Goal(name=name, generation=0, version=version, spec_hash=f"spec-{version}",
+                          num_replicas=num_replicas, options={"num_cpus": 0.1, "version": version,
+                                                              "max_unavailable": 0.2},
+                          code_sha="code", init_sha="init", user_version=version), SECRET)
 
 
 def replica_of(goal: Goal, index: int, node_id: str, created_at: float) -> Replica:
@@ -257,8 +266,8 @@ def measure_gateway(port: int, repeats: int) -> tuple[dict[str, Timing], int]:
     address = f"redis://127.0.0.1:{port}/0"
     taskserve.connect(address)
     gateway = Gateway(address)
-    cold = timed(lambda: read_routes(gateway.store), 1)      # what a gateway's first read costs
-    gateway.routes = read_routes(gateway.store, gateway.route_reader)
+    cold = timed(lambda: read_routes(gateway.store, gateway.secret), 1)      # what a gateway's first read costs
+    gateway.routes = read_routes(gateway.store, gateway.secret, gateway.route_reader)
 
     async def call(handler: Callable[..., Any]) -> int:
         response = await handler(None)
@@ -275,7 +284,8 @@ def measure_gateway(port: int, repeats: int) -> tuple[dict[str, Timing], int]:
     status_trips = (CountingConnection.sent - before) // repeats
     return {
         "read_routes, first read": cold,
-        "read_routes, nothing changed": timed(lambda: read_routes(gateway.store, gateway.route_reader), repeats),
+        "read_routes, nothing changed": timed(lambda: read_routes(gateway.store, gateway.secret, gateway.route_reader),
+                                              repeats),
         "GET /-/routes": timed(lambda: asyncio.run(call(gateway.list_routes)), repeats),
         "status read, first read": status_cold,
         "status read (background), nothing changed": status_read,

@@ -23,7 +23,7 @@ import math
 import secrets
 import time
 from dataclasses import replace
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from .batching import check_batched_methods
 from .canary import baseline_of
@@ -46,7 +46,18 @@ from .goals import (
 from .handle import DeploymentHandle
 from .history import previous_goal
 from .runtime_env import resolve as resolve_runtime_env
-from .signing import ClusterSecret, manifest, resign_user_config, sign_user_config
+from .signing import (
+    ClusterSecret,
+    check_goal,
+    check_manifest,
+    check_user_config,
+    goal_signed_now,
+    manifest,
+    resign_user_config,
+    sign_goal,
+    sign_user_config,
+    unseal,
+)
 from .spec import (
     DeploymentOptions,
     check_canary_config,
@@ -60,7 +71,7 @@ from .state import Canary, Goal, Node, Resources, package_sha
 # DeploymentStatus and ReplicaInfo live in taskserve.status; users import them from here too.
 from .status import DeploymentStatus, status_of
 from .status import ReplicaInfo as ReplicaInfo
-from .store import Store, wait_for_events
+from .store import GoalChange, Store, wait_for_events
 
 log = logging.getLogger("taskserve.deploy")
 
@@ -247,8 +258,8 @@ class Deployment:
                 user_config_signature=sign_user_config(self.name, code_sha, proposal.options.get("user_config"),
                                                        secret),
                 **options.canary)
-            goal = store.update_goal(self.name, lambda previous: with_canary(self.name, previous, canary).goal,
-                                     "canary", blobs=[(code_sha, blob), *packages])
+            goal = store.update_goal(self.name, _sealed(lambda previous: with_canary(self.name, previous, canary).goal,
+                                                        secret), "canary", blobs=[(code_sha, blob), *packages])
             if goal is None:
                 log.info("%s: canary %s already runs with these options; nothing to do", self.name, canary.version)
                 return
@@ -268,6 +279,9 @@ class Deployment:
         resources and init args, running replicas keep running.
         """
         store = current_store()
+        secret = cluster_secret()
+        # Its options and code are built on: only if someone with the secret wrote them.
+        _check_goal(source, secret)
         if not store.has_code(source.code_sha):
             raise DeploymentError(
                 f"the code {source.code_sha[:12]} of deployment {self.name!r} is no longer in the cluster; "
@@ -285,7 +299,6 @@ class Deployment:
         proposal = propose(self.name, options, code_sha="", init_sha=source.init_sha, kind=source.kind,
                            has_reconfigure=source.has_reconfigure)
         # Signed again for this name and these options (checked, never unpickled here).
-        secret = cluster_secret()
         code_sha, blob = reseal(store.get_code(source.code_sha),
                                 manifest(self.name, {**proposal.options, "kind": source.kind}), secret)
         packages.append((code_sha, blob))
@@ -310,17 +323,18 @@ class Deployment:
                 decision = next_goal(
                     previous, proposal,
                     failed=health.observed_generation == previous.generation and health.outcome == "failed",
-                    # Code stored unsigned (by an older taskserve) or under another secret is not
-                    # run again: this deploy ships its own, freshly sealed.
-                    trusted=holds(previous.code_sha),
-                    signed_now=_user_config_signed_now(previous, secret),
+                    # A goal someone without the secret wrote, or code stored unsigned (by an
+                    # older taskserve) or under another secret, is not built on: this deploy
+                    # writes its own goal, with its own code, freshly sealed.
+                    trusted=_goal_holds(previous, secret) and holds(previous.code_sha),
+                    signed_now=goal_signed_now(previous, secret) and _user_config_signed_now(previous, secret),
                 )
             decided.append(decision)
             if decision.goal is None:
                 return None
             goal = decision.goal
-            return replace(goal, user_config_signature=sign_user_config(
-                self.name, goal.code_sha, goal.options.get("user_config"), secret))
+            return sign_goal(replace(goal, user_config_signature=sign_user_config(
+                self.name, goal.code_sha, goal.options.get("user_config"), secret)), secret)
 
         goal = store.update_goal(self.name, make_goal, "deploy", blobs=blobs, missing_ok=True)
         if goal is None:
@@ -357,8 +371,8 @@ class Deployment:
         delete_deployment(self.name, timeout=timeout)
 
     def get_handle(self) -> DeploymentHandle:
-        """A handle that sends requests to this deployment."""
-        goal = current_store().require_goal(self.name)
+        """A handle that sends requests to this deployment (with the serializer its signed goal says)."""
+        goal = _check_goal(current_store().require_goal(self.name), cluster_secret())
         return DeploymentHandle(self.name, goal.options.get("serializer", "json"))
 
     def status(self) -> DeploymentStatus:
@@ -430,6 +444,7 @@ def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: O
     """
     validate_options({"num_replicas": num_replicas})
     store = current_store()
+    secret = cluster_secret()
 
     def rescale(previous: Goal) -> Optional[Goal]:
         if previous.options.get("autoscaling_config"):
@@ -441,7 +456,7 @@ def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: O
         goal = next_goal(previous, scaled(previous, num_replicas)).goal
         return None if goal is None else replace(goal, user_config_signature=previous.user_config_signature)
 
-    goal = store.update_goal(name, rescale, "scale")
+    goal = store.update_goal(name, _sealed(rescale, secret), "scale")
     if goal is not None and wait:
         _log_and_wait(store, name, goal.generation, timeout,
                       "%s: scaling to %d replicas (generation %d)", name, num_replicas, goal.generation)
@@ -465,12 +480,13 @@ def reconfigure_deployment(name: str, user_config: Any, wait: bool = True, timeo
                 "user_config; add one and deploy it again"
             )
         goal = next_goal(previous, reconfigured(previous, user_config),
-                         signed_now=_user_config_signed_now(previous, secret)).goal
+                         signed_now=goal_signed_now(previous, secret) and _user_config_signed_now(previous, secret)
+                         ).goal
         if goal is None:
             return None
         return replace(goal, user_config_signature=sign_user_config(name, goal.code_sha, user_config, secret))
 
-    goal = store.update_goal(name, reconfigure, "reconfigure")
+    goal = store.update_goal(name, _sealed(reconfigure, secret), "reconfigure")
     if goal is not None and wait:
         _log_and_wait(store, name, goal.generation, timeout,
                       "%s: giving the replicas a new user_config (generation %d)", name, goal.generation)
@@ -482,12 +498,13 @@ def restart_deployment(name: str, wait: bool = True, timeout: Optional[float] = 
     What ``taskserve restart NAME`` does, to refresh a worker pool.
     """
     store = current_store()
+    secret = cluster_secret()
 
     def restart(previous: Goal) -> Optional[Goal]:
         goal = next_goal(previous, restarted(previous, secrets.token_hex(4))).goal
         return None if goal is None else replace(goal, user_config_signature=previous.user_config_signature)
 
-    goal = store.update_goal(name, restart, "restart")
+    goal = store.update_goal(name, _sealed(restart, secret), "restart")
     if wait and goal is not None:
         _log_and_wait(store, name, goal.generation, timeout,
                       "%s: restarting every replica (generation %d)", name, goal.generation)
@@ -524,6 +541,11 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
                     f"known versions: {', '.join(versions) or 'none'}"
                 )
             raise ValueError(f"deployment {name!r} has no earlier version to roll back to")
+        # A goal of the history is gone back to only if someone with the secret wrote it.
+        try:
+            check_goal(target, secret)
+        except SignatureError as error:
+            raise SignatureError(f"cannot roll {name!r} back to version {target.version}: its {error}") from None
         # The target's own code (trusted=False: not the code running now), for which its
         # user_config was signed.
         goal = next_goal(current, rolled_back(current, target), trusted=False).goal
@@ -537,7 +559,7 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
             raise SignatureError(f"cannot roll {name!r} back to version {target.version}: its {error}") from None
         return replace(goal, user_config_signature=signature)
 
-    goal = store.update_goal(name, roll_back, "rollback")
+    goal = store.update_goal(name, _sealed(roll_back, secret), "rollback")
     assert goal is not None
     if wait:
         _log_and_wait(store, name, goal.generation, timeout,
@@ -546,11 +568,12 @@ def rollback_deployment(name: str, to_version: Optional[str] = None, wait: bool 
 
 
 class _CodeCheck:
-    """Whether stored code is sealed with ``secret`` (a missing blob is not), each blob
-    looked at once."""
+    """Whether stored code is sealed with the key that signs now (a missing blob is not;
+    after a rotation, code sealed with the old key is shipped again), each blob looked
+    at once."""
 
     def __init__(self, store: Store, secret: ClusterSecret) -> None:
-        self.store, self.secret = store, secret
+        self.store, self.secret = store, ClusterSecret(secret.keys[:1], secret.source)
         self.known: dict[str, bool] = {}
 
     def __call__(self, code_sha: str) -> bool:
@@ -569,6 +592,37 @@ def _user_config_signed_now(goal: Goal, secret: ClusterSecret) -> bool:
     return goal.user_config_signature == expected
 
 
+def _check_goal(goal: Goal, secret: ClusterSecret) -> Goal:
+    """``goal`` if someone with the cluster secret wrote it, else :class:`SignatureError`
+    naming the deployment (:func:`taskserve.signing.check_goal`)."""
+    try:
+        return check_goal(goal, secret)
+    except SignatureError as error:
+        raise SignatureError(f"deployment {goal.name!r}: {error}") from None
+
+
+def _goal_holds(goal: Goal, secret: ClusterSecret) -> bool:
+    try:
+        check_goal(goal, secret)
+    except SignatureError:
+        return False
+    return True
+
+
+def _sealed(change: Callable[[Goal], Optional[Goal]], secret: ClusterSecret, check: bool = True) -> GoalChange:
+    """``change`` as :meth:`Store.update_goal` takes it: the goal it builds on checked
+    first (with ``check``: a goal someone without the secret wrote is never built on, nor
+    signed), and the goal it returns signed."""
+
+    def sealed(previous: Optional[Goal]) -> Optional[Goal]:
+        if check and previous is not None and not previous.deleting:
+            _check_goal(previous, secret)
+        goal = change(previous)  # type: ignore[arg-type]
+        return None if goal is None else sign_goal(goal, secret)
+
+    return sealed
+
+
 def promote_canary(name: str, wait: bool = True, timeout: Optional[float] = None) -> str:
     """Promote the canary of ``name``: a rolling update of the stable replicas to its
     version (by the usual rules), after which the canary's replicas drain.
@@ -577,6 +631,7 @@ def promote_canary(name: str, wait: bool = True, timeout: Optional[float] = None
     without ``canary`` does. Returns the version promoted.
     """
     store = current_store()
+    secret = cluster_secret()
 
     def promote(current: Goal) -> Goal:
         proposal = promoted(current)
@@ -584,7 +639,7 @@ def promote_canary(name: str, wait: bool = True, timeout: Optional[float] = None
         assert goal is not None and current.canary is not None
         return replace(goal, user_config_signature=current.canary.user_config_signature)
 
-    goal = store.update_goal(name, promote, "promote")
+    goal = store.update_goal(name, _sealed(promote, secret), "promote")
     assert goal is not None
     if wait:
         _log_and_wait(store, name, goal.generation, timeout,
@@ -596,6 +651,7 @@ def set_canary_traffic(name: str, traffic_percent: float, wait: bool = True, tim
     """Send ``traffic_percent`` of the requests of ``name`` to its canary (no replica
     restarts; the canary's replica count follows). What ``taskserve canary NAME --percent P`` does."""
     store = current_store()
+    secret = cluster_secret()
 
     def move(current: Goal) -> Optional[Goal]:
         canary = current.canary
@@ -608,7 +664,7 @@ def set_canary_traffic(name: str, traffic_percent: float, wait: bool = True, tim
         assert config is not None
         return with_canary(name, current, replace(canary, traffic_percent=config["traffic_percent"])).goal
 
-    goal = store.update_goal(name, move, "canary")
+    goal = store.update_goal(name, _sealed(move, secret), "canary")
     if goal is not None and wait:
         _log_and_wait(store, name, goal.generation, timeout, "%s: canary %s at %g%% (generation %d)",
                       name, goal.canary.version if goal.canary else "", traffic_percent, goal.generation)
@@ -626,6 +682,57 @@ def _prepare_canary(store: Store, name: str, version: str) -> dict[str, int]:
     return baseline_of(store.stats(name), current.version)
 
 
+def sign_legacy_goals() -> dict[str, str]:
+    """Sign the goals an earlier taskserve wrote (they carry no signature) where their code
+    vouches for them: what ``taskserve up`` does at its start, once after an upgrade.
+
+    Before goals were signed, what decides how code runs (serializer, runtime_env, kind)
+    was checked by the agents and replicas against the manifest sealed with the code, and
+    a ``user_config`` against its own signature. Such a goal is signed now only if those
+    checks pass with this process's secret, and only for a deployment no signed goal was
+    ever written for (its history holds none): a goal whose signature someone removed
+    later is not signed again. Returns, by deployment, "" for each goal signed and why
+    for each one left unsigned (deploy it again to sign it).
+    """
+    store = current_store()
+    secret = cluster_secret()
+    outcome: dict[str, str] = {}
+    for goal in store.list_goals():
+        if goal.signature or goal.deleting:
+            continue
+        reason = _why_not_vouched(store, goal, secret)
+        if reason:
+            outcome[goal.name] = reason
+            continue
+
+        def sign_it(current: Goal, read: Goal = goal) -> Optional[Goal]:
+            return sign_goal(current, secret) if current == read else None   # changed meanwhile: left alone
+
+        written = store.update_goal(goal.name, sign_it, "sign")
+        outcome[goal.name] = "" if written is not None else "its goal changed meanwhile"
+    return outcome
+
+
+def _why_not_vouched(store: Store, goal: Goal, secret: ClusterSecret) -> str:
+    """Why an unsigned ``goal`` is not one an earlier taskserve wrote and its code vouches
+    for ("" when it is): see :func:`sign_legacy_goals`."""
+    if any((entry.get("goal") or {}).get("signature") for entry in store.history(goal.name)):
+        return "a signed goal was written for it before, so this one was changed since by hand"
+    parts = [(goal.code_sha, {**goal.options, "kind": goal.kind}, goal.user_config_signature)]
+    if goal.canary is not None:
+        canary = goal.canary
+        parts.append((canary.code_sha, {**canary.options, "kind": canary.kind}, canary.user_config_signature))
+    for code_sha, config, user_config_signature in parts:
+        try:
+            sealed_with, _ = unseal(store.get_code(code_sha), secret)
+            check_manifest(sealed_with, manifest(goal.name, config))
+            if config.get("user_config") is not None:
+                check_user_config(goal.name, code_sha, config["user_config"], user_config_signature, secret)
+        except (LookupError, SignatureError) as error:
+            return str(error)
+    return ""
+
+
 def history(name: str) -> list[dict]:
     """Every goal change of ``name``, oldest first (action, by, at, version, outcome)."""
     store = current_store()
@@ -639,7 +746,9 @@ def delete_deployment(name: str, timeout: Optional[float] = None) -> None:
     check_name(name)
     store = current_store()
 
-    goal = store.update_goal(name, lambda previous: {"deleting": True}, "delete")
+    # Whatever wrote the goal, deleting it is safe: it is signed so that the controller drains it.
+    goal = store.update_goal(name, _sealed(lambda previous: replace(previous, deleting=True), cluster_secret(),
+                                           check=False), "delete")
     _show_progress()
     deadline = None if timeout is None else time.monotonic() + timeout
     pubsub = store.subscribe()

@@ -182,6 +182,7 @@ def up(redis_url: Optional[str], redis_port: Optional[int], data_dir: Path, num_
         except (PartExited, TimeoutError):
             raise RuntimeError(f"the node agent did not start; see its log in {log_dir}/") from None
         connect(address)
+        _sign_legacy_goals()
         console.print(f"taskserve is up at [bold]{redact_address(address)}[/bold]  (logs: {log_dir}/; "
                       f"its password is in {data_dir / 'address'})")
         if http_port:
@@ -219,6 +220,18 @@ def _lock_data_dir(data_dir: Path) -> Any:
     return handle
 
 
+def _sign_legacy_goals() -> None:
+    """Sign the goals an earlier taskserve wrote in this Redis, where their code vouches
+    for them (:func:`taskserve.api.sign_legacy_goals`); name those left unsigned."""
+    for name, why_not in api.sign_legacy_goals().items():
+        if why_not:
+            errors.print(f"the goal of {name} is not signed ({why_not}); it is not served until you deploy "
+                         "it again", markup=False, highlight=False)
+        else:
+            console.print(f"signed the goal of {name}, written by an earlier taskserve", markup=False,
+                          highlight=False)
+
+
 def _deploy_example() -> None:
     from .examples.echo import Echo
 
@@ -246,7 +259,7 @@ def _deploy_example() -> None:
 def controller(address: Optional[str], resync: float, health_file: Optional[Path], check: bool,
                max_age: Optional[float]) -> None:
     """Run a controller (one leads; others stand by), or --check one."""
-    from .connection import make_store
+    from .connection import cluster_secret, make_store
     from .controller import Controller
     from .controller_health import HEALTH_MAX_AGE_S
     from .controller_health import check as check_health
@@ -264,7 +277,8 @@ def controller(address: Optional[str], resync: float, health_file: Optional[Path
     if max_age is not None:
         raise click.UsageError("--max-age goes with --check")
     _log_to_stderr()
-    ctl = Controller(make_store(url), resync_s=resync, health_file=health_file)
+    # It plans only goals signed with the cluster secret, and signs the rollbacks it writes.
+    ctl = Controller(make_store(url), resync_s=resync, health_file=health_file, secret=cluster_secret(url))
     _stop_on_signals(ctl.stop)
     ctl.run()
 

@@ -46,7 +46,8 @@ import redis
 from .autoscaler_tracker import AutoscaleTracker, autoscaling_config
 from .canary import VersionStats, abort_reason
 from .controller_health import HealthReport, remove_report, write_report
-from .goals import next_goal, rolled_back
+from .errors import SignatureError
+from .goals import next_goal, rolled_back, without_canary
 from .history import previous_goal
 from .planner import (
     ForgetDeployment,
@@ -60,6 +61,7 @@ from .planner import (
     plan,
     reserve,
 )
+from .signing import GOAL_NOT_SIGNED, ClusterSecret, check_goal, secret_from_environment, sign_goal
 from .state import DEFAULT_HEARTBEAT_TTL_S, DeploymentHealth, DeploymentState, Goal, Node, Replica
 from .store import ClusterReader, LeaseLost, Store, wait_for_events
 from .store.keys import stream_key
@@ -113,12 +115,21 @@ class Controller:
     Autoscaling keeps the last load samples of each autoscaled deployment in memory
     (``autoscaling``, an :class:`~taskserve.autoscaler_tracker.AutoscaleTracker`); a new
     leadership starts them over from the stored counts.
+
+    Only a goal signed with the cluster secret (``secret``, by default
+    ``$TASKSERVE_SECRET`` or ``$TASKSERVE_SECRET_FILE``) is planned: one that is not (a
+    writer to Redis without the secret changed it) is ``UNHEALTHY`` with
+    :data:`~taskserve.signing.GOAL_NOT_SIGNED`, its replicas left as they are. The
+    goals the controller writes itself (an automatic rollback, a canary's abort) it
+    signs with the same secret, having checked the goals they come from.
     """
 
     def __init__(self, store: Store, resync_s: float = 1.0, lease_ttl_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic, health_file: Optional[Path] = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, health_file: Optional[Path] = None,
+                 secret: Optional[ClusterSecret] = None) -> None:
         self.store = store
         self.health_file = health_file            # where each turn of the loop says whether it leads
+        self.secret = secret or secret_from_environment()
         self.resync_s = resync_s
         self.lease_ttl_s = lease_ttl_s
         self.clock = clock
@@ -132,6 +143,7 @@ class Controller:
         self.settled: set[str] = set()            # deployments planned HEALTHY with nothing to do, unchanged since
         self.next_job_due: Optional[float] = None   # when the next delayed job is due (time.time())
         self.jobs_trimmed_at = float("-inf")      # when finished jobs' set entries were last trimmed (clock)
+        self.signed: dict[str, Goal] = {}         # deployment -> the goal last found signed (that very object)
 
     @property
     def leading(self) -> bool:
@@ -239,7 +251,9 @@ class Controller:
         """
         now = time.time() if now is None else now
         records, changed = self.reader.read()
-        goals = [r.goal for r in records.values() if r.goal is not None]
+        read = [r.goal for r in records.values() if r.goal is not None]
+        unsigned = {goal.name: goal for goal in read if not self._signed(goal)}
+        goals = [goal for goal in read if goal.name not in unsigned]
         unreadable_goals = {name: r.error for name, r in records.items() if r.goal is None and r.error}
         nodes = self.store.list_nodes()
         autoscaled = [g.name for g in goals if not g.deleting and g.options.get("autoscaling_config") is not None]
@@ -249,6 +263,8 @@ class Controller:
         capacities: Optional[list[NodeCapacity]] = None     # computed once a deployment is planned
         for name, error in unreadable_goals.items():
             self._failed(name, error)
+        for goal in unsigned.values():
+            self._refuse(goal, records[goal.name].health)
         for goal in goals:
             record = records[goal.name]
             if may_skip_this_pass(goal.name, goal.canary is not None, record.nodes, settled=self.settled,
@@ -278,11 +294,50 @@ class Controller:
                 if self.errors.pop(goal.name, None) is not None:
                     log.info("%s: reconciled again", goal.name)
         self.settled &= set(records)
-        for name in set(self.errors) - {g.name for g in goals} - set(unreadable_goals):
+        self.signed = {name: goal for name, goal in self.signed.items() if name in records}
+        for name in set(self.errors) - {g.name for g in read} - set(unreadable_goals):
             del self.errors[name]     # deleted meanwhile
         self._empty_canary_queues(goals)
-        self._end_autoscaling_pass(goals, set(autoscaled), set(unreadable_goals))
+        self._end_autoscaling_pass(goals, set(autoscaled), set(unreadable_goals) | set(unsigned))
         self._move_due_jobs(goals, clock)
+
+    # ------------------------------------------------------------------ signed goals
+
+    def _signed(self, goal: Goal) -> bool:
+        """Whether ``goal`` is signed with the cluster secret (checked once per goal read)."""
+        if self.signed.get(goal.name) is goal:
+            return True
+        if not self._checks(goal):
+            return False
+        self.signed[goal.name] = goal
+        return True
+
+    def _checks(self, goal: Goal) -> bool:
+        """Whether ``goal`` (one read now, or of the history) is signed with the secret."""
+        if self.secret is None:
+            return False
+        try:
+            check_goal(goal, self.secret)
+        except SignatureError:
+            return False
+        return True
+
+    def _refuse(self, goal: Goal, stored: DeploymentHealth) -> None:
+        """Plan nothing for an unsigned goal: its deployment is UNHEALTHY with one line
+        (logged once per change), that goal's outcome is "failed", and its replicas stay
+        as they are until a goal signed with the secret is written."""
+        message = GOAL_NOT_SIGNED if self.secret is not None else (
+            "the controller has no cluster secret, so it checks no goal and plans nothing; "
+            "give it TASKSERVE_SECRET (or TASKSERVE_SECRET_FILE)")
+        if self.errors.get(goal.name) != message:
+            self.errors[goal.name] = message
+            log.error("%s: %s; it is not planned, the other deployments go on", goal.name, message)
+        self.settled.discard(goal.name)
+        concluded = replace(stored, status=DeploymentState.UNHEALTHY, message=message,
+                            observed_generation=goal.generation, outcome="failed",
+                            outcome_generation=goal.generation)
+        if concluded != stored:
+            self.store.set_health(goal.name, concluded, fence=self.lease)
 
     # ------------------------------------------------------------------ jobs
 
@@ -320,11 +375,13 @@ class Controller:
         canary = goal.canary
         assert canary is not None
 
-        def abort(current: Optional[Goal]) -> Optional[dict]:
+        def abort(current: Optional[Goal]) -> Optional[Goal]:
             if current is None or current.deleting or current.canary is None \
-                    or current.canary.version != canary.version:
+                    or current.canary.version != canary.version or not self._checks(current):
                 return None   # aborted, promoted or changed meanwhile: that goal wins
-            return {"canary": None}
+            aborted = without_canary(current).goal
+            assert aborted is not None and self.secret is not None
+            return sign_goal(replace(aborted, user_config_signature=current.user_config_signature), self.secret)
 
         aborted = self.store.update_goal(
             goal.name, abort, "canary-abort", by="controller", missing_ok=True,
@@ -473,16 +530,22 @@ class Controller:
         previous = previous_goal(history, failed)
         if previous is None:
             return
+        if not self._checks(previous):
+            log.warning("%s: version %s failed (%s); the goal before it (version %s) is not signed with the "
+                        "cluster secret, so it is not restored", failed.name, failed.version, message,
+                        previous.version)
+            return
 
         def restore(current: Goal | None) -> Goal | None:
-            if current is None or current.generation != failed.generation:
+            if current is None or current.generation != failed.generation or not self._checks(current):
                 return None  # deleted or deployed meanwhile; that goal wins
             # The previous goal's own code (trusted=False: not the failed one's), with the
             # current count and autoscaling (the scale is not part of a version).
             goal = next_goal(current, rolled_back(current, previous), trusted=False).goal
             if goal is None:
                 return None
-            return replace(goal, user_config_signature=previous.user_config_signature)
+            assert self.secret is not None
+            return sign_goal(replace(goal, user_config_signature=previous.user_config_signature), self.secret)
 
         restored = self.store.update_goal(
             failed.name, restore, "auto-rollback", by=self.controller_id, missing_ok=True,

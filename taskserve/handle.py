@@ -34,9 +34,9 @@ from redis.retry import Retry
 from .answers import AnswerListener, Waiter
 from .celery_app import make_app
 from .connection import async_connection_pool, cluster_secret, current_address, current_store, redis_client
-from .errors import BackPressureError, DeploymentNotFound, DeploymentUnavailable, RedisUnavailable
+from .errors import BackPressureError, DeploymentNotFound, DeploymentUnavailable, RedisUnavailable, SignatureError
 from .jobs import Job
-from .signing import ClusterSecret
+from .signing import ClusterSecret, check_goal
 from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState
 from .store import Store, canary_queue_name, queue_list, queue_name
 from .store.jobs import CANCEL_FLAG_TTL_S
@@ -602,7 +602,8 @@ class DeploymentHandle:
 
     def _check(self, store: Store) -> None:
         """Re-read the deployment (one ``MGET``) if the last read is a second old; raise
-        if it cannot take calls."""
+        if it cannot take calls, or :class:`SignatureError` if its goal is not signed with
+        the cluster secret (someone without it wrote the goal: nothing in it is acted on)."""
         checked = self._checked
         now = time.monotonic()
         if now - checked.at >= EXISTENCE_CHECK_INTERVAL_S:
@@ -611,6 +612,10 @@ class DeploymentHandle:
             goal = Goal.from_json(goal_text) if goal_text else None
             if goal is None or goal.deleting:
                 raise DeploymentNotFound(self._deployment)
+            try:
+                check_goal(goal, cluster_secret())
+            except SignatureError as error:
+                raise SignatureError(f"deployment {self._deployment!r}: {error}; refused to call it") from None
             health = DeploymentHealth.from_json(health_text) if health_text else DeploymentHealth()
             checked.unavailable = unavailable_reason(goal, health, lambda: store.replicas_of(self._deployment))
             checked.max_queued = goal.options.get("max_queued_requests")

@@ -33,8 +33,8 @@ from typing import Any, Optional
 import redis
 
 from .connection import cluster_secret, current_address, current_store
-from .errors import DeploymentNotFound, JobCancelled, JobNotFound, RedisUnavailable, ReplicaError
-from .signing import ClusterSecret
+from .errors import DeploymentNotFound, JobCancelled, JobNotFound, RedisUnavailable, ReplicaError, SignatureError
+from .signing import ClusterSecret, check_goal
 from .store import Store, queue_list, queue_name, result_key
 from .wire import (
     CANCELLED,
@@ -127,6 +127,11 @@ class Job:
 
     def _decoding(self) -> tuple[str, Optional[ClusterSecret]]:
         goal = self.store.get_goal(self.deployment)
+        if goal is not None:      # the serializer is taken from a goal signed with the cluster secret only
+            try:
+                check_goal(goal, cluster_secret(current_address()))
+            except SignatureError as error:
+                raise SignatureError(f"deployment {self.deployment!r}: {error}; its answers are not read") from None
         serializer = (goal.options.get("serializer") if goal else None) or "json"
         return serializer, (cluster_secret(current_address()) if serializer == "pickle" else None)
 

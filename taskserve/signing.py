@@ -1,4 +1,4 @@
-"""Signing what makes a replica run code: HMAC-SHA256 with the cluster's secret.
+"""Signing what makes a replica run code, and every goal: HMAC-SHA256 with the cluster's secret.
 
 Anyone who can write to the cluster's Redis could otherwise make every replica run
 anything, since code blobs are pickles. So a client that deploys *seals* the code
@@ -8,6 +8,11 @@ list, environment variables and working_dir package). A node agent checks the se
 and the manifest before it builds an environment or starts a process, and the
 replica checks both again before it unpickles a byte. Without the secret nobody
 can make a seal that passes.
+
+Goals are signed too (:func:`sign_goal`, :func:`check_goal`): every goal written carries
+an HMAC of all of it but its generation and timestamp, and every reader that acts on one
+(the controller, the gateway's route table, a handle, a client building the next goal)
+checks it first, so that nobody without the secret decides how anything decodes or runs.
 
 The secret is one line of text. ``$TASKSERVE_SECRET`` may hold several, separated
 by commas: the first signs, every one verifies (that is how a secret is rotated;
@@ -28,6 +33,7 @@ the client that deployed it and every node agent must share $TASKSERVE_SECRET (d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -40,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from .errors import SecretNotConfigured, SignatureError
+from .state import Goal
 
 SECRET_ENV = "TASKSERVE_SECRET"
 SECRET_FILE_ENV = "TASKSERVE_SECRET_FILE"
@@ -301,3 +308,63 @@ def resign_user_config(deployment: str, code_sha: str, user_config: Any, signatu
         return ""
     check_user_config(deployment, code_sha, user_config, signature, secret)
     return sign_user_config(deployment, code_sha, user_config, secret)
+
+
+# ---------------------------------------------------------------- goals
+
+GOAL_MAGIC = b"taskserve-goal-1\n"
+
+# What a goal's signature leaves out: what the store sets on every write (the generation
+# and when), and the signature itself. Everything else is covered: options (serializer,
+# route, runtime_env, resources, counts, timeouts), code, version, canary, deleting.
+UNSIGNED_GOAL_FIELDS = frozenset({"generation", "created_at", "signature"})
+
+GOAL_NOT_SIGNED = "goal not signed with the cluster secret; redeploy it with the right TASKSERVE_SECRET"
+
+
+def _goal_message(goal: Goal) -> bytes:
+    """What a goal signature covers: the goal as its JSON reads back, but for
+    :data:`UNSIGNED_GOAL_FIELDS`, in one canonical encoding."""
+    data = {key: value for key, value in json.loads(goal.to_json()).items() if key not in UNSIGNED_GOAL_FIELDS}
+    return GOAL_MAGIC + json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_goal(goal: Goal, secret: ClusterSecret) -> Goal:
+    """``goal`` with its signature: what every writer of a goal (a client, the controller)
+    does last. The generation and timestamps the store sets later are not covered.
+
+    >>> from dataclasses import replace
+    >>> secret = ClusterSecret.parse("s")
+    >>> goal = sign_goal(Goal(name="echo", generation=0, version="1", spec_hash="s", num_replicas=1,
+    ...                       options={"serializer": "json"}, code_sha="c", init_sha="i"), secret)
+    >>> check_goal(replace(goal, generation=7, created_at=1.5), secret).name      # written: still good
+    'echo'
+    >>> check_goal(replace(goal, options={"serializer": "pickle"}), secret)
+    Traceback (most recent call last):
+    ...
+    taskserve.errors.SignatureError: goal not signed with the cluster secret; redeploy it with the right TASKSERVE_SECRET
+    """
+    return dataclasses.replace(goal, signature=secret.sign(_goal_message(goal)))
+
+
+def check_goal(goal: Goal, secret: ClusterSecret) -> Goal:
+    """``goal`` if one of ``secret``'s keys signed it, else :class:`SignatureError` with
+    :data:`GOAL_NOT_SIGNED`. What every reader that acts on a goal calls first: the
+    controller before it plans, the gateway before it routes, a handle before it calls,
+    a client before it builds a goal on it."""
+    if not goal.signature or not secret.verify(_goal_message(goal), goal.signature):
+        raise SignatureError(GOAL_NOT_SIGNED)
+    return goal
+
+
+def goal_signed_now(goal: Goal, secret: ClusterSecret) -> bool:
+    """Whether ``goal`` is signed with the key that signs now (``secret.keys[0]``): after
+    a rotation, a deploy of the same options writes the goal again to sign it anew.
+
+    >>> old, new = ClusterSecret.parse("old"), ClusterSecret.parse("new,old")
+    >>> goal = sign_goal(Goal(name="m", generation=1, version="1", spec_hash="s", num_replicas=1, options={},
+    ...                       code_sha="c", init_sha="i"), old)
+    >>> check_goal(goal, new) is goal, goal_signed_now(goal, new)
+    (True, False)
+    """
+    return bool(goal.signature) and hmac.compare_digest(goal.signature, secret.sign(_goal_message(goal)))

@@ -207,6 +207,7 @@ class Goal:
     has_reconfigure: bool = False       # the class defines reconfigure(self, config)
     canary: Optional[Canary] = None     # a new version beside this one (SPEC §9)
     user_config_signature: str = ""     # of options["user_config"], for code_sha (taskserve.signing)
+    signature: str = ""                 # of the whole goal but its generation and time (taskserve.signing)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", without_count(self.options))

@@ -14,11 +14,12 @@ are checked against the Redis they run on.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import fakeredis
 import httpx
@@ -29,15 +30,32 @@ import taskserve
 from taskserve.local import LocalCluster
 from taskserve.local import wait_until as _wait_until
 from taskserve.redis_server import free_port
-from taskserve.signing import SECRET_ENV, generate_secret
+from taskserve.signing import SECRET_ENV, generate_secret, node_secret, sign_goal
+from taskserve.state import Goal
 
 REPO = Path(__file__).resolve().parent.parent
 
 # One cluster secret for the whole test run, so that any process a test starts with a copy
 # of this environment (a CLI command, a script) signs code the clusters accept.
 os.environ.setdefault(SECRET_ENV, generate_secret())
+SECRET = node_secret()
 
 T = TypeVar("T")
+
+
+def signed(change: Callable[[Optional[Goal]], Union[Goal, dict, None]]) -> Callable[[Optional[Goal]], Optional[Goal]]:
+    """A goal change for ``Store.update_goal`` as a client with the cluster secret makes
+    it: the goal it returns (or the previous one with the fields it returns) signed, so
+    that the controller, the gateway and handles act on it."""
+
+    def sealed(previous: Optional[Goal]) -> Optional[Goal]:
+        changed = change(previous)
+        if changed is None:
+            return None
+        goal = dataclasses.replace(previous, **changed) if isinstance(changed, dict) else changed
+        return sign_goal(goal, SECRET)
+
+    return sealed
 
 
 class RedisUnderTest:

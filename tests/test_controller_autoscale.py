@@ -26,7 +26,7 @@ from taskserve.spec import AutoscalingConfig
 from taskserve.state import Goal, Node, ReplicaState, Resources
 from taskserve.store import UNACKED_INDEX_KEY, UNACKED_KEY, LeaseLost, Store, queue_name
 
-from .helpers import redis_client, redis_under_test  # noqa: F401  (the fixtures "client", "server")
+from .helpers import redis_client, redis_under_test, signed  # noqa: F401  (the fixtures "client", "server")
 
 NAME = "model"
 CONFIG = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
@@ -65,11 +65,10 @@ def deploy(store: Store, name: str = NAME, autoscaling: Optional[dict] = CONFIG,
     """What ``deploy()`` writes: with autoscaling, ``num_replicas`` is ``min_replicas``."""
     if num_replicas is None:
         num_replicas = autoscaling["min_replicas"] if autoscaling else 1
-    options = {"num_cpus": 0.5, "max_unavailable": 0.2, "num_replicas": num_replicas,
-               "autoscaling_config": autoscaling}
+    options = {"num_cpus": 0.5, "max_unavailable": 0.2, "autoscaling_config": autoscaling}
     goal = Goal(name=name, generation=0, version=version, spec_hash=f"spec-{version}", num_replicas=num_replicas,
                 options=options, code_sha="code", init_sha="init", user_version=version)
-    written = store.update_goal(name, lambda previous: goal, "deploy", missing_ok=True)
+    written = store.update_goal(name, signed(lambda previous: goal), "deploy", missing_ok=True)
     assert written is not None
     return written
 
@@ -260,7 +259,7 @@ def test_a_config_change_clamps_the_stored_target_at_once(store, client, clock):
     assert store.autoscale_state(NAME).target == 4
 
     narrower = {**CONFIG, "max_replicas": 2}
-    store.update_goal(NAME, lambda previous: {"options": {**previous.options, "autoscaling_config": narrower}},
+    store.update_goal(NAME, signed(lambda previous: {"options": {**previous.options, "autoscaling_config": narrower}}),
                       "deploy")
     controller.reconcile_once()                       # same clock: no delay passed
     state = store.autoscale_state(NAME)
@@ -270,7 +269,7 @@ def test_a_config_change_clamps_the_stored_target_at_once(store, client, clock):
         (1, 4, goal.generation), (4, 2, goal.generation + 1)]
 
     higher = {**CONFIG, "min_replicas": 3}
-    store.update_goal(NAME, lambda previous: {"options": {**previous.options, "autoscaling_config": higher}},
+    store.update_goal(NAME, signed(lambda previous: {"options": {**previous.options, "autoscaling_config": higher}}),
                       "deploy")
     idle(client)
     controller.reconcile_once()
@@ -408,8 +407,8 @@ def test_which_deployments_are_looked_at_between_passes(store, client, clock):
     controller.reconcile_once()
     assert controller.autoscaling.watched == ("fast", "zero") and controller.autoscaling.watch_s == WAKE_POLL_S
     assert controller.autoscaling.asleep == ("zero",)
-    store.update_goal("zero", lambda goal: {"options": {**goal.options, "autoscaling_config": None}}, "deploy")
-    store.update_goal("fast", lambda goal: {"options": {**goal.options, "autoscaling_config": None}}, "deploy")
+    store.update_goal("zero", signed(lambda goal: {"options": {**goal.options, "autoscaling_config": None}}), "deploy")
+    store.update_goal("fast", signed(lambda goal: {"options": {**goal.options, "autoscaling_config": None}}), "deploy")
     controller.reconcile_once()
     assert (controller.autoscaling.watched, controller.autoscaling.watch_s) == ((), None)
 
@@ -451,7 +450,7 @@ def test_a_deleted_deployment_leaves_no_state(store, client, clock):
     deploy(store)
     controller = leading(store, clock)
     controller.reconcile_once()
-    store.update_goal(NAME, lambda previous: {"deleting": True}, "delete")
+    store.update_goal(NAME, signed(lambda previous: {"deleting": True}), "delete")
     for _ in range(2):
         controller.reconcile_once()
         for replica in store.replicas_of(NAME):
@@ -488,8 +487,8 @@ def test_a_controller_that_lost_its_lease_records_no_decision(store, client, clo
 def test_an_invalid_autoscaling_config_costs_only_its_deployment(store, client, clock):
     deploy(store, "fine")
     deploy(store, autoscaling={"min_replicas": 1, "max_replicas": 4})
-    store.update_goal(NAME, lambda previous: {"options": {**previous.options,
-                                                          "autoscaling_config": {"max_replicas": "many"}}},
+    store.update_goal(NAME, signed(lambda previous: {"options": {**previous.options,
+                                                                 "autoscaling_config": {"max_replicas": "many"}}}),
                       "deploy")
     controller = leading(store, clock)
     controller.reconcile_once()

@@ -565,14 +565,15 @@ def test_compose_parts_find_redis_through_the_environment_not_argv():
         "every variable docker-compose.yml reads is explained in docs/operations.md")
 
 
-def test_compose_gives_the_signing_secret_to_who_deploys_or_runs_code_and_not_to_the_gateway():
+def test_compose_gives_every_part_the_one_signing_secret():
     services = load_compose(COMPOSE.read_text())["services"]
     secrets = {}
     for where, argv in compose_taskserve_commands({"services": services}):
         if "healthcheck" not in where:
             secrets[argv[0]] = services[where.split()[1]]["environment"].get("TASKSERVE_SECRET")
-    assert secrets["agent"] and secrets["deploy"] == secrets["agent"], "agents and who deploys share one secret"
-    assert secrets["gateway"] is None, "the gateway, the part facing clients, needs no signing secret"
+    assert secrets["agent"], "agents check the code they run with the secret"
+    assert {secrets[part] for part in ("agent", "deploy", "controller", "gateway")} == {secrets["agent"]}, (
+        "who deploys signs with it; the controller and the gateway act only on goals signed with it")
 
 
 def test_compose_gateway_port_lines_up():
@@ -671,8 +672,9 @@ def test_kubernetes_parts_read_the_address_from_the_secret():
             assert option_value(container_argv(container), "--address") is None, f"{where}: use $TASKSERVE_ADDRESS"
             names = [item["name"] for item in container.get("env", [])]
             assert "TASKSERVE_ADDRESS" in names, where
-            assert ("TASKSERVE_SECRET" in names) == (container_argv(container)[1] != "gateway"), (
-                f"{where}: the agents (and the controllers, to deploy from) hold the secret; the gateway does not")
+            assert "TASKSERVE_SECRET" in names, (
+                f"{where}: every part holds the secret (agents check code with it, the controllers and the "
+                "gateways act only on goals signed with it)")
         if names_taskserve_image(container["image"]):
             assert container["image"] == "taskserve", (
                 f"{where}: name the image `taskserve` only; kustomization.yaml sets its registry and tag (version {version})")

@@ -15,8 +15,11 @@ import taskserve
 from taskserve.gateway.messaging import ResultJanitor, TaskSender
 from taskserve.gateway.routes import Route, RouteTable
 from taskserve.handle import DeploymentHandle
+from taskserve.signing import sign_goal
 from taskserve.state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState
 from taskserve.store import Store, queue_name, result_key
+
+from .helpers import SECRET
 
 
 def goal(name: str = "m", generation: int = 1, **options) -> Goal:
@@ -25,7 +28,8 @@ def goal(name: str = "m", generation: int = 1, **options) -> Goal:
 
 
 def write(store: Store, goal: Goal, health: DeploymentHealth | None = None) -> None:
-    store.redis.set(store.goal_key(goal.name), goal.to_json())
+    """Write ``goal`` as a client with the cluster secret does: signed."""
+    store.redis.set(store.goal_key(goal.name), sign_goal(goal, SECRET).to_json())
     if health is not None:
         store.redis.set(store.health_key(goal.name), health.to_json())
 
@@ -49,6 +53,16 @@ def test_a_handle_refuses_a_deployment_whose_rollout_failed_with_nothing_serving
         "`taskserve status m` shows its replicas, and a deploy of a fixed version serves again")
     with pytest.raises(taskserve.DeploymentUnavailable):     # the verdict holds until the next read
         handle.pid._check(store)
+
+
+def test_a_handle_refuses_a_goal_not_signed_with_the_cluster_secret(store):
+    store.redis.set(store.goal_key("m"), goal().to_json())     # as anyone with the Redis password could
+    with pytest.raises(taskserve.errors.SignatureError) as caught:
+        DeploymentHandle("m")._check(store)
+    assert str(caught.value) == ("deployment 'm': goal not signed with the cluster secret; redeploy it with the "
+                                 "right TASKSERVE_SECRET; refused to call it")
+    write(store, goal())
+    DeploymentHandle("m")._check(store)
 
 
 def test_a_handle_lets_calls_queue_while_something_serves_or_may_serve(store):

@@ -7,6 +7,7 @@ addresses, and the dashboard showing hostile text as text.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
@@ -18,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import fakeredis
 import httpx
 import pytest
 import redis
@@ -26,21 +28,29 @@ import taskserve
 from taskserve.celery_app import make_app
 from taskserve.code import pack, sign, unpack
 from taskserve.connection import cluster_secret, find_cluster, parse_sentinel, redis_client
+from taskserve.controller import Controller
 from taskserve.errors import SecretNotConfigured, SignatureError, redact_text
+from taskserve.gateway.app import read_routes
 from taskserve.redis_server import RedisServer, find_redis_server, free_port, generate_password
 from taskserve.signing import (
+    GOAL_NOT_SIGNED,
     ClusterSecret,
+    check_goal,
     check_user_config,
     ensure_secret_file,
     manifest,
     read_secret_file,
     seal,
+    sign_goal,
     sign_user_config,
     unseal,
 )
-from taskserve.state import ReplicaState, config_hash
+from taskserve.state import DeploymentState, Goal, Node, ReplicaState, Resources, config_hash
+from taskserve.store import EVENTS_CHANNEL, Store, queue_name, result_key
+from taskserve.wire import PICKLED_RESULT
 
-from .helpers import REPO, Cluster, replica_pids, running_gateway, start_cluster, wait_until
+from .helpers import REPO, Cluster, replica_pids, running_gateway, signed, start_cluster, wait_until
+from .helpers import SECRET as RUN_SECRET  # the test run's, which the clusters and signed() use
 
 SECRET = ClusterSecret.parse("the-right-secret")
 
@@ -186,15 +196,19 @@ class Greeter:
 
 
 def _attack(cluster: Cluster, name: str, blob: bytes, **changes) -> str:
-    """Write, as anyone with the Redis password could, a goal running ``blob``; the
-    message of the replica it made fail (the controller records it when it gives up
-    and restores the previous version)."""
+    """Write a goal running ``blob``; the message of the replica it made fail (the
+    controller records it when it gives up and restores the previous version).
+
+    The goal is signed, as though its writer had the secret: one that is not is refused
+    before any replica sees it (test_a_goal_rewritten_without_the_secret_...), and this
+    tries the layer below, the replica's own check of its code."""
     import hashlib
 
     store = taskserve.connect(cluster.url)
     sha = hashlib.sha256(blob).hexdigest()
-    goal = store.update_goal(name, lambda previous: {"code_sha": sha, "spec_hash": "attack", "version": "attack",
-                                                     **changes}, "deploy", blobs=[(sha, blob)])
+    goal = store.update_goal(name, signed(lambda previous: {"code_sha": sha, "spec_hash": "attack",
+                                                            "version": "attack", **changes}),
+                             "deploy", blobs=[(sha, blob)])
 
     def refused() -> str:
         return next((entry["error"] for entry in store.history(name)
@@ -291,6 +305,190 @@ def test_a_replica_record_under_a_path_like_id_writes_nothing_outside_the_agents
         store.redis.delete(store.replica_key(evil_id))
 
 
+# ------------------------------------------------------------------ signed goals
+
+
+def _rewrite_goal(store, name: str, **options) -> None:
+    """What anyone with the Redis password (and not the secret) can do to a goal: change
+    options in its JSON, leaving ``spec_hash`` alone so that nothing rolls, then move its
+    revision and notify, as a real write does."""
+    key = store.goal_key(name)
+    record = json.loads(store.redis.get(key))
+    record["options"].update(options)
+    store.redis.set(key, json.dumps(record))
+    store.redis.hincrby(store.REVISIONS_KEY, name, 1)
+    store.redis.publish(EVENTS_CHANNEL, f"goal:{name}")
+
+
+class _ForgedAnswers(threading.Thread):
+    """The attack's second half: for every call queued for ``name``, a pickled "result"
+    (which would run ``marker``'s command when unpickled) under that call's id."""
+
+    def __init__(self, client: redis.Redis, name: str, marker: Path) -> None:
+        super().__init__(daemon=True)
+        self.client, self.name = client, name
+        self.payload = base64.b64encode(pickle.dumps(Marker(marker))).decode()
+        self.stopping = threading.Event()
+        self.forged: set[str] = set()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.01):
+            for item in self.client.lrange(queue_name(self.name), 0, -1):
+                task_id = json.loads(item)["headers"]["id"]
+                if task_id in self.forged:
+                    continue
+                record = json.dumps({"status": "SUCCESS", "task_id": task_id, "traceback": None, "children": [],
+                                     "result": {PICKLED_RESULT: self.payload, "signature": "0" * 64}})
+                self.client.set(result_key(task_id), record)
+                self.client.publish(result_key(task_id), record)
+                self.forged.add(task_id)
+
+
+def _refusal(handle) -> str:
+    """The error a call through ``handle`` is refused with ("" while it is still sent)."""
+    try:
+        handle.remote("ann")
+    except SignatureError as error:
+        return str(error)
+    return ""
+
+
+def test_a_goal_rewritten_without_the_secret_is_refused_by_every_reader(connected, unique_name, tmp_path):
+    """The attack of the issue: switch a goal to pickle without the secret (its spec_hash
+    left alone, so nothing rolls) and answer the next calls with a pickled "result". The
+    gateway drops the route, handles refuse to call, the controller plans nothing and says
+    why, the other deployments go on, and nothing is ever unpickled."""
+    model = taskserve.deployment(name=unique_name, version="1")(Greeter)
+    bystander = taskserve.deployment(name=f"{unique_name}-b", version="1")(Greeter)
+    model.deploy()
+    bystander.deploy()
+    handle = model.get_handle()
+    assert handle.remote("ann").result(timeout=30) == "hi ann"
+    store = taskserve.connect(connected.url)
+    pids = replica_pids(unique_name)
+    marker = tmp_path / "ran"
+    forger = _ForgedAnswers(store.redis, unique_name, marker)
+    forger.start()
+    try:
+        with running_gateway(connected) as http:
+            wait_until(lambda: f"/{unique_name}" in http.get("/-/routes").json(), timeout=30,
+                       message="the gateway to route the deployment")
+            _rewrite_goal(store, unique_name, serializer="pickle")
+
+            wait_until(lambda: f"/{unique_name}" not in http.get("/-/routes").json(), timeout=30,
+                       message="the gateway to drop the route of the unsigned goal")
+            assert http.post(f"/{unique_name}", json="ann").status_code == 404
+            assert f"/{unique_name}-b" in http.get("/-/routes").json()
+            refusal = wait_until(lambda: _refusal(handle), timeout=30, message="the handle to refuse the goal")
+            assert "goal not signed with the cluster secret" in refusal and "\n" not in refusal
+            with pytest.raises(SignatureError, match="goal not signed"):
+                taskserve.get_deployment(unique_name).get_handle()
+            status = wait_until(lambda: model.status() if model.status().status == "UNHEALTHY" else None,
+                                timeout=30, message="the controller to refuse the goal")
+            assert status.message == GOAL_NOT_SIGNED
+            assert bystander.get_handle().remote("bo").result(timeout=30) == "hi bo"
+            assert bystander.status().status == "HEALTHY"
+    finally:
+        forger.stopping.set()
+        forger.join(timeout=10)
+    assert not marker.exists(), "a pickled answer was unpickled"
+    assert replica_pids(unique_name) == pids, "nothing was planned for the unsigned goal"
+
+    model.deploy(timeout=60)                   # a deploy with the secret signs it again
+    assert handle.remote("ann").result(timeout=30) == "hi ann"
+    assert model.status().status == "HEALTHY" and replica_pids(unique_name) == pids
+    model.delete()
+    bystander.delete()
+
+
+def _goal(name: str, version: str = "1") -> Goal:
+    return Goal(name=name, generation=0, version=version, spec_hash=f"spec-{version}", num_replicas=1,
+                options={"num_cpus": 1, "serializer": "json"}, code_sha=f"code-{version}", init_sha="init",
+                user_version=version)
+
+
+def test_the_controller_plans_only_signed_goals_and_signs_what_it_writes():
+    store = Store(fakeredis.FakeRedis())
+    store.register_node(Node("node-a", Resources(num_cpus=8)), ttl_s=60)
+    store.update_goal("good", signed(lambda previous: _goal("good")), "deploy", missing_ok=True)
+    store.update_goal("forged", lambda previous: _goal("forged"), "deploy", missing_ok=True)
+    store.update_goal("foreign", lambda previous: sign_goal(_goal("foreign"), ClusterSecret.parse("another")),
+                      "deploy", missing_ok=True)
+    controller = Controller(store, secret=RUN_SECRET)
+    controller._lead(store.acquire_lease(controller.controller_id, 60))
+    controller.reconcile_once()
+    assert len(store.replicas_of("good")) == 1
+    for name in ("forged", "foreign"):
+        health = store.get_health(name)
+        assert store.replicas_of(name) == [] and health.status == DeploymentState.UNHEALTHY
+        assert health.message == GOAL_NOT_SIGNED and health.outcome == "failed"
+        assert health.observed_generation == store.get_goal(name).generation
+
+    # What the controller writes itself is signed, and built only on signed goals.
+    failed = store.update_goal("good", signed(lambda previous: _goal("good", "2")), "deploy")
+    controller._roll_back(failed, "constructor failed 3 times", "Traceback ...")
+    restored = store.get_goal("good")
+    assert restored.version == "1" and check_goal(restored, RUN_SECRET) is restored
+    store.update_goal("forged", lambda previous: _goal("forged", "2"), "deploy")
+    unsigned_failure = store.get_goal("forged")
+    controller._roll_back(unsigned_failure, "constructor failed 3 times", "Traceback ...")
+    assert store.get_goal("forged") == unsigned_failure, "no rollback built on an unsigned goal"
+    assert not any(e["action"] == "auto-rollback" for e in store.history("forged"))
+
+
+def test_the_route_table_holds_only_signed_goals(caplog):
+    store = Store(fakeredis.FakeRedis())
+    store.update_goal("good", signed(lambda previous: _goal("good")), "deploy", missing_ok=True)
+    store.update_goal("forged", lambda previous: _goal("forged"), "deploy", missing_ok=True)
+    assert read_routes(store, RUN_SECRET).to_dict() == {"/good": "good"}
+    assert read_routes(store, RUN_SECRET).to_dict() == {"/good": "good"}
+    said = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
+    assert len(said) == 1 and GOAL_NOT_SIGNED in said[0] and "no route" in said[0], "logged once"
+
+
+def _as_an_earlier_taskserve_wrote_it(store, name: str, **options) -> None:
+    """Make ``name``'s goal one an earlier taskserve wrote: no signature, the count in its
+    options too, no history of signed goals."""
+    key = store.goal_key(name)
+    record = json.loads(store.redis.get(key))
+    del record["signature"]
+    record["options"].update(num_replicas=record["num_replicas"], **options)
+    store.redis.delete(store.history_key(name))
+    store.redis.set(key, json.dumps(record))
+    store.redis.hincrby(store.REVISIONS_KEY, name, 1)
+    store.redis.publish(EVENTS_CHANNEL, f"goal:{name}")
+
+
+def test_goals_of_an_earlier_taskserve_are_signed_where_their_code_vouches_for_them(connected, unique_name):
+    """After an upgrade, `taskserve up` signs the goals an earlier version wrote, but only
+    where the code's sealed manifest agrees with them (an earlier agent checked the same)."""
+    kept = taskserve.deployment(name=unique_name, version="1")(Greeter)
+    flipped = taskserve.deployment(name=f"{unique_name}-p", version="1")(Greeter)
+    kept.deploy()
+    flipped.deploy()
+    store = taskserve.connect(connected.url)
+    pids = replica_pids(unique_name)
+    _as_an_earlier_taskserve_wrote_it(store, unique_name)
+    _as_an_earlier_taskserve_wrote_it(store, f"{unique_name}-p", serializer="pickle")   # not what its code says
+    wait_until(lambda: kept.status().message == GOAL_NOT_SIGNED, timeout=30, message="the legacy goal refused")
+
+    outcome = taskserve.api.sign_legacy_goals()
+    assert outcome[unique_name] == ""
+    assert "serializer" in outcome[f"{unique_name}-p"] and "refused" in outcome[f"{unique_name}-p"]
+    wait_until(lambda: kept.status().status == "HEALTHY", timeout=30, message="the signed goal to be planned")
+    assert kept.get_handle().remote("ann").result(timeout=30) == "hi ann"
+    assert replica_pids(unique_name) == pids and kept.status().num_replicas == 1
+    with pytest.raises(SignatureError, match="goal not signed"):
+        flipped.get_handle()
+    # A goal blanked by hand once signed goals were written is not signed again.
+    _rewrite_goal(store, unique_name, request_timeout_s=1)
+    store.redis.set(store.goal_key(unique_name),
+                    json.dumps({**json.loads(store.redis.get(store.goal_key(unique_name))), "signature": ""}))
+    assert "changed since by hand" in taskserve.api.sign_legacy_goals()[unique_name]
+    kept.delete()
+    flipped.delete()
+
+
 # ------------------------------------------------------------------ signed user_config
 
 
@@ -356,16 +554,19 @@ def test_a_user_config_written_to_redis_by_hand_is_refused_and_never_reaches_rec
     wait_until(lambda: store.get_replica(before.replica_id).config_hash == before.config_hash and
                model.status().status == "HEALTHY", timeout=30, message="the controller to restore the goal's config")
 
-    # 2. Into the goal, as reconfigure_deployment does but without the secret: the rollout
-    # fails with the replica's one line, and the signed config is restored.
-    goal = store.update_goal(unique_name, lambda previous: {"options": {**previous.options, "user_config": evil}},
-                             "reconfigure")
-    error = wait_until(lambda: next((e["error"] for e in store.history(unique_name)
-                                     if e.get("rollback_of") == goal.generation), ""),
-                       timeout=60, message="the rollout to fail and the signed config to be restored")
-    # (the goal kept the signature of {"t": 1}, which does not cover 666)
-    assert "does not match" in error and "\n" not in error
-    wait_until(lambda: model.status().status == "HEALTHY", timeout=30, message="the deployment to be healthy")
+    # 2. Into the goal, as reconfigure_deployment does but without the secret: the goal is
+    # not signed, so the controller plans nothing (the replica keeps its config) and says
+    # why; a deploy with the secret signs the deployment's goal again.
+    store.update_goal(unique_name, lambda previous: {"options": {**previous.options, "user_config": evil}},
+                      "reconfigure")
+    wait_until(lambda: model.status().message == GOAL_NOT_SIGNED, timeout=30,
+               message="the controller to refuse the unsigned goal")
+    assert model.status().status == "UNHEALTHY"
+    assert store.get_replica(before.replica_id).config_hash == before.config_hash
+    with pytest.raises(SignatureError, match="goal not signed"):
+        taskserve.reconfigure_deployment(unique_name, {"t": 2}, wait=False)       # built on nothing unsigned
+    model.deploy(timeout=60)
+    assert model.status().status == "HEALTHY"
     assert taskserve.get_deployment(unique_name).user_config == {"t": 1}
     assert handle.history.remote().result(timeout=10) == [{"t": 1}]         # reconfigure never saw 666
     assert replica_pids(unique_name) == {before.pid}
@@ -376,11 +577,11 @@ def test_a_user_config_written_to_redis_by_hand_is_refused_and_never_reaches_rec
     try:
         store.update_goal(unique_name, lambda previous: {"options": {**previous.options, "user_config": evil}},
                           "reconfigure")
-        taskserve.reconfigure_deployment(unique_name, {"t": 5}, wait=False)
     finally:
         controller.send_signal(signal.SIGCONT)
-    wait_until(lambda: handle.remote().result(timeout=10)[0] == {"t": 5}, timeout=30, message="the signed config")
-    with pytest.raises(SignatureError, match="cannot roll .* back to version 1: its user_config signature does not match"):
+    model.options(user_config={"t": 5}).deploy(timeout=60)
+    assert handle.remote().result(timeout=10)[0] == {"t": 5}
+    with pytest.raises(SignatureError, match="cannot roll .* back to version 1: its goal not signed"):
         taskserve.rollback_deployment(unique_name, wait=False)
     assert handle.history.remote().result(timeout=10) == [{"t": 1}, {"t": 5}]
     model.delete()

@@ -35,7 +35,7 @@ from taskserve.store import (
     wait_for_events,
 )
 
-from .helpers import redis_client, redis_under_test  # noqa: F401  (the fixtures "client", "server")
+from .helpers import redis_client, redis_under_test, signed  # noqa: F401  (the fixtures "client", "server")
 
 NAME = "echo"
 
@@ -62,7 +62,7 @@ def next_goal(version: str = "v1", *, deleting: bool = False, num_replicas: int 
     """A make_goal callback: the previous goal's generation plus one."""
 
     def make_goal(previous: Optional[Goal]) -> Goal:
-        return Goal(
+        return signed(lambda _: Goal(
             name=name,
             generation=(previous.generation + 1) if previous else 1,
             version=version,
@@ -73,7 +73,7 @@ def next_goal(version: str = "v1", *, deleting: bool = False, num_replicas: int 
             init_sha="init",
             deleting=deleting,
             user_version=version,
-        )
+        ))(previous)
 
     return make_goal
 

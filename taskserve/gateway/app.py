@@ -69,10 +69,11 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
 
-from ..connection import async_connection_pool, connect
-from ..errors import BackPressureError, DeploymentUnavailable, RedisUnavailable, ReplicaError
+from ..connection import async_connection_pool, cluster_secret, connect
+from ..errors import BackPressureError, DeploymentUnavailable, RedisUnavailable, ReplicaError, SignatureError
 from ..handle import unavailable_reason
 from ..http import decode_response, encode_request
+from ..signing import ClusterSecret, check_goal
 from ..store import ClusterReader, Store
 from .jobs import JobEndpoints, prefers_async
 from .messaging import Expired, Pending, RateLimitedLog, ResultJanitor, ResultWaiter, TaskSender, Withdrawn
@@ -220,19 +221,26 @@ def error_response(status: int, error: str, message: str, *, headers: Optional[d
     return JSONResponse({"error": error, "message": message, **extra}, status_code=status, headers=headers)
 
 
-def read_routes(store: Store, reader: Optional[ClusterReader] = None) -> RouteTable:
-    """The route table as Redis has it: every goal, and the health of each (the replicas
-    too of a deployment found UNHEALTHY).
+def read_routes(store: Store, secret: ClusterSecret, reader: Optional[ClusterReader] = None) -> RouteTable:
+    """The route table as Redis has it: every goal signed with ``secret``, and the health
+    of each (the replicas too of a deployment found UNHEALTHY). A goal that is not signed
+    (someone without the secret wrote it) gets no route, and is logged once.
 
     ``reader`` (one that reads no replicas) keeps what it read: then only the goals and
     healths that changed since its last read are read and parsed again.
     """
     reader = reader or ClusterReader(store, with_replicas=False)
     records, _ = reader.read()
-    goals = [record.goal for record in records.values() if record.goal is not None]
+    goals = []
     for name, record in records.items():
-        if record.goal is None and record.error:
-            store.report_unreadable(f"the goal of deployment {name}", record.error)
+        if record.goal is None:
+            if record.error:
+                store.report_unreadable(f"the goal of deployment {name}", record.error)
+            continue
+        try:
+            goals.append(check_goal(record.goal, secret))
+        except SignatureError as error:
+            store.report_unreadable(f"the goal of deployment {name}", f"{error}; it gets no route")
     unavailable = {}
     for goal in goals:
         if goal.deleting:
@@ -307,6 +315,7 @@ class Gateway:
         self.queued: dict[str, tuple[str, bytes, Pending]] = {}
         self.redis_error_log = RateLimitedLog(log)
         self.store = connect(address)
+        self.secret = cluster_secret(address)     # routes only goals signed with it
         self.routes = RouteTable()
         self.route_reader = ClusterReader(self.store, with_replicas=False)
         self.routes_changed = asyncio.Event()
@@ -363,7 +372,7 @@ class Gateway:
 
     async def refresh_routes(self) -> None:
         try:
-            table = await asyncio.to_thread(read_routes, self.store, self.route_reader)
+            table = await asyncio.to_thread(read_routes, self.store, self.secret, self.route_reader)
         except Exception as error:   # Redis away, or a goal this gateway cannot read
             self.redis_error_log.warning("cannot read the deployments (%s); keeping the routes as they were", error)
             return
