@@ -6,6 +6,7 @@ skipped only when that browser is missing (``apt-get install chromium``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,30 @@ def test_dashboard_shows_deployments_and_follows_changes(connected, unique_name,
             assert errors == []
         finally:
             browser.close()
+
+
+def test_dashboard_shows_a_deployments_jobs_by_state_and_the_oldest_waiting(connected, unique_name):
+    idle = taskserve.deployment(Model).options(name=unique_name, num_replicas=0)
+    idle.deploy()
+    quiet = taskserve.deployment(Model).options(name=f"{unique_name}-quiet", num_replicas=0)
+    quiet.deploy()
+    for _ in range(2):
+        idle.get_handle().submit("request")
+    with running_gateway(connected) as http, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"{http.base_url}/-/dashboard")
+            jobs = page.locator(f'[data-deployment="{unique_name}"] [data-field="jobs"]')
+            expect(jobs.locator('[data-job-state="QUEUED"] b')).to_have_text("2", timeout=10_000)
+            expect(jobs.locator('[data-job-state="SUCCEEDED"] b')).to_have_text("0")
+            expect(jobs.locator('[data-field="oldest-queued"]')).to_have_text(re.compile(r"^\d+(s|m)$"))
+            expect(page.locator(f'[data-deployment="{unique_name}-quiet"]')).to_have_count(1)
+            expect(page.locator(f'[data-deployment="{unique_name}-quiet"] [data-field="jobs"]')).to_have_count(0)
+            assert errors == []
+        finally:
+            browser.close()
+    idle.delete()
+    quiet.delete()
