@@ -15,6 +15,7 @@ import pytest
 import redis
 
 import taskserve
+from taskserve.node.transport import IDLE_WAKE_S
 from taskserve.store.keys import stream_key
 
 from .helpers import replica_pids, wait_until
@@ -145,3 +146,19 @@ def test_a_streams_key_expires(connected, talker):
     assert response.result(timeout=30) == ["t0", "t1"]
     ttl = redis.Redis.from_url(connected.url).ttl(stream_key(response.request_id))
     assert 0 < ttl <= 600
+
+
+def test_a_replica_taking_one_request_at_a_time_takes_the_next_as_soon_as_a_stream_ends(connected, unique_name):
+    # The stream's end is written by the stream writer's thread: it must wake the consumer,
+    # whose one slot is free again. Noticed only at the consumer's next timer, each of
+    # these streams would wait up to IDLE_WAKE_S for its message to be taken.
+    model = taskserve.deployment(Talker).options(name=unique_name, num_cpus=0.1, max_ongoing_requests=1)
+    model.deploy(connected.url)
+    stream = model.get_handle().options(stream=True)
+    assert stream.tokens.remote(2).result(timeout=30) == ["t0", "t1"]
+    started = time.monotonic()
+    for _ in range(5):
+        assert stream.tokens.remote(2).result(timeout=30) == ["t0", "t1"]
+    assert model.get_handle().plain.remote(1).result(timeout=30) == 2
+    assert time.monotonic() - started < IDLE_WAKE_S / 2
+    model.delete()

@@ -189,7 +189,7 @@ class CeleryServer:
             head = self.answerer.record(call, Outcome(True, {"status": 200, "headers": [], "stream": True}))
         if call.redelivered:
             stream = self.streams.open(call, message, head=head)
-            self.streams.end(stream, Outcome.failure("ReplicaError", STREAM_INTERRUPTED), lambda: self._done(call))
+            self.streams.end(stream, Outcome.failure("ReplicaError", STREAM_INTERRUPTED), lambda: self._settled([call]))
             return
         if shape in (ASYNC, ASYNC_GENERATOR):
             self.dispatcher.enter()
@@ -220,7 +220,7 @@ class CeleryServer:
         except Exception as error:
             outcome = Outcome.of_exception(error)
         self._count(outcome, started)
-        self.streams.end(stream, outcome, lambda: self._done(call))
+        self.streams.end(stream, outcome, lambda: self._settled([call]))
 
     async def _stream_async(self, call: Call, message: Any, head: Optional[bytes]) -> None:
         task = asyncio.current_task()
@@ -253,7 +253,7 @@ class CeleryServer:
         finally:
             self.dispatcher.gate.leave()
         self._count(outcome, started)
-        self.streams.end(stream, outcome, lambda: self._done(call))
+        self.streams.end(stream, outcome, lambda: self._settled([call]))
 
     def _count(self, outcome: Outcome, started: Optional[float]) -> None:
         if started is not None:
@@ -284,7 +284,10 @@ class CeleryServer:
         self._done(served.call)
 
     def _settled(self, calls: list[Call]) -> None:
-        """Answered by the writer thread: wake the consumer, whose prefetch has room again."""
+        """Answered off the consumer's thread (by the answer writer, or a stream's end by the
+        stream writer): wake the consumer, whose prefetch has room again. Without the wake, a
+        replica taking one request at a time would take the next only at its loop's next
+        timer (up to ``IDLE_WAKE_S``)."""
         for call in calls:
             self._done(call)
         if self.hub is not None:

@@ -21,7 +21,7 @@ Example (what :class:`~taskserve.node.celery_server.CeleryServer` does)::
         if not writer.put(stream, chunk):      # the caller left
             generator.close()
             break
-    writer.end(stream, outcome, done=lambda: server.done(call))
+    writer.end(stream, outcome, done=lambda: server.settled([call]))   # frees its slot, wakes the consumer
 """
 
 from __future__ import annotations
