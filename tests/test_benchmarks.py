@@ -248,3 +248,53 @@ def test_bench_idle() -> None:
     [total] = [value for name, value in found.items() if name.startswith("total with 2 replicas")]
     assert re.fullmatch(r"\d+\.\d{3} (ok|MISS)", total), total
     assert_figures(found, ["empty cluster, % of a core (baseline)"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_jobs() -> None:
+    out = run_benchmark("bench_jobs", "--jobs", "2000", "--batch", "500", "--single", "200", "--rounds", "2",
+                        "--drain-jobs", "200", "--calls", "200", "--replicas", "1", "--status-reads", "100")
+    assert "command:  python -m benchmarks.bench_jobs --jobs 2000" in out
+    submits = {row["submit"]: row for row in table_with(out, "Redis bytes/job - payload")}
+    assert set(submits) == {"taskserve submit_many", "floor: LPUSH pipelines, same items", "taskserve submit",
+                            "celery send_task"}
+    for row in submits.values():
+        assert_figures(row, ["jobs/s", "us/job", "client CPU us/job"])
+    [drained] = table_with(out, "drain jobs/s")
+    assert drained["replicas"] == "1" and drained["drained jobs"] == "200"
+    assert_figures(drained, ["drain jobs/s", "plain calls/s", "drain/plain"])
+    reads = {row["read"]: row for row in table_with(out, "p50 ms")}
+    assert {"job.status(), QUEUED job", "job.status(), SUCCEEDED job"} <= set(reads)
+    for row in reads.values():
+        assert_figures(row, ["p50 ms", "p99 ms"])
+    found = checks(out)
+    for name in ("submit_many jobs/s (>= 20000)", "submit one by one / celery send_task (>= 1.0)",
+                 "drain / plain calls, 1 replica(s) (>= 1.0)", "job.status() p50 ms (<= 1)"):
+        assert re.fullmatch(r"\d+(\.\d+)? (ok|MISS)", found[name]), (name, found[name])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_streaming() -> None:
+    out = run_benchmark("bench_streaming", "--requests", "20", "--rounds", "2", "--chunks", "2000",
+                        "--stream-rounds", "1", "--streams", "10", "--stream-chunks", "100", "--sleepers", "50",
+                        "--sleep-rounds", "1")
+    assert "command:  python -m benchmarks.bench_streaming --requests 20" in out
+    calls = {row["call (bench_stream, 1 replica)"]: row for row in table_with(out, "call (bench_stream, 1 replica)")}
+    assert set(calls) == {"stream: first chunk", "plain call: answer"}
+    for row in calls.values():
+        assert row["n"] == "20", row
+        assert_figures(row, ["p50 ms", "p99 ms"])
+    streams = table_with(out, "chunks/s")
+    assert [(row["stream"], row["chunks"]) for row in streams] == [
+        ("one stream (sync generator)", "2000"), ("10 streams (async generators)", "1000")]
+    [naps] = table_with(out, "naps at once")
+    assert naps["naps at once"] == "50"
+    assert_figures(naps, ["sent after s", "last answer s"])
+    assert float(naps["last answer s"]) >= 1.0          # each nap sleeps a second
+    found = checks(out)
+    assert_figures(found, ["floor: one XADD round trip p50, us", "first chunk p50 / plain call p50"])
+    for name, value in found.items():
+        if "(<=" in name or "(>=" in name:
+            assert re.fullmatch(r"-?\d+(\.\d+)? (ok|MISS)", value), (name, value)
