@@ -460,6 +460,9 @@ class CallOptions:
 
 MAX_RETRIES = 100
 MAX_RETRY_DELAY_S = 86_400
+# submit_many records at most this many jobs in one script call (one pipeline holds them
+# all): Redis serves other clients between the calls.
+SUBMIT_CHUNK = 1000
 MAX_IDEMPOTENCY_KEY = 256
 
 
@@ -553,6 +556,10 @@ class DeploymentHandle:
     def submit_many(self, calls: Iterable[tuple[Iterable[Any], dict]]) -> list[Job]:
         """Queue many jobs, ``(args, kwargs)`` each, in one round trip; their :class:`Job` s.
 
+        Up to ``SUBMIT_CHUNK`` jobs go in one script call, which records them all or none.
+        On a deployment with ``max_queued_requests`` they go in one call, refused as a
+        whole (:class:`BackPressureError`) when the queue would hold more than that with them.
+
         Example::
 
             jobs = handle.embed.submit_many(([image], {}) for image in images)
@@ -563,22 +570,28 @@ class DeploymentHandle:
         calls = [(list(args), dict(kwargs)) for args, kwargs in calls]
         if options.idempotency_key is not None and len(calls) > 1:
             raise ValueError("an idempotency_key names one job: submit jobs with a key one by one")
+        if not calls:
+            return []
         try:
             self._check(store)
             queue = self._queue()
             call = caller(address, self._serializer)
             list_key = queue_list(queue, priority_to_transport(options.priority))
-            now = time.time()
-            submitted = []
+            # One record's fields for all: the same options, the same moment.
+            fields = job_fields(self._deployment, options.method, options.priority, options.max_retries,
+                                options.retry_delay_s, time.time(), options.idempotency_key or "")
+            chunk = len(calls) if self._checked.max_queued is not None else SUBMIT_CHUNK
+            job_ids = []
             with store.redis.pipeline(transaction=False) as pipe:
-                for args, kwargs in calls:
-                    job_id = new_job_id()
-                    item = self._encode(call, Call(job_id, options.method, args, kwargs, queue=queue,
-                                                   priority=options.priority, job=True))
-                    fields = job_fields(self._deployment, options.method, options.priority, options.max_retries,
-                                        options.retry_delay_s, now, options.idempotency_key or "")
-                    store.submit_job(self._deployment, job_id, item, list_key, fields, options.idempotency_key or "",
-                                     self._checked.max_queued, queue, pipe=pipe)
+                for start in range(0, len(calls), chunk):
+                    jobs = []
+                    for args, kwargs in calls[start:start + chunk]:
+                        job_id = new_job_id()
+                        jobs.append((job_id, self._encode(call, Call(job_id, options.method, args, kwargs, queue=queue,
+                                                                     priority=options.priority, job=True))))
+                        job_ids.append(job_id)
+                    store.submit_jobs(self._deployment, jobs, list_key, fields, options.idempotency_key or "",
+                                      self._checked.max_queued, queue, pipe=pipe)
                 replies = pipe.execute()
         except Exception as error:
             cause = _unreachable(error)
@@ -589,8 +602,9 @@ class DeploymentHandle:
             outcome = store.submitted(reply)
             if outcome.outcome == "full":
                 raise BackPressureError(self._deployment, outcome.queued, self._checked.max_queued or 0)
-            submitted.append(Job(outcome.job_id, self._deployment, store))
-        return submitted
+            if outcome.outcome == "existing":       # an idempotency key: one job
+                return [Job(outcome.job_id, self._deployment, store)]
+        return [Job(job_id, self._deployment, store) for job_id in job_ids]
 
     def _encode(self, call: Caller, message: Call) -> bytes:
         try:

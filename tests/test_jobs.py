@@ -215,6 +215,38 @@ def test_submit_many_queues_them_in_one_go(connected, jobber):
     assert len(taskserve.list_jobs(jobber.name, state=SUCCEEDED, limit=1000)) >= 50
 
 
+def test_submit_many_records_them_in_chunks_taken_in_the_order_given(connected, jobber, log_key, monkeypatch):
+    monkeypatch.setattr(taskserve.handle, "SUBMIT_CHUNK", 7)          # 20 jobs: 3 script calls
+    handle = jobber.get_handle()
+    hold = f"{log_key}:hold"
+    blocker = handle.work.submit(log_key, "blocker", hold)
+    wait_until(lambda: blocker.status().state == RUNNING, timeout=30)
+    jobs = handle.work.submit_many(([log_key, f"j{i}"], {}) for i in range(20))
+    assert len({job.id for job in jobs}) == 20
+    assert {job.status().state for job in jobs} == {QUEUED}
+    assert taskserve.list_jobs(jobber.name, state=QUEUED, limit=100)[0].created_at == jobs[0].status().created_at
+    release(connected, hold)
+    assert [job.result(timeout=60) for job in jobs] == [f"done j{i}" for i in range(20)]
+    assert runs(connected, log_key) == ["blocker:1", *(f"j{i}:1" for i in range(20))]
+
+
+def test_a_batch_that_would_overfill_the_queue_is_refused_whole(connected, unique_name, log_key):
+    model = taskserve.deployment(Jobber).options(name=unique_name, num_cpus=0.1, max_queued_requests=3)
+    model.deploy(connected.url)
+    handle = model.get_handle()
+    hold = f"{log_key}:hold"
+    blocker = handle.work.submit(log_key, "blocker", hold)
+    wait_until(lambda: blocker.status().state == RUNNING, timeout=30)
+    handle.plain.submit(1)
+    with pytest.raises(taskserve.BackPressureError) as caught:
+        handle.plain.submit_many(([i], {}) for i in range(3))         # 1 + 3 > 3: none of them
+    assert caught.value.queued == 1
+    assert [s.state for s in taskserve.list_jobs(model.name, state=QUEUED)] == [QUEUED]
+    assert len(handle.plain.submit_many(([i], {}) for i in range(2))) == 2    # 1 + 2 fits
+    release(connected, hold)
+    model.delete()
+
+
 def test_a_full_queue_refuses_a_submit(connected, unique_name, log_key):
     model = taskserve.deployment(Jobber).options(name=unique_name, num_cpus=0.1, max_queued_requests=2)
     model.deploy(connected.url)

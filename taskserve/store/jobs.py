@@ -7,7 +7,7 @@ them. Who runs which:
 ==================  ===========  =============================================================
 script              who          what
 ==================  ===========  =============================================================
-``submit_job``      clients      record QUEUED, message on the queue (idempotent, bounded)
+``submit_job``      clients      records QUEUED, messages on the queue (idempotent, bounded)
 ``start_job``       replicas     QUEUED -> RUNNING, one attempt more (a plain Celery
                                  producer's job gets its record here)
 ``finish_job``      replicas     -> SUCCEEDED, FAILED, CANCELLED or DEAD; answer stored and
@@ -49,9 +49,10 @@ STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, DEAD)
 
 @dataclass(frozen=True)
 class Submitted:
-    """What :meth:`Jobs.submit_job` did: ``"submitted"``, ``"existing"`` (the job already
-    submitted under the idempotency key: ``job_id`` is its id) or ``"full"`` (the queue
-    holds ``queued`` requests, its ``max_queued_requests``)."""
+    """What :meth:`Jobs.submit_jobs` did: ``"submitted"`` (``job_id``: the first job's),
+    ``"existing"`` (the job already submitted under the idempotency key: ``job_id`` is its
+    id) or ``"full"`` (the queue holds ``queued`` requests, and would hold more than its
+    ``max_queued_requests`` with these: none was submitted)."""
 
     outcome: str
     job_id: str = ""
@@ -91,17 +92,34 @@ class Jobs(StoreBase):
                    key: str = "", max_queued: Optional[int] = None, queue: str = "",
                    pipe: Optional[object] = None) -> Submitted:
         """Record job ``job_id`` of deployment ``name`` as QUEUED and push its ``message``
-        onto ``queue_list_key``, in one step; with an idempotency ``key``, the job already
-        submitted under it instead, if there is one. With ``max_queued``, refused when
-        ``queue`` (every priority) holds that many requests.
+        onto ``queue_list_key``, in one step: :meth:`submit_jobs` of one job."""
+        return self.submit_jobs(name, [(job_id, message)], queue_list_key, fields, key, max_queued, queue, pipe)
 
-        With ``pipe`` (a pipeline) the script is only queued on it; :meth:`submitted` reads
-        its reply.
+    def submit_jobs(self, name: str, jobs: Sequence[tuple[str, bytes]], queue_list_key: str, fields: dict[str, str],
+                    key: str = "", max_queued: Optional[int] = None, queue: str = "",
+                    pipe: Optional[object] = None) -> Submitted:
+        """Record the ``jobs`` (``(job id, message)`` each) of deployment ``name`` as QUEUED,
+        each with the record ``fields``, and push their messages onto ``queue_list_key``, in
+        one step: all of them or none. With an idempotency ``key`` (one job only), the job
+        already submitted under it instead, if there is one. With ``max_queued``, refused
+        when ``queue`` (every priority) would hold more than that many requests with them.
+
+        One script call whatever the number of jobs: the fields travel once. With ``pipe``
+        (a pipeline) the call is only queued on it; :meth:`submitted` reads its reply.
+
+        >>> import fakeredis
+        >>> jobs = Jobs(fakeredis.FakeRedis())
+        >>> jobs.submit_jobs("ocr", [("j1", b"m1"), ("j2", b"m2")], "q", {"state": "QUEUED"})
+        Submitted(outcome='submitted', job_id='j1', queued=0)
+        >>> jobs.redis.lrange("q", 0, -1), jobs.count_jobs("ocr")[QUEUED]    # j1 taken first (BRPOP)
+        ([b'm2', b'm1'], 2)
+        >>> jobs.submit_jobs("ocr", [("j3", b"m3")], "q", {}, max_queued=2, queue="q")
+        Submitted(outcome='full', job_id='', queued=2)
         """
-        keys, args = self.submit_job_arguments(name, job_id, message, queue_list_key, fields, key, max_queued, queue)
+        keys, args = self.submit_jobs_arguments(name, jobs, queue_list_key, fields, key, max_queued, queue)
         if pipe is not None:
             self._scripts.submit_job(keys=keys, args=args, client=pipe)
-            return Submitted("pending", job_id)
+            return Submitted("pending", jobs[0][0] if jobs else "")
         return self.submitted(self._scripts.submit_job(keys=keys, args=args))
 
     @staticmethod
@@ -112,15 +130,28 @@ class Jobs(StoreBase):
         for a caller that runs the script on a client of its own (the gateway's asyncio one).
 
         >>> keys, args = Jobs.submit_job_arguments("ocr", "j1", b"m", "taskserve.ocr", {"state": "QUEUED"}, "k17")
-        >>> keys, args[0], args[3:]
-        (['taskserve:job:j1', 'taskserve:jobs:ocr:QUEUED', 'taskserve.ocr', 'taskserve:job-key:ocr:k17'], 'j1', [0, 'state', 'QUEUED'])
+        >>> keys
+        ['taskserve:jobs:ocr:QUEUED', 'taskserve.ocr', 'taskserve:job-key:ocr:k17', 'taskserve:job:j1']
+        >>> args[1:]
+        [0, 0, 2, 'state', 'QUEUED', 'j1', b'm']
         """
-        keys = [job_key(job_id), jobs_key(name, QUEUED), queue_list_key, idempotency_key(name, key) if key else ""]
-        if max_queued:
-            keys += queue_lists(queue)
-        args: list[Any] = [job_id, message, repr(time.time()), max_queued or 0]
+        return Jobs.submit_jobs_arguments(name, [(job_id, message)], queue_list_key, fields, key, max_queued, queue)
+
+    @staticmethod
+    def submit_jobs_arguments(name: str, jobs: Sequence[tuple[str, bytes]], queue_list_key: str,
+                              fields: dict[str, str], key: str = "", max_queued: Optional[int] = None,
+                              queue: str = "") -> tuple[list[str], list[Any]]:
+        """The keys and arguments ``scripts/submit_job.lua`` runs with for :meth:`submit_jobs`."""
+        if key and len(jobs) != 1:
+            raise ValueError(f"an idempotency key names one job, not {len(jobs)}")
+        lists = queue_lists(queue) if max_queued else []
+        keys = [jobs_key(name, QUEUED), queue_list_key, idempotency_key(name, key) if key else "", *lists,
+                *(job_key(job_id) for job_id, _ in jobs)]
+        args: list[Any] = [repr(time.time()), max_queued or 0, len(lists), 2 * len(fields)]
         for field, value in fields.items():
             args += [field, value]
+        for job_id, message in jobs:
+            args += [job_id, message]
         return keys, args
 
     @staticmethod
