@@ -32,7 +32,9 @@ In one run:
   in total.
 * **1,000 sleeps**: ``--sleepers`` (default 1,000) calls of ``nap(1.0)`` sent at once
   to the one ``bench_sleep`` replica, then every answer collected: from the first send
-  to the last answer, ``--sleep-rounds`` times (default 3). Target: <= 1.5 s.
+  to the last answer, ``--sleep-rounds`` times (default 3). Target: <= 1.5 s. Baseline, in
+  the same rounds: as many naps of 0 s (the same calls with nothing to wait for), which
+  show what taking, running and answering 1,000 calls costs on this machine.
 * **the floor** of a chunk's write: one ``XADD`` round trip from a redis-py client
   (p50 of 2,000, one entry each), a ``MULTI XADD EXPIRE EXEC`` round trip (what the
   replica's stream writer sends for one stream's batch), and ``XADD`` entries/s with
@@ -231,6 +233,7 @@ def many_streams(handle: Any, pids: list[int], streams: int, chunks: int) -> Rat
 
 @dataclass
 class Sleepers:
+    sleep_s: float
     sent_s: float
     first_s: float
     last_s: float
@@ -238,19 +241,19 @@ class Sleepers:
     client_cpu_s: float
 
 
-def sleepers(handle: Any, pids: list[int], count: int) -> Sleepers:
-    """``count`` naps sent at once, every answer collected (in the order sent)."""
+def sleepers(handle: Any, pids: list[int], count: int, sleep_s: float = SLEEP_S) -> Sleepers:
+    """``count`` naps of ``sleep_s`` sent at once, every answer collected (in the order sent)."""
     cpu, replica_cpu = time.process_time(), cpu_seconds(pids)
     started = time.perf_counter()
-    responses = [handle.nap.remote(SLEEP_S) for _ in range(count)]
+    responses = [handle.nap.remote(sleep_s) for _ in range(count)]
     sent = time.perf_counter() - started
     first = None
     for response in responses:
-        if response.result(timeout=RESULT_TIMEOUT_S) != SLEEP_S:
+        if response.result(timeout=RESULT_TIMEOUT_S) != sleep_s:
             raise AssertionError(f"a nap answered {response.result()!r}")
         first = first or time.perf_counter() - started
     last = time.perf_counter() - started
-    return Sleepers(sent, first or last, last, cpu_seconds(pids) - replica_cpu, time.process_time() - cpu)
+    return Sleepers(sleep_s, sent, first or last, last, cpu_seconds(pids) - replica_cpu, time.process_time() - cpu)
 
 
 def xadd_floor(address: str) -> tuple[float, float, float]:
@@ -305,13 +308,14 @@ def report(args: argparse.Namespace, firsts: list[float], plains: list[float], o
         [r.name, str(r.count), f"{r.seconds:.3f}", f"{r.per_s:.0f}", f"{r.replica_us:.1f}", f"{r.client_us:.1f}"]
         for r in [*one, many]]))
     print()
-    print(markdown_table(["naps at once", "sent after s", "first answer s", "last answer s", "replica CPU ms",
+    print(markdown_table(["naps at once", "nap s", "sent after s", "first answer s", "last answer s", "replica CPU ms",
                           "client CPU ms"], [
-        [str(args.sleepers), f"{n.sent_s:.3f}", f"{n.first_s:.3f}", f"{n.last_s:.3f}", f"{n.replica_cpu_s * 1000:.0f}",
-         f"{n.client_cpu_s * 1000:.0f}"] for n in naps]))
+        [str(args.sleepers), f"{n.sleep_s:g}", f"{n.sent_s:.3f}", f"{n.first_s:.3f}", f"{n.last_s:.3f}",
+         f"{n.replica_cpu_s * 1000:.0f}", f"{n.client_cpu_s * 1000:.0f}"] for n in naps]))
     print()
     one_rate = statistics.median(r.per_s for r in one)
-    last = statistics.median(n.last_s for n in naps)
+    last = statistics.median(n.last_s for n in naps if n.sleep_s == SLEEP_S)
+    last_0 = statistics.median(n.last_s for n in naps if n.sleep_s == 0)
     print(markdown_table(["measure", "value"], [
         ["first chunk p50 - plain call p50, ms (<= 1)",
          verdict(f"{first_p50 - plain_p50:.3f}", first_p50 - plain_p50 <= FIRST_CHUNK_TARGET_MS)],
@@ -321,6 +325,7 @@ def report(args: argparse.Namespace, firsts: list[float], plains: list[float], o
          verdict(f"{many.per_s:.0f}", many.per_s >= CHUNK_RATE_TARGET)],
         [f"{args.sleepers} naps of 1 s: first send to last answer, median s (<= 1.5)",
          verdict(f"{last:.3f}", last <= SLEEPERS_TARGET_S)],
+        [f"baseline: {args.sleepers} naps of 0 s, first send to last answer, median s", f"{last_0:.3f}"],
         ["floor: one XADD round trip p50, us", f"{floor[0]:.0f}"],
         ["floor: MULTI XADD EXPIRE EXEC round trip p50, us", f"{floor[1]:.0f}"],
         ["floor: XADD entries/s, 1000 per pipeline", f"{floor[2]:.0f}"],
@@ -375,8 +380,9 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
         sleepers(sleep_handle, sleep_pids, min(args.sleepers, 10))      # warm-up
         naps = []
         for _ in range(args.sleep_rounds):
-            naps.append(sleepers(sleep_handle, sleep_pids, args.sleepers))
-            print(f"  {args.sleepers} naps: last answer after {naps[-1].last_s:.3f} s", flush=True)
+            for sleep_s in (0.0, SLEEP_S):
+                naps.append(sleepers(sleep_handle, sleep_pids, args.sleepers, sleep_s))
+                print(f"  {args.sleepers} naps of {sleep_s:g} s: last answer after {naps[-1].last_s:.3f} s", flush=True)
         report(args, firsts, plains, one, many, naps, floor)
 
 
