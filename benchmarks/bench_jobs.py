@@ -29,9 +29,11 @@ jobs carry a payload of ``--payload-bytes`` (default 100) ASCII characters:
   10,000) jobs submitted with no replica running, then the deployment scaled to that
   many replicas; the rate is the jobs over the time from the first job's
   ``started_at`` to the last one's ``finished_at`` (their records), all SUCCEEDED.
-  Baseline in the same run, on the same replicas right after: ``--calls`` (default
-  5,000) plain calls ``handle.remote(payload)`` with at most 100 in flight (what
-  ``bench_requests`` calls pipelined). Target: drain rate >= the plain call rate.
+  Baseline in the same run, on the same replicas right after each drain: ``--calls``
+  (default 5,000) plain calls ``handle.remote(payload)`` with at most 100 in flight
+  (what ``bench_requests`` calls pipelined). Jobs and calls are split over
+  ``--drain-rounds`` (default 2) drains, each followed by its calls. Target: drain rate
+  >= the plain call rate.
 * **status reads**: ``job.status()`` of ``--status-reads`` (default 2,000) queued and
   finished jobs, one after the other: p50 and p99 (target p50 <= 1 ms). Beside it,
   the floor of one ``HGETALL`` of the same record through redis-py, and Celery's
@@ -43,13 +45,14 @@ it moves much less with the machine's other load than the wall clock.
 Usage, from the repository root::
 
     python -m benchmarks.bench_jobs [--jobs 100000] [--batch 1000] [--single 20000] [--rounds 4]
-                                    [--drain-jobs 10000] [--calls 5000] [--replicas 1 2]
+                                    [--drain-jobs 10000] [--drain-rounds 2] [--calls 5000]
+                                    [--replicas 1 2]
                                     [--status-reads 2000] [--payload-bytes 100]
 
 A smoke run (seconds; the figures mean nothing)::
 
     python -m benchmarks.bench_jobs --jobs 2000 --batch 500 --single 200 --rounds 2 --drain-jobs 200 \\
-        --calls 200 --replicas 1 --status-reads 100
+        --drain-rounds 1 --calls 200 --replicas 1 --status-reads 100
 
 Everything it starts is stopped on exit, Ctrl-C or error; logs go to a temporary
 directory that is removed on success and kept (its path printed) on failure.
@@ -264,26 +267,41 @@ def job_times(client: redis.Redis, job_ids: list[str]) -> tuple[float, float]:
     return first, last
 
 
-def drain(handle: Any, client: redis.Redis, payload: str, replicas: int, jobs: int, calls: int) -> tuple[Drain, list[str]]:
-    """Fill the queue with no replica, scale to ``replicas``, time the drain; then the plain calls."""
+def drain(handle: Any, client: redis.Redis, payload: str, replicas: int, jobs: int, calls: int,
+          rounds: int) -> tuple[Drain, list[str]]:
+    """In each of ``rounds``: fill the queue with no replica, scale to ``replicas``, time the
+    drain, then the plain calls on the same replicas. The finished jobs' memory is read with
+    no replica left, once every round drained."""
     store = current_store()
     scale(0)
     memory = used_memory(client)
-    job_ids = submit_batches(handle, payload, jobs, 1000)
-    started = time.perf_counter()
-    pids = scale(replicas)
-    cpu = cpu_seconds(pids)
-    wait_until(lambda: store.count_jobs(DEPLOYMENT_NAME)[SUCCEEDED] >= jobs, 60 + jobs / 100,
-               f"{jobs} jobs to succeed with {replicas} replica(s)")
-    wall_s = time.perf_counter() - started
-    replica_cpu_s = cpu_seconds(pids) - cpu
-    first, last = job_times(client, job_ids)
-    cpu = cpu_seconds(pids)
-    calls_s = run_calls(handle, payload, calls)
-    calls_cpu_s = cpu_seconds(pids) - cpu
+    job_ids: list[str] = []
+    seconds = wall_s = replica_cpu_s = calls_s = calls_cpu_s = 0.0
+    calls_done = 0
+    for number, (size, calls_size) in enumerate(zip(split(jobs, rounds), split(calls, rounds)), start=1):
+        scale(0)
+        ids = submit_batches(handle, payload, size, 1000)
+        started = time.perf_counter()
+        pids = scale(replicas)
+        cpu = cpu_seconds(pids)
+        done = len(job_ids) + size
+        wait_until(lambda done=done: store.count_jobs(DEPLOYMENT_NAME)[SUCCEEDED] >= done, 60 + size / 50,
+                   f"{size} jobs to succeed with {replicas} replica(s)")
+        wall_s += time.perf_counter() - started
+        replica_cpu_s += cpu_seconds(pids) - cpu
+        first, last = job_times(client, ids)
+        seconds += last - first
+        job_ids += ids
+        cpu = cpu_seconds(pids)
+        round_calls_s = run_calls(handle, payload, calls_size)
+        calls_s += round_calls_s
+        calls_done += calls_size
+        calls_cpu_s += cpu_seconds(pids) - cpu
+        print(f"  x{replicas} round {number}/{rounds}: drain {size / (last - first):.0f} jobs/s, "
+              f"plain calls {calls_size / round_calls_s:.0f}/s", flush=True)
     scale(0)
     finished_memory = used_memory(client) - memory
-    return Drain(replicas, jobs, last - first, wall_s, calls, calls_s, finished_memory, replica_cpu_s,
+    return Drain(replicas, len(job_ids), seconds, wall_s, calls_done, calls_s, finished_memory, replica_cpu_s,
                  calls_cpu_s), job_ids
 
 
@@ -363,13 +381,15 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         "(default: 20000)")
     parser.add_argument("--rounds", type=int, default=4, help="blocks the one-by-one paths take turns in (default: 4)")
     parser.add_argument("--drain-jobs", type=int, default=10_000, help="jobs per drain (default: 10000)")
+    parser.add_argument("--drain-rounds", type=int, default=2, help="drains (each followed by plain calls) per "
+                        "replica count, the jobs and calls split among them (default: 2)")
     parser.add_argument("--calls", type=int, default=5000, help="plain calls per replica count (default: 5000)")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="replica counts (default: 1 2)")
     parser.add_argument("--status-reads", type=int, default=2000, help="status reads per kind (default: 2000)")
     parser.add_argument("--payload-bytes", type=int, default=100, help="each job's argument, in bytes (default: 100)")
     args = parser.parse_args(argv)
-    if min(args.jobs, args.batch, args.single, args.rounds, args.drain_jobs, args.calls, args.status_reads,
-           *args.replicas) < 1 or args.payload_bytes < 0:
+    if min(args.jobs, args.batch, args.single, args.rounds, args.drain_jobs, args.drain_rounds, args.calls,
+           args.status_reads, *args.replicas) < 1 or args.payload_bytes < 0:
         parser.error("every count must be positive (--payload-bytes may be 0)")
     return args
 
@@ -441,7 +461,8 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
         # Drains, each followed by plain calls on the same replicas.
         drains = []
         for replicas in args.replicas:
-            result, drained_ids = drain(handle, client, payload, replicas, args.drain_jobs, args.calls)
+            result, drained_ids = drain(handle, client, payload, replicas, args.drain_jobs, args.calls,
+                                         args.drain_rounds)
             drains.append(result)
             print(f"  drain with {replicas} replica(s): {result.rate:.0f} jobs/s; plain calls "
                   f"{result.calls_rate:.0f}/s", flush=True)

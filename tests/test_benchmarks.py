@@ -254,7 +254,8 @@ def test_bench_idle() -> None:
 @pytest.mark.integration
 def test_bench_jobs() -> None:
     out = run_benchmark("bench_jobs", "--jobs", "2000", "--batch", "500", "--single", "200", "--rounds", "2",
-                        "--drain-jobs", "200", "--calls", "200", "--replicas", "1", "--status-reads", "100")
+                        "--drain-jobs", "200", "--drain-rounds", "1", "--calls", "200", "--replicas", "1",
+                        "--status-reads", "100")
     assert "command:  python -m benchmarks.bench_jobs --jobs 2000" in out
     submits = {row["submit"]: row for row in table_with(out, "Redis bytes/job - payload")}
     assert set(submits) == {"taskserve submit_many", "floor: LPUSH pipelines, same items", "taskserve submit",
