@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TypeVar, Union
+from typing import IO, Callable, Iterator, Optional, TypeVar, Union
 
 import fakeredis
 import httpx
@@ -212,6 +213,59 @@ class RequestLoop:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=120)
+
+
+class OutputLines:
+    """The lines a process writes to a pipe, read by a thread as they come, so that a wait
+    for one can end at a deadline (a ``readline()`` in a polled predicate blocks for good
+    when nothing comes).
+
+    Example::
+
+        process = subprocess.Popen([...], stdout=subprocess.PIPE, text=True)
+        output = OutputLines(process.stdout)
+        output.wait_for("ready", timeout=30)      # the first unread line containing "ready"
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self._unread = 0
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, text: str = "", timeout: float = 30.0) -> str:
+        """The next unread line that contains ``text`` (any line for ""); the lines before it
+        are read too. Fails, with what came, if the output ends or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                while self._unread < len(self.lines):
+                    line = self.lines[self._unread]
+                    self._unread += 1
+                    if text in line:
+                        return line
+                remaining = deadline - time.monotonic()
+                if self.ended or remaining <= 0:
+                    why = "the output ended" if self.ended else f"{timeout:g} s passed"
+                    raise AssertionError(f"{why} without a line with {text!r}; it was:\n{''.join(self.lines)}")
+                self._changed.wait(remaining)
+
+    def text(self, timeout: float = 30.0) -> str:
+        """Everything written, once the pipe is closed (the process ended)."""
+        self._reader.join(timeout)
+        with self._changed:
+            return "".join(self.lines)
 
 
 def replica_pids(name: str, state: Optional[str] = "RUNNING") -> set[int]:

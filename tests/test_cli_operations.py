@@ -20,7 +20,7 @@ from taskserve.errors import DeploymentError, ReplicaError
 from taskserve.handle import DeploymentHandle
 from taskserve.spec import validate_options
 
-from .helpers import REPO, replica_pids, wait_until
+from .helpers import REPO, OutputLines, replica_pids, wait_until
 from .test_cli import run_cli
 
 MODEL = '''
@@ -254,13 +254,13 @@ def test_logs_prints_what_replicas_write(connected, unique_name, model_file):
     # start (a slow start on a loaded machine) or while it follows.
     follow = subprocess.Popen([sys.executable, "-m", "taskserve", "logs", unique_name, "-f", "--tail", "1000"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=connected.env())
+    output = OutputLines(follow.stdout)
     try:
         taskserve.scale_deployment(unique_name, 2)
         # The one that is not the first (pids wrap around: the larger pid need not be the newer).
         (new,) = [r for r in taskserve.get_deployment(unique_name).status().replicas
                   if r.replica_id != replica.replica_id]
-        line = wait_until(lambda: _read_until(follow, f"constructed in {new.pid}"), timeout=30,
-                          message="logs -f to print the new replica's first line")
+        line = output.wait_for(f"constructed in {new.pid}", timeout=30)
         assert line.startswith(f"[{new.replica_id}] ")
     finally:
         follow.send_signal(signal.SIGINT)
@@ -268,26 +268,22 @@ def test_logs_prints_what_replicas_write(connected, unique_name, model_file):
     taskserve.delete_deployment(unique_name)
 
 
-def _read_until(process: subprocess.Popen, text: str):
-    line = process.stdout.readline()
-    return line if text in line else None
-
-
 def test_status_watch_follows_the_next_rollout(connected, unique_name, model_file):
     deploy_cli(connected, model_file, unique_name, "--version", "1", "--user-config", '{"threshold": 1}')
     watch = subprocess.Popen([sys.executable, "-m", "taskserve", "status", unique_name, "--watch"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=connected.env())
+    output = OutputLines(watch.stdout)
     try:
-        wait_until(lambda: _read_until(watch, "waiting for its next rollout"), timeout=30,
-                   message="the watch to wait for a rollout")
+        output.wait_for("waiting for its next rollout", timeout=30)
         assert watch.poll() is None           # a HEALTHY deployment does not end the watch
         run_cli(connected, "restart", unique_name)
-        out, err = watch.communicate(timeout=60)
+        watch.wait(timeout=60)
+        err = watch.stderr.read()
     finally:
         if watch.poll() is None:
             watch.kill()
     assert watch.returncode == 0, err
-    assert "HEALTHY" in out
+    assert "HEALTHY" in output.text()
     taskserve.delete_deployment(unique_name)
 
 

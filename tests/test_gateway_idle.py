@@ -13,6 +13,7 @@ import signal
 import time
 import types
 from email.utils import formatdate
+from typing import Callable
 
 import redis.asyncio
 import uvicorn
@@ -73,13 +74,23 @@ def test_the_quiet_server_keeps_the_date_header_fresh(monkeypatch):
     assert [date for _, date in seen] == [formatdate(at, usegmt=True).encode() for at, _ in seen]
 
 
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait (letting the loop run) until ``condition()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        await asyncio.sleep(0.005)
+
+
 def test_an_unasked_status_cache_waits_for_a_request_instead_of_polling():
     reads: list[int] = []
+    now = [0.0]           # the cache's clock: moved by the test only, so "idle" is the test's say
     looks = [0]
 
     def clock() -> float:
         looks[0] += 1
-        return time.monotonic()
+        return now[0]
 
     async def run() -> None:
         cache = StatusCache(lambda: reads.append(1) or {"deployments": {}}, refresh_s=0.01, idle_s=0.05, clock=clock)
@@ -88,13 +99,13 @@ def test_an_unasked_status_cache_waits_for_a_request_instead_of_polling():
             await asyncio.sleep(0.3)
             # Polling every 10 ms would have looked at the clock about 30 times by now.
             assert looks[0] <= 2 and reads == []
-            looks[0] = 0
-            await cache.current()            # a request: read at once, and followed again
-            await asyncio.sleep(0.02)
-            assert len(reads) >= 2           # the request's read and the follower's refresh
+            await cache.current()                    # a request: read at once, and followed again
+            await until(lambda: len(reads) >= 3, "the follower to read after the request")
+            now[0] += 1.0                            # unasked for longer than idle_s
+            await until(lambda: not cache.asked.is_set(), "the follower to go back to its wait")
             settled = len(reads)
-            await asyncio.sleep(0.3)         # unasked again for longer than idle_s: asleep
-            assert len(reads) <= settled + 5
+            await asyncio.sleep(0.3)
+            assert len(reads) == settled             # and reads nothing more
         finally:
             follower.cancel()
 

@@ -34,26 +34,29 @@ class Idle:
         return x
 
 
-def blocked_brpops(connection: kombu.Connection) -> int:
-    """How many clients of this Redis are blocked in a BRPOP now."""
+def blocked_brpops(connection: kombu.Connection, client_name: str) -> int:
+    """How many clients named ``client_name`` are blocked in a BRPOP now (the shared
+    cluster's replicas of other tests block in theirs too)."""
     client = connection.default_channel.Client(connection_pool=connection.default_channel.pool)
-    return sum(1 for entry in client.client_list() if entry.get("cmd") == "brpop" and "b" in entry.get("flags", ""))
+    return sum(1 for entry in client.client_list()
+               if entry.get("name") == client_name and entry.get("cmd") == "brpop" and "b" in entry.get("flags", ""))
 
 
 def test_closing_an_idle_consumer_ends_its_brpop_without_waiting_it_out(connected: Cluster,
                                                                        unique_name: str) -> None:
     with kombu.Connection(connected.url, transport=ReplicaTransport) as observer:
-        consumer = kombu.Connection(connected.url, transport=ReplicaTransport)
+        consumer = kombu.Connection(connected.url, transport=ReplicaTransport,
+                                    transport_options={"client_name": unique_name})
         queue = consumer.SimpleQueue(unique_name)
         with pytest.raises(queue.Empty):
             queue.get(timeout=0.2)              # leaves its BRPOP waiting in Redis
-        assert blocked_brpops(observer) >= 1
+        assert blocked_brpops(observer, unique_name) == 1
         started = time.monotonic()
         queue.close()
         consumer.close()
         # Waiting out the BRPOP would take up to BRPOP_TIMEOUT_S; the unblock takes a round trip.
         assert time.monotonic() - started < BRPOP_TIMEOUT_S / 2
-        assert blocked_brpops(observer) == 0
+        assert blocked_brpops(observer, unique_name) == 0
 
 
 def test_a_message_taken_by_the_brpop_a_drain_ends_goes_back_to_the_queue(connected: Cluster,

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from datetime import datetime
 from typing import Callable
 
 import psutil
@@ -46,6 +47,16 @@ def hold_for(seconds: float, check: Callable[[], object]) -> None:
 
 def log_of(cluster: Cluster, part: str) -> str:
     return (cluster.log_dir / f"{part}.log").read_text(errors="replace")
+
+
+def logged_at(log: str, text: str) -> float:
+    """When the first line of a part's log with ``text`` was written (as ``time.time()``).
+
+    >>> logged_at("2026-01-02 03:04:05,678 INFO x: up", "up") - logged_at("2026-01-02 03:04:04,678 INFO x: up", "up")
+    1.0
+    """
+    line = next(line for line in log.splitlines() if text in line)
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def leader_part(cluster: Cluster, store: Store) -> str:
@@ -283,18 +294,20 @@ def test_a_second_agent_for_a_live_node_id_is_refused_at_once(tmp_path):
             assert model.status().status == "HEALTHY"
             assert not load.failures and not load.lost, describe_failures(load)
 
-            # An agent that died is replaced at once by a new one on this host.
+            # An agent that died is replaced at once by a new one on this host: it takes the
+            # dead one's claim over instead of waiting it out.
             cluster.stop("agent-node-a", sig=signal.SIGKILL)
-            killed_at = time.monotonic()
+            _, claim_left_ms = taskserve.connect(cluster.url).node_claim("node-a")
+            claim_ends = time.time() + claim_left_ms / 1000
             cluster.start_agent("node-a", 4, *AGENT_ARGS, name="agent-node-a-restarted", wait=False)
             cluster.wait_for(lambda: "node agent node-a up" in log_of(cluster, "agent-node-a-restarted"),
                              "the restarted agent to come up", part="agent-node-a-restarted")
             restarted = log_of(cluster, "agent-node-a-restarted")
-            # Up before the dead one's claim lapsed (TTL_S), it took the claim over at once; on a
-            # loaded machine its start may take longer than that, and the claim is simply gone.
-            if time.monotonic() - killed_at < TTL_S:
-                assert "which is gone; taking it over" in restarted
             assert "waiting for it to expire" not in restarted
+            # Unless its start took longer than the claim had left (a loaded machine): then
+            # there was no claim to take over.
+            if logged_at(restarted, "node agent node-a up") < claim_ends:
+                assert "which is gone; taking it over" in restarted, restarted
             wait_until(lambda: model.status().status == "HEALTHY" and len(replica_pids("one-agent")) == 2,
                        timeout=60, message="the replicas to run on the restarted agent")
             load.wait_for_more_answers(20)
