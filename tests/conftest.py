@@ -10,6 +10,10 @@ A test that starts a process (a subprocess, a fork) or binds a TCP port of its o
 without being marked ``integration`` fails, naming what it started
 (:class:`LaunchWatch`): being marked is what keeps such tests out of the fast part.
 
+The tests run in parallel (pytest-xdist, ``-n auto`` in pyproject.toml): each worker is
+a process with its own session cluster, Redis ports, temporary directories and
+registry of clusters; nothing on disk or in the environment is shared between workers.
+
 The clusters a test's ``taskserve up`` registers go to a temporary directory
 (``$TASKSERVE_CLUSTERS_DIR``, set before anything starts and removed at the end), never
 to the user's ``~/.taskserve/clusters``, where their own scripts look for the one
@@ -43,13 +47,45 @@ os.environ[CLUSTERS_DIR_ENV] = TEST_CLUSTERS_DIR = tempfile.mkdtemp(prefix="task
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(TEST_CLUSTERS_DIR, ignore_errors=True)
 
+
+# ---- the fault table (tests/faults): made where the fault tests ran, printed once -------------
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """A pytest-xdist worker finished: keep the rows of the fault table it made."""
+    rows = getattr(node, "workeroutput", {}).get("fault_rows", [])
+    if rows:
+        from .faults.harness import RESULTS, FaultResult
+
+        RESULTS.extend(FaultResult(**row) for row in rows)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    harness = sys.modules.get("tests.faults.harness")
+    if harness is None or not harness.RESULTS or hasattr(config, "workeroutput"):
+        return
+    text = harness.table(harness.RESULTS)
+    terminalreporter.section("faults under load")
+    terminalreporter.write_line(text)
+    path = os.environ.get("TASKSERVE_FAULT_TABLE")
+    if path:
+        with open(path, "w") as handle:
+            handle.write(text + "\n")
+
 CLUSTER_FIXTURES = {"cluster", "connected", "three_nodes"}
+# Fixtures that start a cluster once for a module (the docs' pages, three nodes, the
+# autoscaler's own): under pytest-xdist, the tests that use one run on one worker, one
+# after the other (`--dist loadgroup`), instead of every worker starting one of its own.
+MODULE_CLUSTER_FIXTURES = {"docs_cluster", "three_nodes", "own_cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if CLUSTER_FIXTURES & fixtures:
             item.add_marker(pytest.mark.integration)
+        if MODULE_CLUSTER_FIXTURES & fixtures and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 class LaunchWatch:

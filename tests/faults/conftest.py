@@ -1,24 +1,23 @@
 """The fault suite prints its table at the end of the run (and writes it to
-``$TASKSERVE_FAULT_TABLE`` when set), for docs/reliability.md."""
+``$TASKSERVE_FAULT_TABLE`` when set), for docs/reliability.md.
+
+Under pytest-xdist the rows are made in the workers: each sends its rows to the
+controller when it finishes (``workeroutput``), and the controller, which never loads
+this file, prints the one table (``tests/conftest.py``).
+"""
 
 from __future__ import annotations
 
-import os
+from dataclasses import asdict
 
 import pytest
 
 pytest.register_assert_rewrite("tests.faults.harness")
 
-from .harness import RESULTS, table  # noqa: E402  (after its assertions are set to be rewritten)
+from .harness import RESULTS  # noqa: E402  (after its assertions are set to be rewritten)
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not RESULTS:
-        return
-    text = table(RESULTS)
-    terminalreporter.section("faults under load")
-    terminalreporter.write_line(text)
-    path = os.environ.get("TASKSERVE_FAULT_TABLE")
-    if path:
-        with open(path, "w") as handle:
-            handle.write(text + "\n")
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fault_rows"] = [asdict(result) for result in RESULTS]
