@@ -38,10 +38,26 @@ import taskserve
 from taskserve.connection import CLUSTERS_DIR_ENV
 from taskserve.redis_server import RedisServer
 
+from . import helpers
 from .helpers import Cluster, start_cluster
 
 # Set whatever the user's environment says: no test's `up` may register where theirs look.
 os.environ[CLUSTERS_DIR_ENV] = TEST_CLUSTERS_DIR = tempfile.mkdtemp(prefix="taskserve-test-clusters-")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    helpers.FAST_PART_ONLY = not selects_integration(config.getoption("markexpr"))
+
+
+def selects_integration(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` keeps tests marked ``integration``.
+
+    >>> selects_integration(""), selects_integration("not integration"), selects_integration("slow or integration")
+    (True, False, True)
+    """
+    from _pytest.mark.expression import Expression
+
+    return not markexpr or Expression.compile(markexpr).evaluate(lambda name, **_: name == "integration")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -108,6 +108,22 @@ def redis_client(server: RedisUnderTest) -> redis.Redis:
     return server.connect()
 
 
+# Whether this run leaves the integration tests out (`pytest -m "not integration"`): set by
+# conftest.py's pytest_configure, before any test module is loaded.
+FAST_PART_ONLY = False
+
+
+def examples(full: int) -> int:
+    """How many examples a property test tries: ``full`` in a run with the integration tests
+    (``pytest``, as CI runs it), a quarter of it (at least 20) in a run of the fast part alone,
+    which is for quick feedback while working.
+
+    >>> examples(300) == (75 if FAST_PART_ONLY else 300)
+    True
+    """
+    return max(20, full // 4) if FAST_PART_ONLY else full
+
+
 def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05,
                message: str = "condition") -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""

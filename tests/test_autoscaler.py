@@ -33,8 +33,10 @@ from taskserve.planner import StopReplica, plan
 from taskserve.spec import AutoscalingConfig, validate_options
 from taskserve.state import DeploymentHealth, Goal, Replica, ReplicaState
 
-PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SIM = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+from .helpers import examples
+
+PROPERTY = settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SIM = settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --------------------------------------------------------------------------- helpers

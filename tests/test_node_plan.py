@@ -50,7 +50,9 @@ from taskserve.store import UNACKED_KEY, Store
 from taskserve.store.keys import held_key, stream_key
 from taskserve.wire import read_stream_entry
 
-PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+from .helpers import examples
+
+PROPERTY = settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 S = ReplicaState
 NOW = 1000.0
@@ -484,7 +486,7 @@ class SimNode:
     patience=st.lists(st.integers(min_value=0, max_value=30), min_size=6, max_size=6),
     timeout=st.sampled_from([0.0, 1.0, 5.0]),
 )
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 def test_simulated_node_starts_then_drains_every_replica(count, patience, timeout):
     ids = [f"r{i}" for i in range(count)]
     node = SimNode([rec(i, S.PENDING) for i in ids], dict(zip(ids, patience)), timeout)

@@ -46,12 +46,14 @@ from taskserve.state import (
     Resources,
 )
 
+from .helpers import examples
+
 NEW = "spec-new"
 OLD = "spec-old"
 NAME = "model"
 
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SIM = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SIM = settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -218,13 +220,13 @@ def test_retry_delay(failed, expected):
 
 
 @given(st.integers(min_value=0, max_value=200))
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 def test_retry_delay_grows_and_is_capped(failed):
     assert 0 <= retry_delay(failed) <= retry_delay(failed + 1) <= 10.0
 
 
 @given(st.floats(min_value=0, max_value=1), st.integers(min_value=0, max_value=1000))
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 def test_budgets_are_bounded(fraction, target):
     budget = unavailable_budget(fraction, target)
     assert 1 <= budget <= max(1, target)
@@ -659,7 +661,7 @@ def test_gave_up_still_drops_unplaced_outdated_replicas():
 
 
 @given(n=st.integers(min_value=1, max_value=12), fails=st.integers(min_value=1, max_value=40))
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 def test_failures_in_one_pass_add_up(n, fails):
     health = DeploymentHealth(failed_starts=0)
     result = run_plan(make_goal(n), [failed_start(f"f{i}") for i in range(fails)], health=health, now=50.0)
