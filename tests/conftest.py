@@ -45,6 +45,17 @@ from .helpers import Cluster, start_cluster
 os.environ[CLUSTERS_DIR_ENV] = TEST_CLUSTERS_DIR = tempfile.mkdtemp(prefix="taskserve-test-clusters-")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """The fast part alone runs in this process, unless ``-n`` is given on the command line:
+    starting workers that each collect every test costs more than they save on 2 cores."""
+    asked_for_workers = any(arg == "-n" or arg.startswith(("-n", "--numprocesses"))
+                            for arg in config.invocation_params.args)
+    if not selects_integration(config.getoption("markexpr")) and not asked_for_workers:
+        config.option.numprocesses = 0
+        config.option.dist = "no"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     helpers.FAST_PART_ONLY = not selects_integration(config.getoption("markexpr"))
 

@@ -35,8 +35,10 @@ from taskserve.goals import (
 from taskserve.spec import validate_options
 from taskserve.state import Canary, Goal
 
+from .helpers import examples
+
 NAME = "model"
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 _versions = itertools.count()
 

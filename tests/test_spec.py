@@ -23,6 +23,8 @@ from taskserve.spec import (
     validate_options,
 )
 
+from .helpers import examples
+
 # --------------------------------------------------------------------------- good options
 
 
@@ -229,7 +231,7 @@ def test_name_of_wrong_type_through_options_is_a_type_error():
 
 
 @given(st.text(alphabet="abcXYZ019-_.", min_size=1, max_size=64))
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 def test_property_names_of_allowed_characters_pass(name):
     assert check_name(name) == name
 
@@ -241,7 +243,7 @@ def _has_other_character(name: str) -> bool:
 # A name ending in "\n" is left out here: check_name accepts "abc\n" (its pattern ends in
 # "$", which also matches before a final newline); that is reported, not tested.
 @given(st.text(min_size=1, max_size=70).filter(lambda s: _has_other_character(s) and not s.endswith("\n")))
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 def test_property_names_with_other_characters_fail(name):
     with pytest.raises(ValueError):
         check_name(name)
@@ -300,14 +302,14 @@ JSON = st.recursive(
 
 
 @given(JSON)
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 def test_property_json_values_pass(value):
     check_json_value(value, "user_config")
     assert validate_options({"user_config": value}).user_config == value
 
 
 @given(JSON, st.sampled_from([{1}, b"x", object(), float("nan"), 1j]))
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 def test_property_a_bad_leaf_anywhere_is_found(value, bad):
     wrapped = {"outer": [value, {"deep": bad}]}
     with pytest.raises(TypeError) as info:
@@ -371,14 +373,14 @@ def test_spec_hash_ignores_scale_config_and_rollout_options(change):
     user_config=JSON,
     version=st.text(min_size=1, max_size=10),
 )
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 def test_property_spec_hash_independent_of_scale_and_user_config(num_replicas, user_config, version):
     base = spec_hash(version=version)
     assert spec_hash(version=version, num_replicas=num_replicas, user_config=user_config) == base
 
 
 @given(st.text(min_size=1, max_size=10), st.text(min_size=1, max_size=10))
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 def test_property_spec_hash_tells_versions_apart(a, b):
     assert (spec_hash(version=a) == spec_hash(version=b)) == (a == b)
 
@@ -635,7 +637,7 @@ def test_autoscaling_config_is_one_option_among_the_others():
     st.one_of(st.integers(0, 86_400), st.floats(0, 86_400)),
     st.one_of(st.integers(0, 86_400), st.floats(0, 86_400)),
 )
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 def test_property_autoscaling_configs_pass_exactly_when_min_is_at_most_max(low, high, target, up, down):
     value = {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": target,
              "upscale_delay_s": up, "downscale_delay_s": down}
@@ -684,7 +686,7 @@ def test_spec_hash_ignores_autoscaling(change):
 
 
 @given(st.integers(0, 50), st.integers(50, 10_000), st.floats(0.01, 100), st.floats(0, 600), st.floats(0, 600))
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 def test_property_spec_hash_independent_of_autoscaling_config(low, high, target, up, down):
     config = {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": target,
               "upscale_delay_s": up, "downscale_delay_s": down}
