@@ -23,7 +23,7 @@ import math
 import secrets
 import time
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 from .batching import check_batched_methods
 from .canary import baseline_of
@@ -61,6 +61,7 @@ from .signing import (
 from .spec import (
     DeploymentOptions,
     check_canary_config,
+    check_goal_options,
     check_json_value,
     check_name,
     route_of,
@@ -245,6 +246,8 @@ class Deployment:
         has_reconfigure = self._kind == "class" and callable(getattr(self._target, "reconfigure", None))
         proposal = propose(self.name, options, code_sha="", init_sha=init_sha, kind=self._kind,
                            has_reconfigure=has_reconfigure)
+        # As the controller will check it: a resolved runtime_env is within its bounds too.
+        check_goal_options(proposal.options, proposal.num_replicas)
         # Sealed with what decides how it runs: a replica refuses any other pairing.
         secret = cluster_secret()
         code_sha, blob = sign(blob, manifest(self.name, {**proposal.options, "kind": self._kind}), secret)
@@ -298,6 +301,7 @@ class Deployment:
         # A canary is started by deploy(), not carried over.
         proposal = propose(self.name, options, code_sha="", init_sha=source.init_sha, kind=source.kind,
                            has_reconfigure=source.has_reconfigure)
+        check_goal_options(proposal.options, proposal.num_replicas)
         # Signed again for this name and these options (checked, never unpickled here).
         code_sha, blob = reseal(store.get_code(source.code_sha),
                                 manifest(self.name, {**proposal.options, "kind": source.kind}), secret)
@@ -381,8 +385,9 @@ class Deployment:
 
     @classmethod
     def _from_goal(cls, goal: Goal) -> "Deployment":
-        options = DeploymentOptions(**goal.options, num_replicas=goal.num_replicas)
-        return cls(None, options, _code_sha=goal.code_sha, _goal=goal)
+        """The deployment a goal describes; ``TypeError``/``ValueError`` in one sentence
+        for options that cannot be what they say (written into Redis by hand)."""
+        return cls(None, check_goal_options(goal.options, goal.num_replicas), _code_sha=goal.code_sha, _goal=goal)
 
     def __repr__(self) -> str:
         return f"Deployment(name={self.name!r}, num_replicas={self.num_replicas}, version={self.version!r})"
@@ -418,23 +423,85 @@ def get_deployment(name: str) -> Deployment:
     goal = current_store().get_goal(name)
     if goal is None or goal.deleting:
         raise DeploymentNotFound(name)
-    return Deployment._from_goal(goal)
+    try:
+        return Deployment._from_goal(goal)
+    except (TypeError, ValueError) as error:
+        raise DeploymentError(_unreadable_goal(name, error)) from None
 
 
 def list_deployments() -> dict[str, Deployment]:
-    """Every deployment, by name."""
-    return {goal.name: Deployment._from_goal(goal) for goal in current_store().list_goals() if not goal.deleting}
+    """Every deployment, by name. A deployment whose goal cannot be read (an unknown or
+    mistyped option written into Redis by hand) is left out, and named in a warning."""
+    store = current_store()
+    goals, unreadable = store.read_goals()
+    skipped = [_unreadable_goal(name, error) for name, error in unreadable.items()]
+    found = {}
+    for goal in goals:
+        if goal.deleting:
+            continue
+        try:
+            found[goal.name] = Deployment._from_goal(goal)
+        except (TypeError, ValueError) as error:
+            skipped.append(_unreadable_goal(goal.name, error))
+    for line in skipped:
+        log.warning("skipped %s", line)
+    return found
 
 
 def deployment_status(name: str) -> DeploymentStatus:
-    """One consistent snapshot of deployment ``name`` and its replicas (:func:`taskserve.status.status_of`)."""
+    """One consistent snapshot of deployment ``name`` and its replicas (:func:`taskserve.status.status_of`).
+
+    A replica record that cannot be read is left out and named in ``skipped``; a goal
+    that cannot be read raises :class:`DeploymentError` naming it.
+    """
     store = current_store()
-    goal, health, replicas = store.snapshot(name)
+    unreadable: dict[str, str] = {}
+    try:
+        goal, health, replicas = store.snapshot(name, unreadable)
+    except ValueError as error:       # its goal is not a goal
+        raise DeploymentError(_unreadable_goal(name, error)) from None
     if goal is None or goal.deleting:
         raise DeploymentNotFound(name)
     scale = store.autoscale_state(name) if goal.options.get("autoscaling_config") else None
     stats = store.stats(name) if goal.canary is not None else {}
-    return status_of(goal, health, replicas, scale, stats)
+    try:
+        return status_of(goal, health, replicas, scale, stats, unreadable.items())
+    except (TypeError, ValueError) as error:
+        raise DeploymentError(_unreadable_goal(name, error)) from None
+
+
+def deployment_statuses() -> tuple[list[DeploymentStatus], list[str]]:
+    """The status of every deployment that can be read, and one line for each record left
+    out: ``deployment NAME: why`` for a goal that cannot be read, ``replica ID: why``
+    for a replica record (also in its deployment's ``skipped``). What ``taskserve
+    status`` shows: one bad record never hides the others."""
+    store = current_store()
+    goals, unreadable = store.read_goals()
+    skipped = [_unreadable_goal(name, error) for name, error in unreadable.items()]
+    statuses = []
+    for goal in goals:
+        if goal.deleting:
+            continue
+        try:
+            status = deployment_status(goal.name)
+        except DeploymentNotFound:
+            continue                   # deleted meanwhile
+        except DeploymentError as error:
+            skipped.append(str(error))
+            continue
+        statuses.append(status)
+        skipped.extend(status.skipped)
+    return statuses, skipped
+
+
+def _unreadable_goal(name: str, error: Union[str, BaseException]) -> str:
+    """One line naming a goal that cannot be read and why.
+
+    >>> _unreadable_goal("echo", TypeError("unknown deployment option 'num_cpu'"))
+    "deployment echo: its goal cannot be read: unknown deployment option 'num_cpu'"
+    """
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"deployment {name}: its goal cannot be read: {reason}"
 
 
 def scale_deployment(name: str, num_replicas: int, wait: bool = True, timeout: Optional[float] = None) -> None:

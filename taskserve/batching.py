@@ -67,6 +67,8 @@ __all__ = [
 T = TypeVar("T")
 
 DEFAULT_MAX_BATCH_SIZE = 10
+# A batch is held in memory whole: no more items than this, whatever a replica sets.
+MAX_BATCH_SIZE = 10_000
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
 
 # The field of a replica's record (its Redis hash) holding its batch sizes: JSON of
@@ -88,17 +90,21 @@ class BatchLengthError(ValueError):
 
 
 def _checked_size(value: Any) -> int:
-    """``value`` if it is a whole number of at least 1.
+    """``value`` if it is a whole number from 1 to :data:`MAX_BATCH_SIZE`.
 
     >>> _checked_size(8)
     8
     >>> _checked_size(0)
     Traceback (most recent call last):
     ...
-    ValueError: max_batch_size must be a whole number of at least 1, not 0
+    ValueError: max_batch_size must be a whole number from 1 to 10000, not 0
+    >>> _checked_size(10**9)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_batch_size must be a whole number from 1 to 10000, not 1000000000
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"max_batch_size must be a whole number of at least 1, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_SIZE:
+        raise ValueError(f"max_batch_size must be a whole number from 1 to {MAX_BATCH_SIZE}, not {value!r}")
     return value
 
 

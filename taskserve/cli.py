@@ -474,11 +474,12 @@ def _interrupted_note(name: str, what: str) -> Iterator[None]:
 def list_command(address: Optional[str], as_json: bool) -> None:
     """List deployments."""
     _connect(address)
-    statuses = [api.deployment_status(name) for name in api.list_deployments()]
+    statuses, skipped = api.deployment_statuses()
     if as_json:
         click.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
         return
     _print_deployments(statuses)
+    _print_skipped(skipped)
 
 
 @main.command()
@@ -498,13 +499,14 @@ def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bo
     if name is None:
         from .connection import describe_address
 
-        statuses = [api.deployment_status(n) for n in api.list_deployments()]
+        statuses, skipped = api.deployment_statuses()
         if as_json:
             click.echo(json.dumps({"cluster": describe_address(), "deployments": [s.to_dict() for s in statuses],
-                                   "nodes": _node_rows()}, indent=2))
+                                   "nodes": _node_rows(), "skipped": skipped}, indent=2))
             return
         console.print(plain(f"cluster: {describe_address()}"), highlight=False)
         _print_deployments(statuses)
+        _print_skipped(skipped)
         _print_nodes()
         return
     snapshot = api.deployment_status(name)
@@ -528,6 +530,14 @@ def status(name: Optional[str], address: Optional[str], as_json: bool, watch: bo
         table.add_row(plain(replica.replica_id), plain(version), _colored(replica.state), plain(replica.node_id or "-"),
                       plain(replica.pid or "-"), plain(replica.config_hash or "-"), plain(_first_line(replica.message)))
     console.print(table)
+    _print_skipped(snapshot.skipped)
+
+
+def _print_skipped(skipped: list[str]) -> None:
+    """One line for each record left out because it cannot be read ("skipped replica X: pid
+    is not a number: 'abc'"), so that a bad record is named, not fatal."""
+    for line in skipped:
+        errors.print(plain(f"skipped {line}"), highlight=False)
 
 
 def _watch(name: str) -> None:
@@ -589,7 +599,8 @@ def _node_rows() -> list[dict[str, Any]]:
 
     store = current_store()
     nodes = store.list_nodes()
-    free = {c.node_id: c.free for c in node_capacities(nodes, store.all_replicas())}
+    # A record that cannot be read is left out here (the deployments' lines name it).
+    free = {c.node_id: c.free for c in node_capacities(nodes, store.all_replicas(unreadable={}))}
     rows = []
     for node in nodes:
         left = free.get(node.node_id, node.total)

@@ -62,6 +62,7 @@ from .planner import (
     reserve,
 )
 from .signing import GOAL_NOT_SIGNED, ClusterSecret, check_goal, secret_from_environment, sign_goal
+from .spec import check_canary_config, check_goal_options
 from .state import DEFAULT_HEARTBEAT_TTL_S, DeploymentHealth, DeploymentState, Goal, Node, Replica
 from .store import ClusterReader, LeaseLost, Store, wait_for_events
 from .store.keys import stream_key
@@ -143,7 +144,7 @@ class Controller:
         self.settled: set[str] = set()            # deployments planned HEALTHY with nothing to do, unchanged since
         self.next_job_due: Optional[float] = None   # when the next delayed job is due (time.time())
         self.jobs_trimmed_at = float("-inf")      # when finished jobs' set entries were last trimmed (clock)
-        self.signed: dict[str, Goal] = {}         # deployment -> the goal last found signed (that very object)
+        self.accepted: dict[str, Goal] = {}       # deployment -> the goal last found signed and in bounds (that object)
 
     @property
     def leading(self) -> bool:
@@ -252,8 +253,8 @@ class Controller:
         now = time.time() if now is None else now
         records, changed = self.reader.read()
         read = [r.goal for r in records.values() if r.goal is not None]
-        unsigned = {goal.name: goal for goal in read if not self._signed(goal)}
-        goals = [goal for goal in read if goal.name not in unsigned]
+        refused = {goal.name: (goal, why) for goal in read if (why := self._why_refused(goal))}
+        goals = [goal for goal in read if goal.name not in refused]
         unreadable_goals = {name: r.error for name, r in records.items() if r.goal is None and r.error}
         nodes = self.store.list_nodes()
         autoscaled = [g.name for g in goals if not g.deleting and g.options.get("autoscaling_config") is not None]
@@ -263,8 +264,8 @@ class Controller:
         capacities: Optional[list[NodeCapacity]] = None     # computed once a deployment is planned
         for name, error in unreadable_goals.items():
             self._failed(name, error)
-        for goal in unsigned.values():
-            self._refuse(goal, records[goal.name].health)
+        for goal, why in refused.values():
+            self._refuse(goal, records[goal.name].health, why)
         for goal in goals:
             record = records[goal.name]
             if may_skip_this_pass(goal.name, goal.canary is not None, record.nodes, settled=self.settled,
@@ -294,23 +295,41 @@ class Controller:
                 if self.errors.pop(goal.name, None) is not None:
                     log.info("%s: reconciled again", goal.name)
         self.settled &= set(records)
-        self.signed = {name: goal for name, goal in self.signed.items() if name in records}
+        self.accepted = {name: goal for name, goal in self.accepted.items() if name in records}
         for name in set(self.errors) - {g.name for g in read} - set(unreadable_goals):
             del self.errors[name]     # deleted meanwhile
         self._empty_canary_queues(goals)
-        self._end_autoscaling_pass(goals, set(autoscaled), set(unreadable_goals) | set(unsigned))
+        self._end_autoscaling_pass(goals, set(autoscaled), set(unreadable_goals) | set(refused))
         self._move_due_jobs(goals, clock)
 
-    # ------------------------------------------------------------------ signed goals
+    # ------------------------------------------------------------------ goals it refuses
 
-    def _signed(self, goal: Goal) -> bool:
-        """Whether ``goal`` is signed with the cluster secret (checked once per goal read)."""
-        if self.signed.get(goal.name) is goal:
-            return True
+    def _why_refused(self, goal: Goal) -> str:
+        """Why ``goal`` is not planned ("" when it is): not signed with the cluster secret,
+        or an option or count out of its bounds (however it got into Redis, a goal of
+        10**9 replicas costs only its own deployment). Checked once per goal read."""
+        if self.accepted.get(goal.name) is goal:
+            return ""
         if not self._checks(goal):
-            return False
-        self.signed[goal.name] = goal
-        return True
+            return GOAL_NOT_SIGNED if self.secret is not None else (
+                "the controller has no cluster secret, so it checks no goal and plans nothing; "
+                "give it TASKSERVE_SECRET (or TASKSERVE_SECRET_FILE)")
+        if goal.deleting:
+            self.accepted[goal.name] = goal       # draining it needs no option to be right
+            return ""
+        try:
+            check_goal_options(goal.options, goal.num_replicas)
+            canary = goal.canary
+            if canary is not None:
+                check_goal_options(canary.options, canary.replica_count(goal.num_replicas))
+                check_canary_config({"traffic_percent": canary.traffic_percent, "min_requests": canary.min_requests,
+                                     "max_error_rate_increase": canary.max_error_rate_increase,
+                                     "max_p95_ratio": canary.max_p95_ratio})
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else _one_line(error)
+            return f"goal refused, nothing planned: {reason}"
+        self.accepted[goal.name] = goal
+        return ""
 
     def _checks(self, goal: Goal) -> bool:
         """Whether ``goal`` (one read now, or of the history) is signed with the secret."""
@@ -322,13 +341,10 @@ class Controller:
             return False
         return True
 
-    def _refuse(self, goal: Goal, stored: DeploymentHealth) -> None:
-        """Plan nothing for an unsigned goal: its deployment is UNHEALTHY with one line
+    def _refuse(self, goal: Goal, stored: DeploymentHealth, message: str) -> None:
+        """Plan nothing for a refused goal: its deployment is UNHEALTHY with ``message``
         (logged once per change), that goal's outcome is "failed", and its replicas stay
-        as they are until a goal signed with the secret is written."""
-        message = GOAL_NOT_SIGNED if self.secret is not None else (
-            "the controller has no cluster secret, so it checks no goal and plans nothing; "
-            "give it TASKSERVE_SECRET (or TASKSERVE_SECRET_FILE)")
+        as they are until a goal the controller accepts is written."""
         if self.errors.get(goal.name) != message:
             self.errors[goal.name] = message
             log.error("%s: %s; it is not planned, the other deployments go on", goal.name, message)

@@ -631,7 +631,7 @@ class DeploymentHandle:
             except SignatureError as error:
                 raise SignatureError(f"deployment {self._deployment!r}: {error}; refused to call it") from None
             health = DeploymentHealth.from_json(health_text) if health_text else DeploymentHealth()
-            checked.unavailable = unavailable_reason(goal, health, lambda: store.replicas_of(self._deployment))
+            checked.unavailable = unavailable_reason(goal, health, lambda: store.replicas_of(self._deployment, unreadable={}))
             checked.max_queued = goal.options.get("max_queued_requests")
             checked.version = goal.version
             checked.canary_version = goal.canary.version if goal.canary else ""

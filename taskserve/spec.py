@@ -35,6 +35,17 @@ ROUTE_PREFIX_PATTERN = re.compile(r"/|(/[^/\s?#]+)+")
 
 SERIALIZERS = ("json", "pickle")
 
+# The bounds of every count an option holds: generous for real use (a deployment of 10,000
+# replicas is planned in one pass), and what the controller refuses a goal beyond, however
+# it got into Redis, so that one goal never takes the control plane down with it.
+MAX_REPLICAS = 10_000
+MAX_CONCURRENT_QUERIES = 1000
+MAX_QUEUED_REQUESTS = 10_000_000
+MAX_DELIVERIES = 100
+MAX_CANARY_MIN_REQUESTS = 1_000_000_000
+MAX_REQUIREMENTS = 10_000
+MAX_ENV_VARS = 1000
+
 # What a replica's environment variable may be called (POSIX's portable names).
 ENV_VAR_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -103,9 +114,9 @@ def _check_autoscaling_value(key: str, value: Any) -> None:
     if isinstance(value, bool) or not is_number:
         raise TypeError(message)
     if key == "min_replicas":
-        fits = 0 <= value <= 10_000
+        fits = 0 <= value <= MAX_REPLICAS
     elif key == "max_replicas":
-        fits = 1 <= value <= 10_000
+        fits = 1 <= value <= MAX_REPLICAS
     elif key == "target_ongoing_requests":
         fits = math.isfinite(value) and value > 0
     else:
@@ -205,8 +216,9 @@ def check_canary_config(value: Any) -> Optional[dict[str, Any]]:
     number("traffic_percent", isinstance(percent, (int, float)) and 0 < percent <= 100,
            "use a share of the requests above 0 and at most 100, like 10")
     count = config["min_requests"]
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"invalid canary['min_requests']={count!r}: use a whole number of requests >= 1, like 20")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_CANARY_MIN_REQUESTS:
+        raise ValueError(f"invalid canary['min_requests']={count!r}: use a whole number of requests from 1 to "
+                         f"{MAX_CANARY_MIN_REQUESTS}, like 20")
     increase = config["max_error_rate_increase"]
     number("max_error_rate_increase", isinstance(increase, (int, float)) and 0 <= increase <= 1,
            "use a fraction from 0 to 1, like 0.05 (5 points above the stable version's error rate)")
@@ -256,7 +268,7 @@ class DeploymentOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     name: Optional[str] = None
-    num_replicas: int = Field(default=1, ge=0, le=10_000)
+    num_replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS)
     autoscaling_config: Optional[AutoscalingConfig] = None
     version: Optional[str] = None
     user_config: Any = None
@@ -267,7 +279,7 @@ class DeploymentOptions(BaseModel):
     # None: served at "/<name>"; False: not served over HTTP.
     route_prefix: Union[Literal[False], str, None] = None
     request_timeout_s: Union[int, float] = Field(default=60, gt=0, le=86_400)
-    max_concurrent_queries: int = Field(default=1, ge=1, le=1000)
+    max_concurrent_queries: int = Field(default=1, ge=1, le=MAX_CONCURRENT_QUERIES)
     max_unavailable: Union[int, float] = Field(default=0.2, ge=0, le=10_000)
     max_surge: Union[int, float] = Field(default=0, ge=0, le=10_000)
     graceful_shutdown_timeout_s: Union[int, float] = Field(default=20, ge=0, le=86_400)
@@ -275,13 +287,13 @@ class DeploymentOptions(BaseModel):
     health_check_timeout_s: Union[int, float] = Field(default=30, gt=0, le=86_400)
     serializer: Literal["json", "pickle"] = "json"
     # None: unlimited. Beyond it a new request is refused at once.
-    max_queued_requests: Optional[int] = Field(default=None, ge=1, le=10_000_000)
+    max_queued_requests: Optional[int] = Field(default=None, ge=1, le=MAX_QUEUED_REQUESTS)
     # How long an answer nobody read stays in Redis.
     result_ttl_s: Union[int, float] = Field(default=600, gt=0, le=7 * 86_400)
     # How long a finished job's record and result are kept (SPEC §12).
     job_ttl_s: Union[int, float] = Field(default=86_400, gt=0, le=365 * 86_400)
     # A request whose replica died this many times is answered with an error, not run again.
-    max_deliveries: int = Field(default=3, ge=1, le=100)
+    max_deliveries: int = Field(default=3, ge=1, le=MAX_DELIVERIES)
     # SPEC §9: start this version beside the running one, on a share of the requests.
     canary: Optional[dict] = None
 
@@ -353,6 +365,9 @@ class DeploymentOptions(BaseModel):
             isinstance(pip, list) and all(isinstance(item, str) for item in pip)
         ):
             raise ValueError("runtime_env['pip'] is a list of requirement strings or the path of a requirements file")
+        if isinstance(pip, list) and len(pip) > MAX_REQUIREMENTS:
+            raise ValueError(f"runtime_env['pip'] lists {len(pip)} requirements, more than the limit of "
+                             f"{MAX_REQUIREMENTS}; install them in the image instead")
         if value.get("working_dir") is not None and not isinstance(value["working_dir"], str):
             raise ValueError("runtime_env['working_dir'] is the path of a local directory")
         env_vars = value.get("env_vars", {})
@@ -360,6 +375,9 @@ class DeploymentOptions(BaseModel):
             isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()
         ):
             raise ValueError("runtime_env['env_vars'] maps strings to strings")
+        if len(env_vars) > MAX_ENV_VARS:
+            raise ValueError(f"runtime_env['env_vars'] sets {len(env_vars)} variables, more than the limit of "
+                             f"{MAX_ENV_VARS}; pass the rest in user_config or a file in working_dir")
         for key, item in env_vars.items():
             if not ENV_VAR_NAME_PATTERN.fullmatch(key):
                 raise ValueError(
@@ -468,6 +486,36 @@ def validate_options(options: dict[str, Any], base: Optional[DeploymentOptions] 
     if result.canary is not None and result.version is None:
         raise ValueError("a canary needs a version to tell it from the running one; pass version='2' with canary")
     return result
+
+
+def check_goal_options(options: dict[str, Any], num_replicas: Any) -> DeploymentOptions:
+    """A goal's options and replica count as Redis holds them, checked as ``deploy()``
+    checks options: what the controller and the status readers do with a goal first, so
+    that one written by hand (an unknown or mistyped option, a count beyond its bound)
+    costs only its own deployment. ``TypeError`` or ``ValueError`` in one sentence naming
+    the option, the value and the bound.
+
+    >>> check_goal_options({"num_cpus": 1, "autoscaling_config": {"max_replicas": 4}}, 1).num_cpus
+    1
+    >>> check_goal_options({}, 10**9)
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid num_replicas=1000000000: Input should be less than or equal to 10000; use a whole number from 0 to 10000
+    >>> check_goal_options({"num_cpu": 1}, 1)
+    Traceback (most recent call last):
+    ...
+    TypeError: unknown deployment option 'num_cpu'; did you mean 'num_cpus'?
+    """
+    for key in options:
+        if key not in OPTION_NAMES:
+            close = difflib.get_close_matches(str(key), OPTION_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the options are {', '.join(OPTION_NAMES)}"
+            raise TypeError(f"unknown deployment option {key!r}{hint}")
+    merged = {**options, "num_replicas": num_replicas}
+    try:
+        return DeploymentOptions(**merged)
+    except ValidationError as error:
+        raise _one_sentence(error, merged) from None
 
 
 def _resolve_scale(options: dict[str, Any], base: Optional[DeploymentOptions]) -> dict[str, Any]:

@@ -355,22 +355,35 @@ class Replica:
 
         >>> Replica.from_fields({"replica_id": "echo-1", "deployment": "echo", "zone": "a"}).state
         <ReplicaState.PENDING: 'PENDING'>
+
+        A field that cannot be what it says raises :class:`RecordError`, naming it:
+
+        >>> Replica.from_fields({"replica_id": "echo-1", "deployment": "echo", "pid": "abc"})
+        Traceback (most recent call last):
+        ...
+        taskserve.state.RecordError: pid is not a number: 'abc'
         """
+        for key in ("replica_id", "deployment"):
+            if not fields.get(key):
+                raise RecordError(f"it has no {key}")
+        state = fields.get("state") or "PENDING"
+        if state not in ReplicaState.__members__:
+            raise RecordError(f"state is not a replica state: {state!r}")
         return cls(
             replica_id=fields["replica_id"],
             deployment=fields["deployment"],
             spec_hash=fields.get("spec_hash", ""),
             version=fields.get("version", ""),
             node_id=fields.get("node_id", ""),
-            state=ReplicaState(fields.get("state") or "PENDING"),
+            state=ReplicaState(state),
             desired=fields.get("desired") or "run",
-            pid=int(fields["pid"]) if fields.get("pid") else None,
+            pid=_number(fields, "pid", int, None),
             message=fields.get("message", ""),
             failure=fields.get("failure", ""),
-            created_at=float(fields.get("created_at") or 0),
-            num_cpus=float(fields.get("num_cpus") or 0),
-            num_gpus=float(fields.get("num_gpus") or 0),
-            memory=int(fields.get("memory") or 0),
+            created_at=_number(fields, "created_at", float, 0.0),
+            num_cpus=_number(fields, "num_cpus", float, 0.0),
+            num_gpus=_number(fields, "num_gpus", float, 0.0),
+            memory=_number(fields, "memory", int, 0),
             unhealthy=fields.get("unhealthy") == "1",
             user_config=fields.get("user_config") or "null",
             config_hash=fields.get("config_hash", ""),
@@ -381,8 +394,30 @@ class Replica:
             code_sha=fields.get("code_sha", ""),
             config=fields.get("config") or "{}",
             canary=fields.get("canary") == "1",
-            in_flight=int(fields.get("in_flight") or 0),
+            in_flight=_number(fields, "in_flight", int, 0),
         )
+
+
+class RecordError(ValueError):
+    """A record read from Redis holds a field that cannot be what it says (one line naming it)."""
+
+
+def _number(fields: dict[str, str], key: str, convert: Any, default: Any) -> Any:
+    """``convert(fields[key])``, ``default`` when it is missing or empty, else :class:`RecordError`.
+
+    >>> _number({"memory": "1024"}, "memory", int, 0), _number({}, "memory", int, 0)
+    (1024, 0)
+    """
+    text = fields.get(key)
+    if not text:
+        return default
+    try:
+        value = convert(text)
+    except ValueError:
+        raise RecordError(f"{key} is not a number: {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecordError(f"{key} is not a finite number: {text!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from .canary import VersionStats
+from .spec import check_goal_options
 from .state import DeploymentHealth, DeploymentState, Goal, Replica
 from .store import AutoscaleState
 
@@ -60,6 +61,9 @@ class DeploymentStatus:
     # errors, error_rate and p95 (seconds), its thresholds, and the same counts of the
     # stable version since the canary started (under "stable"); else None.
     canary: Optional[dict[str, Any]] = None
+    # Records of this deployment that cannot be read, left out of the rest: one line each,
+    # naming the record and why ("replica echo-1: pid is not a number: 'abc'").
+    skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,15 +76,21 @@ class DeploymentStatus:
             "replicas": [info.__dict__ for info in self.replicas],
             "autoscaling": self.autoscaling,
             "canary": self.canary,
+            "skipped": list(self.skipped),
         }
 
 
 def status_of(goal: Goal, health: DeploymentHealth, replicas: list[Replica], scale: Optional[AutoscaleState],
-              stats: dict[str, int]) -> DeploymentStatus:
+              stats: dict[str, int], unreadable: Iterable[tuple[str, str]] = ()) -> DeploymentStatus:
     """A deployment's status from what was read of it: its goal, health and replicas,
-    its autoscaling state (used only with an ``autoscaling_config``) and its stats (used
-    only while a canary runs). Reads nothing: the gateway's status page builds every
-    deployment's status from one pipelined read this way."""
+    its autoscaling state (used only with an ``autoscaling_config``), its stats (used
+    only while a canary runs), and the ``(replica id, why)`` of each replica record that
+    could not be read (named in ``skipped``). Reads nothing: the gateway's status page
+    builds every deployment's status from one pipelined read this way.
+
+    A goal whose options cannot be read as options (written by hand: an unknown option, a
+    value of the wrong type) raises ``TypeError`` or ``ValueError`` naming it."""
+    check_goal_options(goal.options, goal.num_replicas)
     name = goal.name
     current = health.observed_generation == goal.generation
     status = health.status.value if current else DeploymentState.UPDATING.value
@@ -113,6 +123,7 @@ def status_of(goal: Goal, health: DeploymentHealth, replicas: list[Replica], sca
                         r.canary)
             for r in sorted(replicas, key=lambda r: (r.created_at, r.replica_id))
         ],
+        skipped=[f"replica {replica_id}: {why}" for replica_id, why in sorted(unreadable)],
     )
 
 

@@ -76,8 +76,8 @@ def test_settings_change_per_object_and_are_checked():
     assert (first.__call__.max_batch_size, first.__call__.batch_wait_timeout_s) == (32, 0.0)
     assert (second.__call__.max_batch_size, second.__call__.batch_wait_timeout_s) == (4, 0.02)
     assert Model.__call__.settings == BatchSettings(4, 0.02, adaptive=True)      # the decorator's are untouched
-    for bad in (0, -1, 2.5, True, "8"):
-        with pytest.raises(ValueError, match="max_batch_size must be a whole number of at least 1"):
+    for bad in (0, -1, 2.5, True, "8", 10_001, 10**9):
+        with pytest.raises(ValueError, match="max_batch_size must be a whole number from 1 to 10000"):
             first.__call__.set_max_batch_size(bad)
     for bad in (-0.1, float("nan"), float("inf"), "1"):
         with pytest.raises(ValueError, match="batch_wait_timeout_s must be a number of seconds, 0 or more"):

@@ -732,7 +732,7 @@ def test_a_malformed_record_of_the_node_is_failed_and_the_others_are_read(fake_r
     assert list(agent._records()) == ["good"]
     failed = fake_redis_store.get_replica("bad")
     assert (failed.state, failed.failure) == (S.FAILED, "start")
-    assert failed.message == "malformed replica record: ValueError: 'HIBERNATING' is not a valid ReplicaState"
+    assert failed.message == "malformed replica record: RecordError: state is not a replica state: 'HIBERNATING'"
 
 
 def test_a_second_agent_for_a_node_whose_agent_runs_here_is_refused_at_once(fake_redis_store, tmp_path,

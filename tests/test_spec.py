@@ -16,6 +16,7 @@ from taskserve.spec import (
     AutoscalingConfig,
     DeploymentOptions,
     check_autoscaling_config,
+    check_goal_options,
     check_json_value,
     check_name,
     replica_spec_hash,
@@ -691,3 +692,40 @@ def test_property_spec_hash_independent_of_autoscaling_config(low, high, target,
     config = {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": target,
               "upscale_delay_s": up, "downscale_delay_s": down}
     assert spec_hash(autoscaling_config=config) == spec_hash()
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"num_replicas": 10_001}, ["num_replicas=10001", "10000"]),
+    ({"num_replicas": 10**9}, ["num_replicas=1000000000", "10000"]),
+    ({"autoscaling_config": {"max_replicas": 10**9}}, ["max_replicas']=1000000000", "10000"]),
+    ({"autoscaling_config": {"min_replicas": 10_001, "max_replicas": 10_000}}, ["min_replicas']=10001", "10000"]),
+    ({"max_concurrent_queries": 1001}, ["max_concurrent_queries=1001", "1000"]),
+    ({"max_ongoing_requests": 10**6}, ["1000000", "1000"]),
+    ({"max_queued_requests": 10**7 + 1}, ["max_queued_requests=10000001", "10000000"]),
+    ({"max_deliveries": 101}, ["max_deliveries=101", "100"]),
+    ({"canary": {"traffic_percent": 10, "min_requests": 10**9 + 1}}, ["min_requests']=1000000001", "1000000000"]),
+    ({"runtime_env": {"pip": ["x"] * 10_001}}, ["10001 requirements", "10000"]),
+    ({"runtime_env": {"env_vars": {f"V{i}": "1" for i in range(1001)}}}, ["1001 variables", "1000"]),
+])
+def test_every_count_is_bounded_with_one_error_naming_the_value_and_the_limit(options, words):
+    with pytest.raises((TypeError, ValueError)) as caught:
+        validate_options({**options, "version": "2"})
+    message = str(caught.value)
+    assert "\n" not in message and all(word in message for word in words), message
+
+
+def test_a_goal_read_from_redis_is_checked_as_deploy_checks_options():
+    """What the controller and the status readers do with a goal that may have been
+    written by hand: its options and count within the same bounds, one sentence otherwise."""
+    held = validate_options({"num_replicas": "auto"}).model_dump()
+    held.pop("num_replicas")
+    assert check_goal_options(held, 1).autoscaling_config.max_replicas == 100
+    for options, count, words in (({}, 10**9, "num_replicas=1000000000"),
+                                  ({"num_cpu": 1}, 1, "did you mean 'num_cpus'"),
+                                  ({"autoscaling_config": "many"}, 1, "autoscaling_config='many'"),
+                                  ({"max_concurrent_queries": "8"}, 1, "max_concurrent_queries='8'")):
+        with pytest.raises((TypeError, ValueError), match=re.escape(words)):
+            check_goal_options(options, count)

@@ -1076,7 +1076,7 @@ def test_an_unreadable_replica_record_is_noted_by_deployment(store, client):
     unreadable: dict[str, str] = {}
     assert [r.replica_id for r in store.all_replicas(unreadable)] == ["echo-1"]
     assert unreadable == {"other": "the record of replica other-1 cannot be read: "
-                                   "ValueError: 'HIBERNATING' is not a valid ReplicaState"}
+                                   "state is not a replica state: 'HIBERNATING'"}
 
 
 def test_health_with_fields_this_version_does_not_know_reads_fine(store, client):

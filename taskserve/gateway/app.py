@@ -246,7 +246,7 @@ def read_routes(store: Store, secret: ClusterSecret, reader: Optional[ClusterRea
         if goal.deleting:
             continue
         health = records[goal.name].health
-        reason = unavailable_reason(goal, health, lambda name=goal.name: store.replicas_of(name))
+        reason = unavailable_reason(goal, health, lambda name=goal.name: store.replicas_of(name, unreadable={}))
         if reason is not None:
             unavailable[goal.name] = reason
     return RouteTable.from_goals(goals, unavailable)

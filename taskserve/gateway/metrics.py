@@ -120,6 +120,9 @@ class StatusReader:
                         pipe.hget(store.replica_key(replica.replica_id), BATCH_SIZES_FIELD)
             rows = iter(pipe.execute())
         deployments, statuses, events = [], {}, {}
+        # One line for each record left out because it cannot be read: the rest is shown.
+        skipped = [f"deployment {name}: {record.error}" for name, record in sorted(records.items())
+                   if record.goal is None and record.error]
         for goal in goals:
             depth = sum(int(next(rows)) for _ in CONSUME_ORDER)
             history = next(rows)
@@ -133,8 +136,16 @@ class StatusReader:
             cached = self.statuses.get(goal.name)
             if cached is None or cached[0] != built_from or record.error:
                 scale = self._autoscale_state(goal.name, scale_text)
-                cached = (built_from, status_of(goal, record.health, list(record.replicas), scale, stats).to_dict())
+                try:
+                    cached = (built_from, status_of(goal, record.health, list(record.replicas), scale, stats,
+                                                    record.unreadable_replicas).to_dict())
+                except (TypeError, ValueError) as error:      # a goal written by hand: its options are not options
+                    skipped.append(f"deployment {goal.name}: its goal cannot be read: {_first_line(error)}")
+                    for _ in (record.replicas if goal.name in stale_batches else ()):
+                        next(rows)                            # its batch sizes, read in the pipeline
+                    continue
             statuses[goal.name] = cached
+            skipped.extend(cached[1]["skipped"])
             for raw in history:
                 if raw not in events:
                     events[raw] = self.events[raw] if raw in self.events else _event(raw)
@@ -161,6 +172,7 @@ class StatusReader:
             "deployments": deployments,
             "nodes": nodes,
             "rollouts_in_progress": sum(1 for d in deployments if d["status"] == "UPDATING"),
+            "skipped": skipped,
         }
 
     def _batch_sizes_of(self, name: str, revision: int, replicas: tuple[Replica, ...], rows: Iterator[Any],
@@ -189,6 +201,11 @@ class StatusReader:
         except (ValueError, TypeError) as error:
             self.store.report_unreadable(f"the autoscaling state of deployment {name}", str(error))
             return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _event(raw: bytes) -> Optional[dict[str, Any]]:

@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 
 import redis
 
+from ..state import RecordError
 from . import keys
 from .lua import Scripts
 
@@ -94,8 +95,12 @@ def describe_error(error: BaseException) -> str:
 
     >>> describe_error(ValueError("Expecting value: line 1 column 1 (char 0)"))
     'ValueError: Expecting value: line 1 column 1 (char 0)'
+    >>> describe_error(RecordError("pid is not a number: 'abc'"))      # says what it is already
+    "pid is not a number: 'abc'"
     """
     lines = str(error).strip().splitlines()
+    if isinstance(error, RecordError) and lines:
+        return lines[0]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 

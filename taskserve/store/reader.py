@@ -20,8 +20,8 @@ class DeploymentRecords:
     ``revision``, and why part of it cannot be read (``error``, "" when all of it can).
 
     ``goal`` is None when it cannot be read; replicas whose records cannot be read are
-    left out (then ``error`` names the first). ``nodes`` are the nodes its replicas that
-    are not gone are placed on.
+    left out (then ``error`` names the first, and ``unreadable_replicas`` holds each one's
+    id and why). ``nodes`` are the nodes its replicas that are not gone are placed on.
     """
 
     name: str
@@ -31,6 +31,7 @@ class DeploymentRecords:
     replicas: tuple[Replica, ...]
     error: str = ""
     nodes: frozenset[str] = frozenset()
+    unreadable_replicas: tuple[tuple[str, str], ...] = ()
 
 
 class ClusterReader:
@@ -134,6 +135,7 @@ class ClusterReader:
                 health = DeploymentHealth()
                 errors.append(f"its health cannot be read: {describe_error(error)}")
             replicas = []
+            unreadable = []
             for replica_id in ids[name]:
                 row = next(hashes)
                 if not row:
@@ -141,9 +143,11 @@ class ClusterReader:
                 try:
                     replicas.append(Replica.from_fields(decode_hash(row)))
                 except Exception as error:
+                    unreadable.append((replica_id, describe_error(error)))
                     errors.append(f"the record of replica {replica_id} cannot be read: {describe_error(error)}")
             records[name] = DeploymentRecords(
                 name=name, revision=revisions.get(name, 0), goal=goal, health=health, replicas=tuple(replicas),
                 error=errors[0] if errors else "",
-                nodes=frozenset(r.node_id for r in replicas if r.node_id and not r.is_gone))
+                nodes=frozenset(r.node_id for r in replicas if r.node_id and not r.is_gone),
+                unreadable_replicas=tuple(unreadable))
         return records

@@ -94,8 +94,10 @@ class Replicas(StoreBase):
                 unreadable[replica_id] = describe_error(error)
         return replicas
 
-    def replicas_of(self, name: str) -> list[Replica]:
-        return self._replicas_by_ids(as_text(i) for i in self.redis.smembers(self.replicas_key(name)))
+    def replicas_of(self, name: str, unreadable: Optional[dict[str, str]] = None) -> list[Replica]:
+        """The replicas of ``name``; with ``unreadable``, a record that cannot be read is
+        left out and noted there (else it raises)."""
+        return self._replicas_by_ids((as_text(i) for i in self.redis.smembers(self.replicas_key(name))), unreadable)
 
     def replica_ids_on_node(self, node_id: str) -> list[str]:
         """The ids of the replicas assigned to a node, whether their records exist or not."""
@@ -119,8 +121,11 @@ class Replicas(StoreBase):
             unreadable[owner[replica_id]] = f"the record of replica {replica_id} cannot be read: {error}"
         return replicas
 
-    def snapshot(self, name: str) -> tuple[Optional[Goal], DeploymentHealth, list[Replica]]:
-        """Goal, health and replicas of one deployment, read in one transaction."""
+    def snapshot(self, name: str, unreadable: Optional[dict[str, str]] = None,
+                 ) -> tuple[Optional[Goal], DeploymentHealth, list[Replica]]:
+        """Goal, health and replicas of one deployment, read in one transaction. A
+        replica record that cannot be read raises, or with ``unreadable`` is left out and
+        its error noted there by replica id."""
         for _ in range(10):
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.get(self.goal_key(name))
@@ -138,5 +143,14 @@ class Replicas(StoreBase):
                 break
         goal = Goal.from_json(goal_text) if goal_text else None
         health = DeploymentHealth.from_json(health_text) if health_text else DeploymentHealth()
-        replicas = [Replica.from_fields(decode_hash(row)) for row in rows if row]
+        replicas = []
+        for replica_id, row in zip(ids, rows, strict=True):
+            if not row:
+                continue
+            try:
+                replicas.append(Replica.from_fields(decode_hash(row)))
+            except Exception as error:
+                if unreadable is None:
+                    raise
+                unreadable[replica_id] = describe_error(error)
         return goal, health, replicas
