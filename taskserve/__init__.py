@@ -33,6 +33,7 @@ from .canvas import signature
 from .connection import connect
 from .errors import (
     BackPressureError,
+    CallOutcomeUnknown,
     DeploymentError,
     DeploymentNotFound,
     DeploymentUnavailable,
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "batch",
     "BackPressureError",
+    "CallOutcomeUnknown",
     "Deployment",
     "DeploymentError",
     "DeploymentHandle",

@@ -187,6 +187,21 @@ class RedisAuthenticationFailed(RedisUnavailable):
         return f"Redis at {self.address} {problem}{detail}: {where}"
 
 
+class CallOutcomeUnknown(RedisUnavailable):
+    """Redis went away while a call was being queued, and cannot say whether it was: the
+    call may run. ``request_id`` names it; ``response`` (a handle's call) still receives
+    its answer if it runs, once Redis is back (``error.response.result(timeout=...)``)."""
+
+    def __init__(self, address: str, detail: str, request_id: str, response: object = None) -> None:
+        self.request_id = request_id
+        self.response = response
+        super().__init__(address, detail)
+
+    def __str__(self) -> str:
+        return (f"{super().__str__()}; call {self.request_id} may have been queued before it went away: it may "
+                "still run; wait for its answer with error.response.result(timeout=...) once Redis is back")
+
+
 def redact_address(url: str) -> str:
     """``url`` without the password it may hold (in the user part or the query).
 

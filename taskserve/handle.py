@@ -34,11 +34,18 @@ from redis.retry import Retry
 from .answers import AnswerListener, Waiter
 from .celery_app import make_app
 from .connection import async_connection_pool, cluster_secret, current_address, current_store, redis_client
-from .errors import BackPressureError, DeploymentNotFound, DeploymentUnavailable, RedisUnavailable, SignatureError
+from .errors import (
+    BackPressureError,
+    CallOutcomeUnknown,
+    DeploymentNotFound,
+    DeploymentUnavailable,
+    RedisUnavailable,
+    SignatureError,
+)
 from .jobs import Job
 from .signing import ClusterSecret, check_goal
 from .state import DeploymentHealth, DeploymentState, Goal, Replica, ReplicaState
-from .store import Store, canary_queue_name, queue_list, queue_name
+from .store import Store, canary_queue_name, queue_list, queue_name, result_key
 from .store.jobs import CANCEL_FLAG_TTL_S
 from .store.keys import cancel_key, stream_key
 from .wire import (
@@ -69,6 +76,8 @@ REDIS_SOCKET_TIMEOUT_S = 30.0
 # to its timeout (OUTAGE_WAIT_S when it gave none).
 OUTAGE_RETRY_S = 0.2
 OUTAGE_WAIT_S = 60.0
+# A push that did not land (checked, after its reply was lost) is sent again up to this many times in all.
+PUSH_ATTEMPTS = 2
 # A caller still waiting reads its answer's key this often, in case its publication was missed.
 RESULT_RECHECK_S = 1.0
 # The one thread of the process that deletes answers read by asyncio callers (and reads
@@ -94,6 +103,7 @@ class Caller:
 
     address: str
     client: redis.Redis
+    writer: redis.Redis                 # the same, without retries: a push is never sent twice
     messages: CallEncoder
     listener: AnswerListener
     serializer: str
@@ -110,13 +120,19 @@ def caller(address: str, serializer: str) -> Caller:
     """The :class:`Caller` of this process for ``address`` and ``serializer`` (a forked
     child gets its own: a connection and a listener thread do not survive a fork)."""
     pid = os.getpid()
-    return Caller(address, _client(address, pid), _messages(address), _listener(address, pid), serializer,
-                  cluster_secret(address) if serializer == "pickle" else None)
+    return Caller(address, _client(address, pid), _writer(address, pid), _messages(address), _listener(address, pid),
+                  serializer, cluster_secret(address) if serializer == "pickle" else None)
 
 
 @functools.lru_cache(maxsize=None)
 def _client(address: str, pid: int) -> redis.Redis:
     return redis_client(address, retry=Retry(NoBackoff(), 1), socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+                        socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_keepalive=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _writer(address: str, pid: int) -> redis.Redis:
+    return redis_client(address, retry=Retry(NoBackoff(), 0), socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
                         socket_timeout=REDIS_SOCKET_TIMEOUT_S, socket_keepalive=True)
 
 
@@ -157,6 +173,12 @@ def unavailable_reason(goal: Goal, health: DeploymentHealth,
     if any(r.state in SERVING_STATES and r.desired == "run" for r in replicas()):
         return None
     return health.message or "its rollout failed"
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether ``error`` is a connection Redis refused: nothing of the command was sent."""
+    return isinstance(error.__context__ or error.__cause__, ConnectionRefusedError) \
+        or "connection refused" in str(error).lower()
 
 
 def _unreachable(error: BaseException) -> Optional[BaseException]:
@@ -533,16 +555,44 @@ class DeploymentHandle:
             item = self._encode(call, Call(task_id, options.method, list(args), kwargs, queue=queue,
                                            priority=options.priority, stream=options.stream))
             waiter = None if options.stream else call.listener.expect(task_id)   # listening before it can answer
-            call.client.lpush(queue_list(queue, priority_to_transport(options.priority)), item)
         except Exception as error:
             cause = _unreachable(error)
             if cause is None:
                 raise
             raise RedisUnavailable(address, str(cause).strip()) from None
+        self._push(call, queue_list(queue, priority_to_transport(options.priority)), item, task_id,
+                   waiter if not options.stream else None)
         if options.stream:
             return StreamResponse(call, task_id, self._deployment)
         assert waiter is not None
         return Response(call, waiter, task_id, self._deployment)
+
+    def _push(self, call: Caller, list_key: str, item: bytes, task_id: str, waiter: Optional[Waiter]) -> None:
+        """Push a call's message. A push whose reply was lost is never sent again blindly (it
+        may have landed, and would run twice): the queue and the call's result key (a
+        replica marks a call it takes there) say whether it did, and only one they do not
+        show is sent again, once (a replica that took the first meanwhile answers the
+        second from the first run).
+
+        Raises :class:`RedisUnavailable` when Redis refused the connection (nothing was
+        sent), else :class:`CallOutcomeUnknown` (with the call's id and response) when the
+        call may have been queued and Redis cannot say."""
+        failure: Optional[BaseException] = None
+        for attempt in range(PUSH_ATTEMPTS):
+            try:
+                call.writer.lpush(list_key, item)
+                return
+            except _UNREACHABLE as error:
+                failure = error
+                if attempt == 0 and _refused(error):
+                    raise RedisUnavailable(call.address, str(error).strip()) from None
+            try:
+                if call.client.lpos(list_key, item) is not None or call.client.exists(result_key(task_id)):
+                    return        # it landed: its reply was what got lost
+            except _UNREACHABLE:
+                break
+        response = Response(call, waiter, task_id, self._deployment) if waiter is not None else None
+        raise CallOutcomeUnknown(call.address, str(failure).strip(), task_id, response) from None
 
     def submit(self, *args: Any, **kwargs: Any) -> Job:
         """Queue the call as a job and return its :class:`~taskserve.jobs.Job` once it is

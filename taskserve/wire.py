@@ -649,6 +649,11 @@ def _unpickled(result: Mapping[str, Any], serializer: str, secret: Optional[Clus
     return Answer(SUCCESS, value=pickle.loads(raw), version=version)
 
 
+# What a replica puts under a request's result key as it takes it (Celery's STARTED),
+# if nothing is there yet: the mark that tells a second delivery of the same id apart.
+STARTED_RECORD = b'{"status":"STARTED","result":null,"traceback":null,"children":[]}'
+
+
 def revoked_answer(task_id: str, why: str = "expired") -> bytes:
     """The record of a call not run because its caller gave up (Celery's ``REVOKED``).
 

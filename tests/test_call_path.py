@@ -85,7 +85,8 @@ class Echo:
 def test_a_replica_writes_each_answer_once_and_never_reads_it_back(connected, unique_name):
     """The replica stores the answer with its acknowledgement; Celery, told by the
     message's ``ignore_result`` header, would store it again after reading it back (a GET
-    of the result key a request, for nothing)."""
+    of the result key a request, for nothing). The one other write is the mark that it was
+    taken (``SET ... NX``, in the same round trip as recording it taken)."""
     model = taskserve.deployment(Echo).options(name=unique_name, num_cpus=0.1)
     model.deploy()
     handle = model.get_handle()
@@ -109,8 +110,8 @@ def test_a_replica_writes_each_answer_once_and_never_reads_it_back(connected, un
     redis.Redis.from_url(connected.url).get("stop-watching")
     watcher.join(timeout=30)
     touching = [command.split(" ", 1)[0].strip('"').upper() for command in commands if key in command]
-    assert "SET" in touching or "SETEX" in touching          # the answer, written once
-    assert touching.count("GET") == 0 and touching.count("SET") + touching.count("SETEX") == 1, touching
+    # Marked taken (SET ... NX, as it is taken), then the answer, written once; never read back.
+    assert touching.count("GET") == 0 and touching.count("SET") == 1 and touching.count("SETEX") == 1, touching
     model.delete()
 
 

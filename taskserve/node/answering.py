@@ -25,7 +25,7 @@ from kombu.transport import virtual
 from ..http import HTTP_METHOD
 from ..signing import ClusterSecret
 from ..store import result_key
-from ..wire import Call, Outcome, encode_answer, revoked_answer
+from ..wire import READY_STATES, Call, Outcome, decode_answer, encode_answer, revoked_answer
 from .transport import retry_while_unreachable
 
 log = logging.getLogger("taskserve.node.answering")
@@ -39,11 +39,12 @@ class Answerer:
     """Writes the answers of one replica (its version, serializer and result expiry)."""
 
     def __init__(self, result_ttl_s: float, version: str = "", serializer: str = "json",
-                 secret: Optional[ClusterSecret] = None) -> None:
+                 secret: Optional[ClusterSecret] = None, client: Any = None) -> None:
         self.expires_s = max(1, math.ceil(result_ttl_s))
         self.version = version
         self.serializer = serializer
         self.secret = secret
+        self.client = client           # for what is written outside a message's transaction
 
     def record(self, call: Call, outcome: Optional[Outcome]) -> bytes:
         """The result record of ``call`` (``outcome`` None: expired, not run). An HTTP
@@ -77,6 +78,28 @@ class Answerer:
         retry_while_unreachable(write, f"store {len(answers)} answer(s) and acknowledge their requests")
         for message, _, _ in answers:
             qos.acknowledged_in_redis(message.delivery_tag)
+
+
+    def republish(self, call: Call, client: Any = None) -> bool:
+        """Publish ``call``'s stored answer again (for a caller that may have missed it);
+        False when there is none yet (its first run goes on, and will publish it)."""
+        client = client or self.client
+        key = result_key(call.task_id)
+        data = client.get(key)
+        if data is None or decode_answer(data).state not in READY_STATES:
+            return False
+        client.publish(key, data)
+        return True
+
+
+def answer_duplicate(answerer: Answerer, call: Call, message: Any) -> None:
+    """A request whose id a replica took already, not after a crash (its caller pushed it
+    twice): not run again; its answer, if there is one, is published again for the caller,
+    and the message acknowledged."""
+    log.warning("request %s was delivered twice (not after a crash): answered from its first run, "
+                "not run again", call.task_id)
+    retry_while_unreachable(lambda: answerer.republish(call), "publish an answer again")
+    acknowledge([message])
 
 
 def acknowledge(messages: list[Any]) -> None:

@@ -64,7 +64,7 @@ from ..http import HTTP_METHOD, Request, encode_response
 from ..jobs import reset_job_context, set_job_context
 from ..store import queue_lists, replica_queue
 from ..wire import Call, NotARequest, Outcome, decode_call
-from .answering import Answerer, refuse_redelivery
+from .answering import Answerer, answer_duplicate, refuse_redelivery
 from .inflight import InflightFile
 from .invoke import Dispatcher
 from .jobs import JobRunner, Running
@@ -281,6 +281,8 @@ class BatchServer:
                 log.error("dropped a message of %s: %s", self.queue, error)
                 message.reject_log_error(log, REDIS_UNREACHABLE)
             return
+        if getattr(message, "duplicate", False) and not call.redelivered:
+            return answer_duplicate(self.answerer, call, message)
         running = None
         if call.durable:
             refusal = refuse_redelivery(self.replica.redeliveries(call.task_id), self.max_deliveries) \

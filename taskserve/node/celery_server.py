@@ -47,7 +47,7 @@ from celery.concurrency.solo import TaskPool as SoloPool
 from ..http import HTTP_METHOD
 from ..jobs import reset_job_context, set_job_context
 from ..wire import STREAM_INTERRUPTED, TASK_NAME, Call, NotARequest, Outcome, call_arguments, decode_call
-from .answering import Answerer, refuse_redelivery
+from .answering import Answerer, answer_duplicate, refuse_redelivery
 from .inflight import InflightFile
 from .invoke import ASYNC, ASYNC_GENERATOR, GENERATOR, Dispatcher
 from .jobs import JobRunner, Running
@@ -96,6 +96,8 @@ class CeleryServer:
                                message.delivery_info, self.secret, self.accept_pickle)
         except NotARequest as error:
             return self._refuse(message, str(error))
+        if getattr(message, "duplicate", False) and not call.redelivered:
+            return answer_duplicate(self.answerer, call, message)
         self._took(call, message)
         if call.canvas and self.celery_serve is not None:
             # Celery's own machinery stores the value and sends what comes next.

@@ -7,8 +7,8 @@ the message's acknowledgement change together:
 
 * **start**: QUEUED -> RUNNING, one attempt more. A job cancelled while queued, finished
   already (a duplicate) or gone (expired, purged) is acknowledged and not run. A plain
-  Celery producer's job gets its record here, and Celery's ``STARTED`` state in its
-  result key;
+  Celery producer's job gets its record here (its result key says Celery's ``STARTED``
+  from the moment a replica took it: :meth:`taskserve.node.transport.ReplicaQoS.record_taken`);
 * **end**: SUCCEEDED with the value; an exception with retries left (``max_retries``)
   waits ``retry_delay_s × 2^(failures-1)`` in the delayed set (the controller puts it
   back on the queue when due), else FAILED; DEAD when it cannot run at all (unknown
@@ -29,19 +29,17 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ..jobs import JobContext
-from ..store import Started, Store, queue_list, result_key
+from ..store import Started, Store, queue_list
 from ..store.keys import held_key
 from ..wire import (
     CANCELLED,
     DEAD,
     FAILED,
     OPTIONS_HEADER,
-    STARTED,
     SUCCEEDED,
     TASK_NAME,
     Call,
     Outcome,
-    dumps_json,
     fresh_item,
     job_error,
     job_fields,
@@ -125,9 +123,6 @@ class JobRunner:
             self._acknowledge(message)
             return None
         self.on_attempt()
-        if call.from_celery:
-            # Celery's own STARTED, for AsyncResult.state (not published: nobody waits on it).
-            self._store_started(call)
         return Running(started, JobContext(self.store, call.task_id, started.attempt, self.deployment))
 
     def end(self, message: Any, call: Call, outcome: Outcome, running: Running) -> str:
@@ -196,11 +191,3 @@ class JobRunner:
     def _acknowledge(self, message: Any) -> None:
         from .answering import acknowledge
         acknowledge([message])
-
-    def _store_started(self, call: Call) -> None:
-        record = dumps_json({"status": STARTED, "result": {"pid": None, "hostname": self.replica_id},
-                             "traceback": None, "children": [], "date_done": None, "task_id": call.task_id})
-        try:
-            self.store.redis.set(result_key(call.task_id), record, ex=max(1, int(self.job_ttl_s)))
-        except Exception as error:      # a display state: never in the way of the job
-            log.warning("cannot record job %s as started (%s)", call.task_id, error)

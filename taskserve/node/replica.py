@@ -254,8 +254,10 @@ class ReplicaProcess:
             os.environ.setdefault("C_FORCE_ROOT", "1")
         app = make_app(self.address, serializer,
                        result_expires=float(self.config.get("result_ttl_s") or DEFAULT_RESULT_EXPIRES_S))
-        answerer = Answerer(float(self.config.get("result_ttl_s") or DEFAULT_RESULT_EXPIRES_S), self.record.version,
-                            serializer, node_secret() if serializer == "pickle" else None)
+        result_ttl_s = float(self.config.get("result_ttl_s") or DEFAULT_RESULT_EXPIRES_S)
+        answerer = Answerer(result_ttl_s, self.record.version, serializer,
+                            node_secret() if serializer == "pickle" else None, client=self.store.redis)
+        ReplicaQoS.taken_mark_ttl_s = max(1, int(result_ttl_s))
         ReplicaQoS.held_key = held_key(self.replica_id)     # what this replica holds, for its node's death
         inflight = InflightFile(self.inflight_path)
         self.in_flight = InFlightReport(self.store, self.replica_id, inflight, self.record.deployment,

@@ -35,8 +35,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps as kombu_dumps
 
-from ..store.keys import CONSUME_ORDER, queue_list
-from ..wire import NotARequest, _short, _why
+from ..store.keys import CONSUME_ORDER, queue_list, result_key
+from ..wire import STARTED_RECORD, NotARequest, _short, _why
 
 log = logging.getLogger("taskserve.node.transport")
 
@@ -151,20 +151,35 @@ class ReplicaQoS(kombu_redis.QoS):
         retry_while_unreachable(lambda: self.record_taken(message, delivery_tag), "record a request as taken")
         virtual.QoS.append(self, message, delivery_tag)
 
+    # How long the mark that a request was taken lasts (the deployment's result_ttl_s).
+    taken_mark_ttl_s: int = 600
+
     def record_taken(self, message: Any, delivery_tag: str, also: Optional[Callable[[Any], None]] = None) -> list:
         """What kombu's Redis QoS records of a message taken (its unacknowledged index and
         hash), with its tag in this replica's held set, in one round trip; ``also`` may add
-        commands to that pipeline. The pipeline's replies."""
+        commands to that pipeline. The pipeline's replies.
+
+        The same round trip marks the request taken: Celery's ``STARTED`` in its result key,
+        set only if the key holds nothing yet. A request whose key holds something already
+        (it runs elsewhere, or ran: its id was pushed twice) is marked ``message.duplicate``,
+        for the server to answer it from its first run instead of running it again.
+        """
         delivery = message.delivery_info
+        task_id = message.headers.get("id") if isinstance(message.headers, dict) else None
         with self.pipe_or_acquire() as pipe:
             pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
             pipe.hset(self.unacked_key, delivery_tag,
                       kombu_dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
             if self.held_key:
                 pipe.sadd(self.held_key, delivery_tag)
+            if isinstance(task_id, str) and task_id:
+                pipe.set(result_key(task_id), STARTED_RECORD, nx=True, ex=self.taken_mark_ttl_s)
             if also is not None:
                 also(pipe)
-            return pipe.execute()
+            replies = pipe.execute()
+        if isinstance(task_id, str) and task_id:
+            message.duplicate = replies[3 if self.held_key else 2] is None
+        return replies
 
     def ack(self, delivery_tag: str) -> None:
         retry_while_unreachable(lambda: super(ReplicaQoS, self).ack(delivery_tag), "acknowledge a request")

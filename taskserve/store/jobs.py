@@ -279,7 +279,7 @@ class Jobs(StoreBase):
         or 0 when the job was asked to stop meanwhile (nothing done: end it CANCELLED)."""
         return self._scripts.delay_job(
             keys=[job_key(job_id), jobs_key(name, QUEUED), jobs_key(name, RUNNING), DELAYED_KEY, UNACKED_KEY,
-                  UNACKED_INDEX_KEY, held],
+                  UNACKED_INDEX_KEY, held, result_key(job_id)],
             args=[job_id, repr(time.time()), repr(due), list_key.encode() + b"\n" + queue_message, error,
                   "1" if failed else "0", delivery_tag, message],
             client=pipe)

@@ -2,7 +2,8 @@
 -- its message in the delayed set until ARGV[3], acknowledged from the queue.
 -- KEYS[1] the job's record, KEYS[2] its QUEUED set, KEYS[3] its RUNNING set, KEYS[4] the
 -- delayed set, KEYS[5] kombu's unacked hash, KEYS[6] kombu's unacked index, KEYS[7] the
--- replica's held set ("" for none).
+-- replica's held set ("" for none), KEYS[8] its result key (the mark of its taking goes:
+-- taken again when due, it is not a duplicate).
 -- ARGV[1] job id, ARGV[2] now, ARGV[3] when it is due, ARGV[4] the delayed entry (the
 -- list and the message), ARGV[5] the error ("" when none), ARGV[6] "1" if an attempt
 -- failed, ARGV[7] the delivery tag, ARGV[8] a status message.
@@ -25,4 +26,5 @@ redis.call('ZREM', KEYS[6], ARGV[7])
 if KEYS[7] ~= '' then
   redis.call('SREM', KEYS[7], ARGV[7])
 end
+redis.call('DEL', KEYS[8])
 return 1

@@ -8,12 +8,16 @@
 -- ARGV[1] now, ARGV[2] max_queued (0: no limit), ARGV[3] Q, ARGV[4] F, ARGV[5..4+F] the
 -- records' fields and values, then for each job its id and its message.
 -- Returns {1, first job id} when submitted, {0, id} for the job already submitted under
--- the idempotency key, {-1, queued} when the queue holds max_queued requests or would
--- with these (none is submitted).
+-- the idempotency key (or these very jobs: a call sent again after its reply was lost
+-- queues nothing twice, all or none having been written), {-1, queued} when the queue
+-- holds max_queued requests or would with these (none is submitted).
 local lists = tonumber(ARGV[3])
 local field_args = tonumber(ARGV[4])
 local first_job = 5 + field_args
 local jobs = (#ARGV - first_job + 1) / 2
+if redis.call('EXISTS', KEYS[4 + lists]) == 1 then
+  return {0, ARGV[first_job]}
+end
 if KEYS[3] ~= '' then
   local existing = redis.call('GET', KEYS[3])
   if existing then
