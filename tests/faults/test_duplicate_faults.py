@@ -17,7 +17,7 @@ from taskserve.store import queue_name
 from taskserve.wire import Call, CallEncoder
 
 from ..helpers import start_cluster, wait_until
-from .harness import deploy_recorder
+from .harness import Recorder, deploy_recorder
 from .proxy import RedisProxy
 
 pytestmark = pytest.mark.integration
@@ -58,16 +58,29 @@ def proxied(tmp_path):
         cluster.stop_all()
 
 
+class Holding(Recorder):
+    def hold(self, key: str) -> str:
+        deadline = time.monotonic() + 60
+        while not self.client.exists(key) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "held"
+
+
 def test_a_push_whose_reply_was_lost_is_not_sent_again(proxied):
     cluster, proxy, through_proxy = proxied
-    model, key = deploy_recorder(cluster.url, "lost_reply", version="1")
+    model, key = deploy_recorder(cluster.url, "lost_reply", version="1", target=Holding)
     taskserve.connect(through_proxy)
     handle = model.get_handle()
     assert handle.remote("warm").result(timeout=30) == "warm"
+    gate = f"lost-reply-gate:{uuid.uuid4().hex}"
+    holding = handle.hold.remote(gate)       # the one replica is busy: what is pushed stays queued
+    wait_until(lambda: redis.Redis.from_url(cluster.url).llen(queue_name("lost_reply")) == 0, timeout=30)
     proxy.watch(b"LPUSH")
     proxy.cut_next(b"LPUSH", lose="reply")
-    assert handle.remote("once").result(timeout=30) == "once"
-    assert proxy.forwarded(b"LPUSH") == 1                  # checked (LPOS / the taken mark), not re-sent
+    once = handle.remote("once")
+    assert proxy.forwarded(b"LPUSH") == 1                  # found in the queue (LPOS), not sent again
+    redis.Redis.from_url(cluster.url).set(gate, "1", ex=60)
+    assert holding.result(timeout=30) == "held" and once.result(timeout=30) == "once"
     assert served(cluster.url, key).count("once") == 1
     # A push lost before it reached Redis is sent again: that one did not land.
     proxy.cut_next(b"LPUSH", lose="command")
