@@ -33,9 +33,7 @@ from ..spec import route_of
 from ..state import Replica
 from ..status import status_of
 from ..store import AutoscaleState, ClusterReader, Store, queue_lists, queue_name
-from ..store.keys import CONSUME_ORDER, jobs_key
-from ..store.stats import JOB_ATTEMPTS_FIELD
-from ..wire import JOB_STATES, QUEUED
+from ..store.keys import CONSUME_ORDER
 
 log = logging.getLogger("taskserve.gateway.metrics")
 
@@ -71,9 +69,9 @@ class StatusReader:
     deployments and replicas there are: goals, healths and replicas through a
     :class:`~taskserve.store.ClusterReader` (only the deployments whose revision moved
     are read again), then one pipeline for the queue depths, the recent history, the
-    jobs (how many in each state, when the oldest waiting one was queued, the attempts
-    started: the sizes of the state sets and one counter, never a job's record), the
-    autoscaling states and canary stats, and the batch sizes of the replicas of changed
+    jobs of every deployment (how many in each state, when the oldest waiting one was
+    queued, the attempts started: the sizes of the state sets and one counter, in one
+    command, never a job's record), the autoscaling states and canary stats, and the batch sizes of the replicas of changed
     deployments, then the nodes. A deployment's status is built again only when its
     revision, autoscaling state or stats moved; a history entry is parsed once.
 
@@ -102,15 +100,14 @@ class StatusReader:
         goals = [record.goal for record in records.values() if record.goal is not None and not record.goal.deleting]
         stale_batches = {goal.name for goal in goals if goal.name in changed or goal.name not in self.batch_sizes
                          or self.batch_sizes[goal.name][0] != records[goal.name].revision}
+        names = [goal.name for goal in goals]
         with store.redis.pipeline(transaction=False) as pipe:
+            if names:
+                store.job_summaries(names, pipe=pipe)
             for goal in goals:
                 for key in queue_lists(queue_name(goal.name)):
                     pipe.llen(key)
                 pipe.lrange(store.history_key(goal.name), -HISTORY_SHOWN, -1)
-                for state in JOB_STATES:
-                    pipe.zcard(jobs_key(goal.name, state))
-                pipe.zrange(jobs_key(goal.name, QUEUED), 0, 0, withscores=True)
-                pipe.hget(store.stats_key(goal.name), JOB_ATTEMPTS_FIELD)
                 if goal.options.get("autoscaling_config"):
                     pipe.get(store.scale_key(goal.name))
                 if goal.canary is not None:
@@ -119,6 +116,7 @@ class StatusReader:
                     for replica in records[goal.name].replicas:
                         pipe.hget(store.replica_key(replica.replica_id), BATCH_SIZES_FIELD)
             rows = iter(pipe.execute())
+        jobs = store.job_summaries_of(names, next(rows)) if names else {}
         deployments, statuses, events = [], {}, {}
         # One line for each record left out because it cannot be read: the rest is shown.
         skipped = [f"deployment {name}: {record.error}" for name, record in sorted(records.items())
@@ -126,9 +124,6 @@ class StatusReader:
         for goal in goals:
             depth = sum(int(next(rows)) for _ in CONSUME_ORDER)
             history = next(rows)
-            jobs = {state: int(next(rows)) for state in JOB_STATES}
-            oldest = next(rows)
-            attempts = next(rows)
             scale_text = next(rows) if goal.options.get("autoscaling_config") else None
             stats = {_text(k): int(v) for k, v in next(rows).items()} if goal.canary is not None else {}
             record = records[goal.name]
@@ -155,9 +150,9 @@ class StatusReader:
                                                     goal.name in stale_batches),
                 "route_prefix": route_of(goal.name, goal.options),
                 "queue_depth": depth,
-                "jobs": jobs,
-                "jobs_oldest_queued_at": oldest[0][1] if oldest else None,
-                "job_attempts": int(attempts or 0),
+                "jobs": jobs[goal.name].counts,
+                "jobs_oldest_queued_at": jobs[goal.name].oldest_queued_at,
+                "job_attempts": jobs[goal.name].attempts,
                 "history": [events[raw] for raw in reversed(history) if events[raw] is not None],
             })
         self.statuses, self.events = statuses, events

@@ -36,7 +36,7 @@ from .autoscale import AUTOSCALE_ACTION, AUTOSCALE_HISTORY_LIMIT, Autoscale, Aut
 from .base import LeaseLost
 from .events import wait_for_events
 from .goals import HISTORY_LIMIT, GoalChange, Goals
-from .jobs import Jobs, Started, Submitted
+from .jobs import Jobs, JobSummary, Started, Submitted
 from .keys import (
     CANARY_QUEUE_SUFFIX,
     EVENTS_CHANNEL,
@@ -64,7 +64,7 @@ from .stats import Stats
 __all__ = [
     "AUTOSCALE_ACTION", "AUTOSCALE_HISTORY_LIMIT", "CANARY_QUEUE_SUFFIX", "EVENTS_CHANNEL", "HISTORY_LIMIT",
     "KEY_PATTERN", "PREFIX", "QUEUE_PREFIX", "RESULT_KEY_PREFIX", "UNACKED_INDEX_KEY", "UNACKED_KEY",
-    "AutoscaleState", "ClusterReader", "DeploymentRecords", "GoalChange", "LeaseLost", "NodeClaim", "NodeTaken",
+    "AutoscaleState", "ClusterReader", "DeploymentRecords", "GoalChange", "JobSummary", "LeaseLost", "NodeClaim", "NodeTaken",
     "Started", "Store", "Submitted", "canary_queue_name", "queue_list", "queue_lists", "queue_name", "replica_queue", "result_key",
     "result_key_pattern", "unacked_routing_key", "wait_for_events",
 ]

@@ -36,7 +36,10 @@ from .keys import (
     jobs_key,
     queue_lists,
     result_key,
+    stats_key,
 )
+from .lua import source
+from .stats import JOB_ATTEMPTS_FIELD
 
 # A cancel flag outlives any reasonable wait for the replica to see it.
 CANCEL_FLAG_TTL_S = 3600
@@ -57,6 +60,17 @@ class Submitted:
     outcome: str
     job_id: str = ""
     queued: int = 0
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """A deployment's jobs at a glance: how many are in each state (finished ones until
+    they expire), when its oldest QUEUED job was queued (None: none waits), and the job
+    attempts its replicas started."""
+
+    counts: dict[str, int]
+    oldest_queued_at: Optional[float]
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -220,6 +234,39 @@ class Jobs(StoreBase):
                 pipe.zrange(jobs_key(name, QUEUED), 0, 0, withscores=True)
             rows = pipe.execute()
         return {name: (row[0][1] if row else None) for name, row in zip(names, rows, strict=True)}
+
+    def job_summaries(self, names: Iterable[str], pipe: Optional[object] = None) -> Any:
+        """The :class:`JobSummary` of each of ``names``, in one command whatever their
+        number (``scripts/job_summaries.lua``). With ``pipe`` the command is only queued
+        on it (as an ``EVAL`` of the script's text: a pipeline that runs a registered
+        script first asks Redis whether it has it, one more round trip on every read);
+        :meth:`job_summaries_of` reads its reply.
+
+        >>> import fakeredis
+        >>> jobs = Jobs(fakeredis.FakeRedis())
+        >>> _ = jobs.submit_job("ocr", "j1", b"m", "taskserve.ocr", {"deployment": "ocr", "state": "QUEUED"})
+        >>> summary = jobs.job_summaries(["ocr", "idle"])
+        >>> summary["ocr"].counts["QUEUED"], summary["ocr"].oldest_queued_at > 0, summary["idle"]
+        (1, True, JobSummary(counts={'QUEUED': 0, 'RUNNING': 0, 'SUCCEEDED': 0, 'FAILED': 0, 'CANCELLED': 0, 'DEAD': 0}, oldest_queued_at=None, attempts=0))
+        """
+        names = list(names)
+        keys = [key for name in names for key in (*(jobs_key(name, state) for state in STATES), stats_key(name))]
+        if pipe is not None:
+            pipe.eval(source("job_summaries"), len(keys), *keys, JOB_ATTEMPTS_FIELD)  # type: ignore[attr-defined]
+            return None
+        return self.job_summaries_of(names, self._scripts.job_summaries(keys=keys, args=[JOB_ATTEMPTS_FIELD]) if names
+                                     else [])
+
+    @staticmethod
+    def job_summaries_of(names: Sequence[str], reply: Sequence[Any]) -> dict[str, JobSummary]:
+        """The :class:`JobSummary` of each of ``names`` from ``scripts/job_summaries.lua``'s reply."""
+        summaries = {}
+        for index, name in enumerate(names):
+            row = reply[index * 8:(index + 1) * 8]
+            oldest = row[6].decode() if isinstance(row[6], bytes) else str(row[6])
+            summaries[name] = JobSummary(dict(zip(STATES, (int(count) for count in row[:6]), strict=True)),
+                                         float(oldest) if oldest else None, int(row[7]))
+        return summaries
 
     def forget_jobs(self, name: str, state: str, job_ids: Sequence[str]) -> int:
         """Delete the records, answers and set entries of ``job_ids`` (in ``state``); how many."""

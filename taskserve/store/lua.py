@@ -71,3 +71,4 @@ class Scripts:
         self.cancel_job: Script = client.register_script(source("cancel_job"))
         self.requeue_job: Script = client.register_script(source("requeue_job"))
         self.move_due_jobs: Script = client.register_script(source("move_due_jobs"))
+        self.job_summaries: Script = client.register_script(source("job_summaries"))
