@@ -771,7 +771,6 @@ class Hostile:
         raise ValueError('<img src=x onerror="window.__owned=1"><script>window.__owned=2</script>')
 
 
-@pytest.mark.integration      # a cluster of its own and a browser
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium; apt-get install chromium")
 @pytest.mark.integration
 def test_dashboard_shows_hostile_text_as_text_and_versions_as_given(tmp_path, unique_name):
