@@ -65,7 +65,6 @@ from .signing import GOAL_NOT_SIGNED, ClusterSecret, check_goal, secret_from_env
 from .spec import check_canary_config, check_goal_options
 from .state import DEFAULT_HEARTBEAT_TTL_S, DeploymentHealth, DeploymentState, Goal, Node, Replica
 from .store import ClusterReader, LeaseLost, Store, wait_for_events
-from .store.keys import stream_key
 from .wire import interrupted_stream_end, is_streaming_message
 
 # How often the controller drops the set entries of jobs whose records expired.
@@ -599,7 +598,7 @@ class Controller:
                     if restored:
                         log.warning("put back %d request(s) replica %s held", len(restored), record.replica_id)
                     for task_id in interrupted:
-                        self.store.redis.xadd(stream_key(task_id), interrupted_stream_end())
+                        self.store.end_stream(task_id, interrupted_stream_end())
                     self.store.forget_replica(record, fence=fence)
                     if action.crashed:
                         log.warning("replica %s of %s died; replacing it", record.replica_id, goal.name)

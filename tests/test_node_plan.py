@@ -616,6 +616,9 @@ class RestoringStore(FakeStore):
     def restore_held(self, *args, **kwargs):
         return self.real.restore_held(*args, **kwargs)
 
+    def end_stream(self, *args, **kwargs):
+        return self.real.end_stream(*args, **kwargs)
+
 
 def test_the_requests_a_dead_replica_held_are_put_back_and_counted(tmp_path):
     store = RestoringStore()
@@ -665,6 +668,7 @@ def test_a_stream_its_replica_died_under_is_ended_not_run_again(tmp_path):
     [(_, fields)] = store.redis.xrange(stream_key("task-1"))
     _, end = read_stream_entry(fields)
     assert "stream interrupted" in str(end.error)
+    assert store.redis.ttl(stream_key("task-1")) > 0        # the end made the stream: it expires all the same
 
 
 def test_a_replica_that_held_nothing_counts_nothing(tmp_path):

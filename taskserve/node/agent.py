@@ -51,7 +51,6 @@ from ..runtime_env import env_key
 from ..signing import check_assignment
 from ..state import Node, Replica, ReplicaState, Resources, check_id, package_sha
 from ..store import NodeClaim, NodeTaken, Store, wait_for_events
-from ..store.keys import stream_key
 from ..wire import interrupted_stream_end, is_streaming_message
 from .envs import EnvironmentCache, unpack_working_dir
 from .forkserver import Launcher
@@ -572,7 +571,7 @@ class NodeAgent:
         for task_id in interrupted:
             # A stream is not run again: its caller learns at once that it ended.
             try:
-                self.store.redis.xadd(stream_key(task_id), interrupted_stream_end())
+                self.store.end_stream(task_id, interrupted_stream_end())
                 log.info("stream %s interrupted: its replica died", task_id)
             except Exception as error:
                 log.warning("could not end stream %s (%s)", task_id, error)

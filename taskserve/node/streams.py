@@ -155,8 +155,10 @@ class StreamWriter:
             replies = retry_while_unreachable(write, "write the chunks of a stream")
         except REDIS_UNREACHABLE:
             raise
-        for stream, chunks, _ in batch:
-            if stream.head is not None and (chunks or stream.end is not None):
+        for stream, chunks, end in batch:
+            # What was written, not what is there now: an end put meanwhile is written next
+            # round, and the head with it.
+            if stream.head is not None and (chunks or end is not None):
                 stream.head = None
             stream.written += len(chunks)
         if asks:

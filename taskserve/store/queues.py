@@ -24,7 +24,11 @@ from .keys import (
     queue_list,
     queue_lists,
     queue_name,
+    stream_key,
 )
+
+# A stream ended for a replica that died expires after this, unless it already expires.
+STREAM_END_TTL_S = 600
 
 
 class Queues(StoreBase):
@@ -133,7 +137,9 @@ class Queues(StoreBase):
         own restore does — but under a new delivery tag, so that a tag the dead replica
         still lists can never name the message once another replica took it. A message
         for which ``drop(message)`` is true is acknowledged instead (a streaming call, not
-        run again). Returns (the task ids put back, those dropped). Idempotent: a message
+        run again), and so is one whose stream was begun (an HTTP request to a generator
+        ``__call__``, which its message does not mark: its caller has its first chunks).
+        Returns (the task ids put back, those dropped). Idempotent: a message
         already put back or acknowledged is not in kombu's unacked hash any more.
 
         >>> import fakeredis
@@ -150,6 +156,11 @@ class Queues(StoreBase):
         (True, True)
         >>> queues.restore_held("echo-1", ["tag-1"])       # once only
         ([], [])
+        >>> begun = {"headers": {"id": "t2"}, "properties": {"priority": 0, "delivery_tag": "tag-2"}}
+        >>> queues.redis.hset(UNACKED_KEY, "tag-2", json.dumps([begun, "", "taskserve.echo"]))
+        1
+        >>> queues.redis.xadd(stream_key("t2"), {"c": "[]"}) and queues.restore_held("echo-1", ["tag-2"])
+        ([], ['t2'])
         """
         key = held_key(replica_id)
         restored: list[str] = []
@@ -159,6 +170,7 @@ class Queues(StoreBase):
 
             def put_back(pipe: redis.client.Pipeline, tag: str = tag, outcome: dict = outcome) -> None:
                 entry = pipe.hget(UNACKED_KEY, tag)
+                begun = entry is not None and bool(pipe.exists(stream_key(_task_id_of(entry))))
                 pipe.multi()
                 pipe.srem(key, tag)
                 outcome.clear()
@@ -167,7 +179,7 @@ class Queues(StoreBase):
                 try:
                     payload, _, routing_key = json.loads(entry)
                     task_id = str(payload["headers"]["id"])
-                    dropping = drop is not None and drop(payload)
+                    dropping = begun or (drop is not None and drop(payload))
                     payload["headers"]["redelivered"] = True
                     properties = payload["properties"]
                     properties.setdefault("delivery_info", {})["redelivered"] = True
@@ -195,6 +207,35 @@ class Queues(StoreBase):
     def redeliveries(self, task_id: str) -> int:
         """How often the request ``task_id`` was put back after its replica died."""
         return int(self.redis.get(self.deliveries_key(task_id)) or 0)
+
+    def end_stream(self, task_id: str, fields: dict, ttl_s: int = STREAM_END_TTL_S) -> None:
+        """Append the last entry ``fields`` to ``task_id``'s stream (one its replica could not
+        end), which expires after ``ttl_s`` unless it already expires.
+
+        >>> import fakeredis
+        >>> queues = Queues(fakeredis.FakeRedis())
+        >>> queues.end_stream("t1", {"e": "{}"}); 0 < queues.redis.ttl(stream_key("t1")) <= STREAM_END_TTL_S
+        True
+        """
+        key = stream_key(task_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(key, fields)
+            pipe.ttl(key)
+            _, ttl = pipe.execute()
+        if ttl < 0:      # the stream had no entry yet: the end made it
+            self.redis.expire(key, ttl_s)
+
+
+def _task_id_of(entry: Union[str, bytes]) -> str:
+    """The task id of kombu's unacked entry, "" if it has none.
+
+    >>> _task_id_of(json.dumps([{"headers": {"id": "d9b1"}}, "", "taskserve.echo"])), _task_id_of("garbage")
+    ('d9b1', '')
+    """
+    try:
+        return str(json.loads(entry)[0]["headers"]["id"])
+    except (ValueError, TypeError, KeyError, IndexError):
+        return ""
 
 
 def unacked_routing_key(entry: Union[str, bytes]) -> Optional[str]:
