@@ -15,7 +15,9 @@ start (see :mod:`.messaging`), all through ``redis.asyncio``: no thread per requ
 no subscription per request.
 Its own endpoints live under ``/-/``: ``healthz``, ``routes``, ``metrics``
 (Prometheus), ``api/status``, ``dashboard`` and ``jobs/<id>``. A request with
-``Prefer: respond-async`` is submitted as a job instead (:mod:`.jobs`).
+``Prefer: respond-async`` is submitted as a job instead (:mod:`.jobs`). A generator
+``__call__`` is answered chunk by chunk as it yields, chunked or as server-sent events
+(:mod:`.streaming`).
 
 Errors are JSON ``{"error": TYPE, "message": TEXT}``: 404 for a path no deployment
 serves, 408 for a body that did not arrive within ``body_timeout_s``, 413 for a body
@@ -48,6 +50,7 @@ gateways can share a port (``serve(..., reuse_port=True)``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.resources
 import json
 import logging
@@ -57,7 +60,7 @@ import socket
 import sys
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Iterable, Optional
+from typing import Any, AsyncIterator, Callable, Iterable, Optional
 
 import h11
 import redis
@@ -75,11 +78,22 @@ from ..handle import unavailable_reason
 from ..http import decode_response, encode_request
 from ..signing import ClusterSecret, check_goal
 from ..store import ClusterReader, Store
+from ..store.jobs import CANCEL_FLAG_TTL_S
+from ..store.keys import cancel_key, stream_key
 from .jobs import JobEndpoints, prefers_async
 from .messaging import Expired, Pending, RateLimitedLog, ResultJanitor, ResultWaiter, TaskSender, Withdrawn
 from .metrics import GatewayMetrics, StatusCache, StatusReader
 from .routes import Route, RouteTable
 from .server import QuietServer
+from .streaming import (
+    READ_SOCKET_TIMEOUT_S,
+    CutOffFilter,
+    StreamedAnswer,
+    StreamReader,
+    first_entries,
+    stream_error,
+    wants_events,
+)
 
 log = logging.getLogger("taskserve.gateway")
 
@@ -252,6 +266,47 @@ def read_routes(store: Store, secret: ClusterSecret, reader: Optional[ClusterRea
     return RouteTable.from_goals(goals, unavailable)
 
 
+class ClientWatch:
+    """Watches a request's connection, once its body is read, for its client leaving:
+    ``on_leave`` is called then (at most once, and never after :meth:`stop`).
+
+    With the body read, the next ``receive()`` returns only when the client disconnects
+    (or once the answer is complete: stop watching before the answer's last message).
+
+    Example::
+
+        watch = ClientWatch(request.receive)
+        watch.on_leave = pending.leave
+        ...
+        watch.stop()
+    """
+
+    __slots__ = ("task", "on_leave", "left")
+
+    def __init__(self, receive: Any) -> None:
+        self.on_leave: Callable[[], None] = _nothing
+        self.left = False
+        self.task: Optional[asyncio.Task] = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.left = True
+                self.task = None
+                self.on_leave()
+                return
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+
+
+def _nothing() -> None:
+    pass
+
+
 class GatewayApp:
     """The gateway's ASGI app: a request for a deployment goes straight to
     :meth:`Gateway.forward`, the rest (the gateway's own pages under ``/-/``, the
@@ -347,7 +402,15 @@ class Gateway:
             # while Redis is away is answered at once.
             retry=Retry(NoBackoff(), 1))
         self.client = redis.asyncio.Redis.from_pool(pool)
+        # Blocking stream reads wait as long as a stream is quiet: on a connection of their
+        # own, never one of the requests' pool (one connection reads every stream).
+        self.blocking_client = redis.asyncio.Redis.from_pool(async_connection_pool(
+            self.address, max_connections=1, timeout=REDIS_POOL_TIMEOUT_S, socket_keepalive=True,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=READ_SOCKET_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 1)))
         self.results = ResultWaiter(self.client, on_event=self.routes_changed.set)
+        self.streams = StreamReader(self.client, self.blocking_client,
+                                    stream_key(f"{self.results.gateway_id}.wake"))
         self.sender = TaskSender(self.address, self.client)
         self.janitor = ResultJanitor(self.client)
         self.jobs = JobEndpoints(self.address, self.client, self.sender.encoder, self.debug)
@@ -363,9 +426,11 @@ class Gateway:
             status_follower.cancel()
             if self.withdrawal is not None:
                 self.withdrawal.cancel()
+            await self.streams.stop()
             await self.janitor.close()
             await self.jobs.close()
             await self.results.close()
+            await self.blocking_client.aclose()
             await self.client.aclose()
 
     # ------------------------------------------------------------------ routes
@@ -398,7 +463,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ requests
 
-    async def forward(self, request: HTTPRequest) -> Response:
+    async def forward(self, request: HTTPRequest) -> Response | StreamedAnswer:
         """Send the request to its deployment and answer with what ``__call__`` returned."""
         started = time.perf_counter()
         path = request.scope["path"]
@@ -420,16 +485,23 @@ class Gateway:
             in_flight = self.metrics.in_flight.labels(route.deployment)
             in_flight.inc()
             self.in_flight += 1
+            streamed = False
             try:
                 response, error = await self._call(request, route, path)
+                if isinstance(response, StreamedAnswer):    # in flight until its stream ends
+                    streamed = True
+                    response.ended = functools.partial(self._stream_ended, route.deployment, request.method,
+                                                       started, in_flight, response.stream.task_id)
+                    return response
             finally:
-                self.in_flight -= 1
-                in_flight.dec()
+                if not streamed:
+                    self.in_flight -= 1
+                    in_flight.dec()
         self.metrics.observe(route.deployment if route else "", request.method, response.status_code,
                              time.perf_counter() - started, error)
         return response
 
-    async def _call(self, request: HTTPRequest, route: Route, path: str) -> tuple[Response, str]:
+    async def _call(self, request: HTTPRequest, route: Route, path: str) -> tuple[Response | StreamedAnswer, str]:
         name = route.deployment
         if route.unavailable:
             return error_response(503, "Unavailable", str(DeploymentUnavailable(name, route.unavailable))), \
@@ -441,7 +513,7 @@ class Gateway:
             held.release()
 
     async def _send_and_wait(self, request: HTTPRequest, route: Route, path: str,
-                             held: BudgetHold) -> tuple[Response, str]:
+                             held: BudgetHold) -> tuple[Response | StreamedAnswer, str]:
         name = route.deployment
         try:
             body = await self._read_body_in_time(request, held)
@@ -503,11 +575,13 @@ class Gateway:
         self.janitor.forget(task_id)
         answered_by = answer.version or version
         try:
-            status, headers, content = decode_response(answer.result())
+            value = answer.result()
         except ReplicaError as error:
-            extra = {"traceback": error.traceback_text} if self.debug else {}
-            return error_response(500, error.type_name, error.message,
-                                  headers={VERSION_HEADER: answered_by}, **extra), "replica_error"
+            return self._replica_error_response(error, answered_by), "replica_error"
+        if isinstance(value, dict) and value.get("stream") is True:   # a generator's head: its chunks follow
+            return await self._stream(request, route, task_id, answered_by)
+        try:
+            status, headers, content = decode_response(value)
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             return error_response(
                 500, "BadResponse", f"deployment {name!r} sent an answer the gateway cannot read ({error}); "
@@ -517,6 +591,63 @@ class Gateway:
             (key.encode("latin-1", "replace"), value.encode("latin-1", "replace")) for key, value in headers)
         response.raw_headers.append((VERSION_HEADER.encode(), answered_by.encode("latin-1", "replace")))
         return response, "" if status < 400 else "app"
+
+    def _replica_error_response(self, error: ReplicaError, answered_by: str) -> Response:
+        extra = {"traceback": error.traceback_text} if self.debug else {}
+        return error_response(500, error.type_name, error.message, headers={VERSION_HEADER: answered_by}, **extra)
+
+    # ------------------------------------------------------------------ streams
+
+    async def _stream(self, request: HTTPRequest, route: Route, task_id: str,
+                      answered_by: str) -> tuple[Response | StreamedAnswer, str]:
+        """The answer of a generator ``__call__`` (:mod:`.streaming`): its chunks as they
+        come, once the first is there; an ordinary error if it failed before yielding one."""
+        watch = ClientWatch(request.receive)
+        stream = None
+        try:
+            stream = await self.streams.open(task_id)
+            watch.on_leave = stream.leave
+            first = await first_entries(stream, route.timeout_s)
+        except (redis.RedisError, OSError) as error:
+            self.redis_error_log.warning("cannot read the stream of a request to %s: %s", route.deployment, error)
+            first, response, outcome = None, self._unreachable_response(error), "unavailable"
+        except TimeoutError:
+            first, response, outcome = None, self._timeout_response(route), "timeout"
+        else:
+            response, outcome = error_response(499, "ClientLeft", "the client left"), "client_left"
+        if first is not None:
+            failed = stream_error(first)
+            if failed is None:
+                assert stream is not None
+                return StreamedAnswer(
+                    self.streams, stream, first, wants_events(request.headers.get("accept", "")),
+                    [(VERSION_HEADER.encode(), answered_by.encode("latin-1", "replace"))], route.timeout_s,
+                    cancel=lambda: self._cancel(task_id), ended=lambda outcome: None,
+                    stop_watching=watch.stop), ""
+            response, outcome = self._replica_error_response(failed, answered_by), "replica_error"
+        else:
+            await self._cancel(task_id)    # its caller is gone: the generator stops
+        watch.stop()
+        if stream is not None:
+            self.streams.close(stream)
+        self.janitor.forget_key(stream_key(task_id))
+        return response, outcome
+
+    async def _cancel(self, task_id: str) -> None:
+        """Ask the replica running ``task_id`` to stop it (its caller left)."""
+        try:
+            await self.client.set(cancel_key(task_id), b"1", ex=CANCEL_FLAG_TTL_S)
+        except (redis.RedisError, OSError) as error:
+            self.redis_error_log.warning("cannot ask for request %s to be stopped (%s); it runs to its end",
+                                         task_id, error)
+
+    def _stream_ended(self, deployment: str, method: str, started: float, gauge: Any, task_id: str,
+                      outcome: str) -> None:
+        """A streamed answer is over: the request is counted as answered."""
+        self.in_flight -= 1
+        gauge.dec()
+        self.janitor.forget_key(stream_key(task_id))
+        self.metrics.observe(deployment, method, 200, time.perf_counter() - started, outcome)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -1047,6 +1178,7 @@ def serve(address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     sock = listen(host, port, reuse_port=reuse_port)
     raise_open_file_limit()
     disable_created_metrics()   # no *_created series: they double the output and few use them
+    logging.getLogger("uvicorn.error").addFilter(CutOffFilter())   # a stream cut off on purpose is logged as such
     hosts = allowed_hosts(host, extra_hosts)
     if hosts is None:
         log.warning("the gateway listens on %s and answers any Host: a web page loaded from elsewhere can reach it "

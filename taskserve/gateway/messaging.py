@@ -481,9 +481,13 @@ class ResultJanitor:
 
     def forget(self, task_id: str) -> None:
         """Delete ``task_id``'s answer soon."""
+        self.forget_key(result_key(task_id))
+
+    def forget_key(self, key: str) -> None:
+        """Delete ``key`` soon (a stream read to its end, say)."""
         if len(self.pending) >= MAX_PENDING_DELETES:
             del self.pending[:DELETE_BATCH]   # the oldest expire on their own
-        self.pending.append(result_key(task_id))
+        self.pending.append(key)
         self.wake.set()
 
     async def _run(self) -> None:
