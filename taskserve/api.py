@@ -43,7 +43,7 @@ from .goals import (
     with_canary,
     without_canary,
 )
-from .handle import DeploymentHandle
+from .handle import DeploymentHandle, check_callable_goal
 from .history import previous_goal
 from .runtime_env import resolve as resolve_runtime_env
 from .signing import (
@@ -376,8 +376,10 @@ class Deployment:
 
     def get_handle(self) -> DeploymentHandle:
         """A handle that sends requests to this deployment (with the serializer its signed goal says)."""
-        goal = _check_goal(current_store().require_goal(self.name), cluster_secret())
-        return DeploymentHandle(self.name, goal.options.get("serializer", "json"))
+        goal = current_store().require_goal(self.name)
+        serializer = goal.options.get("serializer", "json")
+        check_callable_goal(goal, serializer)
+        return DeploymentHandle(self.name, serializer)
 
     def status(self) -> DeploymentStatus:
         """One consistent snapshot of the deployment and its replicas."""

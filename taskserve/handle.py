@@ -40,6 +40,7 @@ from .errors import (
     DeploymentNotFound,
     DeploymentUnavailable,
     RedisUnavailable,
+    SecretNotConfigured,
     SignatureError,
 )
 from .jobs import Job
@@ -173,6 +174,25 @@ def unavailable_reason(goal: Goal, health: DeploymentHealth,
     if any(r.state in SERVING_STATES and r.desired == "run" for r in replicas()):
         return None
     return health.message or "its rollout failed"
+
+
+def check_callable_goal(goal: Goal, serializer: str) -> Goal:
+    """``goal`` if this process may call it with ``serializer``: its signature checks out
+    with the cluster secret. A process without the secret (a caller that deploys nothing)
+    may make JSON calls on the goal as it reads it, never pickled ones: nothing it reads
+    is unpickled, and its calls carry plain data. :class:`SignatureError` otherwise.
+    """
+    try:
+        secret = cluster_secret()
+    except SecretNotConfigured:
+        if serializer == "json" and goal.options.get("serializer", "json") == "json":
+            return goal
+        raise SignatureError(f"deployment {goal.name!r} uses serializer='pickle', and this process has no cluster "
+                             "secret to check its goal and sign its calls: set TASKSERVE_SECRET") from None
+    try:
+        return check_goal(goal, secret)
+    except SignatureError as error:
+        raise SignatureError(f"deployment {goal.name!r}: {error}; refused to call it") from None
 
 
 def _refused(error: BaseException) -> bool:
@@ -676,10 +696,7 @@ class DeploymentHandle:
             goal = Goal.from_json(goal_text) if goal_text else None
             if goal is None or goal.deleting:
                 raise DeploymentNotFound(self._deployment)
-            try:
-                check_goal(goal, cluster_secret())
-            except SignatureError as error:
-                raise SignatureError(f"deployment {self._deployment!r}: {error}; refused to call it") from None
+            check_callable_goal(goal, self._serializer)
             health = DeploymentHealth.from_json(health_text) if health_text else DeploymentHealth()
             checked.unavailable = unavailable_reason(goal, health, lambda: store.replicas_of(self._deployment, unreadable={}))
             checked.max_queued = goal.options.get("max_queued_requests")

@@ -73,6 +73,10 @@ READY_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 OPTIONS_HEADER = "taskserve"
 # The header carrying the HMAC of a pickled body.
 SIGNATURE_HEADER = "taskserve_signature"
+# What a pickled call's and a pickled answer's MACs cover before the bytes: a signature of
+# one can never pass for the other (nor for a goal's, which has its own prefix).
+CALL_MAC_DOMAIN = b"taskserve-call\n"
+ANSWER_MAC_DOMAIN = b"taskserve-answer\n"
 # The result field carrying a signed pickled value (pickle deployments only).
 PICKLED_RESULT = "taskserve_pickle"
 # The result record's field naming the version that answered (x-taskserve-version).
@@ -293,7 +297,7 @@ class CallEncoder:
         if serializer == "pickle":
             if secret is None:
                 raise ValueError("a pickled call must be signed: no cluster secret was given")
-            headers[SIGNATURE_HEADER] = secret.sign(raw)
+            headers[SIGNATURE_HEADER] = secret.sign(CALL_MAC_DOMAIN + raw)
         # The envelope holds strings, numbers and None only: orjson writes it (compactly)
         # at a tenth of json.dumps's cost.
         return orjson.dumps({
@@ -451,7 +455,7 @@ def _decode_body(headers: dict, body: bytes, content_type: str, secret: Optional
         if not accept_pickle:
             raise NotARequest("a pickled body, and this deployment's serializer is json")
         mac = headers.get(SIGNATURE_HEADER)
-        if secret is None or not isinstance(mac, str) or not secret.verify(body, mac):
+        if secret is None or not isinstance(mac, str) or not secret.verify(CALL_MAC_DOMAIN + body, mac):
             raise UnsignedPickle("a pickled body without a valid signature of the cluster secret: not unpickled")
         try:
             return pickle.loads(body)
@@ -547,7 +551,8 @@ def encode_answer(task_id: str, outcome: Outcome, version: str = "", serializer:
         except Exception as error:
             return encode_answer(task_id, Outcome.failure("TypeError", f"the result cannot be pickled ({error})"),
                                  version, serializer, secret)
-        meta["result"] = {PICKLED_RESULT: base64.b64encode(raw).decode("ascii"), "signature": secret.sign(raw)}
+        meta["result"] = {PICKLED_RESULT: base64.b64encode(raw).decode("ascii"),
+                          "signature": secret.sign(ANSWER_MAC_DOMAIN + raw)}
         return dumps_json(meta)
     meta["result"] = outcome.value
     try:
@@ -642,7 +647,7 @@ def _unpickled(result: Mapping[str, Any], serializer: str, secret: Optional[Clus
     except (TypeError, ValueError):
         raw = b""
     mac = result.get("signature")
-    if secret is None or not isinstance(mac, str) or not secret.verify(raw, mac):
+    if secret is None or not isinstance(mac, str) or not secret.verify(ANSWER_MAC_DOMAIN + raw, mac):
         return Answer(FAILURE, error=ReplicaError(
             "UnsignedPickle", "a pickled answer without a valid signature of the cluster secret: not unpickled"),
             version=version)

@@ -34,6 +34,7 @@ from taskserve.gateway.app import read_routes
 from taskserve.redis_server import RedisServer, find_redis_server, free_port, generate_password
 from taskserve.signing import (
     GOAL_NOT_SIGNED,
+    SECRET_ENV,
     ClusterSecret,
     check_goal,
     check_user_config,
@@ -978,3 +979,39 @@ def test_stopping_under_load_answers_every_caller_and_runs_no_request_it_said_fa
         assert client.llen(queue_name(unique_name)) == 0       # nothing left to run after a restart
         assert client.hlen(UNACKED_KEY) == 0
 
+
+
+SECRETLESS_CALLER = """
+import os, sys
+import taskserve
+taskserve.connect(sys.argv[1])
+print(taskserve.get_deployment(sys.argv[2]).get_handle().remote("plain data").result(timeout=30))
+try:
+    taskserve.get_deployment(sys.argv[3]).get_handle()
+except taskserve.errors.SignatureError as error:
+    print("refused:", error)
+"""
+
+
+@pytest.mark.integration
+def test_a_caller_without_the_secret_makes_json_calls_but_never_pickled_ones(connected, unique_name, tmp_path):
+    plain = taskserve.deployment(_echo).options(name=f"{unique_name}-json", num_cpus=0.1)
+    plain.deploy()
+    pickled = taskserve.deployment(_echo).options(name=f"{unique_name}-pickle", num_cpus=0.1, serializer="pickle")
+    pickled.deploy()
+    env = {k: v for k, v in os.environ.items() if k not in (SECRET_ENV, "TASKSERVE_SECRET_FILE")}
+    env["PYTHONPATH"] = str(REPO)
+    script = tmp_path / "caller.py"
+    script.write_text(SECRETLESS_CALLER)
+    done = subprocess.run([sys.executable, str(script), connected.url, plain.name, pickled.name], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "plain data"
+    assert lines[1].startswith("refused:") and "serializer='pickle'" in lines[1] and "TASKSERVE_SECRET" in lines[1]
+    plain.delete()
+    pickled.delete()
+
+
+def _echo(x):
+    return x
