@@ -173,12 +173,36 @@ class CeleryServer:
     async def _serve_async(self, call: Call, message: Any, running: Optional[Running]) -> None:
         started = time.perf_counter()
         set_job_context(running.context if running else None)    # this task's own context
+        left = self._cancel_when_caller_leaves(call) if running is None else None   # a job has its own cancel
         try:
             outcome = Outcome(True, await self.dispatcher.call_async(call.method, call.args, call.kwargs))
+        except asyncio.CancelledError:
+            if not left:       # the replica is stopping: not answered, served again
+                raise
+            # Nobody reads this answer; it is written all the same, so nothing waits or dangles.
+            outcome = Outcome.failure("Cancelled", "the caller left; the call was cancelled")
         except Exception as error:
             outcome = Outcome.of_exception(error)
-        self._count(outcome, started)
+        finally:
+            if left is not None:
+                self.streams.unwatch(call.task_id)
+        self._count(outcome, started, caller_left=bool(left))
         self.writer.put(Served(message, call, outcome, running))
+
+    def _cancel_when_caller_leaves(self, call: Call) -> list:
+        """Cancel the running task (an async call's) if ``call``'s caller leaves (its cancel
+        flag, asked by the stream writer); the list returned is not empty once it did."""
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        left: list = []
+
+        def cancel() -> None:
+            left.append(True)
+            if task is not None:
+                loop.call_soon_threadsafe(task.cancel)
+
+        self.streams.watch(call.task_id, cancel)
+        return left
 
     # ------------------------------------------------------------------ streams
 
@@ -230,7 +254,7 @@ class CeleryServer:
         stream = self.streams.open(call, message, head=head,
                                    on_cancel=lambda: loop.call_soon_threadsafe(task.cancel) if task else None)
         started = time.perf_counter()
-        outcome = Outcome(True)
+        outcome, caller_left = Outcome(True), False
         try:
             produced = self.dispatcher.begin_stream(call.method, call.args, call.kwargs)
             if inspect.isasyncgen(produced):
@@ -249,17 +273,18 @@ class CeleryServer:
                 value = await produced if inspect.isawaitable(produced) else produced
                 self.streams.put(stream, self.dispatcher.chunk(call.method, value))
         except asyncio.CancelledError:
-            outcome = Outcome.failure("Cancelled", "the caller left; the generator was stopped")
+            outcome, caller_left = Outcome.failure("Cancelled", "the caller left; the generator was stopped"), True
         except Exception as error:
             outcome = Outcome.of_exception(error)
         finally:
             self.dispatcher.gate.leave()
-        self._count(outcome, started)
+        self._count(outcome, started, caller_left)
         self.streams.end(stream, outcome, lambda: self._settled([call]))
 
-    def _count(self, outcome: Outcome, started: Optional[float]) -> None:
+    def _count(self, outcome: Outcome, started: Optional[float], caller_left: bool = False) -> None:
+        """Count a call served; one stopped because its caller left is no error of the code."""
         if started is not None:
-            self.replica.stats.count(time.perf_counter() - started, outcome.ok)
+            self.replica.stats.count(time.perf_counter() - started, outcome.ok or caller_left)
 
     # ------------------------------------------------------------------ answering
 

@@ -9,9 +9,12 @@ expires on its own. Why batches: one thread (:class:`StreamWriter`) writes every
 stream's new chunks in one round trip, so a chunk never waits for a later one (the first
 goes out at once) and a fast generator costs one ``XADD`` per round trip, not per chunk.
 
-The same round trip asks whether any open stream's caller left (its cancel flag): a
-generator whose caller left is closed (``GeneratorExit`` in it; an async one's task is
-cancelled) within ``CANCEL_POLL_S`` while it yields nothing, at its next yield otherwise.
+The same thread asks, every ``CANCEL_POLL_S`` and only while there is something to ask
+about, whether the callers of the open streams and of the async calls in flight
+(:meth:`StreamWriter.watch`) left: one ``MGET`` of their cancel flags, in the round trip
+that writes chunks when there is one. A generator whose caller left is closed
+(``GeneratorExit`` in it; an async one's task is cancelled) within ``CANCEL_POLL_S``; an
+async call's task is cancelled (a sync call cannot be interrupted: it runs to its end).
 The stream's end and the message's acknowledgement are one transaction.
 
 Example (what :class:`~taskserve.node.celery_server.CeleryServer` does)::
@@ -22,12 +25,17 @@ Example (what :class:`~taskserve.node.celery_server.CeleryServer` does)::
             generator.close()
             break
     writer.end(stream, outcome, done=lambda: server.settled([call]))   # frees its slot, wakes the consumer
+
+    writer.watch(call.task_id, lambda: loop.call_soon_threadsafe(task.cancel))   # an async call
+    ...
+    writer.unwatch(call.task_id)
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -38,7 +46,8 @@ from .transport import REDIS_UNREACHABLE, _why, retry_while_unreachable
 
 log = logging.getLogger("taskserve.node.streams")
 
-# How often the writer asks whether the callers of the open streams left, while some are open.
+# How often the writer asks whether the callers of the open streams and async calls left,
+# while there are some.
 CANCEL_POLL_S = 0.5
 # At most this many chunks in one entry.
 MAX_BATCH = 1000
@@ -61,12 +70,15 @@ class Stream:
 
 
 class StreamWriter:
-    """Writes the chunks of every open stream of a replica, from one thread."""
+    """Writes the chunks of every open stream of a replica, and asks whether the callers of
+    its streams and async calls left, from one thread."""
 
     def __init__(self, store: Store, ttl_s: float) -> None:
         self.store = store
         self.ttl_s = max(1, int(ttl_s))
         self.streams: dict[str, Stream] = {}
+        self.calls: dict[str, Callable[[], None]] = {}    # watched calls: task id -> what stops it
+        self.next_ask = 0.0                                # when the cancel flags are read next
         self.lock = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
         self.stopping = False
@@ -86,9 +98,22 @@ class StreamWriter:
         """A stream for ``call`` (``head``: an HTTP stream's answer, written with its first chunk)."""
         stream = Stream(call, message, stream_key(call.task_id), on_cancel, head)
         with self.lock:
+            self._start_asking()
             self.streams[call.task_id] = stream
             self.lock.notify_all()
         return stream
+
+    def watch(self, task_id: str, on_cancel: Callable[[], None]) -> None:
+        """Call ``on_cancel`` (once, from the writer's thread) if ``task_id``'s caller leaves
+        (its cancel flag appears) before :meth:`unwatch`: an async call in flight."""
+        with self.lock:
+            if self._start_asking():
+                self.lock.notify_all()        # the writer may wait with no timer
+            self.calls[task_id] = on_cancel
+
+    def unwatch(self, task_id: str) -> None:
+        with self.lock:
+            self.calls.pop(task_id, None)
 
     def put(self, stream: Stream, chunk: Any) -> bool:
         """Queue ``chunk`` for the caller; False once the caller left (stop yielding)."""
@@ -111,29 +136,53 @@ class StreamWriter:
     def _run(self) -> None:
         while True:
             with self.lock:
-                while not self._has_work() and not self.stopping:
-                    self.lock.wait(CANCEL_POLL_S if self.streams else None)
-                    if self.streams:
-                        break         # time to ask about cancellations
+                while not self.stopping and not self._has_work():
+                    if not self._asking():
+                        self.lock.wait()          # nothing to write or ask about: no timer
+                        continue
+                    wait_s = self.next_ask - time.monotonic()
+                    if wait_s <= 0:
+                        break                     # time to ask about cancellations
+                    self.lock.wait(wait_s)
                 if self.stopping and not self._has_work():
                     return
                 batch = [(stream, stream.pending[:MAX_BATCH], stream.end if len(stream.pending) <= MAX_BATCH
-                          else None) for stream in self.streams.values()]
+                          else None) for stream in self.streams.values() if stream.pending or stream.end is not None]
                 for stream, chunks, _ in batch:
                     del stream.pending[:len(chunks)]
+                asks: list[tuple[str, Any]] = []
+                if time.monotonic() >= self.next_ask:
+                    asks = self._asks()
+                    self.next_ask = time.monotonic() + CANCEL_POLL_S
             try:
-                self._write(batch)
+                self._write(batch, asks)
             except Exception as error:     # a bug or a long outage: end what can be ended, never hang a caller
                 log.error("cannot write %d stream(s) (%s)", len(batch), _why(error))
 
     def _has_work(self) -> bool:
         return any(stream.pending or stream.end is not None for stream in self.streams.values())
 
-    def _write(self, batch: list[tuple[Stream, list, Optional[dict]]]) -> None:
-        asks = [stream for stream, _, end in batch if end is None and not stream.cancelled]
+    def _asks(self) -> list[tuple[str, Any]]:
+        """What to ask about: (task id, its stream or what stops its call) of each open stream
+        and watched call."""
+        return [(task_id, stream) for task_id, stream in self.streams.items()
+                if stream.end is None and not stream.cancelled] + list(self.calls.items())
 
+    def _asking(self) -> bool:
+        return bool(self.calls) or any(stream.end is None and not stream.cancelled
+                                       for stream in self.streams.values())
+
+    def _start_asking(self) -> bool:
+        """Before something is added to ask about: the first ask is ``CANCEL_POLL_S`` from now
+        if nothing was asked about until now. True if so."""
+        if self._asking():
+            return False
+        self.next_ask = time.monotonic() + CANCEL_POLL_S
+        return True
+
+    def _write(self, batch: list[tuple[Stream, list, Optional[dict]]], asks: list[tuple[str, Any]]) -> None:
         def write() -> list:
-            with self.store.redis.pipeline(transaction=True) as pipe:
+            with self.store.redis.pipeline(transaction=bool(batch)) as pipe:
                 for stream, chunks, end in batch:
                     if stream.head is not None and (chunks or end is not None):
                         key = result_key(stream.call.task_id)
@@ -148,7 +197,7 @@ class StreamWriter:
                     if chunks or end is not None:
                         pipe.expire(stream.key, self.ttl_s)
                 if asks:
-                    pipe.mget([cancel_key(stream.call.task_id) for stream in asks])
+                    pipe.mget([cancel_key(task_id) for task_id, _ in asks])
                 return pipe.execute()
 
         try:
@@ -162,9 +211,14 @@ class StreamWriter:
                 stream.head = None
             stream.written += len(chunks)
         if asks:
-            for stream, flag in zip(asks, replies[-1]):
-                if flag and not stream.cancelled:
-                    self._cancel(stream)
+            for (task_id, asked), flag in zip(asks, replies[-1]):
+                if not flag:
+                    continue
+                if isinstance(asked, Stream):
+                    if not asked.cancelled:
+                        self._cancel(asked)
+                else:
+                    self._cancel_call(task_id)
         for stream, _, end in batch:
             if end is not None:
                 stream.message.channel.qos.acknowledged_in_redis(stream.message.delivery_tag)
@@ -172,6 +226,17 @@ class StreamWriter:
                     self.streams.pop(stream.call.task_id, None)
                 if stream.done is not None:
                     stream.done()
+
+    def _cancel_call(self, task_id: str) -> None:
+        with self.lock:
+            stop = self.calls.pop(task_id, None)
+        if stop is None:       # it ended meanwhile
+            return
+        log.info("the caller of request %s left: cancelling it", task_id)
+        try:
+            stop()
+        except Exception as error:
+            log.warning("cannot cancel request %s (%s)", task_id, _why(error))
 
     def _cancel(self, stream: Stream) -> None:
         log.info("the caller of stream %s left: stopping its generator", stream.call.task_id)
