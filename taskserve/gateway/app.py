@@ -17,7 +17,8 @@ Its own endpoints live under ``/-/``: ``healthz``, ``routes``, ``metrics``
 (Prometheus), ``api/status``, ``dashboard`` and ``jobs/<id>``. A request with
 ``Prefer: respond-async`` is submitted as a job instead (:mod:`.jobs`). A generator
 ``__call__`` is answered chunk by chunk as it yields, chunked or as server-sent events
-(:mod:`.streaming`).
+(:mod:`.streaming`). A request whose client disconnects before its answer is taken back
+off its queue if no replica has it yet, else its call is asked to stop (:class:`ClientWatch`).
 
 Errors are JSON ``{"error": TYPE, "message": TEXT}``: 404 for a path no deployment
 serves, 408 for a body that did not arrive within ``body_timeout_s``, 413 for a body
@@ -68,6 +69,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
@@ -81,7 +83,16 @@ from ..store import ClusterReader, Store
 from ..store.jobs import CANCEL_FLAG_TTL_S
 from ..store.keys import cancel_key, stream_key
 from .jobs import JobEndpoints, prefers_async
-from .messaging import Expired, Pending, RateLimitedLog, ResultJanitor, ResultWaiter, TaskSender, Withdrawn
+from .messaging import (
+    ClientLeft,
+    Expired,
+    Pending,
+    RateLimitedLog,
+    ResultJanitor,
+    ResultWaiter,
+    TaskSender,
+    Withdrawn,
+)
 from .metrics import GatewayMetrics, StatusCache, StatusReader
 from .routes import Route, RouteTable
 from .server import QuietServer
@@ -530,6 +541,8 @@ class Gateway:
             return error_response(
                 408, "RequestTimeout", f"the request body did not arrive within the gateway's {self.body_timeout_s:g}s",
                 headers={"connection": "close"}), "request_timeout"
+        except ClientDisconnect:
+            return self._client_left(), "client_left"
         payload = encode_request(
             request.method, path, request.scope.get("query_string", b"").decode("latin-1"),
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.scope["headers"]], body)
@@ -541,17 +554,29 @@ class Gateway:
         if prefers_async(request.headers):     # Prefer: respond-async: a job, answered 202 at once
             return await self.jobs.submit(route, queue, payload, request.headers)
         task_id = self.results.new_task_id()
+        watch = ClientWatch(request.receive)     # the body is read: the client leaving is what comes next
+        streaming = False
         try:
             with self.results.expecting(task_id) as pending:
+                watch.on_leave = pending.leave
                 pushed_to, item = await self.sender.send(route, task_id, payload, queue)
                 del payload
                 self.queued[task_id] = (pushed_to, item, pending)
                 try:
                     if self.withdrawing:     # pushed after the grace: taken back at once
-                        await self.withdraw([task_id])
+                        await self._withdraw_for_shutdown([task_id])
                     answer = await self.results.wait(pending, route.timeout_s)
+                except ClientLeft:
+                    await self._abandon(task_id)
+                    raise
                 finally:
                     del self.queued[task_id]
+            if not (isinstance(answer.value, dict) and answer.value.get("stream") is True):
+                watch.stop()       # answered: the connection's end is no client leaving
+            else:
+                streaming = True   # watched until the stream ends
+        except ClientLeft:
+            return self._client_left(), "client_left"
         except Withdrawn:
             return error_response(
                 503, "ShuttingDown", f"the gateway is shutting down and no replica had taken request {task_id}: it "
@@ -572,6 +597,9 @@ class Gateway:
                     "retry later", headers={"retry-after": str(RETRY_AFTER_S)}), "overloaded"
             self.redis_error_log.warning("cannot send a request to %s: %s", name, error)
             return self._unreachable_response(error), "unavailable"
+        finally:
+            if not streaming:
+                watch.stop()
         self.janitor.forget(task_id)
         answered_by = answer.version or version
         try:
@@ -579,7 +607,7 @@ class Gateway:
         except ReplicaError as error:
             return self._replica_error_response(error, answered_by), "replica_error"
         if isinstance(value, dict) and value.get("stream") is True:   # a generator's head: its chunks follow
-            return await self._stream(request, route, task_id, answered_by)
+            return await self._stream(request, route, task_id, answered_by, watch)
         try:
             status, headers, content = decode_response(value)
         except (AttributeError, KeyError, TypeError, ValueError) as error:
@@ -598,11 +626,11 @@ class Gateway:
 
     # ------------------------------------------------------------------ streams
 
-    async def _stream(self, request: HTTPRequest, route: Route, task_id: str,
-                      answered_by: str) -> tuple[Response | StreamedAnswer, str]:
+    async def _stream(self, request: HTTPRequest, route: Route, task_id: str, answered_by: str,
+                      watch: "ClientWatch") -> tuple[Response | StreamedAnswer, str]:
         """The answer of a generator ``__call__`` (:mod:`.streaming`): its chunks as they
-        come, once the first is there; an ordinary error if it failed before yielding one."""
-        watch = ClientWatch(request.receive)
+        come, once the first is there; an ordinary error if it failed before yielding one.
+        ``watch`` (the client leaving) is stopped here, or by the streamed answer."""
         stream = None
         try:
             stream = await self.streams.open(task_id)
@@ -614,7 +642,7 @@ class Gateway:
         except TimeoutError:
             first, response, outcome = None, self._timeout_response(route), "timeout"
         else:
-            response, outcome = error_response(499, "ClientLeft", "the client left"), "client_left"
+            response, outcome = self._client_left(), "client_left"
         if first is not None:
             failed = stream_error(first)
             if failed is None:
@@ -632,6 +660,17 @@ class Gateway:
             self.streams.close(stream)
         self.janitor.forget_key(stream_key(task_id))
         return response, outcome
+
+    def _client_left(self) -> Response:
+        """The answer to a request whose client left (nobody reads it; it is counted)."""
+        return error_response(499, "ClientLeft", "the client closed its connection before the answer")
+
+    async def _abandon(self, task_id: str) -> None:
+        """``task_id``'s client left before its answer: take the request off its queue if no
+        replica took it yet (it never runs), else ask the replica to stop it (an async call
+        is cancelled; a sync one runs to its end, its answer expires)."""
+        if not await self.withdraw([task_id]):
+            await self._cancel(task_id)
 
     async def _cancel(self, task_id: str) -> None:
         """Ask the replica running ``task_id`` to stop it (its caller left)."""
@@ -665,12 +704,17 @@ class Gateway:
         await asyncio.sleep(self.shutdown_grace_s)    # the grace period itself, not a synchronisation
         self.withdrawing = True
         if self.queued:
-            await self.withdraw(list(self.queued))
+            await self._withdraw_for_shutdown(list(self.queued))
 
-    async def withdraw(self, task_ids: list[str]) -> int:
+    async def _withdraw_for_shutdown(self, task_ids: list[str]) -> None:
+        taken_off = await self.withdraw(task_ids)
+        log.info("took %d requests no replica had yet off their queues (answered 503, never run); %d are "
+                 "with replicas and waited for", len(taken_off), len(task_ids) - len(taken_off))
+
+    async def withdraw(self, task_ids: list[str]) -> list[str]:
         """Take the requests ``task_ids`` off their queues where no replica has taken them
         yet; each one taken off ends its wait with :class:`Withdrawn` (503, never run).
-        Returns how many were.
+        Returns those taken off. At shutdown, and for a request whose client left.
 
         ``LREM`` of the exact item pushed (its delivery tag makes it unique) is one Redis
         command, atomic against the ``BRPOP`` replicas take requests with: the item is
@@ -680,24 +724,23 @@ class Gateway:
         """
         entries = [(task_id, self.queued[task_id]) for task_id in task_ids if task_id in self.queued]
         if not entries:
-            return 0
+            return []
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for _, (queue, item, _) in entries:
                     pipe.lrem(queue, 1, item)
                 removed = await pipe.execute()
         except (redis.RedisError, OSError) as error:
-            log.warning("cannot take %d unanswered requests off their queues (%s); they are waited for until their "
-                        "deadline, and a replica that takes one later drops it unrun", len(entries), error)
-            return 0
-        count = 0
-        for (_, (_, _, pending)), taken_off in zip(entries, removed):
+            self.redis_error_log.warning(
+                "cannot take %d unanswered requests off their queues (%s); a replica that takes one after its "
+                "deadline drops it unrun", len(entries), error)
+            return []
+        taken: list[str] = []
+        for (task_id, (_, _, pending)), taken_off in zip(entries, removed):
             if taken_off:
                 pending.withdraw()
-                count += 1
-        log.info("took %d requests no replica had yet off their queues (answered 503, never run); %d are "
-                 "with replicas and waited for", count, len(entries) - count)
-        return count
+                taken.append(task_id)
+        return taken
 
     def _timeout_response(self, route: Route) -> Response:
         name = route.deployment

@@ -106,6 +106,10 @@ class Withdrawn(Exception):
     """The gateway took the request off its queue before any replica had it: it never runs."""
 
 
+class ClientLeft(Exception):
+    """The request's client closed its connection before the answer came."""
+
+
 class Pending:
     """One request waiting for its answer (see :meth:`ResultWaiter.expecting`).
 
@@ -123,7 +127,7 @@ class Pending:
     >>> loop.close()
     """
 
-    __slots__ = ("task_id", "key", "future", "data", "since", "withdrawn")
+    __slots__ = ("task_id", "key", "future", "data", "since", "withdrawn", "left")
 
     def __init__(self, task_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.task_id = task_id
@@ -132,6 +136,7 @@ class Pending:
         self.data: Optional[bytes] = None
         self.since = loop.time()
         self.withdrawn = False
+        self.left = False
 
     def deliver(self, data: bytes) -> None:
         """The result record arrived."""
@@ -146,6 +151,11 @@ class Pending:
     def withdraw(self) -> None:
         """The request was taken off its queue: its wait ends with :class:`Withdrawn`."""
         self.withdrawn = True
+        self.wake()
+
+    def leave(self) -> None:
+        """The request's client left: its wait ends with :class:`ClientLeft`."""
+        self.left = True
         self.wake()
 
 
@@ -280,7 +290,8 @@ class ResultWaiter:
 
     async def wait(self, pending: Pending, timeout_s: float) -> Answer:
         """The finished answer of ``pending``'s task; ``TimeoutError`` after ``timeout_s``,
-        :class:`Expired` if no replica took it in time.
+        :class:`Expired` if no replica took it in time, :class:`Withdrawn` or
+        :class:`ClientLeft` once :meth:`Pending.withdraw` or :meth:`Pending.leave` was called.
 
         If the pub/sub connection is lost meanwhile, the result key is read at once: a
         Redis that is away raises ``redis.ConnectionError`` then.
@@ -294,6 +305,8 @@ class ResultWaiter:
                 pending.future = loop.create_future()
                 if pending.withdrawn:
                     raise Withdrawn(pending.task_id)
+                if pending.left:
+                    raise ClientLeft(pending.task_id)
                 data, pending.data = pending.data, None
                 if data is None:
                     if loop.time() >= deadline:
