@@ -110,8 +110,7 @@ def test_an_erroring_canary_is_aborted_by_the_controller(connected, unique_name:
     deploy(name, "1", 2)
     stable = stable_pids(name)
     deploy(name, "2", 2, fail=True, canary={"traffic_percent": 50, "min_requests": 20})
-    handle = taskserve.get_deployment(name).get_handle()
-    time.sleep(1.2)
+    handle = taskserve.get_deployment(name).get_handle()      # new: it reads the goal at its first call
     pinned = handle.options(version="2")
     errors = 0
     for index in range(20):                 # the canary's 20 requests, all failing

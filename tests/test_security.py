@@ -8,6 +8,7 @@ addresses, and the dashboard showing hostile text as text.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import os
 import pickle
@@ -626,14 +627,18 @@ def test_the_password_shows_in_no_output(tmp_path, unique_name):
         model = taskserve.deployment(name=unique_name, version="1")(Greeter)
         model.deploy()
         assert model.get_handle().remote("bo").result(timeout=30) == "hi bo"
-        outputs = []
         env = cluster.env()
-        for args in (["status"], ["status", unique_name], ["status", "--json"], ["list"], ["history", unique_name],
-                     ["call", unique_name, '"x"'], ["status", "--address", cluster.url.replace("/0", "/99x")],
-                     ["status", f"--address={cluster.url.replace('redis://', 'nope://')}"]):
+
+        def cli(args: list[str]) -> str:
             run = subprocess.run([sys.executable, "-m", "taskserve", *args], capture_output=True, text=True,
                                  env=env, cwd=REPO, timeout=120)
-            outputs.append(run.stdout + run.stderr)
+            return run.stdout + run.stderr
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:     # independent commands: at once
+            outputs = list(pool.map(cli, (
+                ["status"], ["status", unique_name], ["status", "--json"], ["list"], ["history", unique_name],
+                ["call", unique_name, '"x"'], ["status", "--address", cluster.url.replace("/0", "/99x")],
+                ["status", f"--address={cluster.url.replace('redis://', 'nope://')}"])))
         with running_gateway(cluster) as http:
             for path in ("/-/metrics", "/-/status", "/-/dashboard", "/-/routes", f"/{unique_name}"):
                 outputs.append(http.get(path).text)
