@@ -292,8 +292,9 @@ def test_a_replica_killed_mid_batch_has_every_request_of_the_batch_answered_by_i
     wait_for_empty_queue(connected.url, unique_name)
     gate.touch()
     holding.result(timeout=30)
-    wait_until(running.exists, timeout=30, message="the batch to start")
-    assert running.read_text() == f"{pid} 6"
+    # The file exists a moment before its line is written: wait for the line.
+    started = wait_until(lambda: running.exists() and running.read_text(), timeout=30, message="the batch to start")
+    assert started == f"{pid} 6"
 
     # Every request of the batch is in the in-flight file while it runs.
     [replica] = model.status().replicas
